@@ -1,0 +1,30 @@
+//! Wire types and framing of the intermezzo protocol: pure data and codec.
+//!
+//! This crate must never touch sockets or disks: everything here is testable
+//! with byte buffers alone. Every frame starts with the protocol version so a
+//! peer speaking another version gets a clear error instead of garbage.
+
+pub mod codec;
+pub mod ids;
+pub mod msg;
+pub mod op;
+
+pub use codec::{decode_frame, encode_frame, FrameError, MAX_FRAME};
+pub use ids::{ObjectId, ReplicaId, Seq, Timestamp};
+pub use msg::*;
+pub use op::*;
+
+/// Protocol version spoken by this build; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Size of one content block; block hashes and stale marks use this unit.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+
+/// Largest data payload carried by one write op or one read chunk.
+pub const MAX_DATA: usize = 4 << 20;
+
+/// Records carry write bytes inline up to this size; larger writes are staged.
+pub const INLINE_WRITE_MAX: usize = 1 << 20;
+
+/// Most unanswered mutations a client may have in flight (bounds the reply cache).
+pub const MAX_UNANSWERED: u64 = 4096;

@@ -1,0 +1,204 @@
+//! Messages exchanged on a connection, queries, journal records and
+//! snapshot entries.
+
+use crate::ids::{ObjectId, ReplicaId, Seq, Timestamp};
+use crate::op::{Applied, Attr, Op, OpError};
+use serde::{Deserialize, Serialize};
+
+/// Messages from a client to the server.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on every connection.
+    Hello(Hello),
+    /// A mutation with its client seq; `acked_through` reports that replies
+    /// through that client seq are durably recorded by the client.
+    Mutate {
+        cseq: u64,
+        acked_through: u64,
+        op: Op,
+    },
+    /// A read-only request, answered with the same `qid`.
+    Query { qid: u64, query: Query },
+    /// Stream journal records after `from_seq` on this connection.
+    Subscribe { from_seq: Seq },
+    /// Liveness probe.
+    Ping { nonce: u64 },
+}
+
+/// Handshake sent by the client.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the client speaks.
+    pub version: u16,
+    /// Volume to open.
+    pub volume: String,
+    /// Access token.
+    pub token: String,
+    /// The client's replica id (registered on first use).
+    pub replica: ReplicaId,
+    /// Highest client seq whose reply the client has durably recorded.
+    pub last_acked: u64,
+}
+
+/// Read-only requests.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Query {
+    /// Resolve a name in a directory.
+    Lookup { parent: ObjectId, name: Vec<u8> },
+    /// Attributes of an object.
+    GetAttr { id: ObjectId },
+    /// One page of a directory listing, after `cookie` (0 = start).
+    ReadDir { id: ObjectId, cookie: u64, max: u32 },
+    /// Stream a byte range, holes reported as holes.
+    Read { id: ObjectId, offset: u64, len: u64 },
+    /// Symlink target.
+    ReadLink { id: ObjectId },
+    /// All extended attributes of an object.
+    ListXattr { id: ObjectId },
+    /// Block hashes of a file's content.
+    BlockHashes { id: ObjectId },
+    /// Stream a consistent snapshot of the whole volume.
+    Snapshot,
+    /// Server counters.
+    Stats,
+}
+
+/// One directory entry in a listing.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// Entry name.
+    pub name: Vec<u8>,
+    /// Attributes of the entry's object.
+    pub attr: Attr,
+    /// Cookie to continue the listing after this entry.
+    pub cookie: u64,
+}
+
+/// Answers to queries; streamed ones send several frames.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum QueryReply {
+    /// Attributes (lookup, getattr).
+    Attr(Attr),
+    /// A page of entries; `done` when the directory has no more.
+    Entries { entries: Vec<DirEntry>, done: bool },
+    /// Bytes at `offset` (read stream).
+    Data { offset: u64, bytes: Vec<u8> },
+    /// A hole of `len` bytes at `offset` (read stream).
+    Hole { offset: u64, len: u64 },
+    /// Symlink target.
+    Target(Vec<u8>),
+    /// Extended attributes, sorted by name.
+    Xattrs(Vec<(Vec<u8>, Vec<u8>)>),
+    /// BLAKE3 hashes of 1 MiB blocks, at the given data version.
+    Hashes { version: Seq, blocks: Vec<[u8; 32]> },
+    /// One snapshot entry (snapshot stream).
+    SnapshotEntry(SnapshotEntry),
+    /// Counters by name.
+    Stats(Vec<(String, u64)>),
+    /// End of a stream; for a snapshot, the seq it is consistent at.
+    End { seq: Seq },
+}
+
+/// One object of a snapshot with all its names.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// Attributes and versions.
+    pub attr: Attr,
+    /// Every (parent, name) pointing at the object.
+    pub links: Vec<(ObjectId, Vec<u8>)>,
+    /// Symlink target, if a symlink.
+    pub target: Option<Vec<u8>>,
+    /// Extended attributes.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Block hashes of the content.
+    pub blocks: Vec<[u8; 32]>,
+}
+
+/// Where a journal record came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Origin {
+    /// A client op: replica and its client seq.
+    Replica(ReplicaId, u64),
+    /// A change made directly in the export.
+    Local,
+}
+
+/// A journal record as streamed to subscribers.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// Journal seq.
+    pub seq: Seq,
+    /// Origin of the change.
+    pub origin: Origin,
+    /// Server time of the change.
+    pub time: Timestamp,
+    /// The op as applied (write bytes dropped when over the inline limit).
+    pub op: Op,
+    /// Attributes of the main object after the op, if it still exists.
+    pub attr: Option<Attr>,
+}
+
+/// Messages from the server to a client.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Handshake accepted.
+    Welcome(Welcome),
+    /// Handshake or frame refused; the connection closes after this.
+    Refused {
+        reason: RefuseReason,
+        message: String,
+    },
+    /// Reply to a mutation.
+    Reply {
+        cseq: u64,
+        result: Result<Applied, OpError>,
+    },
+    /// Reply (or one frame of a streamed reply) to a query.
+    Answer {
+        qid: u64,
+        result: Result<QueryReply, OpError>,
+    },
+    /// A journal record on a subscribed connection.
+    Record(Record),
+    /// The subscriber is behind retention: read a snapshot, then resubscribe.
+    SnapshotRequired { oldest: Seq },
+    /// Answer to a ping.
+    Pong { nonce: u64 },
+}
+
+/// Handshake answer.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Protocol version the server speaks.
+    pub version: u16,
+    /// Volume incarnation: a new one means saved seqs and ids are void.
+    pub incarnation: u128,
+    /// Volume name.
+    pub volume: String,
+    /// Highest client seq of this replica the server has applied.
+    pub last_applied: u64,
+    /// Highest journal seq committed.
+    pub head_seq: Seq,
+    /// Server clock, for the client's offset.
+    pub time: Timestamp,
+    /// Whether the token allows mutations.
+    pub writable: bool,
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// Protocol version mismatch.
+    Version,
+    /// Missing or unknown token, or no right on the volume.
+    Auth,
+    /// Unknown volume.
+    NoVolume,
+    /// Malformed or oversized frame.
+    BadFrame,
+    /// The first message was not a handshake.
+    Protocol,
+}
+
+/// Convenience: the applied result of a mutation reply.
+pub type MutateResult = Result<Applied, OpError>;
