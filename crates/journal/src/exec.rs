@@ -1,0 +1,388 @@
+//! Validating ops against the metadata and recording them: the "validate"
+//! and "record" steps of the redo log. Everything an op changes in the
+//! metadata, its record and its reply go into one write transaction.
+
+use crate::store::{db, new_row, Store, StoreError};
+use crate::tables::*;
+use crate::Handle;
+use izo_proto::*;
+use redb::{Durability, ReadableTable, WriteTransaction};
+use std::sync::atomic::Ordering;
+
+/// A group of ops committed together (one fsync).
+pub struct Batch<'s> {
+    store: &'s Store,
+    tx: WriteTransaction,
+    seq: Seq,
+    cookie: u64,
+    records: Vec<StoredRecord>,
+}
+
+type R<T> = Result<T, OpError>;
+
+fn conflict(reason: impl Into<String>, current: Option<Attr>) -> OpError {
+    OpError::Conflict {
+        reason: reason.into(),
+        current,
+    }
+}
+
+fn check_name(name: &[u8]) -> R<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(format!(
+            "bad name {:?}",
+            String::from_utf8_lossy(name)
+        )))
+    }
+}
+
+/// Does a precondition on a version hold? The object's own run of changes by
+/// the same replica counts as the base (the client pipelines on its own ops).
+fn base_ok(
+    current: Seq,
+    writer: Option<ReplicaId>,
+    run_start: Seq,
+    base: Seq,
+    who: Option<ReplicaId>,
+) -> bool {
+    base == current || (who.is_some() && writer == who && base >= run_start)
+}
+
+impl Store {
+    /// Start a batch of mutations.
+    pub fn batch(&self) -> Result<Batch<'_>, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        Ok(Batch {
+            store: self,
+            tx,
+            seq: self.head(),
+            cookie: self.cookie.load(Ordering::Acquire),
+            records: Vec::new(),
+        })
+    }
+}
+
+impl Batch<'_> {
+    /// Records added so far, in seq order.
+    pub fn records(&self) -> &[StoredRecord] {
+        &self.records
+    }
+
+    /// Last client seq recorded for `replica` in this batch or before.
+    pub fn replica_last(&self, replica: ReplicaId) -> Result<u64, StoreError> {
+        let t = self.tx.open_table(REPLICAS).map_err(db)?;
+        let v = t
+            .get(replica.0.to_be_bytes().as_slice())
+            .map_err(db)?
+            .map(|v| v.value());
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Cache the reply to (`replica`, `cseq`) and advance its progress.
+    pub fn put_reply(
+        &mut self,
+        replica: ReplicaId,
+        cseq: u64,
+        reply: &[u8],
+    ) -> Result<(), StoreError> {
+        self.tx
+            .open_table(REPLIES)
+            .map_err(db)?
+            .insert(rkey(replica, cseq).as_slice(), reply)
+            .map_err(db)?;
+        self.tx
+            .open_table(REPLICAS)
+            .map_err(db)?
+            .insert(replica.0.to_be_bytes().as_slice(), cseq)
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Drop cached replies of `replica` through `cseq` (the client holds them durably).
+    pub fn release_replies(&mut self, replica: ReplicaId, through: u64) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(REPLIES).map_err(db)?;
+        let lo = rkey(replica, 0);
+        let hi = rkey(replica, through.saturating_add(1));
+        t.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Set the handle of a new object and patch this batch's records naming it.
+    pub fn set_handle(&mut self, id: ObjectId, handle: Handle) -> Result<(), StoreError> {
+        let mut row = self.row(id).map_err(|_| StoreError::Corrupt("objects"))?;
+        row.handle = handle.clone();
+        self.put_row(id, &row)
+            .map_err(|_| StoreError::Corrupt("objects"))?;
+        for r in &mut self.records {
+            for (i, h) in &mut r.handles {
+                if *i == id {
+                    *h = handle.clone();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commit durably: the ack point for every op in the batch.
+    pub fn commit(mut self, durable: bool) -> Result<Vec<StoredRecord>, StoreError> {
+        {
+            let mut t = self.tx.open_table(RECORDS).map_err(db)?;
+            for r in &self.records {
+                t.insert(r.record.seq, enc(r).as_slice()).map_err(db)?;
+            }
+            let mut m = self.tx.open_table(META).map_err(db)?;
+            m.insert("head", self.seq.to_be_bytes().as_slice())
+                .map_err(db)?;
+            m.insert("cookie", self.cookie.to_be_bytes().as_slice())
+                .map_err(db)?;
+        }
+        if !durable {
+            self.tx.set_durability(Durability::None);
+        }
+        self.tx.commit().map_err(db)?;
+        if durable {
+            self.store.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        self.store.head.store(self.seq, Ordering::Release);
+        self.store.cookie.store(self.cookie, Ordering::Release);
+        Ok(self.records)
+    }
+
+    pub(crate) fn row(&self, id: ObjectId) -> R<ObjectRow> {
+        let t = self.tx.open_table(OBJECTS).map_err(db)?;
+        let v = t.get(id.to_bytes().as_slice()).map_err(db)?;
+        match v {
+            Some(v) => dec(v.value()).ok_or_else(|| StoreError::Corrupt("objects").into()),
+            None => Err(OpError::NotFound(format!("object {id}"))),
+        }
+    }
+
+    fn put_row(&mut self, id: ObjectId, row: &ObjectRow) -> R<()> {
+        let mut t = self.tx.open_table(OBJECTS).map_err(db)?;
+        t.insert(id.to_bytes().as_slice(), enc(row).as_slice())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn dentry(&self, parent: ObjectId, name: &[u8]) -> R<Option<ObjectId>> {
+        let t = self.tx.open_table(DENTRIES).map_err(db)?;
+        let v = t.get(dkey(parent, name).as_slice()).map_err(db)?;
+        Ok(v.map(|v| id_at(v.value(), 0)))
+    }
+
+    fn add_name(&mut self, parent: ObjectId, name: &[u8], child: ObjectId) -> R<()> {
+        self.cookie += 1;
+        let mut val = child.to_bytes().to_vec();
+        val.extend_from_slice(&self.cookie.to_be_bytes());
+        self.tx
+            .open_table(DENTRIES)
+            .map_err(db)?
+            .insert(dkey(parent, name).as_slice(), val.as_slice())
+            .map_err(db)?;
+        self.tx
+            .open_table(COOKIES)
+            .map_err(db)?
+            .insert(ckey(parent, self.cookie).as_slice(), name)
+            .map_err(db)?;
+        self.tx
+            .open_table(LINKS)
+            .map_err(db)?
+            .insert(lkey(child, parent, name).as_slice(), ())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn drop_name(&mut self, parent: ObjectId, name: &[u8], child: ObjectId) -> R<()> {
+        let old = self
+            .tx
+            .open_table(DENTRIES)
+            .map_err(db)?
+            .remove(dkey(parent, name).as_slice())
+            .map_err(db)?
+            .map(|v| v.value().to_vec());
+        if let Some(cookie) = old
+            .as_deref()
+            .and_then(|v| v.get(16..24))
+            .and_then(|c| c.try_into().ok())
+        {
+            let key = ckey(parent, u64::from_be_bytes(cookie));
+            self.tx
+                .open_table(COOKIES)
+                .map_err(db)?
+                .remove(key.as_slice())
+                .map_err(db)?;
+        }
+        self.tx
+            .open_table(LINKS)
+            .map_err(db)?
+            .remove(lkey(child, parent, name).as_slice())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn dir_is_empty(&self, id: ObjectId) -> R<bool> {
+        let t = self.tx.open_table(DENTRIES).map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        let empty = t
+            .range(lo.as_slice()..hi.as_slice())
+            .map_err(db)?
+            .next()
+            .is_none();
+        Ok(empty)
+    }
+
+    /// Parent of a directory (directories have exactly one name).
+    fn dir_parent(&self, id: ObjectId) -> R<Option<ObjectId>> {
+        let t = self.tx.open_table(LINKS).map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        let first = t.range(lo.as_slice()..hi.as_slice()).map_err(db)?.next();
+        let parent = match first {
+            Some(r) => Some(id_at(r.map_err(db)?.0.value(), 16)),
+            None => None,
+        };
+        Ok(parent)
+    }
+
+    fn remove_object(&mut self, id: ObjectId) -> R<()> {
+        self.tx
+            .open_table(OBJECTS)
+            .map_err(db)?
+            .remove(id.to_bytes().as_slice())
+            .map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        self.tx
+            .open_table(XATTRS)
+            .map_err(db)?
+            .retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Validate `op` from `origin` and record it at the next seq, stamped
+    /// with `time`. On error nothing of the op is kept.
+    pub fn execute(&mut self, origin: Origin, op: Op, time: Timestamp) -> R<Applied> {
+        let who = match origin {
+            Origin::Replica(r, _) => Some(r),
+            Origin::Local => None,
+        };
+        let seq = self.seq + 1;
+        let cx = Cx { seq, time, who };
+        let (attr, handles) = self.exec_op(&cx, &op)?;
+        let staged = matches!(&op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
+        let record = Record {
+            seq,
+            origin,
+            time,
+            op,
+            attr: attr.clone(),
+        };
+        self.records.push(StoredRecord {
+            record,
+            handles,
+            staged,
+        });
+        self.seq = seq;
+        Ok(Applied { seq, time, attr })
+    }
+
+    /// Precondition helper: name → expected object at its versions.
+    fn check_expect(&self, cx: &Cx, parent: ObjectId, name: &[u8], e: &Expect) -> R<ObjectRow> {
+        let Some(id) = self.dentry(parent, name)? else {
+            return Err(conflict("name is gone", None));
+        };
+        let row = self.row(id)?;
+        if id != e.id {
+            return Err(conflict(
+                "name points to another object",
+                Some(row.attr(id)),
+            ));
+        }
+        let v = row.versions;
+        if !base_ok(
+            v.data,
+            row.data_writer,
+            row.data_run_start,
+            e.base.data,
+            cx.who,
+        ) || !base_ok(
+            v.meta,
+            row.meta_writer,
+            row.meta_run_start,
+            e.base.meta,
+            cx.who,
+        ) {
+            return Err(conflict("object changed since base", Some(row.attr(id))));
+        }
+        Ok(row)
+    }
+
+    pub(crate) fn touch_dir(&mut self, cx: &Cx, id: ObjectId, nlink_delta: i32) -> R<Handle> {
+        let mut row = self.row(id)?;
+        row.mtime = cx.time;
+        bump_data(&mut row, cx);
+        row.nlink = (row.nlink as i64 + nlink_delta as i64).max(0) as u32;
+        self.put_row(id, &row)?;
+        Ok(row.handle)
+    }
+
+    pub(crate) fn lookup_parent_dir(&self, parent: ObjectId) -> R<ObjectRow> {
+        let p = self.row(parent)?;
+        if p.kind != FileKind::Dir {
+            return Err(OpError::Invalid(format!("{parent} is not a directory")));
+        }
+        Ok(p)
+    }
+
+    fn create_common(
+        &mut self,
+        cx: &Cx,
+        parent: ObjectId,
+        name: &[u8],
+        id: ObjectId,
+        row: ObjectRow,
+    ) -> R<(Option<Attr>, Vec<(ObjectId, Handle)>)> {
+        check_name(name)?;
+        self.lookup_parent_dir(parent)?;
+        if let Some(other) = self.dentry(parent, name)? {
+            let cur = self.row(other).ok().map(|r| r.attr(other));
+            return Err(conflict("name exists", cur));
+        }
+        if self.row(id).is_ok() {
+            return Err(OpError::Invalid(format!("object id {id} already exists")));
+        }
+        let is_dir = row.kind == FileKind::Dir;
+        let attr = row.attr(id);
+        self.put_row(id, &row)?;
+        self.add_name(parent, name, id)?;
+        let ph = self.touch_dir(cx, parent, if is_dir { 1 } else { 0 })?;
+        Ok((Some(attr), vec![(parent, ph), (id, Vec::new())]))
+    }
+}
+
+/// Context of the op being executed.
+pub(crate) struct Cx {
+    pub seq: Seq,
+    pub time: Timestamp,
+    pub who: Option<ReplicaId>,
+}
+
+pub(crate) fn bump_data(row: &mut ObjectRow, cx: &Cx) {
+    if row.data_writer != cx.who || cx.who.is_none() {
+        row.data_run_start = row.versions.data;
+    }
+    row.data_writer = cx.who;
+    row.versions.data = cx.seq;
+}
+
+pub(crate) fn bump_meta(row: &mut ObjectRow, cx: &Cx) {
+    if row.meta_writer != cx.who || cx.who.is_none() {
+        row.meta_run_start = row.versions.meta;
+    }
+    row.meta_writer = cx.who;
+    row.versions.meta = cx.seq;
+}
+
+mod ops;

@@ -1,0 +1,501 @@
+//! Per-op validation and metadata updates.
+
+use super::*;
+
+type Out = (Option<Attr>, Vec<(ObjectId, Handle)>);
+
+fn mark_stale(row: &mut ObjectRow, offset: u64, len: u64) {
+    let nblocks = row.size.div_ceil(BLOCK_SIZE);
+    row.blocks.resize(nblocks as usize, [0; 32]);
+    if len > 0 {
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        for b in first..=last.min(nblocks.saturating_sub(1)) {
+            if !row.stale.contains(&b) {
+                row.stale.push(b);
+            }
+        }
+    }
+    row.stale.retain(|&b| b < nblocks);
+}
+
+impl Batch<'_> {
+    pub(super) fn exec_op(&mut self, cx: &Cx, op: &Op) -> R<Out> {
+        match op {
+            Op::Create {
+                parent,
+                name,
+                id,
+                mode,
+                uid,
+                gid,
+            } => {
+                let row = new_row(FileKind::File, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                self.create_common(cx, *parent, name, *id, row)
+            }
+            Op::Mkdir {
+                parent,
+                name,
+                id,
+                mode,
+                uid,
+                gid,
+            } => {
+                let row = new_row(FileKind::Dir, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                self.create_common(cx, *parent, name, *id, row)
+            }
+            Op::Symlink {
+                parent,
+                name,
+                id,
+                target,
+                uid,
+                gid,
+            } => {
+                if target.is_empty() || target.len() > 4095 || target.contains(&0) {
+                    return Err(OpError::Invalid(
+                        "symlink target must be 1–4095 bytes without NUL".into(),
+                    ));
+                }
+                let mut row = new_row(
+                    FileKind::Symlink,
+                    0o777,
+                    *uid,
+                    *gid,
+                    cx.time,
+                    cx.who,
+                    cx.seq,
+                );
+                row.size = target.len() as u64;
+                row.target = Some(target.clone());
+                self.create_common(cx, *parent, name, *id, row)
+            }
+            Op::Mknod {
+                parent,
+                name,
+                id,
+                kind,
+                mode,
+                uid,
+                gid,
+            } => {
+                if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
+                    return Err(OpError::Invalid(
+                        "mknod makes only fifos and sockets".into(),
+                    ));
+                }
+                let row = new_row(*kind, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                self.create_common(cx, *parent, name, *id, row)
+            }
+            Op::Link { id, parent, name } => self.link(cx, *id, *parent, name),
+            Op::Unlink {
+                parent,
+                name,
+                expect,
+            } => self.remove(cx, *parent, name, expect, false),
+            Op::Rmdir {
+                parent,
+                name,
+                expect,
+            } => self.remove(cx, *parent, name, expect, true),
+            Op::Rename {
+                parent,
+                name,
+                expect,
+                new_parent,
+                new_name,
+                target,
+                mode,
+            } => self.rename(
+                cx,
+                (*parent, name),
+                expect,
+                (*new_parent, new_name),
+                target.as_ref(),
+                *mode,
+            ),
+            Op::Write {
+                id,
+                base,
+                offset,
+                data,
+            } => {
+                if data.len() > MAX_DATA {
+                    return Err(OpError::Invalid(format!(
+                        "write of {} bytes exceeds {MAX_DATA}",
+                        data.len()
+                    )));
+                }
+                let end = offset
+                    .checked_add(data.len() as u64)
+                    .filter(|e| *e <= i64::MAX as u64);
+                let end = end
+                    .ok_or_else(|| OpError::Invalid("write past the largest file offset".into()))?;
+                self.data_op(cx, *id, *base, |row| {
+                    row.size = row.size.max(end);
+                    mark_stale(row, *offset, data.len() as u64);
+                })
+            }
+            Op::Truncate { id, base, size } => {
+                if *size > i64::MAX as u64 {
+                    return Err(OpError::Invalid("size past the largest file offset".into()));
+                }
+                self.data_op(cx, *id, *base, |row| {
+                    let old = row.size;
+                    row.size = *size;
+                    let lo = old.min(*size);
+                    mark_stale(row, lo, old.max(*size) - lo);
+                })
+            }
+            Op::Allocate {
+                id,
+                base,
+                offset,
+                len,
+            }
+            | Op::PunchHole {
+                id,
+                base,
+                offset,
+                len,
+            } => {
+                let end = offset
+                    .checked_add(*len)
+                    .filter(|e| *e <= i64::MAX as u64 && *len > 0);
+                let end = end.ok_or_else(|| {
+                    OpError::Invalid("range empty or past the largest file offset".into())
+                })?;
+                let grow = matches!(op, Op::Allocate { .. });
+                self.data_op(cx, *id, *base, |row| {
+                    if grow {
+                        row.size = row.size.max(end);
+                    }
+                    mark_stale(row, *offset, *len);
+                })
+            }
+            Op::SetAttr { id, base, attrs } => self.meta_op(cx, *id, *base, |row| {
+                if attrs.mode.is_some() && row.kind == FileKind::Symlink {
+                    return Err(OpError::Invalid(
+                        "symlinks have no mode of their own".into(),
+                    ));
+                }
+                if let Some(m) = attrs.mode {
+                    row.mode = m & 0o7777;
+                }
+                if let Some(u) = attrs.uid {
+                    row.uid = u;
+                }
+                if let Some(g) = attrs.gid {
+                    row.gid = g;
+                }
+                if let Some(t) = attrs.mtime {
+                    row.mtime = t;
+                }
+                Ok(())
+            }),
+            Op::SetXattr {
+                id,
+                base,
+                name,
+                value,
+            } => {
+                if name.is_empty() || name.len() > 255 || name.contains(&0) || value.len() > 65536 {
+                    return Err(OpError::Invalid(
+                        "xattr name 1–255 bytes, value ≤ 64 KiB".into(),
+                    ));
+                }
+                let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
+                let k = xkey(*id, name);
+                self.tx
+                    .open_table(XATTRS)
+                    .map_err(db)?
+                    .insert(k.as_slice(), value.as_slice())
+                    .map_err(db)?;
+                Ok(out)
+            }
+            Op::RemoveXattr { id, base, name } => {
+                let k = xkey(*id, name);
+                let present = self
+                    .tx
+                    .open_table(XATTRS)
+                    .map_err(db)?
+                    .get(k.as_slice())
+                    .map_err(db)?
+                    .is_some();
+                if !present {
+                    return Err(OpError::NotFound(format!(
+                        "xattr {:?}",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
+                let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
+                self.tx
+                    .open_table(XATTRS)
+                    .map_err(db)?
+                    .remove(k.as_slice())
+                    .map_err(db)?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn data_op(
+        &mut self,
+        cx: &Cx,
+        id: ObjectId,
+        base: Seq,
+        f: impl FnOnce(&mut ObjectRow),
+    ) -> R<Out> {
+        let mut row = self.row(id)?;
+        if row.kind != FileKind::File {
+            return Err(OpError::Invalid(format!("{id} is not a regular file")));
+        }
+        if !base_ok(
+            row.versions.data,
+            row.data_writer,
+            row.data_run_start,
+            base,
+            cx.who,
+        ) {
+            return Err(conflict("data changed since base", Some(row.attr(id))));
+        }
+        f(&mut row);
+        row.mtime = cx.time;
+        bump_data(&mut row, cx);
+        self.put_row(id, &row)?;
+        Ok((Some(row.attr(id)), vec![(id, row.handle)]))
+    }
+
+    fn meta_op(
+        &mut self,
+        cx: &Cx,
+        id: ObjectId,
+        base: Seq,
+        f: impl FnOnce(&mut ObjectRow) -> R<()>,
+    ) -> R<Out> {
+        let mut row = self.row(id)?;
+        if !base_ok(
+            row.versions.meta,
+            row.meta_writer,
+            row.meta_run_start,
+            base,
+            cx.who,
+        ) {
+            return Err(conflict(
+                "attributes changed since base",
+                Some(row.attr(id)),
+            ));
+        }
+        f(&mut row)?;
+        bump_meta(&mut row, cx);
+        self.put_row(id, &row)?;
+        Ok((Some(row.attr(id)), vec![(id, row.handle)]))
+    }
+
+    fn link(&mut self, cx: &Cx, id: ObjectId, parent: ObjectId, name: &[u8]) -> R<Out> {
+        check_name(name)?;
+        let mut row = self.row(id)?;
+        if row.kind == FileKind::Dir {
+            return Err(OpError::Invalid("cannot hard-link a directory".into()));
+        }
+        self.lookup_parent_dir(parent)?;
+        if let Some(other) = self.dentry(parent, name)? {
+            let cur = self.row(other).ok().map(|r| r.attr(other));
+            return Err(conflict("name exists", cur));
+        }
+        row.nlink += 1;
+        self.put_row(id, &row)?;
+        self.add_name(parent, name, id)?;
+        let ph = self.touch_dir(cx, parent, 0)?;
+        Ok((Some(row.attr(id)), vec![(parent, ph), (id, row.handle)]))
+    }
+
+    fn remove(
+        &mut self,
+        cx: &Cx,
+        parent: ObjectId,
+        name: &[u8],
+        expect: &Expect,
+        dir: bool,
+    ) -> R<Out> {
+        check_name(name)?;
+        self.lookup_parent_dir(parent)?;
+        let mut row = self.check_expect(cx, parent, name, expect)?;
+        let id = expect.id;
+        if dir != (row.kind == FileKind::Dir) {
+            return Err(OpError::Invalid(
+                if dir {
+                    "not a directory"
+                } else {
+                    "is a directory"
+                }
+                .into(),
+            ));
+        }
+        if dir && !self.dir_is_empty(id)? {
+            return Err(OpError::NotEmpty);
+        }
+        self.drop_name(parent, name, id)?;
+        let ph = self.touch_dir(cx, parent, if dir { -1 } else { 0 })?;
+        let handle = row.handle.clone();
+        row.nlink = row.nlink.saturating_sub(1);
+        let attr = if dir || row.nlink == 0 {
+            self.remove_object(id)?;
+            None
+        } else {
+            self.put_row(id, &row)?;
+            Some(row.attr(id))
+        };
+        Ok((attr, vec![(parent, ph), (id, handle)]))
+    }
+
+    fn rename(
+        &mut self,
+        cx: &Cx,
+        (p, n): (ObjectId, &[u8]),
+        expect: &Expect,
+        (np, nn): (ObjectId, &[u8]),
+        target: Option<&Expect>,
+        mode: RenameMode,
+    ) -> R<Out> {
+        check_name(n)?;
+        check_name(nn)?;
+        self.lookup_parent_dir(p)?;
+        self.lookup_parent_dir(np)?;
+        let Some(src) = self.dentry(p, n)? else {
+            return Err(conflict("source name is gone", None));
+        };
+        let srow = self.row(src)?;
+        if src != expect.id {
+            return Err(conflict(
+                "source name points to another object",
+                Some(srow.attr(src)),
+            ));
+        }
+        let existing = self.dentry(np, nn)?;
+        let trow = match (existing, target, mode) {
+            (Some(t), _, RenameMode::NoReplace) => {
+                let cur = self.row(t).ok().map(|r| r.attr(t));
+                return Err(conflict("target exists", cur));
+            }
+            (None, _, RenameMode::Exchange) => {
+                return Err(conflict("exchange target is gone", None))
+            }
+            (None, None, _) => None,
+            (None, Some(_), _) => return Err(conflict("target is gone", None)),
+            (Some(t), None, _) => {
+                let cur = self.row(t).ok().map(|r| r.attr(t));
+                return Err(conflict("target appeared", cur));
+            }
+            (Some(_), Some(e), _) => Some(self.check_expect(cx, np, nn, e)?),
+        };
+        let src_dir = srow.kind == FileKind::Dir;
+        // A directory may not move below itself.
+        let ancestors = |b: &Self, start: ObjectId, of: ObjectId| -> R<bool> {
+            let mut cur = start;
+            for _ in 0..100_000 {
+                if cur == of {
+                    return Ok(true);
+                }
+                match b.dir_parent(cur)? {
+                    Some(up) => cur = up,
+                    None => return Ok(false),
+                }
+            }
+            Ok(true)
+        };
+        if src_dir && ancestors(self, np, src)? {
+            return Err(OpError::Invalid(
+                "cannot move a directory below itself".into(),
+            ));
+        }
+        let mut handles = vec![
+            (p, self.row(p)?.handle),
+            (np, self.row(np)?.handle),
+            (src, srow.handle.clone()),
+        ];
+        let same = existing == Some(src);
+        if let (Some(t), Some(trow)) = (existing, &trow) {
+            handles.push((t, trow.handle.clone()));
+            let t_dir = trow.kind == FileKind::Dir;
+            if mode == RenameMode::Exchange {
+                if t_dir && ancestors(self, p, t)? {
+                    return Err(OpError::Invalid(
+                        "cannot move a directory below itself".into(),
+                    ));
+                }
+            } else if !same {
+                if src_dir != t_dir {
+                    return Err(OpError::Invalid(
+                        if t_dir {
+                            "target is a directory"
+                        } else {
+                            "target is not a directory"
+                        }
+                        .into(),
+                    ));
+                }
+                if t_dir && !self.dir_is_empty(t)? {
+                    return Err(OpError::NotEmpty);
+                }
+            }
+        }
+        let mut dl_src = 0i32;
+        let mut dl_dst = 0i32;
+        if same {
+            // rename(2) between two names of one inode does nothing.
+        } else if mode == RenameMode::Exchange {
+            let (t, trow) = (existing.unwrap_or(src), trow.as_ref().unwrap_or(&srow));
+            self.drop_name(p, n, src)?;
+            self.drop_name(np, nn, t)?;
+            self.add_name(p, n, t)?;
+            self.add_name(np, nn, src)?;
+            let t_dir = trow.kind == FileKind::Dir;
+            if p != np {
+                dl_src += t_dir as i32 - src_dir as i32;
+                dl_dst += src_dir as i32 - t_dir as i32;
+            }
+        } else {
+            if let (Some(t), Some(trow)) = (existing, trow.as_ref()) {
+                self.drop_name(np, nn, t)?;
+                if trow.kind == FileKind::Dir {
+                    dl_dst -= 1;
+                    self.remove_object(t)?;
+                } else if trow.nlink <= 1 {
+                    self.remove_object(t)?;
+                } else {
+                    let mut tr = trow.clone();
+                    tr.nlink -= 1;
+                    self.put_row(t, &tr)?;
+                }
+            }
+            self.drop_name(p, n, src)?;
+            self.add_name(np, nn, src)?;
+            if src_dir {
+                dl_src -= 1;
+                dl_dst += 1;
+            }
+        }
+        if p == np {
+            self.touch_dir(cx, p, dl_src + dl_dst)?;
+        } else {
+            self.touch_dir(cx, p, dl_src)?;
+            self.touch_dir(cx, np, dl_dst)?;
+        }
+        Ok((Some(self.row(src)?.attr(src)), handles))
+    }
+}
+
+fn xattr_kind_ok(row: &ObjectRow) -> R<()> {
+    match row.kind {
+        FileKind::File | FileKind::Dir => Ok(()),
+        _ => Err(OpError::Invalid(
+            "extended attributes only on files and directories".into(),
+        )),
+    }
+}
+
+/// Key of an xattr: object id ‖ name.
+pub(crate) fn xkey(id: ObjectId, name: &[u8]) -> Vec<u8> {
+    dkey(id, name)
+}

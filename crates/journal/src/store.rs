@@ -1,0 +1,270 @@
+//! Opening the database, volume identity, progress counters, records and
+//! retention.
+
+use crate::tables::*;
+use izo_proto::{FileKind, ObjectId, OpError, ReplicaId, Seq, Timestamp, Versions};
+use redb::{Database, Durability, ReadableTable};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Errors of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (I/O, corruption, lock held by another process).
+    #[error("metadata database: {0}")]
+    Db(String),
+    /// A row could not be decoded.
+    #[error("corrupt row in table {0}")]
+    Corrupt(&'static str),
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        OpError::Transient(e.to_string())
+    }
+}
+
+pub(crate) fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into().to_string())
+}
+
+/// The metadata store of one volume.
+pub struct Store {
+    pub(crate) db: Database,
+    pub(crate) head: AtomicU64,
+    pub(crate) cookie: AtomicU64,
+    incarnation: u128,
+    /// Durable commits made (each is one group-commit fsync).
+    pub commits: AtomicU64,
+}
+
+fn get_u64(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    k: &str,
+) -> Result<Option<u64>, StoreError> {
+    Ok(t.get(k)
+        .map_err(db)?
+        .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
+}
+
+impl Store {
+    /// Open or create the store at `path`. A new store gets a fresh
+    /// incarnation and a root directory with the given attributes.
+    pub fn open(path: &Path, root: (u32, u32, u32, Timestamp)) -> Result<Store, StoreError> {
+        let database = Database::create(path).map_err(db)?;
+        let tx = database.begin_write().map_err(db)?;
+        let (incarnation, head, cookie) = {
+            let mut meta = tx.open_table(META).map_err(db)?;
+            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES] {
+                tx.open_table(t).map_err(db)?;
+            }
+            tx.open_table(LINKS).map_err(db)?;
+            tx.open_table(RECORDS).map_err(db)?;
+            tx.open_table(REPLICAS).map_err(db)?;
+            let inc = meta
+                .get("incarnation")
+                .map_err(db)?
+                .and_then(|v| v.value().try_into().ok().map(u128::from_be_bytes));
+            let inc = match inc {
+                Some(i) => i,
+                None => {
+                    let i = uuid::Uuid::new_v4().as_u128();
+                    meta.insert("incarnation", i.to_be_bytes().as_slice())
+                        .map_err(db)?;
+                    let (mode, uid, gid, mtime) = root;
+                    let row = new_row(FileKind::Dir, mode, uid, gid, mtime, None, 0);
+                    let mut objs = tx.open_table(OBJECTS).map_err(db)?;
+                    objs.insert(ObjectId::ROOT.to_bytes().as_slice(), enc(&row).as_slice())
+                        .map_err(db)?;
+                    i
+                }
+            };
+            (
+                inc,
+                get_u64(&meta, "head")?.unwrap_or(0),
+                get_u64(&meta, "cookie")?.unwrap_or(0),
+            )
+        };
+        tx.commit().map_err(db)?;
+        Ok(Store {
+            db: database,
+            head: AtomicU64::new(head),
+            cookie: AtomicU64::new(cookie),
+            incarnation,
+            commits: AtomicU64::new(1),
+        })
+    }
+
+    /// Volume incarnation.
+    pub fn incarnation(&self) -> u128 {
+        self.incarnation
+    }
+
+    /// Highest committed seq.
+    pub fn head(&self) -> Seq {
+        self.head.load(Ordering::Acquire)
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(META).map_err(db)?;
+        Ok(get_u64(&t, key)?.unwrap_or(0))
+    }
+
+    fn set_meta_u64(&self, key: &str, v: u64, durable: bool) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(db)?;
+        if !durable {
+            tx.set_durability(Durability::None);
+        }
+        tx.open_table(META)
+            .map_err(db)?
+            .insert(key, v.to_be_bytes().as_slice())
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        if durable {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Seq through which the tree is durably applied (after a syncfs).
+    pub fn checkpoint(&self) -> Result<Seq, StoreError> {
+        self.meta_u64("checkpoint")
+    }
+
+    /// Record a durable checkpoint. Call only after `syncfs` on the export.
+    pub fn set_checkpoint(&self, seq: Seq) -> Result<(), StoreError> {
+        self.set_meta_u64("checkpoint", seq, true)
+    }
+
+    /// Oldest seq still held (records before it were dropped by retention).
+    pub fn retained_from(&self) -> Result<Seq, StoreError> {
+        Ok(self.meta_u64("pruned")? + 1)
+    }
+
+    /// Last client seq of `replica` the server has recorded (0 if new).
+    pub fn replica_last(&self, replica: ReplicaId) -> Result<u64, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(REPLICAS).map_err(db)?;
+        Ok(t.get(replica.0.to_be_bytes().as_slice())
+            .map_err(db)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    /// The cached reply to (`replica`, `cseq`), encoded as it was sent.
+    pub fn cached_reply(
+        &self,
+        replica: ReplicaId,
+        cseq: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(REPLIES).map_err(db)?;
+        Ok(t.get(rkey(replica, cseq).as_slice())
+            .map_err(db)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Up to `max` records with seq ≥ `from`.
+    pub fn records_from(&self, from: Seq, max: usize) -> Result<Vec<StoredRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(RECORDS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.range(from..).map_err(db)?.take(max) {
+            let (_, v) = row.map_err(db)?;
+            out.push(dec(v.value()).ok_or(StoreError::Corrupt("records"))?);
+        }
+        Ok(out)
+    }
+
+    /// Drop records up to `through` (never past the checkpoint: replay needs them).
+    /// Returns how many were dropped.
+    pub fn prune(&self, through: Seq) -> Result<u64, StoreError> {
+        let through = through.min(self.checkpoint()?);
+        let from = self.meta_u64("pruned")?;
+        if through <= from {
+            return Ok(0);
+        }
+        let mut tx = self.db.begin_write().map_err(db)?;
+        tx.set_durability(Durability::None);
+        let mut n = 0;
+        {
+            let mut t = tx.open_table(RECORDS).map_err(db)?;
+            for _ in t.extract_from_if(..=through, |_, _| true).map_err(db)? {
+                n += 1;
+            }
+            tx.open_table(META)
+                .map_err(db)?
+                .insert("pruned", through.to_be_bytes().as_slice())
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(n)
+    }
+
+    /// Time of the record at `seq`, if still held.
+    pub fn record_time(&self, seq: Seq) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self
+            .records_from(seq, 1)?
+            .into_iter()
+            .find(|r| r.record.seq == seq)
+            .map(|r| r.record.time))
+    }
+
+    /// Store a new file handle for an object (after replay recreated it).
+    pub fn set_handle(&self, id: ObjectId, handle: &[u8]) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(db)?;
+        tx.set_durability(Durability::None);
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(db)?;
+            let row = t
+                .get(id.to_bytes().as_slice())
+                .map_err(db)?
+                .map(|v| v.value().to_vec());
+            if let Some(mut row) = row.as_deref().and_then(dec::<ObjectRow>) {
+                row.handle = handle.to_vec();
+                t.insert(id.to_bytes().as_slice(), enc(&row).as_slice())
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+}
+
+/// A fresh object row.
+pub(crate) fn new_row(
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Timestamp,
+    writer: Option<ReplicaId>,
+    seq: Seq,
+) -> ObjectRow {
+    ObjectRow {
+        kind,
+        mode: if kind == FileKind::Symlink {
+            0o777
+        } else {
+            mode & 0o7777
+        },
+        uid,
+        gid,
+        size: 0,
+        mtime,
+        nlink: if kind == FileKind::Dir { 2 } else { 1 },
+        versions: Versions {
+            data: seq,
+            meta: seq,
+        },
+        data_writer: writer,
+        data_run_start: 0,
+        meta_writer: writer,
+        meta_run_start: 0,
+        handle: Vec::new(),
+        target: None,
+        blocks: Vec::new(),
+        stale: Vec::new(),
+    }
+}

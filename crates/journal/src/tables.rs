@@ -1,0 +1,158 @@
+//! Table definitions and row types. Rows are postcard-encoded, each with a
+//! leading format byte so they can migrate (see docs/formats.md).
+
+use crate::Handle;
+use izo_proto::{Attr, FileKind, ObjectId, Record, ReplicaId, Seq, Timestamp, Versions};
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+/// Small named values: incarnation, head seq, checkpoint seq, volume name.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Object id → [`ObjectRow`].
+pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+/// Parent id ‖ name → child id.
+pub const DENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dentries");
+/// Parent id ‖ cookie → name: readdir order, stable under concurrent changes.
+pub const COOKIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cookies");
+/// Child id ‖ parent id ‖ name → (): every name of an object.
+pub const LINKS: TableDefinition<&[u8], ()> = TableDefinition::new("links");
+/// Object id ‖ xattr name → value.
+pub const XATTRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("xattrs");
+/// Seq → [`StoredRecord`].
+pub const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Replica id → last applied client seq.
+pub const REPLICAS: TableDefinition<&[u8], u64> = TableDefinition::new("replicas");
+/// Replica id ‖ client seq → encoded reply.
+pub const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
+
+/// Format byte of the current row encoding.
+pub const ROW_V1: u8 = 1;
+
+/// One object's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObjectRow {
+    /// Kind of object.
+    pub kind: FileKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: Timestamp,
+    /// Link count (directories: 2 + subdirectories).
+    pub nlink: u32,
+    /// Data and meta versions.
+    pub versions: Versions,
+    /// Replica whose ops produced the current run of data changes.
+    pub data_writer: Option<ReplicaId>,
+    /// Data version before that run began (own ops rebase onto the run).
+    pub data_run_start: Seq,
+    /// Replica whose ops produced the current run of meta changes.
+    pub meta_writer: Option<ReplicaId>,
+    /// Meta version before that run began.
+    pub meta_run_start: Seq,
+    /// Server file handle of the inode in the export.
+    pub handle: Handle,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+    /// BLAKE3 hash per 1 MiB block.
+    pub blocks: Vec<[u8; 32]>,
+    /// Blocks whose hash is out of date.
+    pub stale: Vec<u64>,
+}
+
+impl ObjectRow {
+    /// Attributes as sent on the wire.
+    pub fn attr(&self, id: ObjectId) -> Attr {
+        Attr {
+            id,
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            mtime: self.mtime,
+            nlink: self.nlink,
+            versions: self.versions,
+        }
+    }
+}
+
+/// A journal record with what the applier needs beyond the wire record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// The record as streamed.
+    pub record: Record,
+    /// Handles of every object the op names, as known when it was recorded.
+    pub handles: Vec<(ObjectId, Handle)>,
+    /// Write bytes live in a stage file instead of the record.
+    pub staged: bool,
+}
+
+impl StoredRecord {
+    /// Handle of `id` as recorded.
+    pub fn handle(&self, id: ObjectId) -> Option<&Handle> {
+        self.handles.iter().find(|(i, _)| *i == id).map(|(_, h)| h)
+    }
+}
+
+/// Encode a row with its format byte.
+pub fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard only fails on writers that run out of space; a Vec never does.
+    postcard::to_extend(v, vec![ROW_V1]).unwrap_or_default()
+}
+
+/// Decode a row written by [`enc`].
+pub fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
+    match b.split_first() {
+        Some((&ROW_V1, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Key of a dentry: parent id ‖ name.
+pub fn dkey(parent: ObjectId, name: &[u8]) -> Vec<u8> {
+    let mut k = parent.to_bytes().to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+/// Key of a cookie: parent id ‖ cookie (big-endian, so keys sort by cookie).
+pub fn ckey(parent: ObjectId, cookie: u64) -> Vec<u8> {
+    let mut k = parent.to_bytes().to_vec();
+    k.extend_from_slice(&cookie.to_be_bytes());
+    k
+}
+
+/// Key of a link: child ‖ parent ‖ name.
+pub fn lkey(child: ObjectId, parent: ObjectId, name: &[u8]) -> Vec<u8> {
+    let mut k = child.to_bytes().to_vec();
+    k.extend_from_slice(&parent.to_bytes());
+    k.extend_from_slice(name);
+    k
+}
+
+/// Key range bounds covering every key that starts with `id`.
+pub fn prefix_range(id: ObjectId) -> (Vec<u8>, Vec<u8>) {
+    let lo = id.to_bytes().to_vec();
+    let hi = ObjectId(id.0.wrapping_add(1)).to_bytes().to_vec();
+    (lo, hi)
+}
+
+/// Reply-cache key: replica ‖ client seq.
+pub fn rkey(replica: ReplicaId, cseq: u64) -> Vec<u8> {
+    let mut k = replica.0.to_be_bytes().to_vec();
+    k.extend_from_slice(&cseq.to_be_bytes());
+    k
+}
+
+/// Parse an id from the first 16 bytes of a key.
+pub fn id_at(b: &[u8], at: usize) -> ObjectId {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[at..at + 16]);
+    ObjectId::from_bytes(a)
+}
