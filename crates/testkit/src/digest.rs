@@ -116,12 +116,14 @@ impl Digest {
                 bytes(&mut h, v);
             }
             match &n.link_group {
-                None => h.update(&[0]),
+                None => {
+                    h.update(&[0]);
+                }
                 Some(g) => {
                     h.update(&[1]);
                     bytes(&mut h, g);
                 }
-            };
+            }
         }
         *h.finalize().as_bytes()
     }
@@ -215,8 +217,9 @@ fn node_diff(p: &str, a: &Node, b: &Node, out: &mut Vec<String>) {
         a.xattrs.keys().chain(b.xattrs.keys()).collect();
     for name in names {
         let v = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
-            m.get(name)
-                .map_or("absent".into(), |v| format!("{:?}", String::from_utf8_lossy(v)))
+            m.get(name).map_or("absent".into(), |v| {
+                format!("{:?}", String::from_utf8_lossy(v))
+            })
         };
         let label = format!("xattr {}", String::from_utf8_lossy(name));
         field(&label, v(&a.xattrs), v(&b.xattrs));
@@ -261,7 +264,11 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
             .with_context(|| format!("{}: bad mtime nsec", abs.display()))?;
         let node = Node {
             kind,
-            mode: if kind == Kind::Symlink { 0o777 } else { md.mode() & 0o7777 },
+            mode: if kind == Kind::Symlink {
+                0o777
+            } else {
+                md.mode() & 0o7777
+            },
             uid: md.uid(),
             gid: md.gid(),
             mtime: (md.mtime(), nsec),
@@ -271,7 +278,10 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
             link_group: None,
         };
         if kind != Kind::Dir && md.nlink() > 1 {
-            inodes.entry((md.dev(), md.ino())).or_default().push(rel.clone());
+            inodes
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .push(rel.clone());
         }
         if kind == Kind::Dir {
             let rd = fs::read_dir(&abs).with_context(|| format!("readdir {}", abs.display()))?;

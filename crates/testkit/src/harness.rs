@@ -3,13 +3,15 @@
 //! mtimes the op semantics prescribe on the real tree.
 
 use crate::{tree_digest, Digest, Model};
-use izo_proto::{Expect, FileKind, ObjectId, Op, RenameMode, SetAttrs, Timestamp, Versions};
+use izo_proto::{Expect, FileKind, ObjectId, Op, RenameMode, Timestamp, Versions};
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
+
+mod data;
 
 /// A real tree and a model kept in step.
 pub struct Harness {
@@ -39,7 +41,10 @@ fn split(rel: &[u8]) -> (&[u8], &[u8]) {
 }
 
 fn expect(id: ObjectId) -> Expect {
-    Expect { id, base: Versions::default() }
+    Expect {
+        id,
+        base: Versions::default(),
+    }
 }
 
 impl Harness {
@@ -47,12 +52,23 @@ impl Harness {
     pub fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let md = fs::symlink_metadata(dir.path()).unwrap();
-        let mtime = Timestamp { secs: md.mtime(), nsec: md.mtime_nsec() as u32 };
+        let mtime = Timestamp {
+            secs: md.mtime(),
+            nsec: md.mtime_nsec() as u32,
+        };
         let model = Model::new(md.mode(), md.uid(), md.gid(), mtime);
         // SAFETY: plain id getters.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let ids = HashMap::from([(Vec::new(), ObjectId::ROOT)]);
-        Harness { dir, model, uid, gid, ids, clock: 0, next_id: 100 }
+        Harness {
+            dir,
+            model,
+            uid,
+            gid,
+            ids,
+            clock: 0,
+            next_id: 100,
+        }
     }
 
     pub fn path(&self, rel: &[u8]) -> PathBuf {
@@ -66,19 +82,33 @@ impl Harness {
     /// The next server time: strictly increasing, with nanoseconds.
     pub fn tick(&mut self) -> Timestamp {
         self.clock += 1;
-        Timestamp { secs: 1_700_000_000 + self.clock, nsec: (self.clock as u32) * 1_000_003 }
+        Timestamp {
+            secs: 1_700_000_000 + self.clock,
+            nsec: (self.clock as u32) * 1_000_003,
+        }
     }
 
     /// Set the real mtime of `rel` (not following symlinks).
     pub fn stamp(&self, rel: &[u8], t: Timestamp) {
         let times = [
-            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nsec as libc::c_long },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: t.secs as libc::time_t,
+                tv_nsec: t.nsec as libc::c_long,
+            },
         ];
         let p = cpath(&self.path(rel));
         // SAFETY: valid C string and a two-element timespec array.
         let rc = unsafe {
-            libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            libc::utimensat(
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         };
         check(rc, "utimensat");
     }
@@ -93,7 +123,11 @@ impl Harness {
     pub fn assert_agree(&self) -> Digest {
         let real = tree_digest(self.dir.path()).unwrap();
         let model = self.model.digest();
-        assert!(real == model, "model vs real:\n{}", model.diff(&real).join("\n"));
+        assert!(
+            real == model,
+            "model vs real:\n{}",
+            model.diff(&real).join("\n")
+        );
         assert_eq!(real.hash(), model.hash());
         real
     }
@@ -109,7 +143,12 @@ impl Harness {
     fn fresh(&mut self, rel: &[u8]) -> (ObjectId, Vec<u8>, ObjectId, Timestamp) {
         self.next_id += 1;
         let (parent, name) = split(rel);
-        (ObjectId(self.next_id), name.to_vec(), self.id(parent), self.tick())
+        (
+            ObjectId(self.next_id),
+            name.to_vec(),
+            self.id(parent),
+            self.tick(),
+        )
     }
 
     pub fn mkdir(&mut self, rel: &[u8], mode: u32) {
@@ -117,7 +156,19 @@ impl Harness {
         fs::create_dir(self.path(rel)).unwrap();
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(rel, id, Op::Mkdir { parent, name, id, mode, uid, gid }, t);
+        self.created(
+            rel,
+            id,
+            Op::Mkdir {
+                parent,
+                name,
+                id,
+                mode,
+                uid,
+                gid,
+            },
+            t,
+        );
     }
 
     pub fn create(&mut self, rel: &[u8], mode: u32, data: &[u8]) {
@@ -125,7 +176,19 @@ impl Harness {
         fs::File::create(self.path(rel)).unwrap();
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(rel, id, Op::Create { parent, name, id, mode, uid, gid }, t);
+        self.created(
+            rel,
+            id,
+            Op::Create {
+                parent,
+                name,
+                id,
+                mode,
+                uid,
+                gid,
+            },
+            t,
+        );
         if !data.is_empty() {
             self.write(rel, 0, data);
         }
@@ -135,20 +198,48 @@ impl Harness {
         let (id, name, parent, t) = self.fresh(rel);
         std::os::unix::fs::symlink(OsStr::from_bytes(target), self.path(rel)).unwrap();
         let (uid, gid, target) = (self.uid, self.gid, target.to_vec());
-        self.created(rel, id, Op::Symlink { parent, name, id, target, uid, gid }, t);
+        self.created(
+            rel,
+            id,
+            Op::Symlink {
+                parent,
+                name,
+                id,
+                target,
+                uid,
+                gid,
+            },
+            t,
+        );
     }
 
     pub fn mknod(&mut self, rel: &[u8], kind: FileKind, mode: u32) {
         let (id, name, parent, t) = self.fresh(rel);
         if kind == FileKind::Fifo {
             // SAFETY: valid C string.
-            check(unsafe { libc::mkfifo(cpath(&self.path(rel)).as_ptr(), 0o600) }, "mkfifo");
+            check(
+                unsafe { libc::mkfifo(cpath(&self.path(rel)).as_ptr(), 0o600) },
+                "mkfifo",
+            );
         } else {
             drop(std::os::unix::net::UnixListener::bind(self.path(rel)).unwrap());
         }
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(rel, id, Op::Mknod { parent, name, id, kind, mode, uid, gid }, t);
+        self.created(
+            rel,
+            id,
+            Op::Mknod {
+                parent,
+                name,
+                id,
+                kind,
+                mode,
+                uid,
+                gid,
+            },
+            t,
+        );
     }
 
     pub fn link(&mut self, existing: &[u8], rel: &[u8]) {
@@ -171,9 +262,17 @@ impl Harness {
         }
         self.stamp(split(rel).0, t);
         let op = if dir {
-            Op::Rmdir { parent, name, expect: e }
+            Op::Rmdir {
+                parent,
+                name,
+                expect: e,
+            }
         } else {
-            Op::Unlink { parent, name, expect: e }
+            Op::Unlink {
+                parent,
+                name,
+                expect: e,
+            }
         };
         self.apply(op, t);
     }
@@ -184,10 +283,21 @@ impl Harness {
         let (_, new_name, new_parent, _) = self.fresh(to);
         let (src, dst) = (self.id(from), self.ids.get(to).copied());
         let (pf, pt) = (cpath(&self.path(from)), cpath(&self.path(to)));
-        let flags = if mode == RenameMode::Exchange { libc::RENAME_EXCHANGE } else { 0 };
+        let flags = match mode {
+            RenameMode::Replace => 0,
+            RenameMode::NoReplace => libc::RENAME_NOREPLACE,
+            RenameMode::Exchange => libc::RENAME_EXCHANGE,
+        };
         // SAFETY: valid C strings.
-        let rc =
-            unsafe { libc::renameat2(libc::AT_FDCWD, pf.as_ptr(), libc::AT_FDCWD, pt.as_ptr(), flags) };
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                pf.as_ptr(),
+                libc::AT_FDCWD,
+                pt.as_ptr(),
+                flags,
+            )
+        };
         check(rc, "renameat2");
         self.stamp(split(from).0, t);
         self.stamp(split(to).0, t);
@@ -210,78 +320,15 @@ impl Harness {
             }
         }
         let (expect, target) = (expect(src), dst.map(expect));
-        let op = Op::Rename { parent, name, expect, new_parent, new_name, target, mode };
-        self.apply(op, t);
-    }
-
-    pub fn write(&mut self, rel: &[u8], offset: u64, data: &[u8]) {
-        let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
-        f.write_all_at(data, offset).unwrap();
-        self.stamp(rel, t);
-        self.apply(Op::Write { id, base: 0, offset, data: data.to_vec() }, t);
-    }
-
-    pub fn truncate(&mut self, rel: &[u8], size: u64) {
-        let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
-        f.set_len(size).unwrap();
-        self.stamp(rel, t);
-        self.apply(Op::Truncate { id, base: 0, size }, t);
-    }
-
-    /// fallocate mode 0 (`punch == false`) or punch-hole.
-    pub fn fallocate(&mut self, rel: &[u8], offset: u64, len: u64, punch: bool) {
-        use std::os::fd::AsRawFd;
-        let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
-        let mode = if punch { libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE } else { 0 };
-        // SAFETY: valid open descriptor.
-        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
-        check(rc, "fallocate");
-        self.stamp(rel, t);
-        let op = if punch {
-            Op::PunchHole { id, base: 0, offset, len }
-        } else {
-            Op::Allocate { id, base: 0, offset, len }
+        let op = Op::Rename {
+            parent,
+            name,
+            expect,
+            new_parent,
+            new_name,
+            target,
+            mode,
         };
         self.apply(op, t);
-    }
-
-    /// Real chmod / lchown / utimensat for each `Some` field, then SetAttr.
-    pub fn setattr(&mut self, rel: &[u8], attrs: SetAttrs) {
-        let (id, t) = (self.id(rel), self.tick());
-        if attrs.uid.is_some() || attrs.gid.is_some() {
-            std::os::unix::fs::lchown(self.path(rel), attrs.uid, attrs.gid).unwrap();
-        }
-        if let Some(mode) = attrs.mode {
-            fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
-        }
-        if let Some(m) = attrs.mtime {
-            self.stamp(rel, m);
-        }
-        self.apply(Op::SetAttr { id, base: 0, attrs }, t);
-    }
-
-    /// lsetxattr; `must` = false tolerates a refusal (the name is then
-    /// expected to be left out of digests anyway).
-    pub fn setxattr(&mut self, rel: &[u8], name: &[u8], value: &[u8], must: bool) {
-        let (id, t) = (self.id(rel), self.tick());
-        let (p, n) = (cpath(&self.path(rel)), CString::new(name).unwrap());
-        // SAFETY: valid C strings and value buffer.
-        let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-        if must {
-            check(rc, "lsetxattr");
-        }
-        let (name, value) = (name.to_vec(), value.to_vec());
-        self.apply(Op::SetXattr { id, base: 0, name, value }, t);
-    }
-
-    pub fn removexattr(&mut self, rel: &[u8], name: &[u8]) {
-        let (id, t) = (self.id(rel), self.tick());
-        let (p, n) = (cpath(&self.path(rel)), CString::new(name).unwrap());
-        // SAFETY: valid C strings.
-        check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) }, "lremovexattr");
-        self.apply(Op::RemoveXattr { id, base: 0, name: name.to_vec() }, t);
     }
 }
