@@ -1,0 +1,267 @@
+//! Thin safe wrappers over the Linux calls the tree needs (the `*at` family,
+//! file handles, fallocate, SEEK_DATA/SEEK_HOLE, xattrs). Every call returns
+//! `io::Result`; nothing here panics on a failed syscall.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt64(r: i64) -> io::Result<i64> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A name as a C string; names never contain NUL (validated earlier).
+pub fn cstr(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `openat(2)`.
+pub fn openat(dir: BorrowedFd, name: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open a directory by path (the export root).
+pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = cstr(path.as_os_str().as_bytes())?;
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct FileHandle {
+    bytes: u32,
+    ty: i32,
+    data: [u8; MAX_HANDLE_SZ],
+}
+
+/// `name_to_handle_at(2)`: type (4 bytes LE) ‖ handle bytes. Does not follow
+/// a final symlink.
+pub fn name_to_handle(dir: BorrowedFd, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut fh = FileHandle { bytes: MAX_HANDLE_SZ as u32, ty: 0, data: [0; MAX_HANDLE_SZ] };
+    let mut mount_id: libc::c_int = 0;
+    let flags = if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut fh as *mut FileHandle,
+            &mut mount_id as *mut libc::c_int,
+            flags,
+        ) as libc::c_int
+    })?;
+    let n = (fh.bytes as usize).min(MAX_HANDLE_SZ);
+    let mut out = fh.ty.to_le_bytes().to_vec();
+    out.extend_from_slice(&fh.data[..n]);
+    Ok(out)
+}
+
+/// `open_by_handle_at(2)` relative to the export's mount (needs CAP_DAC_READ_SEARCH).
+pub fn open_by_handle(mount: BorrowedFd, handle: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    if handle.len() < 4 || handle.len() - 4 > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::ESTALE));
+    }
+    let mut fh = FileHandle { bytes: (handle.len() - 4) as u32, ty: 0, data: [0; MAX_HANDLE_SZ] };
+    fh.ty = i32::from_le_bytes([handle[0], handle[1], handle[2], handle[3]]);
+    fh.data[..handle.len() - 4].copy_from_slice(&handle[4..]);
+    let fd = cvt(unsafe {
+        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), &mut fh as *mut FileHandle, flags | libc::O_CLOEXEC)
+            as libc::c_int
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mkdirat(2)`.
+pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) }).map(drop)
+}
+
+/// `mknodat(2)` for fifos and sockets.
+pub fn mknodat(dir: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// `symlinkat(2)`.
+pub fn symlinkat(target: &[u8], dir: BorrowedFd, name: &[u8]) -> io::Result<()> {
+    let (t, c) = (cstr(target)?, cstr(name)?);
+    cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) }).map(drop)
+}
+
+/// `renameat2(2)` with raw flags (RENAME_NOREPLACE / RENAME_EXCHANGE).
+pub fn renameat2(d1: BorrowedFd, n1: &[u8], d2: BorrowedFd, n2: &[u8], flags: u32) -> io::Result<()> {
+    let (a, b) = (cstr(n1)?, cstr(n2)?);
+    cvt(unsafe { libc::renameat2(d1.as_raw_fd(), a.as_ptr(), d2.as_raw_fd(), b.as_ptr(), flags) }).map(drop)
+}
+
+/// Link an open inode under a new name (`linkat` with AT_EMPTY_PATH).
+pub fn link_fd(fd: BorrowedFd, dir: BorrowedFd, name: &[u8]) -> io::Result<()> {
+    let c = cstr(name)?;
+    let empty = cstr(b"")?;
+    cvt(unsafe { libc::linkat(fd.as_raw_fd(), empty.as_ptr(), dir.as_raw_fd(), c.as_ptr(), libc::AT_EMPTY_PATH) })
+        .map(drop)
+}
+
+/// `unlinkat(2)`; `dir` selects AT_REMOVEDIR.
+pub fn unlinkat(d: BorrowedFd, name: &[u8], dir: bool) -> io::Result<()> {
+    let c = cstr(name)?;
+    let f = if dir { libc::AT_REMOVEDIR } else { 0 };
+    cvt(unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), f) }).map(drop)
+}
+
+/// `fstatat(2)` without following a final symlink; empty name = the fd itself.
+pub fn fstatat(d: BorrowedFd, name: &[u8]) -> io::Result<libc::stat> {
+    let c = cstr(name)?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let f = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    cvt(unsafe { libc::fstatat(d.as_raw_fd(), c.as_ptr(), &mut st, f) })?;
+    Ok(st)
+}
+
+fn ts(t: Option<(i64, u32)>) -> libc::timespec {
+    match t {
+        Some((s, n)) => libc::timespec { tv_sec: s, tv_nsec: n as i64 },
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+    }
+}
+
+/// Set the mtime of `name` in `d` (or of `d` itself when `name` is empty),
+/// never following a symlink.
+pub fn set_mtime_at(d: BorrowedFd, name: &[u8], mtime: (i64, u32)) -> io::Result<()> {
+    let times = [ts(None), ts(Some(mtime))];
+    let c = cstr(name)?;
+    let f = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    cvt(unsafe { libc::utimensat(d.as_raw_fd(), c.as_ptr(), times.as_ptr(), f) }).map(drop)
+}
+
+/// `fchmodat` of `name` in `d`.
+pub fn chmod_at(d: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::fchmodat(d.as_raw_fd(), c.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// `fchownat` without following symlinks; empty name = the fd itself.
+pub fn chown_at(d: BorrowedFd, name: &[u8], uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let c = cstr(name)?;
+    let f = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+    cvt(unsafe { libc::fchownat(d.as_raw_fd(), c.as_ptr(), u, g, f) }).map(drop)
+}
+
+/// `fchmod(2)`.
+pub fn fchmod(fd: BorrowedFd, mode: u32) -> io::Result<()> {
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+/// `pwrite(2)` of the whole buffer.
+pub fn pwrite_all(fd: BorrowedFd, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = cvt64(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) as i64 })?;
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        buf = &buf[n as usize..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// `pread(2)` filling as much of `buf` as the file has; returns bytes read.
+pub fn pread(fd: BorrowedFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = cvt64(unsafe {
+            libc::pread(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got, (off + got as u64) as i64) as i64
+        })?;
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
+/// `ftruncate(2)`.
+pub fn ftruncate(fd: BorrowedFd, size: u64) -> io::Result<()> {
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }).map(drop)
+}
+
+/// `fallocate(2)` with raw mode flags.
+pub fn fallocate(fd: BorrowedFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+}
+
+/// `lseek` with SEEK_DATA / SEEK_HOLE; `None` when past the last data (ENXIO).
+pub fn seek(fd: BorrowedFd, off: u64, whence: i32) -> io::Result<Option<u64>> {
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off as i64, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// `fsetxattr(2)`.
+pub fn fsetxattr(fd: BorrowedFd, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::fsetxattr(fd.as_raw_fd(), c.as_ptr(), value.as_ptr().cast(), value.len(), 0) }).map(drop)
+}
+
+/// `fremovexattr(2)`.
+pub fn fremovexattr(fd: BorrowedFd, name: &[u8]) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), c.as_ptr()) }).map(drop)
+}
+
+/// `fsync(2)`.
+pub fn fsync(fd: BorrowedFd) -> io::Result<()> {
+    cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
+}
+
+/// `syncfs(2)` on the file system holding `fd`.
+pub fn syncfs(fd: BorrowedFd) -> io::Result<()> {
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+/// Path of an fd under /proc, to reach inodes only an O_PATH fd can hold.
+pub fn proc_path(fd: RawFd) -> Vec<u8> {
+    format!("/proc/self/fd/{fd}").into_bytes()
+}
+
+/// The current boot's id: a process crash keeps it, a machine crash does not.
+pub fn boot_id() -> [u8; 16] {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    uuid_bytes(s.trim())
+}
+
+fn uuid_bytes(s: &str) -> [u8; 16] {
+    let hex: Vec<u8> = s.bytes().filter(|b| b.is_ascii_hexdigit()).collect();
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).take(16).enumerate() {
+        let h = std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok());
+        out[i] = h.unwrap_or(0);
+    }
+    out
+}

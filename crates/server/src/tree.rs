@@ -1,0 +1,228 @@
+//! The exported tree: staging new inodes before the commit and applying
+//! committed records in place. Every step checks the tree's state first, so
+//! the same code serves normal apply and crash replay: an op whose pre-state
+//! holds is applied, one whose post-state holds is skipped, anything else is
+//! an inconsistency that turns the volume read-only.
+
+use crate::sys;
+use izo_journal::{Handle, StoredRecord};
+use izo_proto::*;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Name of the staging directory at the export root; clients cannot use it.
+pub const STAGE_DIR: &[u8] = b".izo-stage";
+
+/// Why a record could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A system call failed.
+    #[error("{what}: {err}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        err: io::Error,
+    },
+    /// The tree is neither in the op's pre-state nor in its post-state.
+    #[error("tree inconsistent with the journal at seq {seq}: {why}")]
+    Inconsistent {
+        /// Record seq.
+        seq: Seq,
+        /// What did not match.
+        why: String,
+    },
+}
+
+/// Whether a record changed the tree or found it already applied.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Outcome {
+    /// The op was carried out now.
+    Applied,
+    /// The tree already showed the op's effect.
+    Skipped,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
+    let what = what.into();
+    move |err| ApplyError::Io { what, err }
+}
+
+/// Stage name of a new object.
+pub fn stage_name(id: ObjectId) -> Vec<u8> {
+    format!("o-{:032x}", id.0).into_bytes()
+}
+
+/// Stage name of a large write's payload.
+pub fn write_stage_name(origin: Origin, seq: Seq) -> Vec<u8> {
+    match origin {
+        Origin::Replica(r, cseq) => format!("w-{:032x}-{cseq}", r.0).into_bytes(),
+        Origin::Local => format!("w-local-{seq}").into_bytes(),
+    }
+}
+
+fn pair(t: Timestamp) -> (i64, u32) {
+    (t.secs, t.nsec)
+}
+
+/// Open handles onto the export.
+pub struct Tree {
+    root: OwnedFd,
+    stage: OwnedFd,
+    fds: HashMap<Handle, Arc<OwnedFd>>,
+}
+
+impl Tree {
+    /// Open the export at `path`, creating its staging directory.
+    pub fn open(path: &Path) -> io::Result<Tree> {
+        let root = sys::open_dir_path(path)?;
+        match sys::mkdirat(root.as_fd(), STAGE_DIR, 0o700) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let stage = sys::openat(root.as_fd(), STAGE_DIR, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+        Ok(Tree { root, stage, fds: HashMap::new() })
+    }
+
+    /// The export root (the mount fd for handles).
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// The staging directory.
+    pub fn stage(&self) -> BorrowedFd<'_> {
+        self.stage.as_fd()
+    }
+
+    /// Handle of the export root.
+    pub fn root_handle(&self) -> io::Result<Handle> {
+        sys::name_to_handle(self.root.as_fd(), b"")
+    }
+
+    /// Open an inode by handle (cached); regular files read-write, others read-only.
+    fn fd(&mut self, h: &Handle, kind: FileKind) -> Result<Arc<OwnedFd>, ApplyError> {
+        if let Some(fd) = self.fds.get(h) {
+            return Ok(fd.clone());
+        }
+        if self.fds.len() >= 1024 {
+            self.fds.clear();
+        }
+        let flags = match kind {
+            FileKind::File => libc::O_RDWR,
+            FileKind::Dir => libc::O_RDONLY | libc::O_DIRECTORY,
+            _ => libc::O_PATH,
+        };
+        let fd = sys::open_by_handle(self.root.as_fd(), h, flags).map_err(io_err("open by handle"))?;
+        let fd = Arc::new(fd);
+        self.fds.insert(h.clone(), fd.clone());
+        Ok(fd)
+    }
+
+    /// Forget cached fds of an inode that lost its last name.
+    fn forget(&mut self, h: &Handle) {
+        self.fds.remove(h);
+    }
+
+    fn handle_at(&self, dir: BorrowedFd, name: &[u8]) -> Result<Option<Handle>, ApplyError> {
+        match sys::name_to_handle(dir, name) {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(ApplyError::Io { what: "name_to_handle_at".into(), err: e }),
+        }
+    }
+
+    /// Create the inode of a new object in the stage directory, with its final
+    /// mode, owner and mtime; returns its handle. Done before the commit so
+    /// every record names its inode by handle.
+    pub fn stage_new(&self, op: &Op, time: Timestamp) -> io::Result<Option<Handle>> {
+        let (id, uid, gid) = match op {
+            Op::Create { id, uid, gid, .. }
+            | Op::Mkdir { id, uid, gid, .. }
+            | Op::Symlink { id, uid, gid, .. }
+            | Op::Mknod { id, uid, gid, .. } => (*id, *uid, *gid),
+            _ => return Ok(None),
+        };
+        let name = stage_name(id);
+        let st = self.stage.as_fd();
+        let mode = match op {
+            Op::Create { mode, .. } => {
+                sys::openat(st, &name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                Some(*mode)
+            }
+            Op::Mkdir { mode, .. } => {
+                sys::mkdirat(st, &name, 0o700)?;
+                Some(*mode)
+            }
+            Op::Symlink { target, .. } => {
+                sys::symlinkat(target, st, &name)?;
+                None
+            }
+            Op::Mknod { kind, mode, .. } => {
+                let ty = if *kind == FileKind::Fifo { libc::S_IFIFO } else { libc::S_IFSOCK };
+                sys::mknodat(st, &name, ty | 0o600)?;
+                Some(*mode)
+            }
+            _ => None,
+        };
+        sys::chown_at(st, &name, Some(uid), Some(gid))?;
+        if let Some(m) = mode {
+            sys::chmod_at(st, &name, m & 0o7777)?;
+        }
+        sys::set_mtime_at(st, &name, pair(time))?;
+        sys::name_to_handle(st, &name).map(Some)
+    }
+
+    /// Remove a staged inode whose op was refused.
+    pub fn unstage(&self, op: &Op) {
+        if let Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } = op {
+            let name = stage_name(*id);
+            let is_dir = matches!(op, Op::Mkdir { .. });
+            let _ = sys::unlinkat(self.stage.as_fd(), &name, is_dir);
+        }
+    }
+
+    /// Stage a large write's payload durably (fsynced) before the commit.
+    pub fn stage_write(&self, name: &[u8], data: &[u8]) -> io::Result<()> {
+        let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY, 0o600)?;
+        sys::pwrite_all(fd.as_fd(), data, 0)?;
+        sys::fsync(fd.as_fd())
+    }
+
+    /// Remove every leftover in the stage directory (after replay).
+    pub fn clear_stage(&self) -> io::Result<usize> {
+        let mut n = 0;
+        let path = sys::proc_path(self.stage.as_raw_fd());
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        for e in std::fs::read_dir(path)? {
+            let e = e?;
+            use std::os::unix::ffi::OsStrExt;
+            let name = e.file_name().as_bytes().to_vec();
+            let dir = e.file_type()?.is_dir();
+            sys::unlinkat(self.stage.as_fd(), &name, dir)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn handle<'r>(&self, rec: &'r StoredRecord, id: ObjectId) -> Result<&'r Handle, ApplyError> {
+        rec.handle(id).filter(|h| !h.is_empty()).ok_or_else(|| ApplyError::Inconsistent {
+            seq: rec.record.seq,
+            why: format!("record has no handle for {id}"),
+        })
+    }
+
+    fn dir(&mut self, rec: &StoredRecord, id: ObjectId) -> Result<Arc<OwnedFd>, ApplyError> {
+        let h = self.handle(rec, id)?.clone();
+        self.fd(&h, FileKind::Dir)
+    }
+
+    fn touch(&self, dir: &OwnedFd, t: Timestamp) -> Result<(), ApplyError> {
+        sys::set_mtime_at(dir.as_fd(), b"", pair(t)).map_err(io_err("set directory mtime"))
+    }
+}
+
+mod apply;
