@@ -21,32 +21,20 @@ pub struct Batch<'s> {
 type R<T> = Result<T, OpError>;
 
 fn conflict(reason: impl Into<String>, current: Option<Attr>) -> OpError {
-    OpError::Conflict {
-        reason: reason.into(),
-        current,
-    }
+    OpError::Conflict { reason: reason.into(), current }
 }
 
 fn check_name(name: &[u8]) -> R<()> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(OpError::Invalid(format!(
-            "bad name {:?}",
-            String::from_utf8_lossy(name)
-        )))
+        Err(OpError::Invalid(format!("bad name {:?}", String::from_utf8_lossy(name))))
     }
 }
 
 /// Does a precondition on a version hold? The object's own run of changes by
 /// the same replica counts as the base (the client pipelines on its own ops).
-fn base_ok(
-    current: Seq,
-    writer: Option<ReplicaId>,
-    run_start: Seq,
-    base: Seq,
-    who: Option<ReplicaId>,
-) -> bool {
+fn base_ok(current: Seq, writer: Option<ReplicaId>, run_start: Seq, base: Seq, who: Option<ReplicaId>) -> bool {
     base == current || (who.is_some() && writer == who && base >= run_start)
 }
 
@@ -73,30 +61,21 @@ impl Batch<'_> {
     /// Last client seq recorded for `replica` in this batch or before.
     pub fn replica_last(&self, replica: ReplicaId) -> Result<u64, StoreError> {
         let t = self.tx.open_table(REPLICAS).map_err(db)?;
-        let v = t
-            .get(replica.0.to_be_bytes().as_slice())
-            .map_err(db)?
-            .map(|v| v.value());
+        let v = t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value());
         Ok(v.unwrap_or(0))
     }
 
+    /// The cached reply to (`replica`, `cseq`), as seen inside this batch.
+    pub fn cached_reply(&self, replica: ReplicaId, cseq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.tx.open_table(REPLIES).map_err(db)?;
+        let v = t.get(rkey(replica, cseq).as_slice()).map_err(db)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
     /// Cache the reply to (`replica`, `cseq`) and advance its progress.
-    pub fn put_reply(
-        &mut self,
-        replica: ReplicaId,
-        cseq: u64,
-        reply: &[u8],
-    ) -> Result<(), StoreError> {
-        self.tx
-            .open_table(REPLIES)
-            .map_err(db)?
-            .insert(rkey(replica, cseq).as_slice(), reply)
-            .map_err(db)?;
-        self.tx
-            .open_table(REPLICAS)
-            .map_err(db)?
-            .insert(replica.0.to_be_bytes().as_slice(), cseq)
-            .map_err(db)?;
+    pub fn put_reply(&mut self, replica: ReplicaId, cseq: u64, reply: &[u8]) -> Result<(), StoreError> {
+        self.tx.open_table(REPLIES).map_err(db)?.insert(rkey(replica, cseq).as_slice(), reply).map_err(db)?;
+        self.tx.open_table(REPLICAS).map_err(db)?.insert(replica.0.to_be_bytes().as_slice(), cseq).map_err(db)?;
         Ok(())
     }
 
@@ -105,8 +84,7 @@ impl Batch<'_> {
         let mut t = self.tx.open_table(REPLIES).map_err(db)?;
         let lo = rkey(replica, 0);
         let hi = rkey(replica, through.saturating_add(1));
-        t.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
-            .map_err(db)?;
+        t.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false).map_err(db)?;
         Ok(())
     }
 
@@ -114,8 +92,7 @@ impl Batch<'_> {
     pub fn set_handle(&mut self, id: ObjectId, handle: Handle) -> Result<(), StoreError> {
         let mut row = self.row(id).map_err(|_| StoreError::Corrupt("objects"))?;
         row.handle = handle.clone();
-        self.put_row(id, &row)
-            .map_err(|_| StoreError::Corrupt("objects"))?;
+        self.put_row(id, &row).map_err(|_| StoreError::Corrupt("objects"))?;
         for r in &mut self.records {
             for (i, h) in &mut r.handles {
                 if *i == id {
@@ -134,10 +111,8 @@ impl Batch<'_> {
                 t.insert(r.record.seq, enc(r).as_slice()).map_err(db)?;
             }
             let mut m = self.tx.open_table(META).map_err(db)?;
-            m.insert("head", self.seq.to_be_bytes().as_slice())
-                .map_err(db)?;
-            m.insert("cookie", self.cookie.to_be_bytes().as_slice())
-                .map_err(db)?;
+            m.insert("head", self.seq.to_be_bytes().as_slice()).map_err(db)?;
+            m.insert("cookie", self.cookie.to_be_bytes().as_slice()).map_err(db)?;
         }
         if !durable {
             self.tx.set_durability(Durability::None);
@@ -162,8 +137,7 @@ impl Batch<'_> {
 
     fn put_row(&mut self, id: ObjectId, row: &ObjectRow) -> R<()> {
         let mut t = self.tx.open_table(OBJECTS).map_err(db)?;
-        t.insert(id.to_bytes().as_slice(), enc(row).as_slice())
-            .map_err(db)?;
+        t.insert(id.to_bytes().as_slice(), enc(row).as_slice()).map_err(db)?;
         Ok(())
     }
 
@@ -177,21 +151,9 @@ impl Batch<'_> {
         self.cookie += 1;
         let mut val = child.to_bytes().to_vec();
         val.extend_from_slice(&self.cookie.to_be_bytes());
-        self.tx
-            .open_table(DENTRIES)
-            .map_err(db)?
-            .insert(dkey(parent, name).as_slice(), val.as_slice())
-            .map_err(db)?;
-        self.tx
-            .open_table(COOKIES)
-            .map_err(db)?
-            .insert(ckey(parent, self.cookie).as_slice(), name)
-            .map_err(db)?;
-        self.tx
-            .open_table(LINKS)
-            .map_err(db)?
-            .insert(lkey(child, parent, name).as_slice(), ())
-            .map_err(db)?;
+        self.tx.open_table(DENTRIES).map_err(db)?.insert(dkey(parent, name).as_slice(), val.as_slice()).map_err(db)?;
+        self.tx.open_table(COOKIES).map_err(db)?.insert(ckey(parent, self.cookie).as_slice(), name).map_err(db)?;
+        self.tx.open_table(LINKS).map_err(db)?.insert(lkey(child, parent, name).as_slice(), ()).map_err(db)?;
         Ok(())
     }
 
@@ -203,34 +165,18 @@ impl Batch<'_> {
             .remove(dkey(parent, name).as_slice())
             .map_err(db)?
             .map(|v| v.value().to_vec());
-        if let Some(cookie) = old
-            .as_deref()
-            .and_then(|v| v.get(16..24))
-            .and_then(|c| c.try_into().ok())
-        {
+        if let Some(cookie) = old.as_deref().and_then(|v| v.get(16..24)).and_then(|c| c.try_into().ok()) {
             let key = ckey(parent, u64::from_be_bytes(cookie));
-            self.tx
-                .open_table(COOKIES)
-                .map_err(db)?
-                .remove(key.as_slice())
-                .map_err(db)?;
+            self.tx.open_table(COOKIES).map_err(db)?.remove(key.as_slice()).map_err(db)?;
         }
-        self.tx
-            .open_table(LINKS)
-            .map_err(db)?
-            .remove(lkey(child, parent, name).as_slice())
-            .map_err(db)?;
+        self.tx.open_table(LINKS).map_err(db)?.remove(lkey(child, parent, name).as_slice()).map_err(db)?;
         Ok(())
     }
 
     fn dir_is_empty(&self, id: ObjectId) -> R<bool> {
         let t = self.tx.open_table(DENTRIES).map_err(db)?;
         let (lo, hi) = prefix_range(id);
-        let empty = t
-            .range(lo.as_slice()..hi.as_slice())
-            .map_err(db)?
-            .next()
-            .is_none();
+        let empty = t.range(lo.as_slice()..hi.as_slice()).map_err(db)?.next().is_none();
         Ok(empty)
     }
 
@@ -247,17 +193,9 @@ impl Batch<'_> {
     }
 
     fn remove_object(&mut self, id: ObjectId) -> R<()> {
-        self.tx
-            .open_table(OBJECTS)
-            .map_err(db)?
-            .remove(id.to_bytes().as_slice())
-            .map_err(db)?;
+        self.tx.open_table(OBJECTS).map_err(db)?.remove(id.to_bytes().as_slice()).map_err(db)?;
         let (lo, hi) = prefix_range(id);
-        self.tx
-            .open_table(XATTRS)
-            .map_err(db)?
-            .retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
-            .map_err(db)?;
+        self.tx.open_table(XATTRS).map_err(db)?.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false).map_err(db)?;
         Ok(())
     }
 
@@ -271,19 +209,16 @@ impl Batch<'_> {
         let seq = self.seq + 1;
         let cx = Cx { seq, time, who };
         let (attr, handles) = self.exec_op(&cx, &op)?;
-        let staged = matches!(&op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
-        let record = Record {
-            seq,
-            origin,
-            time,
-            op,
-            attr: attr.clone(),
-        };
-        self.records.push(StoredRecord {
-            record,
-            handles,
-            staged,
-        });
+        let mut op = op;
+        let mut staged = None;
+        if let Op::Write { data, .. } = &mut op {
+            if data.len() > INLINE_WRITE_MAX {
+                staged = Some(data.len() as u64);
+                *data = Vec::new();
+            }
+        }
+        let record = Record { seq, origin, time, op, attr: attr.clone() };
+        self.records.push(StoredRecord { record, handles, staged });
         self.seq = seq;
         Ok(Applied { seq, time, attr })
     }
@@ -295,25 +230,12 @@ impl Batch<'_> {
         };
         let row = self.row(id)?;
         if id != e.id {
-            return Err(conflict(
-                "name points to another object",
-                Some(row.attr(id)),
-            ));
+            return Err(conflict("name points to another object", Some(row.attr(id))));
         }
         let v = row.versions;
-        if !base_ok(
-            v.data,
-            row.data_writer,
-            row.data_run_start,
-            e.base.data,
-            cx.who,
-        ) || !base_ok(
-            v.meta,
-            row.meta_writer,
-            row.meta_run_start,
-            e.base.meta,
-            cx.who,
-        ) {
+        if !base_ok(v.data, row.data_writer, row.data_run_start, e.base.data, cx.who)
+            || !base_ok(v.meta, row.meta_writer, row.meta_run_start, e.base.meta, cx.who)
+        {
             return Err(conflict("object changed since base", Some(row.attr(id))));
         }
         Ok(row)

@@ -30,15 +30,9 @@ impl Store {
     pub fn lookup(&self, parent: ObjectId, name: &[u8]) -> R<Attr> {
         let r = self.db.begin_read().map_err(db)?;
         let d = r.open_table(DENTRIES).map_err(db)?;
-        let child = d
-            .get(dkey(parent, name).as_slice())
-            .map_err(db)?
-            .map(|v| id_at(v.value(), 0));
+        let child = d.get(dkey(parent, name).as_slice()).map_err(db)?.map(|v| id_at(v.value(), 0));
         let Some(child) = child else {
-            return Err(OpError::NotFound(format!(
-                "{:?} in {parent}",
-                String::from_utf8_lossy(name)
-            )));
+            return Err(OpError::NotFound(format!("{:?} in {parent}", String::from_utf8_lossy(name))));
         };
         Ok(row_in(&r.open_table(OBJECTS).map_err(db)?, child)?.attr(child))
     }
@@ -61,31 +55,18 @@ impl Store {
                 return Ok((out, false));
             }
             let (k, name) = row.map_err(db)?;
-            let c = u64::from_be_bytes(
-                k.value()[16..24]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("cookies"))?,
-            );
+            let c = u64::from_be_bytes(k.value()[16..24].try_into().map_err(|_| StoreError::Corrupt("cookies"))?);
             let name = name.value().to_vec();
-            let child = dents
-                .get(dkey(id, &name).as_slice())
-                .map_err(db)?
-                .map(|v| id_at(v.value(), 0));
+            let child = dents.get(dkey(id, &name).as_slice()).map_err(db)?.map(|v| id_at(v.value(), 0));
             let Some(child) = child else { continue };
-            out.push(DirEntry {
-                attr: row_in(&objs, child)?.attr(child),
-                name,
-                cookie: c,
-            });
+            out.push(DirEntry { attr: row_in(&objs, child)?.attr(child), name, cookie: c });
         }
         Ok((out, true))
     }
 
     /// Symlink target.
     pub fn readlink(&self, id: ObjectId) -> R<Vec<u8>> {
-        self.object(id)?
-            .target
-            .ok_or_else(|| OpError::Invalid(format!("{id} is not a symlink")))
+        self.object(id)?.target.ok_or_else(|| OpError::Invalid(format!("{id} is not a symlink")))
     }
 
     /// Extended attributes of an object, by name.
@@ -101,16 +82,12 @@ impl Store {
         tx.set_durability(Durability::None);
         let done = {
             let mut t = tx.open_table(OBJECTS).map_err(db)?;
-            let row = t
-                .get(id.to_bytes().as_slice())
-                .map_err(db)?
-                .and_then(|v| dec::<ObjectRow>(v.value()));
+            let row = t.get(id.to_bytes().as_slice()).map_err(db)?.and_then(|v| dec::<ObjectRow>(v.value()));
             match row {
                 Some(mut row) if row.versions.data == version => {
                     row.blocks = blocks;
                     row.stale.clear();
-                    t.insert(id.to_bytes().as_slice(), enc(&row).as_slice())
-                        .map_err(db)?;
+                    t.insert(id.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
                     true
                 }
                 _ => false,
@@ -136,16 +113,12 @@ impl Store {
 
     /// Walk every object in one read transaction; returns the seq the
     /// snapshot is consistent at. `f` may stop the walk with an error.
-    pub fn snapshot<E: From<OpError>>(
-        &self,
-        mut f: impl FnMut(SnapshotEntry) -> Result<(), E>,
-    ) -> Result<Seq, E> {
+    pub fn snapshot<E: From<OpError>>(&self, mut f: impl FnMut(SnapshotEntry) -> Result<(), E>) -> Result<Seq, E> {
         let r = self.db.begin_read().map_err(|e| OpError::from(db(e)))?;
         let seq = {
             let m = r.open_table(META).map_err(|e| OpError::from(db(e)))?;
             let v = m.get("head").map_err(|e| OpError::from(db(e)))?;
-            v.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
-                .unwrap_or(0)
+            v.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0)
         };
         let open = |e: redb::TableError| OpError::from(db(e));
         let objs = r.open_table(OBJECTS).map_err(open)?;
@@ -154,14 +127,10 @@ impl Store {
         for row in objs.iter().map_err(|e| OpError::from(db(e)))? {
             let (k, v) = row.map_err(|e| OpError::from(db(e)))?;
             let id = id_at(k.value(), 0);
-            let row: ObjectRow =
-                dec(v.value()).ok_or_else(|| OpError::from(StoreError::Corrupt("objects")))?;
+            let row: ObjectRow = dec(v.value()).ok_or_else(|| OpError::from(StoreError::Corrupt("objects")))?;
             let (lo, hi) = prefix_range(id);
             let mut names = Vec::new();
-            for l in links
-                .range(lo.as_slice()..hi.as_slice())
-                .map_err(|e| OpError::from(db(e)))?
-            {
+            for l in links.range(lo.as_slice()..hi.as_slice()).map_err(|e| OpError::from(db(e)))? {
                 let (lk, _) = l.map_err(|e| OpError::from(db(e)))?;
                 names.push((id_at(lk.value(), 16), lk.value()[32..].to_vec()));
             }
@@ -178,10 +147,7 @@ impl Store {
     }
 }
 
-fn xattrs_in(
-    t: &ReadOnlyTable<&'static [u8], &'static [u8]>,
-    id: ObjectId,
-) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
+fn xattrs_in(t: &ReadOnlyTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
     let (lo, hi) = prefix_range(id);
     let mut out = Vec::new();
     for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {

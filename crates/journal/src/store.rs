@@ -38,13 +38,8 @@ pub struct Store {
     pub commits: AtomicU64,
 }
 
-fn get_u64(
-    t: &impl ReadableTable<&'static str, &'static [u8]>,
-    k: &str,
-) -> Result<Option<u64>, StoreError> {
-    Ok(t.get(k)
-        .map_err(db)?
-        .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
+fn get_u64(t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<Option<u64>, StoreError> {
+    Ok(t.get(k).map_err(db)?.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
 }
 
 impl Store {
@@ -61,29 +56,21 @@ impl Store {
             tx.open_table(LINKS).map_err(db)?;
             tx.open_table(RECORDS).map_err(db)?;
             tx.open_table(REPLICAS).map_err(db)?;
-            let inc = meta
-                .get("incarnation")
-                .map_err(db)?
-                .and_then(|v| v.value().try_into().ok().map(u128::from_be_bytes));
+            let inc =
+                meta.get("incarnation").map_err(db)?.and_then(|v| v.value().try_into().ok().map(u128::from_be_bytes));
             let inc = match inc {
                 Some(i) => i,
                 None => {
                     let i = uuid::Uuid::new_v4().as_u128();
-                    meta.insert("incarnation", i.to_be_bytes().as_slice())
-                        .map_err(db)?;
+                    meta.insert("incarnation", i.to_be_bytes().as_slice()).map_err(db)?;
                     let (mode, uid, gid, mtime) = root;
                     let row = new_row(FileKind::Dir, mode, uid, gid, mtime, None, 0);
                     let mut objs = tx.open_table(OBJECTS).map_err(db)?;
-                    objs.insert(ObjectId::ROOT.to_bytes().as_slice(), enc(&row).as_slice())
-                        .map_err(db)?;
+                    objs.insert(ObjectId::ROOT.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
                     i
                 }
             };
-            (
-                inc,
-                get_u64(&meta, "head")?.unwrap_or(0),
-                get_u64(&meta, "cookie")?.unwrap_or(0),
-            )
+            (inc, get_u64(&meta, "head")?.unwrap_or(0), get_u64(&meta, "cookie")?.unwrap_or(0))
         };
         tx.commit().map_err(db)?;
         Ok(Store {
@@ -116,10 +103,7 @@ impl Store {
         if !durable {
             tx.set_durability(Durability::None);
         }
-        tx.open_table(META)
-            .map_err(db)?
-            .insert(key, v.to_be_bytes().as_slice())
-            .map_err(db)?;
+        tx.open_table(META).map_err(db)?.insert(key, v.to_be_bytes().as_slice()).map_err(db)?;
         tx.commit().map_err(db)?;
         if durable {
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -146,23 +130,14 @@ impl Store {
     pub fn replica_last(&self, replica: ReplicaId) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(db)?;
         let t = r.open_table(REPLICAS).map_err(db)?;
-        Ok(t.get(replica.0.to_be_bytes().as_slice())
-            .map_err(db)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        Ok(t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value()).unwrap_or(0))
     }
 
     /// The cached reply to (`replica`, `cseq`), encoded as it was sent.
-    pub fn cached_reply(
-        &self,
-        replica: ReplicaId,
-        cseq: u64,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn cached_reply(&self, replica: ReplicaId, cseq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let r = self.db.begin_read().map_err(db)?;
         let t = r.open_table(REPLIES).map_err(db)?;
-        Ok(t.get(rkey(replica, cseq).as_slice())
-            .map_err(db)?
-            .map(|v| v.value().to_vec()))
+        Ok(t.get(rkey(replica, cseq).as_slice()).map_err(db)?.map(|v| v.value().to_vec()))
     }
 
     /// Up to `max` records with seq ≥ `from`.
@@ -193,10 +168,7 @@ impl Store {
             for _ in t.extract_from_if(..=through, |_, _| true).map_err(db)? {
                 n += 1;
             }
-            tx.open_table(META)
-                .map_err(db)?
-                .insert("pruned", through.to_be_bytes().as_slice())
-                .map_err(db)?;
+            tx.open_table(META).map_err(db)?.insert("pruned", through.to_be_bytes().as_slice()).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(n)
@@ -204,11 +176,7 @@ impl Store {
 
     /// Time of the record at `seq`, if still held.
     pub fn record_time(&self, seq: Seq) -> Result<Option<Timestamp>, StoreError> {
-        Ok(self
-            .records_from(seq, 1)?
-            .into_iter()
-            .find(|r| r.record.seq == seq)
-            .map(|r| r.record.time))
+        Ok(self.records_from(seq, 1)?.into_iter().find(|r| r.record.seq == seq).map(|r| r.record.time))
     }
 
     /// Store a new file handle for an object (after replay recreated it).
@@ -217,14 +185,10 @@ impl Store {
         tx.set_durability(Durability::None);
         {
             let mut t = tx.open_table(OBJECTS).map_err(db)?;
-            let row = t
-                .get(id.to_bytes().as_slice())
-                .map_err(db)?
-                .map(|v| v.value().to_vec());
+            let row = t.get(id.to_bytes().as_slice()).map_err(db)?.map(|v| v.value().to_vec());
             if let Some(mut row) = row.as_deref().and_then(dec::<ObjectRow>) {
                 row.handle = handle.to_vec();
-                t.insert(id.to_bytes().as_slice(), enc(&row).as_slice())
-                    .map_err(db)?;
+                t.insert(id.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
             }
         }
         tx.commit().map_err(db)?;
@@ -244,20 +208,13 @@ pub(crate) fn new_row(
 ) -> ObjectRow {
     ObjectRow {
         kind,
-        mode: if kind == FileKind::Symlink {
-            0o777
-        } else {
-            mode & 0o7777
-        },
+        mode: if kind == FileKind::Symlink { 0o777 } else { mode & 0o7777 },
         uid,
         gid,
         size: 0,
         mtime,
         nlink: if kind == FileKind::Dir { 2 } else { 1 },
-        versions: Versions {
-            data: seq,
-            meta: seq,
-        },
+        versions: Versions { data: seq, meta: seq },
         data_writer: writer,
         data_run_start: 0,
         meta_writer: writer,

@@ -89,8 +89,8 @@ pub struct StoredRecord {
     pub record: Record,
     /// Handles of every object the op names, as known when it was recorded.
     pub handles: Vec<(ObjectId, Handle)>,
-    /// Write bytes live in a stage file instead of the record.
-    pub staged: bool,
+    /// Length of a write whose bytes live in a stage file instead of the record.
+    pub staged: Option<u64>,
 }
 
 impl StoredRecord {

@@ -28,8 +28,7 @@ pub enum FrameError {
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; 6];
     out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    let mut out =
-        postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let body = out.len() - 4;
     if body > MAX_FRAME {
         return Err(FrameError::TooLarge(body));
@@ -96,18 +95,12 @@ mod tests {
     fn other_version_is_refused_by_name() {
         let mut f = encode_frame(&ClientMsg::Ping { nonce: 1 }).unwrap();
         f[5] = 99;
-        assert!(matches!(
-            decode_frame::<ClientMsg>(&f[4..]),
-            Err(FrameError::Version(_))
-        ));
+        assert!(matches!(decode_frame::<ClientMsg>(&f[4..]), Err(FrameError::Version(_))));
     }
 
     #[test]
     fn oversized_length_prefix_is_refused_before_reading() {
-        assert_eq!(
-            check_len(u32::MAX),
-            Err(FrameError::TooLarge(u32::MAX as usize))
-        );
+        assert_eq!(check_len(u32::MAX), Err(FrameError::TooLarge(u32::MAX as usize)));
     }
 
     proptest! {

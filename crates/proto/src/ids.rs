@@ -66,9 +66,7 @@ impl fmt::Debug for ReplicaId {
 }
 
 /// Wall-clock time with nanoseconds, as in `struct timespec`.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default, Serialize, Deserialize)]
 pub struct Timestamp {
     /// Seconds since the Unix epoch.
     pub secs: i64,
@@ -79,12 +77,7 @@ pub struct Timestamp {
 impl Timestamp {
     /// The current time of this machine.
     pub fn now() -> Self {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Timestamp {
-            secs: d.as_secs() as i64,
-            nsec: d.subsec_nanos(),
-        }
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timestamp { secs: d.as_secs() as i64, nsec: d.subsec_nanos() }
     }
 }

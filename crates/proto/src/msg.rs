@@ -12,11 +12,7 @@ pub enum ClientMsg {
     Hello(Hello),
     /// A mutation with its client seq; `acked_through` reports that replies
     /// through that client seq are durably recorded by the client.
-    Mutate {
-        cseq: u64,
-        acked_through: u64,
-        op: Op,
-    },
+    Mutate { cseq: u64, acked_through: u64, op: Op },
     /// A read-only request, answered with the same `qid`.
     Query { qid: u64, query: Query },
     /// Stream journal records after `from_seq` on this connection.
@@ -144,20 +140,11 @@ pub enum ServerMsg {
     /// Handshake accepted.
     Welcome(Welcome),
     /// Handshake or frame refused; the connection closes after this.
-    Refused {
-        reason: RefuseReason,
-        message: String,
-    },
+    Refused { reason: RefuseReason, message: String },
     /// Reply to a mutation.
-    Reply {
-        cseq: u64,
-        result: Result<Applied, OpError>,
-    },
+    Reply { cseq: u64, result: Result<Applied, OpError> },
     /// Reply (or one frame of a streamed reply) to a query.
-    Answer {
-        qid: u64,
-        result: Result<QueryReply, OpError>,
-    },
+    Answer { qid: u64, result: Result<QueryReply, OpError> },
     /// A journal record on a subscribed connection.
     Record(Record),
     /// The subscriber is behind retention: read a snapshot, then resubscribe.

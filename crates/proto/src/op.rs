@@ -88,60 +88,19 @@ pub struct SetAttrs {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Op {
     /// Create an empty regular file; precondition: `name` absent in `parent`.
-    Create {
-        parent: ObjectId,
-        name: Vec<u8>,
-        id: ObjectId,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    },
+    Create { parent: ObjectId, name: Vec<u8>, id: ObjectId, mode: u32, uid: u32, gid: u32 },
     /// Create a directory; precondition: `name` absent.
-    Mkdir {
-        parent: ObjectId,
-        name: Vec<u8>,
-        id: ObjectId,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    },
+    Mkdir { parent: ObjectId, name: Vec<u8>, id: ObjectId, mode: u32, uid: u32, gid: u32 },
     /// Create a symlink; precondition: `name` absent.
-    Symlink {
-        parent: ObjectId,
-        name: Vec<u8>,
-        id: ObjectId,
-        target: Vec<u8>,
-        uid: u32,
-        gid: u32,
-    },
+    Symlink { parent: ObjectId, name: Vec<u8>, id: ObjectId, target: Vec<u8>, uid: u32, gid: u32 },
     /// Create a fifo or socket node; precondition: `name` absent.
-    Mknod {
-        parent: ObjectId,
-        name: Vec<u8>,
-        id: ObjectId,
-        kind: FileKind,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    },
+    Mknod { parent: ObjectId, name: Vec<u8>, id: ObjectId, kind: FileKind, mode: u32, uid: u32, gid: u32 },
     /// Add a name for an existing non-directory; precondition: `name` absent.
-    Link {
-        id: ObjectId,
-        parent: ObjectId,
-        name: Vec<u8>,
-    },
+    Link { id: ObjectId, parent: ObjectId, name: Vec<u8> },
     /// Remove a non-directory name; precondition: name → `expect` at its versions.
-    Unlink {
-        parent: ObjectId,
-        name: Vec<u8>,
-        expect: Expect,
-    },
+    Unlink { parent: ObjectId, name: Vec<u8>, expect: Expect },
     /// Remove an empty directory; precondition: name → `expect` at its versions.
-    Rmdir {
-        parent: ObjectId,
-        name: Vec<u8>,
-        expect: Expect,
-    },
+    Rmdir { parent: ObjectId, name: Vec<u8>, expect: Expect },
     /// Rename; precondition: source → `expect`, target absent or → `target`.
     Rename {
         parent: ObjectId,
@@ -153,47 +112,19 @@ pub enum Op {
         mode: RenameMode,
     },
     /// Write bytes at an offset; precondition: data version = `base`.
-    Write {
-        id: ObjectId,
-        base: Seq,
-        offset: u64,
-        data: Vec<u8>,
-    },
+    Write { id: ObjectId, base: Seq, offset: u64, data: Vec<u8> },
     /// Set the size; precondition: data version = `base`.
     Truncate { id: ObjectId, base: Seq, size: u64 },
     /// Allocate a range (fallocate mode 0, may extend the size).
-    Allocate {
-        id: ObjectId,
-        base: Seq,
-        offset: u64,
-        len: u64,
-    },
+    Allocate { id: ObjectId, base: Seq, offset: u64, len: u64 },
     /// Deallocate a range, keeping the size (FALLOC_FL_PUNCH_HOLE).
-    PunchHole {
-        id: ObjectId,
-        base: Seq,
-        offset: u64,
-        len: u64,
-    },
+    PunchHole { id: ObjectId, base: Seq, offset: u64, len: u64 },
     /// Change attributes; precondition: meta version = `base`.
-    SetAttr {
-        id: ObjectId,
-        base: Seq,
-        attrs: SetAttrs,
-    },
+    SetAttr { id: ObjectId, base: Seq, attrs: SetAttrs },
     /// Set an extended attribute; precondition: meta version = `base`.
-    SetXattr {
-        id: ObjectId,
-        base: Seq,
-        name: Vec<u8>,
-        value: Vec<u8>,
-    },
+    SetXattr { id: ObjectId, base: Seq, name: Vec<u8>, value: Vec<u8> },
     /// Remove an extended attribute; precondition: meta version = `base`.
-    RemoveXattr {
-        id: ObjectId,
-        base: Seq,
-        name: Vec<u8>,
-    },
+    RemoveXattr { id: ObjectId, base: Seq, name: Vec<u8> },
 }
 
 impl Op {
@@ -266,9 +197,5 @@ pub enum OpError {
 
 /// Check a name: 1–255 bytes, no `/` or NUL, not `.` or `..`.
 pub fn valid_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && name != b"."
-        && name != b".."
-        && !name.iter().any(|&b| b == b'/' || b == 0)
+    !name.is_empty() && name.len() <= 255 && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
 }

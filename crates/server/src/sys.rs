@@ -83,8 +83,12 @@ pub fn open_by_handle(mount: BorrowedFd, handle: &[u8], flags: i32) -> io::Resul
     fh.ty = i32::from_le_bytes([handle[0], handle[1], handle[2], handle[3]]);
     fh.data[..handle.len() - 4].copy_from_slice(&handle[4..]);
     let fd = cvt(unsafe {
-        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), &mut fh as *mut FileHandle, flags | libc::O_CLOEXEC)
-            as libc::c_int
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &mut fh as *mut FileHandle,
+            flags | libc::O_CLOEXEC,
+        ) as libc::c_int
     })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -190,7 +194,8 @@ pub fn pread(fd: BorrowedFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         let n = cvt64(unsafe {
-            libc::pread(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got, (off + got as u64) as i64) as i64
+            libc::pread(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got, (off + got as u64) as i64)
+                as i64
         })?;
         if n == 0 {
             break;

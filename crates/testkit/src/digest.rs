@@ -213,13 +213,10 @@ fn node_diff(p: &str, a: &Node, b: &Node, out: &mut Vec<String>) {
     field("content", hex(&a.content[..8]), hex(&b.content[..8]));
     let g = |l: &Option<Vec<u8>>| l.as_deref().map_or("none".into(), show);
     field("link_group", g(&a.link_group), g(&b.link_group));
-    let names: std::collections::BTreeSet<&Vec<u8>> =
-        a.xattrs.keys().chain(b.xattrs.keys()).collect();
+    let names: std::collections::BTreeSet<&Vec<u8>> = a.xattrs.keys().chain(b.xattrs.keys()).collect();
     for name in names {
         let v = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
-            m.get(name).map_or("absent".into(), |v| {
-                format!("{:?}", String::from_utf8_lossy(v))
-            })
+            m.get(name).map_or("absent".into(), |v| format!("{:?}", String::from_utf8_lossy(v)))
         };
         let label = format!("xattr {}", String::from_utf8_lossy(name));
         field(&label, v(&a.xattrs), v(&b.xattrs));
@@ -254,21 +251,15 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
         let (size, content) = match kind {
             Kind::File => (md.len(), hash_file(&abs)?),
             Kind::Symlink => {
-                let target =
-                    fs::read_link(&abs).with_context(|| format!("readlink {}", abs.display()))?;
+                let target = fs::read_link(&abs).with_context(|| format!("readlink {}", abs.display()))?;
                 (0, *blake3::hash(target.as_os_str().as_bytes()).as_bytes())
             }
             _ => (0, [0; 32]),
         };
-        let nsec = u32::try_from(md.mtime_nsec())
-            .with_context(|| format!("{}: bad mtime nsec", abs.display()))?;
+        let nsec = u32::try_from(md.mtime_nsec()).with_context(|| format!("{}: bad mtime nsec", abs.display()))?;
         let node = Node {
             kind,
-            mode: if kind == Kind::Symlink {
-                0o777
-            } else {
-                md.mode() & 0o7777
-            },
+            mode: if kind == Kind::Symlink { 0o777 } else { md.mode() & 0o7777 },
             uid: md.uid(),
             gid: md.gid(),
             mtime: (md.mtime(), nsec),
@@ -278,10 +269,7 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
             link_group: None,
         };
         if kind != Kind::Dir && md.nlink() > 1 {
-            inodes
-                .entry((md.dev(), md.ino()))
-                .or_default()
-                .push(rel.clone());
+            inodes.entry((md.dev(), md.ino())).or_default().push(rel.clone());
         }
         if kind == Kind::Dir {
             let rd = fs::read_dir(&abs).with_context(|| format!("readdir {}", abs.display()))?;
@@ -330,8 +318,7 @@ fn hash_file(path: &Path) -> Result<[u8; 32]> {
 }
 
 fn c_path(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("{}: NUL in path", path.display()))
+    CString::new(path.as_os_str().as_bytes()).with_context(|| format!("{}: NUL in path", path.display()))
 }
 
 /// The `user.*` and `system.posix_acl*` xattrs of `path` (not following symlinks).
@@ -364,11 +351,7 @@ fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 
 /// Run a size-query-then-fetch xattr syscall, retrying on ERANGE.
 /// `None` when xattrs are unsupported or the attribute is gone.
-fn xattr_call(
-    path: &Path,
-    what: &str,
-    call: impl Fn(*mut u8, usize) -> libc::ssize_t,
-) -> Result<Option<Vec<u8>>> {
+fn xattr_call(path: &Path, what: &str, call: impl Fn(*mut u8, usize) -> libc::ssize_t) -> Result<Option<Vec<u8>>> {
     loop {
         let n = call(std::ptr::null_mut(), 0);
         if n < 0 {

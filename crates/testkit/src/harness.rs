@@ -41,10 +41,7 @@ fn split(rel: &[u8]) -> (&[u8], &[u8]) {
 }
 
 fn expect(id: ObjectId) -> Expect {
-    Expect {
-        id,
-        base: Versions::default(),
-    }
+    Expect { id, base: Versions::default() }
 }
 
 impl Harness {
@@ -52,23 +49,12 @@ impl Harness {
     pub fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let md = fs::symlink_metadata(dir.path()).unwrap();
-        let mtime = Timestamp {
-            secs: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        };
+        let mtime = Timestamp { secs: md.mtime(), nsec: md.mtime_nsec() as u32 };
         let model = Model::new(md.mode(), md.uid(), md.gid(), mtime);
         // SAFETY: plain id getters.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let ids = HashMap::from([(Vec::new(), ObjectId::ROOT)]);
-        Harness {
-            dir,
-            model,
-            uid,
-            gid,
-            ids,
-            clock: 0,
-            next_id: 100,
-        }
+        Harness { dir, model, uid, gid, ids, clock: 0, next_id: 100 }
     }
 
     pub fn path(&self, rel: &[u8]) -> PathBuf {
@@ -82,34 +68,18 @@ impl Harness {
     /// The next server time: strictly increasing, with nanoseconds.
     pub fn tick(&mut self) -> Timestamp {
         self.clock += 1;
-        Timestamp {
-            secs: 1_700_000_000 + self.clock,
-            nsec: (self.clock as u32) * 1_000_003,
-        }
+        Timestamp { secs: 1_700_000_000 + self.clock, nsec: (self.clock as u32) * 1_000_003 }
     }
 
     /// Set the real mtime of `rel` (not following symlinks).
     pub fn stamp(&self, rel: &[u8], t: Timestamp) {
         let times = [
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            libc::timespec {
-                tv_sec: t.secs as libc::time_t,
-                tv_nsec: t.nsec as libc::c_long,
-            },
+            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nsec as libc::c_long },
         ];
         let p = cpath(&self.path(rel));
         // SAFETY: valid C string and a two-element timespec array.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                p.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
         check(rc, "utimensat");
     }
 
@@ -123,11 +93,7 @@ impl Harness {
     pub fn assert_agree(&self) -> Digest {
         let real = tree_digest(self.dir.path()).unwrap();
         let model = self.model.digest();
-        assert!(
-            real == model,
-            "model vs real:\n{}",
-            model.diff(&real).join("\n")
-        );
+        assert!(real == model, "model vs real:\n{}", model.diff(&real).join("\n"));
         assert_eq!(real.hash(), model.hash());
         real
     }
@@ -143,12 +109,7 @@ impl Harness {
     fn fresh(&mut self, rel: &[u8]) -> (ObjectId, Vec<u8>, ObjectId, Timestamp) {
         self.next_id += 1;
         let (parent, name) = split(rel);
-        (
-            ObjectId(self.next_id),
-            name.to_vec(),
-            self.id(parent),
-            self.tick(),
-        )
+        (ObjectId(self.next_id), name.to_vec(), self.id(parent), self.tick())
     }
 
     pub fn mkdir(&mut self, rel: &[u8], mode: u32) {
@@ -156,19 +117,7 @@ impl Harness {
         fs::create_dir(self.path(rel)).unwrap();
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(
-            rel,
-            id,
-            Op::Mkdir {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            },
-            t,
-        );
+        self.created(rel, id, Op::Mkdir { parent, name, id, mode, uid, gid }, t);
     }
 
     pub fn create(&mut self, rel: &[u8], mode: u32, data: &[u8]) {
@@ -176,19 +125,7 @@ impl Harness {
         fs::File::create(self.path(rel)).unwrap();
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(
-            rel,
-            id,
-            Op::Create {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            },
-            t,
-        );
+        self.created(rel, id, Op::Create { parent, name, id, mode, uid, gid }, t);
         if !data.is_empty() {
             self.write(rel, 0, data);
         }
@@ -198,48 +135,20 @@ impl Harness {
         let (id, name, parent, t) = self.fresh(rel);
         std::os::unix::fs::symlink(OsStr::from_bytes(target), self.path(rel)).unwrap();
         let (uid, gid, target) = (self.uid, self.gid, target.to_vec());
-        self.created(
-            rel,
-            id,
-            Op::Symlink {
-                parent,
-                name,
-                id,
-                target,
-                uid,
-                gid,
-            },
-            t,
-        );
+        self.created(rel, id, Op::Symlink { parent, name, id, target, uid, gid }, t);
     }
 
     pub fn mknod(&mut self, rel: &[u8], kind: FileKind, mode: u32) {
         let (id, name, parent, t) = self.fresh(rel);
         if kind == FileKind::Fifo {
             // SAFETY: valid C string.
-            check(
-                unsafe { libc::mkfifo(cpath(&self.path(rel)).as_ptr(), 0o600) },
-                "mkfifo",
-            );
+            check(unsafe { libc::mkfifo(cpath(&self.path(rel)).as_ptr(), 0o600) }, "mkfifo");
         } else {
             drop(std::os::unix::net::UnixListener::bind(self.path(rel)).unwrap());
         }
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(
-            rel,
-            id,
-            Op::Mknod {
-                parent,
-                name,
-                id,
-                kind,
-                mode,
-                uid,
-                gid,
-            },
-            t,
-        );
+        self.created(rel, id, Op::Mknod { parent, name, id, kind, mode, uid, gid }, t);
     }
 
     pub fn link(&mut self, existing: &[u8], rel: &[u8]) {
@@ -261,19 +170,7 @@ impl Harness {
             fs::remove_file(self.path(rel)).unwrap();
         }
         self.stamp(split(rel).0, t);
-        let op = if dir {
-            Op::Rmdir {
-                parent,
-                name,
-                expect: e,
-            }
-        } else {
-            Op::Unlink {
-                parent,
-                name,
-                expect: e,
-            }
-        };
+        let op = if dir { Op::Rmdir { parent, name, expect: e } } else { Op::Unlink { parent, name, expect: e } };
         self.apply(op, t);
     }
 
@@ -289,15 +186,7 @@ impl Harness {
             RenameMode::Exchange => libc::RENAME_EXCHANGE,
         };
         // SAFETY: valid C strings.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                pf.as_ptr(),
-                libc::AT_FDCWD,
-                pt.as_ptr(),
-                flags,
-            )
-        };
+        let rc = unsafe { libc::renameat2(libc::AT_FDCWD, pf.as_ptr(), libc::AT_FDCWD, pt.as_ptr(), flags) };
         check(rc, "renameat2");
         self.stamp(split(from).0, t);
         self.stamp(split(to).0, t);
@@ -320,15 +209,7 @@ impl Harness {
             }
         }
         let (expect, target) = (expect(src), dst.map(expect));
-        let op = Op::Rename {
-            parent,
-            name,
-            expect,
-            new_parent,
-            new_name,
-            target,
-            mode,
-        };
+        let op = Op::Rename { parent, name, expect, new_parent, new_name, target, mode };
         self.apply(op, t);
     }
 }

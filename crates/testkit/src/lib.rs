@@ -49,46 +49,18 @@ mod tests {
         h.fallocate(b"big", 4096, 8192, true);
         h.fallocate(b"big", 323_000, 100_000, true);
         // Attributes and xattrs.
-        h.setattr(
-            b"a/f",
-            SetAttrs {
-                mode: Some(0o4755),
-                ..Default::default()
-            },
-        );
-        let pre_epoch = Timestamp {
-            secs: -1_000_000,
-            nsec: 123,
-        };
-        h.setattr(
-            b"big",
-            SetAttrs {
-                mtime: Some(pre_epoch),
-                ..Default::default()
-            },
-        );
-        let old = Timestamp {
-            secs: 1_000_000_000,
-            nsec: 999_999_999,
-        };
-        h.setattr(
-            b"a",
-            SetAttrs {
-                mtime: Some(old),
-                ..Default::default()
-            },
-        );
+        h.setattr(b"a/f", SetAttrs { mode: Some(0o4755), ..Default::default() });
+        let pre_epoch = Timestamp { secs: -1_000_000, nsec: 123 };
+        h.setattr(b"big", SetAttrs { mtime: Some(pre_epoch), ..Default::default() });
+        let old = Timestamp { secs: 1_000_000_000, nsec: 999_999_999 };
+        h.setattr(b"a", SetAttrs { mtime: Some(old), ..Default::default() });
         h.setxattr(b"a/f", b"user.x", b"value", true);
         h.setxattr(b"a/f", b"user.gone", b"", true);
         h.setxattr(b"c", b"user.dir", b"\x00\x01binary", true);
         h.setxattr(b"a/f", b"trusted.hidden", b"not replicated", false);
         h.removexattr(b"a/f", b"user.gone");
         if h.uid == 0 {
-            let attrs = SetAttrs {
-                uid: Some(1234),
-                gid: Some(5678),
-                ..Default::default()
-            };
+            let attrs = SetAttrs { uid: Some(1234), gid: Some(5678), ..Default::default() };
             h.setattr(b"c/h3", attrs);
         }
     }
@@ -130,9 +102,7 @@ mod tests {
         assert_eq!(d.nodes[&b"c"[..]].size, 0);
         assert_eq!(d.nodes[&b"c/sock"[..]].kind, Kind::Socket);
         assert_eq!(d.nodes[&b"emptydir"[..]].kind, Kind::Fifo);
-        assert!(!d.nodes[&b"victim"[..]]
-            .xattrs
-            .contains_key(&b"trusted.hidden"[..]));
+        assert!(!d.nodes[&b"victim"[..]].xattrs.contains_key(&b"trusted.hidden"[..]));
         // Removing the last extra link dissolves the group.
         h.remove(b"h1");
         h.remove(b"c/h3");
@@ -156,19 +126,10 @@ mod tests {
         let mut model = h.model.clone();
         let t = Timestamp { secs: 5, nsec: 0 };
         let id = h.id(&file);
-        let op = Op::Write {
-            id,
-            base: 0,
-            offset: 1,
-            data: b"Q".to_vec(),
-        };
+        let op = Op::Write { id, base: 0, offset: 1, data: b"Q".to_vec() };
         model.apply(&op, t).unwrap();
         let diff = model.digest().diff(&real);
-        assert!(
-            diff.iter()
-                .any(|l| l.contains('\u{fffd}') && l.contains("content")),
-            "{diff:?}"
-        );
+        assert!(diff.iter().any(|l| l.contains('\u{fffd}') && l.contains("content")), "{diff:?}");
     }
 
     #[test]
@@ -236,86 +197,22 @@ mod tests {
         h.mkdir(b"d/sub", 0o755);
         let before = h.model.digest();
         let t = Timestamp { secs: 9, nsec: 9 };
-        let e = |id| Expect {
-            id,
-            base: Versions::default(),
-        };
+        let e = |id| Expect { id, base: Versions::default() };
         let (d, f, sub, g) = (h.id(b"d"), h.id(b"d/f"), h.id(b"d/sub"), h.id(b"g"));
         let (uid, gid) = (0, 0);
         let bad = [
-            Op::Create {
-                parent: d,
-                name: b"f".to_vec(),
-                id: ObjectId(999),
-                mode: 0o644,
-                uid,
-                gid,
-            },
-            Op::Create {
-                parent: f,
-                name: b"x".to_vec(),
-                id: ObjectId(999),
-                mode: 0o644,
-                uid,
-                gid,
-            },
-            Op::Mkdir {
-                parent: d,
-                name: b"new".to_vec(),
-                id: f,
-                mode: 0o755,
-                uid,
-                gid,
-            },
-            Op::Mkdir {
-                parent: d,
-                name: b"a/b".to_vec(),
-                id: ObjectId(999),
-                mode: 0,
-                uid,
-                gid,
-            },
-            Op::Link {
-                id: d,
-                parent: ObjectId::ROOT,
-                name: b"dl".to_vec(),
-            },
-            Op::Unlink {
-                parent: d,
-                name: b"f".to_vec(),
-                expect: e(g),
-            },
-            Op::Unlink {
-                parent: ObjectId::ROOT,
-                name: b"d".to_vec(),
-                expect: e(d),
-            },
-            Op::Rmdir {
-                parent: ObjectId::ROOT,
-                name: b"d".to_vec(),
-                expect: e(d),
-            },
-            Op::Rmdir {
-                parent: d,
-                name: b"f".to_vec(),
-                expect: e(f),
-            },
-            Op::Write {
-                id: d,
-                base: 0,
-                offset: 0,
-                data: b"x".to_vec(),
-            },
-            Op::Truncate {
-                id: f,
-                base: 0,
-                size: MAX_MODEL_FILE + 1,
-            },
-            Op::RemoveXattr {
-                id: f,
-                base: 0,
-                name: b"user.none".to_vec(),
-            },
+            Op::Create { parent: d, name: b"f".to_vec(), id: ObjectId(999), mode: 0o644, uid, gid },
+            Op::Create { parent: f, name: b"x".to_vec(), id: ObjectId(999), mode: 0o644, uid, gid },
+            Op::Mkdir { parent: d, name: b"new".to_vec(), id: f, mode: 0o755, uid, gid },
+            Op::Mkdir { parent: d, name: b"a/b".to_vec(), id: ObjectId(999), mode: 0, uid, gid },
+            Op::Link { id: d, parent: ObjectId::ROOT, name: b"dl".to_vec() },
+            Op::Unlink { parent: d, name: b"f".to_vec(), expect: e(g) },
+            Op::Unlink { parent: ObjectId::ROOT, name: b"d".to_vec(), expect: e(d) },
+            Op::Rmdir { parent: ObjectId::ROOT, name: b"d".to_vec(), expect: e(d) },
+            Op::Rmdir { parent: d, name: b"f".to_vec(), expect: e(f) },
+            Op::Write { id: d, base: 0, offset: 0, data: b"x".to_vec() },
+            Op::Truncate { id: f, base: 0, size: MAX_MODEL_FILE + 1 },
+            Op::RemoveXattr { id: f, base: 0, name: b"user.none".to_vec() },
         ];
         let rename = |name: &[u8], src, new_parent, new_name: &[u8], mode| Op::Rename {
             parent: if src == sub { d } else { ObjectId::ROOT },

@@ -51,10 +51,7 @@ impl Model {
             names: 1,
             parent: ObjectId::ROOT,
         };
-        Model {
-            objects: HashMap::from([(ObjectId::ROOT, root)]),
-            dentries: BTreeMap::new(),
-        }
+        Model { objects: HashMap::from([(ObjectId::ROOT, root)]), dentries: BTreeMap::new() }
     }
 
     /// The object `name` in directory `parent` points to.
@@ -74,55 +71,25 @@ impl Model {
 
     /// Apply one op stamped with server time `time`. On error the model is unchanged.
     pub fn apply(&mut self, op: &Op, time: Timestamp) -> Res {
-        self.apply_inner(op, time)
-            .map_err(|e| format!("{}: {e}", op.kind()))
+        self.apply_inner(op, time).map_err(|e| format!("{}: {e}", op.kind()))
     }
 
     fn apply_inner(&mut self, op: &Op, time: Timestamp) -> Res {
         match op {
-            Op::Create {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Create { parent, name, id, mode, uid, gid } => {
                 let o = Self::fresh(FileKind::File, *mode & 0o7777, *uid, *gid, time, vec![]);
                 self.create(*parent, name, *id, o, time)
             }
-            Op::Mkdir {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Mkdir { parent, name, id, mode, uid, gid } => {
                 let mut o = Self::fresh(FileKind::Dir, *mode & 0o7777, *uid, *gid, time, vec![]);
                 o.parent = *parent;
                 self.create(*parent, name, *id, o, time)
             }
-            Op::Symlink {
-                parent,
-                name,
-                id,
-                target,
-                uid,
-                gid,
-            } => {
+            Op::Symlink { parent, name, id, target, uid, gid } => {
                 let o = Self::fresh(FileKind::Symlink, 0o777, *uid, *gid, time, target.clone());
                 self.create(*parent, name, *id, o, time)
             }
-            Op::Mknod {
-                parent,
-                name,
-                id,
-                kind,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
                 if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
                     return Err(format!("mknod of kind {kind:?}"));
                 }
@@ -138,43 +105,14 @@ impl Model {
                 self.obj_mut(*id)?.names += 1;
                 self.touch(*parent, time)
             }
-            Op::Unlink {
-                parent,
-                name,
-                expect,
-            } => self.remove(*parent, name, expect.id, false, time),
-            Op::Rmdir {
-                parent,
-                name,
-                expect,
-            } => self.remove(*parent, name, expect.id, true, time),
-            Op::Rename {
-                parent,
-                name,
-                expect,
-                new_parent,
-                new_name,
-                target,
-                mode,
-            } => {
+            Op::Unlink { parent, name, expect } => self.remove(*parent, name, expect.id, false, time),
+            Op::Rmdir { parent, name, expect } => self.remove(*parent, name, expect.id, true, time),
+            Op::Rename { parent, name, expect, new_parent, new_name, target, mode } => {
                 let target = target.map(|t| t.id);
-                self.rename(
-                    *parent,
-                    name,
-                    expect.id,
-                    *new_parent,
-                    new_name,
-                    target,
-                    *mode,
-                    time,
-                )
+                self.rename(*parent, name, expect.id, *new_parent, new_name, target, *mode, time)
             }
-            Op::Write {
-                id, offset, data, ..
-            } => {
-                let end = offset
-                    .checked_add(data.len() as u64)
-                    .ok_or("write range overflows")?;
+            Op::Write { id, offset, data, .. } => {
+                let end = offset.checked_add(data.len() as u64).ok_or("write range overflows")?;
                 let f = self.file_mut(*id)?;
                 let size = (f.data.len() as u64).max(end);
                 resize(&mut f.data, size)?;
@@ -189,9 +127,7 @@ impl Model {
                 f.mtime = time;
                 Ok(())
             }
-            Op::Allocate {
-                id, offset, len, ..
-            } => {
+            Op::Allocate { id, offset, len, .. } => {
                 let end = offset.checked_add(*len).ok_or("allocate range overflows")?;
                 let f = self.file_mut(*id)?;
                 let size = (f.data.len() as u64).max(end);
@@ -199,9 +135,7 @@ impl Model {
                 f.mtime = time;
                 Ok(())
             }
-            Op::PunchHole {
-                id, offset, len, ..
-            } => {
+            Op::PunchHole { id, offset, len, .. } => {
                 let f = self.file_mut(*id)?;
                 let size = f.data.len() as u64;
                 let end = offset.saturating_add(*len).min(size);
@@ -229,12 +163,8 @@ impl Model {
                 }
                 Ok(())
             }
-            Op::SetXattr {
-                id, name, value, ..
-            } => {
-                self.obj_mut(*id)?
-                    .xattrs
-                    .insert(name.clone(), value.clone());
+            Op::SetXattr { id, name, value, .. } => {
+                self.obj_mut(*id)?.xattrs.insert(name.clone(), value.clone());
                 Ok(())
             }
             Op::RemoveXattr { id, name, .. } => match self.obj_mut(*id)?.xattrs.remove(name) {
@@ -245,29 +175,15 @@ impl Model {
     }
 
     fn fresh(kind: FileKind, mode: u32, uid: u32, gid: u32, t: Timestamp, data: Vec<u8>) -> Object {
-        Object {
-            kind,
-            mode,
-            uid,
-            gid,
-            mtime: t,
-            data,
-            xattrs: BTreeMap::new(),
-            names: 1,
-            parent: ObjectId::ROOT,
-        }
+        Object { kind, mode, uid, gid, mtime: t, data, xattrs: BTreeMap::new(), names: 1, parent: ObjectId::ROOT }
     }
 
     fn obj(&self, id: ObjectId) -> Result<&Object, String> {
-        self.objects
-            .get(&id)
-            .ok_or_else(|| format!("no object {id}"))
+        self.objects.get(&id).ok_or_else(|| format!("no object {id}"))
     }
 
     fn obj_mut(&mut self, id: ObjectId) -> Result<&mut Object, String> {
-        self.objects
-            .get_mut(&id)
-            .ok_or_else(|| format!("no object {id}"))
+        self.objects.get_mut(&id).ok_or_else(|| format!("no object {id}"))
     }
 
     fn file_mut(&mut self, id: ObjectId) -> Result<&mut Object, String> {
@@ -312,11 +228,7 @@ impl Model {
                 uid: o.uid,
                 gid: o.gid,
                 mtime: (o.mtime.secs, o.mtime.nsec),
-                size: if kind == Kind::File {
-                    o.data.len() as u64
-                } else {
-                    0
-                },
+                size: if kind == Kind::File { o.data.len() as u64 } else { 0 },
                 content,
                 xattrs: xattrs.map(|(k, v)| (k.clone(), v.clone())).collect(),
                 link_group: None,
@@ -339,9 +251,7 @@ impl Model {
 
 fn resize(data: &mut Vec<u8>, size: u64) -> Res {
     if size > MAX_MODEL_FILE {
-        return Err(format!(
-            "size {size} exceeds the model limit {MAX_MODEL_FILE}"
-        ));
+        return Err(format!("size {size} exceeds the model limit {MAX_MODEL_FILE}"));
     }
     data.resize(size as usize, 0);
     Ok(())

@@ -22,115 +22,42 @@ fn mark_stale(row: &mut ObjectRow, offset: u64, len: u64) {
 impl Batch<'_> {
     pub(super) fn exec_op(&mut self, cx: &Cx, op: &Op) -> R<Out> {
         match op {
-            Op::Create {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Create { parent, name, id, mode, uid, gid } => {
                 let row = new_row(FileKind::File, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
-            Op::Mkdir {
-                parent,
-                name,
-                id,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Mkdir { parent, name, id, mode, uid, gid } => {
                 let row = new_row(FileKind::Dir, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
-            Op::Symlink {
-                parent,
-                name,
-                id,
-                target,
-                uid,
-                gid,
-            } => {
+            Op::Symlink { parent, name, id, target, uid, gid } => {
                 if target.is_empty() || target.len() > 4095 || target.contains(&0) {
-                    return Err(OpError::Invalid(
-                        "symlink target must be 1–4095 bytes without NUL".into(),
-                    ));
+                    return Err(OpError::Invalid("symlink target must be 1–4095 bytes without NUL".into()));
                 }
-                let mut row = new_row(
-                    FileKind::Symlink,
-                    0o777,
-                    *uid,
-                    *gid,
-                    cx.time,
-                    cx.who,
-                    cx.seq,
-                );
+                let mut row = new_row(FileKind::Symlink, 0o777, *uid, *gid, cx.time, cx.who, cx.seq);
                 row.size = target.len() as u64;
                 row.target = Some(target.clone());
                 self.create_common(cx, *parent, name, *id, row)
             }
-            Op::Mknod {
-                parent,
-                name,
-                id,
-                kind,
-                mode,
-                uid,
-                gid,
-            } => {
+            Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
                 if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
-                    return Err(OpError::Invalid(
-                        "mknod makes only fifos and sockets".into(),
-                    ));
+                    return Err(OpError::Invalid("mknod makes only fifos and sockets".into()));
                 }
                 let row = new_row(*kind, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Link { id, parent, name } => self.link(cx, *id, *parent, name),
-            Op::Unlink {
-                parent,
-                name,
-                expect,
-            } => self.remove(cx, *parent, name, expect, false),
-            Op::Rmdir {
-                parent,
-                name,
-                expect,
-            } => self.remove(cx, *parent, name, expect, true),
-            Op::Rename {
-                parent,
-                name,
-                expect,
-                new_parent,
-                new_name,
-                target,
-                mode,
-            } => self.rename(
-                cx,
-                (*parent, name),
-                expect,
-                (*new_parent, new_name),
-                target.as_ref(),
-                *mode,
-            ),
-            Op::Write {
-                id,
-                base,
-                offset,
-                data,
-            } => {
+            Op::Unlink { parent, name, expect } => self.remove(cx, *parent, name, expect, false),
+            Op::Rmdir { parent, name, expect } => self.remove(cx, *parent, name, expect, true),
+            Op::Rename { parent, name, expect, new_parent, new_name, target, mode } => {
+                self.rename(cx, (*parent, name), expect, (*new_parent, new_name), target.as_ref(), *mode)
+            }
+            Op::Write { id, base, offset, data } => {
                 if data.len() > MAX_DATA {
-                    return Err(OpError::Invalid(format!(
-                        "write of {} bytes exceeds {MAX_DATA}",
-                        data.len()
-                    )));
+                    return Err(OpError::Invalid(format!("write of {} bytes exceeds {MAX_DATA}", data.len())));
                 }
-                let end = offset
-                    .checked_add(data.len() as u64)
-                    .filter(|e| *e <= i64::MAX as u64);
-                let end = end
-                    .ok_or_else(|| OpError::Invalid("write past the largest file offset".into()))?;
+                let end = offset.checked_add(data.len() as u64).filter(|e| *e <= i64::MAX as u64);
+                let end = end.ok_or_else(|| OpError::Invalid("write past the largest file offset".into()))?;
                 self.data_op(cx, *id, *base, |row| {
                     row.size = row.size.max(end);
                     mark_stale(row, *offset, data.len() as u64);
@@ -147,24 +74,9 @@ impl Batch<'_> {
                     mark_stale(row, lo, old.max(*size) - lo);
                 })
             }
-            Op::Allocate {
-                id,
-                base,
-                offset,
-                len,
-            }
-            | Op::PunchHole {
-                id,
-                base,
-                offset,
-                len,
-            } => {
-                let end = offset
-                    .checked_add(*len)
-                    .filter(|e| *e <= i64::MAX as u64 && *len > 0);
-                let end = end.ok_or_else(|| {
-                    OpError::Invalid("range empty or past the largest file offset".into())
-                })?;
+            Op::Allocate { id, base, offset, len } | Op::PunchHole { id, base, offset, len } => {
+                let end = offset.checked_add(*len).filter(|e| *e <= i64::MAX as u64 && *len > 0);
+                let end = end.ok_or_else(|| OpError::Invalid("range empty or past the largest file offset".into()))?;
                 let grow = matches!(op, Op::Allocate { .. });
                 self.data_op(cx, *id, *base, |row| {
                     if grow {
@@ -175,9 +87,7 @@ impl Batch<'_> {
             }
             Op::SetAttr { id, base, attrs } => self.meta_op(cx, *id, *base, |row| {
                 if attrs.mode.is_some() && row.kind == FileKind::Symlink {
-                    return Err(OpError::Invalid(
-                        "symlinks have no mode of their own".into(),
-                    ));
+                    return Err(OpError::Invalid("symlinks have no mode of their own".into()));
                 }
                 if let Some(m) = attrs.mode {
                     row.mode = m & 0o7777;
@@ -193,70 +103,34 @@ impl Batch<'_> {
                 }
                 Ok(())
             }),
-            Op::SetXattr {
-                id,
-                base,
-                name,
-                value,
-            } => {
+            Op::SetXattr { id, base, name, value } => {
                 if name.is_empty() || name.len() > 255 || name.contains(&0) || value.len() > 65536 {
-                    return Err(OpError::Invalid(
-                        "xattr name 1–255 bytes, value ≤ 64 KiB".into(),
-                    ));
+                    return Err(OpError::Invalid("xattr name 1–255 bytes, value ≤ 64 KiB".into()));
                 }
                 let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
                 let k = xkey(*id, name);
-                self.tx
-                    .open_table(XATTRS)
-                    .map_err(db)?
-                    .insert(k.as_slice(), value.as_slice())
-                    .map_err(db)?;
+                self.tx.open_table(XATTRS).map_err(db)?.insert(k.as_slice(), value.as_slice()).map_err(db)?;
                 Ok(out)
             }
             Op::RemoveXattr { id, base, name } => {
                 let k = xkey(*id, name);
-                let present = self
-                    .tx
-                    .open_table(XATTRS)
-                    .map_err(db)?
-                    .get(k.as_slice())
-                    .map_err(db)?
-                    .is_some();
+                let present = self.tx.open_table(XATTRS).map_err(db)?.get(k.as_slice()).map_err(db)?.is_some();
                 if !present {
-                    return Err(OpError::NotFound(format!(
-                        "xattr {:?}",
-                        String::from_utf8_lossy(name)
-                    )));
+                    return Err(OpError::NotFound(format!("xattr {:?}", String::from_utf8_lossy(name))));
                 }
                 let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
-                self.tx
-                    .open_table(XATTRS)
-                    .map_err(db)?
-                    .remove(k.as_slice())
-                    .map_err(db)?;
+                self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
                 Ok(out)
             }
         }
     }
 
-    fn data_op(
-        &mut self,
-        cx: &Cx,
-        id: ObjectId,
-        base: Seq,
-        f: impl FnOnce(&mut ObjectRow),
-    ) -> R<Out> {
+    fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {
         let mut row = self.row(id)?;
         if row.kind != FileKind::File {
             return Err(OpError::Invalid(format!("{id} is not a regular file")));
         }
-        if !base_ok(
-            row.versions.data,
-            row.data_writer,
-            row.data_run_start,
-            base,
-            cx.who,
-        ) {
+        if !base_ok(row.versions.data, row.data_writer, row.data_run_start, base, cx.who) {
             return Err(conflict("data changed since base", Some(row.attr(id))));
         }
         f(&mut row);
@@ -266,25 +140,10 @@ impl Batch<'_> {
         Ok((Some(row.attr(id)), vec![(id, row.handle)]))
     }
 
-    fn meta_op(
-        &mut self,
-        cx: &Cx,
-        id: ObjectId,
-        base: Seq,
-        f: impl FnOnce(&mut ObjectRow) -> R<()>,
-    ) -> R<Out> {
+    fn meta_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, f: impl FnOnce(&mut ObjectRow) -> R<()>) -> R<Out> {
         let mut row = self.row(id)?;
-        if !base_ok(
-            row.versions.meta,
-            row.meta_writer,
-            row.meta_run_start,
-            base,
-            cx.who,
-        ) {
-            return Err(conflict(
-                "attributes changed since base",
-                Some(row.attr(id)),
-            ));
+        if !base_ok(row.versions.meta, row.meta_writer, row.meta_run_start, base, cx.who) {
+            return Err(conflict("attributes changed since base", Some(row.attr(id))));
         }
         f(&mut row)?;
         bump_meta(&mut row, cx);
@@ -310,27 +169,13 @@ impl Batch<'_> {
         Ok((Some(row.attr(id)), vec![(parent, ph), (id, row.handle)]))
     }
 
-    fn remove(
-        &mut self,
-        cx: &Cx,
-        parent: ObjectId,
-        name: &[u8],
-        expect: &Expect,
-        dir: bool,
-    ) -> R<Out> {
+    fn remove(&mut self, cx: &Cx, parent: ObjectId, name: &[u8], expect: &Expect, dir: bool) -> R<Out> {
         check_name(name)?;
         self.lookup_parent_dir(parent)?;
         let mut row = self.check_expect(cx, parent, name, expect)?;
         let id = expect.id;
         if dir != (row.kind == FileKind::Dir) {
-            return Err(OpError::Invalid(
-                if dir {
-                    "not a directory"
-                } else {
-                    "is a directory"
-                }
-                .into(),
-            ));
+            return Err(OpError::Invalid(if dir { "not a directory" } else { "is a directory" }.into()));
         }
         if dir && !self.dir_is_empty(id)? {
             return Err(OpError::NotEmpty);
@@ -367,10 +212,7 @@ impl Batch<'_> {
         };
         let srow = self.row(src)?;
         if src != expect.id {
-            return Err(conflict(
-                "source name points to another object",
-                Some(srow.attr(src)),
-            ));
+            return Err(conflict("source name points to another object", Some(srow.attr(src))));
         }
         let existing = self.dentry(np, nn)?;
         let trow = match (existing, target, mode) {
@@ -378,9 +220,7 @@ impl Batch<'_> {
                 let cur = self.row(t).ok().map(|r| r.attr(t));
                 return Err(conflict("target exists", cur));
             }
-            (None, _, RenameMode::Exchange) => {
-                return Err(conflict("exchange target is gone", None))
-            }
+            (None, _, RenameMode::Exchange) => return Err(conflict("exchange target is gone", None)),
             (None, None, _) => None,
             (None, Some(_), _) => return Err(conflict("target is gone", None)),
             (Some(t), None, _) => {
@@ -405,34 +245,21 @@ impl Batch<'_> {
             Ok(true)
         };
         if src_dir && ancestors(self, np, src)? {
-            return Err(OpError::Invalid(
-                "cannot move a directory below itself".into(),
-            ));
+            return Err(OpError::Invalid("cannot move a directory below itself".into()));
         }
-        let mut handles = vec![
-            (p, self.row(p)?.handle),
-            (np, self.row(np)?.handle),
-            (src, srow.handle.clone()),
-        ];
+        let mut handles = vec![(p, self.row(p)?.handle), (np, self.row(np)?.handle), (src, srow.handle.clone())];
         let same = existing == Some(src);
         if let (Some(t), Some(trow)) = (existing, &trow) {
             handles.push((t, trow.handle.clone()));
             let t_dir = trow.kind == FileKind::Dir;
             if mode == RenameMode::Exchange {
                 if t_dir && ancestors(self, p, t)? {
-                    return Err(OpError::Invalid(
-                        "cannot move a directory below itself".into(),
-                    ));
+                    return Err(OpError::Invalid("cannot move a directory below itself".into()));
                 }
             } else if !same {
                 if src_dir != t_dir {
                     return Err(OpError::Invalid(
-                        if t_dir {
-                            "target is a directory"
-                        } else {
-                            "target is not a directory"
-                        }
-                        .into(),
+                        if t_dir { "target is a directory" } else { "target is not a directory" }.into(),
                     ));
                 }
                 if t_dir && !self.dir_is_empty(t)? {
@@ -489,9 +316,7 @@ impl Batch<'_> {
 fn xattr_kind_ok(row: &ObjectRow) -> R<()> {
     match row.kind {
         FileKind::File | FileKind::Dir => Ok(()),
-        _ => Err(OpError::Invalid(
-            "extended attributes only on files and directories".into(),
-        )),
+        _ => Err(OpError::Invalid("extended attributes only on files and directories".into())),
     }
 }
 

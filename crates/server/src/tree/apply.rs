@@ -42,7 +42,9 @@ impl Tree {
                 let kind = r.attr.as_ref().map(|a| a.kind).unwrap_or(FileKind::File);
                 let fd = match kind {
                     FileKind::File => self.fd(&h, kind)?,
-                    _ => Arc::new(sys::open_by_handle(self.root.as_fd(), &h, libc::O_PATH).map_err(io_err("open by handle"))?),
+                    _ => Arc::new(
+                        sys::open_by_handle(self.root.as_fd(), &h, libc::O_PATH).map_err(io_err("open by handle"))?,
+                    ),
                 };
                 sys::link_fd(fd.as_fd(), p.as_fd(), name).map_err(io_err("link"))?;
                 self.touch(&p, t)?;
@@ -72,10 +74,10 @@ impl Tree {
                 };
                 let src_now = self.handle_at(p.as_fd(), name)?;
                 let dst_now = self.handle_at(np.as_fd(), new_name)?;
-                let pre = src_now.as_ref() == Some(&hs) && (dst_now == ht || (dst_now.is_none() && *mode != RenameMode::Exchange));
+                let pre = src_now.as_ref() == Some(&hs)
+                    && (dst_now == ht || (dst_now.is_none() && *mode != RenameMode::Exchange));
                 if !pre {
-                    let post = dst_now.as_ref() == Some(&hs)
-                        && (*mode != RenameMode::Exchange || src_now == ht);
+                    let post = dst_now.as_ref() == Some(&hs) && (*mode != RenameMode::Exchange || src_now == ht);
                     if replay && post {
                         return Ok(Outcome::Skipped);
                     }
@@ -92,7 +94,7 @@ impl Tree {
             }
             Op::Write { id, offset, data, .. } => {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;
-                if rec.staged {
+                if rec.staged.is_some() {
                     let sname = write_stage_name(r.origin, seq);
                     let sfd = sys::openat(self.stage.as_fd(), &sname, libc::O_RDONLY, 0);
                     let sfd = match sfd {

@@ -26,49 +26,26 @@ impl Harness {
         let model = self.model.digest();
         assert!(real != model && real.hash() != model.hash());
         let diff = model.diff(&real);
-        assert!(
-            diff.iter().any(|l| l.contains(field)),
-            "{field} not in {diff:?}"
-        );
+        assert!(diff.iter().any(|l| l.contains(field)), "{field} not in {diff:?}");
     }
 
     /// Set the real mtime of `rel` back to what the model holds.
     pub fn restamp(&self, rel: &[u8]) {
         let n = &self.model.digest().nodes[rel];
-        self.stamp(
-            rel,
-            Timestamp {
-                secs: n.mtime.0,
-                nsec: n.mtime.1,
-            },
-        );
+        self.stamp(rel, Timestamp { secs: n.mtime.0, nsec: n.mtime.1 });
     }
 
     pub fn write(&mut self, rel: &[u8], offset: u64, data: &[u8]) {
         let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(rel))
-            .unwrap();
+        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
         f.write_all_at(data, offset).unwrap();
         self.stamp(rel, t);
-        self.apply(
-            Op::Write {
-                id,
-                base: 0,
-                offset,
-                data: data.to_vec(),
-            },
-            t,
-        );
+        self.apply(Op::Write { id, base: 0, offset, data: data.to_vec() }, t);
     }
 
     pub fn truncate(&mut self, rel: &[u8], size: u64) {
         let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(rel))
-            .unwrap();
+        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
         f.set_len(size).unwrap();
         self.stamp(rel, t);
         self.apply(Op::Truncate { id, base: 0, size }, t);
@@ -78,34 +55,14 @@ impl Harness {
     pub fn fallocate(&mut self, rel: &[u8], offset: u64, len: u64, punch: bool) {
         use std::os::fd::AsRawFd;
         let (id, t) = (self.id(rel), self.tick());
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(rel))
-            .unwrap();
-        let mode = if punch {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            0
-        };
+        let f = fs::OpenOptions::new().write(true).open(self.path(rel)).unwrap();
+        let mode = if punch { libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE } else { 0 };
         // SAFETY: valid open descriptor.
         let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
         check(rc, "fallocate");
         self.stamp(rel, t);
-        let op = if punch {
-            Op::PunchHole {
-                id,
-                base: 0,
-                offset,
-                len,
-            }
-        } else {
-            Op::Allocate {
-                id,
-                base: 0,
-                offset,
-                len,
-            }
-        };
+        let op =
+            if punch { Op::PunchHole { id, base: 0, offset, len } } else { Op::Allocate { id, base: 0, offset, len } };
         self.apply(op, t);
     }
 
@@ -130,45 +87,19 @@ impl Harness {
         let (id, t) = (self.id(rel), self.tick());
         let (p, n) = (cpath(&self.path(rel)), CString::new(name).unwrap());
         // SAFETY: valid C strings and value buffer.
-        let rc = unsafe {
-            libc::lsetxattr(
-                p.as_ptr(),
-                n.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
+        let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
         if must {
             check(rc, "lsetxattr");
         }
         let (name, value) = (name.to_vec(), value.to_vec());
-        self.apply(
-            Op::SetXattr {
-                id,
-                base: 0,
-                name,
-                value,
-            },
-            t,
-        );
+        self.apply(Op::SetXattr { id, base: 0, name, value }, t);
     }
 
     pub fn removexattr(&mut self, rel: &[u8], name: &[u8]) {
         let (id, t) = (self.id(rel), self.tick());
         let (p, n) = (cpath(&self.path(rel)), CString::new(name).unwrap());
         // SAFETY: valid C strings.
-        check(
-            unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) },
-            "lremovexattr",
-        );
-        self.apply(
-            Op::RemoveXattr {
-                id,
-                base: 0,
-                name: name.to_vec(),
-            },
-            t,
-        );
+        check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) }, "lremovexattr");
+        self.apply(Op::RemoveXattr { id, base: 0, name: name.to_vec() }, t);
     }
 }

@@ -47,14 +47,7 @@ impl Model {
         }
     }
 
-    pub(super) fn create(
-        &mut self,
-        parent: ObjectId,
-        name: &[u8],
-        id: ObjectId,
-        o: Object,
-        t: Timestamp,
-    ) -> Res {
+    pub(super) fn create(&mut self, parent: ObjectId, name: &[u8], id: ObjectId, o: Object, t: Timestamp) -> Res {
         if self.objects.contains_key(&id) {
             return Err(format!("object {id} already exists"));
         }
@@ -91,14 +84,7 @@ impl Model {
         Ok(())
     }
 
-    pub(super) fn remove(
-        &mut self,
-        parent: ObjectId,
-        name: &[u8],
-        id: ObjectId,
-        dir: bool,
-        t: Timestamp,
-    ) -> Res {
+    pub(super) fn remove(&mut self, parent: ObjectId, name: &[u8], id: ObjectId, dir: bool, t: Timestamp) -> Res {
         self.check_remove(parent, name, id, dir)?;
         self.drop_name(parent, name, id)?;
         self.touch(parent, t)
@@ -123,10 +109,7 @@ impl Model {
         }
         self.check_dir(new_parent)?;
         if !valid_name(new_name) {
-            return Err(format!(
-                "invalid name {:?}",
-                String::from_utf8_lossy(new_name)
-            ));
+            return Err(format!("invalid name {:?}", String::from_utf8_lossy(new_name)));
         }
         let dst = self.lookup(new_parent, new_name);
         if let (Some(want), Some(found)) = (target, dst) {

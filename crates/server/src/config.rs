@@ -1,0 +1,84 @@
+//! Server configuration: a TOML file, every setting overridable by a flag.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// `[server]` settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Directory exported as the volume's master copy.
+    pub export: PathBuf,
+    /// State dir: database, keys, tokens (default: per volume under /var/lib/izo).
+    pub state_dir: Option<PathBuf>,
+    /// Volume name (default: the export directory's base name).
+    pub volume: Option<String>,
+    /// Address to listen on.
+    pub listen: String,
+    /// Keep at most this many journal records.
+    pub retain_records: u64,
+    /// Keep journal records at most this many seconds.
+    pub retain_secs: u64,
+    /// Checkpoint interval in milliseconds.
+    pub checkpoint_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            export: PathBuf::from("."),
+            state_dir: None,
+            volume: None,
+            listen: "127.0.0.1:7227".into(),
+            retain_records: 1_000_000,
+            retain_secs: 7 * 24 * 3600,
+            checkpoint_ms: 2000,
+        }
+    }
+}
+
+/// Whole config file: `[server]` (a `[client]` section belongs to the client).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServerFile {
+    /// Server settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+impl ServerConfig {
+    /// Volume name: configured, else the export's base name.
+    pub fn volume_name(&self) -> String {
+        if let Some(v) = &self.volume {
+            return v.clone();
+        }
+        let abs = std::fs::canonicalize(&self.export).unwrap_or_else(|_| self.export.clone());
+        abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into())
+    }
+
+    /// State dir: configured, else `/var/lib/izo/<volume>` as root or
+    /// `$XDG_STATE_HOME|~/.local/state/izo/<volume>` otherwise.
+    pub fn state_path(&self) -> PathBuf {
+        if let Some(s) = &self.state_dir {
+            return s.clone();
+        }
+        default_state_base().join(self.volume_name())
+    }
+
+    /// Parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<ServerConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let f: ServerFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(f.server)
+    }
+}
+
+fn default_state_base() -> PathBuf {
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/izo");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(x).join("izo");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/izo")
+}

@@ -1,0 +1,221 @@
+//! Connections: TLS accept, handshake and token check, frame loop, and the
+//! writer task that serialises replies and streamed answers.
+
+use crate::auth::Rights;
+use crate::counters::Counters;
+use crate::server::Server;
+use crate::volume::Mutation;
+use crate::ServerError;
+use izo_proto::codec::check_len;
+use izo_proto::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Frames queued by one connection: replies (bounded by the in-flight
+/// limit) and bulk streams (bounded channel, so readers wait for the socket).
+pub(crate) struct Out {
+    pub replies: mpsc::UnboundedSender<Vec<u8>>,
+    pub bulk: mpsc::Sender<Vec<u8>>,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Accept connections forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), ServerError> {
+        loop {
+            let (sock, peer) = listener.accept().await.map_err(|e| ServerError::io("accept", e))?;
+            let _ = sock.set_nodelay(true);
+            let srv = self.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, srv.acceptor.accept(sock)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => return tracing::debug!("TLS handshake with {peer} failed: {e}"),
+                    Err(_) => return tracing::debug!("TLS handshake with {peer} timed out"),
+                };
+                if let Err(e) = srv.connection(tls).await {
+                    tracing::debug!("connection from {peer} ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(self: Arc<Self>, stream: S) -> Result<(), String> {
+        let (mut rd, wr) = tokio::io::split(stream);
+        let (rtx, rrx) = mpsc::unbounded_channel();
+        let (btx, brx) = mpsc::channel(16);
+        let counters = self.shared.counters.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let writer = tokio::spawn(write_loop(wr, rrx, brx, stop_rx, counters.clone()));
+        let writer = Writer { stop: stop_tx, task: writer };
+        let out = Arc::new(Out { replies: rtx, bulk: btx });
+        let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &counters)).await {
+            Ok(Ok(ClientMsg::Hello(h))) => h,
+            Ok(Ok(_)) => return refuse(&out, writer, RefuseReason::Protocol, "first message must be Hello").await,
+            Ok(Err(FrameError::Version(v))) => {
+                let m = format!("client speaks protocol {v}, server speaks {PROTOCOL_VERSION}");
+                return refuse(&out, writer, RefuseReason::Version, &m).await;
+            }
+            Ok(Err(e)) => return refuse(&out, writer, RefuseReason::BadFrame, &e.to_string()).await,
+            Err(_) => return Err("no handshake within 10 s".into()),
+        };
+        if hello.version != PROTOCOL_VERSION {
+            let m = format!("client speaks protocol {}, server speaks {PROTOCOL_VERSION}", hello.version);
+            return refuse(&out, writer, RefuseReason::Version, &m).await;
+        }
+        if hello.volume != self.volume {
+            let m = format!("no volume {:?} here (this server exports {:?})", hello.volume, self.volume);
+            return refuse(&out, writer, RefuseReason::NoVolume, &m).await;
+        }
+        let Some(rights) = self.tokens.check(&hello.token, &hello.volume) else {
+            let m = format!("token not valid for volume {:?}; create one with `izo token create`", hello.volume);
+            return refuse(&out, writer, RefuseReason::Auth, &m).await;
+        };
+        let store = &self.shared.store;
+        let last_applied = store.replica_last(hello.replica).map_err(|e| e.to_string())?;
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            incarnation: store.incarnation(),
+            volume: self.volume.clone(),
+            last_applied,
+            head_seq: store.head(),
+            time: Timestamp::now(),
+            writable: rights == Rights::Rw,
+        };
+        send(&out, &ServerMsg::Welcome(welcome));
+        let result = self.frames(&mut rd, &out, hello.replica, rights).await;
+        writer.finish().await;
+        result
+    }
+
+    async fn frames<R: AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        out: &Arc<Out>,
+        replica: ReplicaId,
+        rights: Rights,
+    ) -> Result<(), String> {
+        loop {
+            let msg = match read_frame(rd, &self.shared.counters).await {
+                Ok(m) => m,
+                Err(FrameError::Malformed(e)) if e == "eof" => return Ok(()),
+                Err(e) => {
+                    send(out, &ServerMsg::Refused { reason: RefuseReason::BadFrame, message: e.to_string() });
+                    return Err(e.to_string());
+                }
+            };
+            match msg {
+                ClientMsg::Mutate { cseq, acked_through, op } => {
+                    if rights != Rights::Rw {
+                        let result = Err(OpError::Denied("read-only token".into()));
+                        send(out, &ServerMsg::Reply { cseq, result });
+                        continue;
+                    }
+                    let m = Mutation { replica, cseq, acked_through, op, reply: out.replies.clone() };
+                    let sent = self.tx.lock().map(|tx| tx.send(m).is_ok()).unwrap_or(false);
+                    if !sent {
+                        return Err("volume thread stopped".into());
+                    }
+                }
+                ClientMsg::Query { qid, query } => {
+                    let srv = self.clone();
+                    let out = out.clone();
+                    tokio::spawn(async move { srv.query(qid, query, out).await });
+                }
+                ClientMsg::Subscribe { from_seq } => {
+                    let srv = self.clone();
+                    let out = out.clone();
+                    tokio::spawn(async move { srv.subscribe(from_seq, out).await });
+                }
+                ClientMsg::Ping { nonce } => send(out, &ServerMsg::Pong { nonce }),
+                ClientMsg::Hello(_) => {
+                    send(out, &ServerMsg::Refused { reason: RefuseReason::Protocol, message: "second Hello".into() });
+                    return Err("second Hello".into());
+                }
+            }
+        }
+    }
+}
+
+struct Writer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    /// Send what is queued, then close; streams still running see a closed channel.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+async fn refuse(out: &Arc<Out>, writer: Writer, reason: RefuseReason, message: &str) -> Result<(), String> {
+    send(out, &ServerMsg::Refused { reason, message: message.to_string() });
+    writer.finish().await;
+    Err(format!("refused: {message}"))
+}
+
+/// Queue a small message on the reply channel.
+pub(crate) fn send(out: &Out, msg: &ServerMsg) {
+    if let Ok(f) = encode_frame(msg) {
+        let _ = out.replies.send(f);
+    }
+}
+
+/// Read one frame; `Malformed("eof")` on a clean end of stream.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    rd: &mut R,
+    counters: &Counters,
+) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    if let Err(e) = rd.read_exact(&mut len).await {
+        return Err(FrameError::Malformed(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            "eof".into()
+        } else {
+            e.to_string()
+        }));
+    }
+    let n = check_len(u32::from_be_bytes(len))?;
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).await.map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Counters::add(&counters.bytes_in, 4 + n as u64);
+    decode_frame(&body)
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut replies: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut bulk: mpsc::Receiver<Vec<u8>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    counters: Arc<Counters>,
+) {
+    let mut open = (true, true);
+    while open.0 || open.1 {
+        let frame = tokio::select! {
+            biased;
+            f = replies.recv(), if open.0 => match f { Some(f) => f, None => { open.0 = false; continue } },
+            f = bulk.recv(), if open.1 => match f { Some(f) => f, None => { open.1 = false; continue } },
+            _ = &mut stop => {
+                while let Ok(f) = replies.try_recv() {
+                    if wr.write_all(&f).await.is_err() {
+                        return;
+                    }
+                }
+                break;
+            }
+        };
+        if wr.write_all(&frame).await.is_err() {
+            return;
+        }
+        Counters::add(&counters.bytes_out, frame.len() as u64);
+        // Flush when nothing else is queued, so replies are not held back.
+        if replies.is_empty() && bulk.is_empty() && wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

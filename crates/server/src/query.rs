@@ -1,0 +1,142 @@
+//! Queries and streams: metadata from the store, file data by handle
+//! (hole-aware, chunked, back-pressured), snapshots and the record stream.
+
+use crate::net::Out;
+use crate::server::Server;
+use crate::sys;
+use izo_journal::StoredRecord;
+use izo_proto::*;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+/// Largest data chunk per read frame.
+const CHUNK: u64 = 1 << 20;
+
+fn answer(qid: u64, result: Result<QueryReply, OpError>) -> Vec<u8> {
+    encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_default()
+}
+
+impl Server {
+    pub(crate) async fn query(self: Arc<Self>, qid: u64, query: Query, out: Arc<Out>) {
+        let srv = self.clone();
+        let bulk = out.bulk.clone();
+        let res = tokio::task::spawn_blocking(move || srv.query_blocking(qid, query, &bulk)).await;
+        let frame = match res {
+            Ok(Ok(Some(reply))) => answer(qid, Ok(reply)),
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => answer(qid, Err(e)),
+            Err(e) => answer(qid, Err(OpError::Transient(format!("query task failed: {e}")))),
+        };
+        let _ = out.bulk.send(frame).await;
+    }
+
+    /// Answer a query; streamed answers go out through `bulk` and the final
+    /// frame is returned.
+    fn query_blocking(
+        &self,
+        qid: u64,
+        q: Query,
+        bulk: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<Option<QueryReply>, OpError> {
+        let store = &self.shared.store;
+        let stream = |r: QueryReply| {
+            bulk.blocking_send(answer(qid, Ok(r))).map_err(|_| OpError::Transient("connection closed".into()))
+        };
+        Ok(Some(match q {
+            Query::Lookup { parent, name } => QueryReply::Attr(store.lookup(parent, &name)?),
+            Query::GetAttr { id } => QueryReply::Attr(store.getattr(id)?),
+            Query::ReadDir { id, cookie, max } => {
+                let (entries, done) = store.readdir(id, cookie, max)?;
+                QueryReply::Entries { entries, done }
+            }
+            Query::ReadLink { id } => QueryReply::Target(store.readlink(id)?),
+            Query::ListXattr { id } => QueryReply::Xattrs(store.xattrs(id)?),
+            Query::BlockHashes { id } => {
+                crate::hash::rehash(store, self.shared.root.as_fd(), id).map_err(OpError::Transient)?;
+                let row = store.object(id)?;
+                QueryReply::Hashes { version: row.versions.data, blocks: row.blocks }
+            }
+            Query::Stats => QueryReply::Stats(self.counters()),
+            Query::Read { id, offset, len } => {
+                self.read_stream(id, offset, len, &stream)?;
+                QueryReply::End { seq: *self.shared.applied.borrow() }
+            }
+            Query::Snapshot => {
+                let seq = store.snapshot(|e| stream(QueryReply::SnapshotEntry(e)))?;
+                QueryReply::End { seq }
+            }
+        }))
+    }
+
+    fn read_stream(
+        &self,
+        id: ObjectId,
+        offset: u64,
+        len: u64,
+        stream: &dyn Fn(QueryReply) -> Result<(), OpError>,
+    ) -> Result<(), OpError> {
+        let row = self.shared.store.object(id)?;
+        if row.kind != FileKind::File {
+            return Err(OpError::Invalid(format!("{id} is not a regular file")));
+        }
+        let io = |e: std::io::Error| OpError::Transient(format!("reading {id}: {e}"));
+        let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(io)?;
+        let size = sys::fstatat(fd.as_fd(), b"").map_err(io)?.st_size as u64;
+        let end = offset.saturating_add(len).min(size);
+        let mut pos = offset;
+        let mut buf = Vec::new();
+        while pos < end {
+            let data = sys::seek(fd.as_fd(), pos, libc::SEEK_DATA).map_err(io)?.unwrap_or(end).min(end);
+            if data > pos {
+                stream(QueryReply::Hole { offset: pos, len: data - pos })?;
+                pos = data;
+                continue;
+            }
+            let hole = sys::seek(fd.as_fd(), pos, libc::SEEK_HOLE).map_err(io)?.unwrap_or(end);
+            let stop = hole.min(end).min(pos + CHUNK);
+            buf.resize((stop - pos) as usize, 0);
+            let n = sys::pread(fd.as_fd(), &mut buf, pos).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            stream(QueryReply::Data { offset: pos, bytes: buf[..n].to_vec() })?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Stream records after `from_seq` as they are applied, until the
+    /// connection closes.
+    pub(crate) async fn subscribe(self: Arc<Self>, from_seq: Seq, out: Arc<Out>) {
+        let store = self.shared.store.clone();
+        let mut applied = self.shared.applied.clone();
+        let mut next = from_seq + 1;
+        loop {
+            let upto = *applied.borrow_and_update();
+            while next <= upto {
+                let st = store.clone();
+                let recs = tokio::task::spawn_blocking(move || st.records_from(next, 512)).await;
+                let recs: Vec<StoredRecord> = match recs {
+                    Ok(Ok(r)) => r,
+                    _ => return,
+                };
+                if recs.first().map(|r| r.record.seq) != Some(next) {
+                    let oldest = store.retained_from().unwrap_or(next);
+                    let _ =
+                        out.bulk.send(encode_frame(&ServerMsg::SnapshotRequired { oldest }).unwrap_or_default()).await;
+                    return;
+                }
+                for r in recs.into_iter().take_while(|r| r.record.seq <= upto) {
+                    next = r.record.seq + 1;
+                    let frame = encode_frame(&ServerMsg::Record(r.record)).unwrap_or_default();
+                    if out.bulk.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if applied.changed().await.is_err() || out.bulk.is_closed() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Opening a volume: state dir, store, tree, crash replay, the actor thread.
+
+use crate::auth::Tokens;
+use crate::config::ServerConfig;
+use crate::counters::Counters;
+use crate::hint::Hint;
+use crate::testhooks::TestHooks;
+use crate::tree::Tree;
+use crate::volume::{Actor, Mutation, Shared, Tuning};
+use crate::{sys, tls, ServerError};
+use izo_journal::Store;
+use izo_proto::{ObjectId, Timestamp};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running volume server.
+pub struct Server {
+    /// Volume name.
+    pub volume: String,
+    /// Certificate fingerprint clients pin.
+    pub fingerprint: String,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tx: Mutex<mpsc::Sender<Mutation>>,
+    pub(crate) tokens: Tokens,
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Server {
+    /// Open the volume described by `cfg`: create or load its state,
+    /// replay the journal, and start the actor thread.
+    pub fn open(cfg: &ServerConfig) -> Result<Arc<Server>, ServerError> {
+        let export = &cfg.export;
+        let meta = std::fs::metadata(export)
+            .map_err(|e| ServerError::io(format!("export directory {}", export.display()), e))?;
+        if !meta.is_dir() {
+            return Err(ServerError::Config(format!("export {} is not a directory", export.display())));
+        }
+        let state = cfg.state_path();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state)
+            .map_err(|e| ServerError::io(format!("creating state dir {}", state.display()), e))?;
+        let root = (
+            meta.mode() & 0o7777,
+            meta.uid(),
+            meta.gid(),
+            Timestamp { secs: meta.mtime(), nsec: meta.mtime_nsec() as u32 },
+        );
+        let store = Arc::new(Store::open(&state.join("volume.redb"), root)?);
+        let mut tree =
+            Tree::open(export).map_err(|e| ServerError::io(format!("opening export {}", export.display()), e))?;
+        let rh = tree.root_handle().map_err(|e| {
+            ServerError::io(
+                format!("file handle of {} (the server needs root for open_by_handle_at)", export.display()),
+                e,
+            )
+        })?;
+        if store.object(ObjectId::ROOT).map(|r| r.handle != rh).unwrap_or(true) {
+            store.set_handle(ObjectId::ROOT, &rh)?;
+        }
+        let hooks = TestHooks::from_env();
+        let counters = Arc::new(Counters::default());
+        let (mut hint, saved) = Hint::open(&state.join("applied"), !hooks.no_hint)
+            .map_err(|e| ServerError::io(format!("applied hint in {}", state.display()), e))?;
+        let replayed = crate::replay::replay(&store, &mut tree, saved, &counters)
+            .map_err(|e| ServerError::Config(format!("replay: {e}")))?;
+        let readonly = !replayed.left.is_empty();
+        if !readonly {
+            sys::syncfs(tree.root()).map_err(|e| ServerError::io("syncfs after replay", e))?;
+            store.set_checkpoint(store.head())?;
+            tree.clear_stage().map_err(|e| ServerError::io("clearing the stage directory", e))?;
+        }
+        hint.set(replayed.applied);
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(replayed.applied);
+        let root_fd = tree.root().try_clone_to_owned().map_err(|e| ServerError::io("dup export fd", e))?;
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            counters,
+            applied: applied_rx,
+            readonly: AtomicBool::new(readonly),
+            root: root_fd,
+        });
+        let identity = tls::load_or_create(&state)?;
+        let fingerprint = tls::fingerprint(&identity.cert);
+        let acceptor = tls::acceptor(&identity)?;
+        let tuning = Tuning {
+            retain_records: cfg.retain_records,
+            retain_age: Duration::from_secs(cfg.retain_secs),
+            checkpoint_every: Duration::from_millis(cfg.checkpoint_ms),
+            ..Tuning::default()
+        };
+        let mut dirty = HashMap::new();
+        for id in store.stale_objects().unwrap_or_default() {
+            dirty.insert(id, Instant::now());
+        }
+        let actor = Actor {
+            store: store.clone(),
+            tree,
+            shared: shared.clone(),
+            applied_tx,
+            hint,
+            hooks,
+            tuning,
+            pending: replayed.left.into(),
+            staged_writes: Vec::new(),
+            dirty,
+            last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now()),
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("izo-volume".into())
+            .spawn(move || actor.run(rx))
+            .map_err(|e| ServerError::io("starting the volume thread", e))?;
+        let _ = shared.root.as_fd();
+        Ok(Arc::new(Server {
+            volume: cfg.volume_name(),
+            fingerprint,
+            shared,
+            tx: Mutex::new(tx),
+            tokens: Tokens::new(&state),
+            acceptor,
+        }))
+    }
+
+    /// Server counters by name.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        self.shared.counters.snapshot()
+    }
+
+    /// Volume incarnation.
+    pub fn incarnation(&self) -> u128 {
+        self.shared.store.incarnation()
+    }
+
+    /// Whether the volume refuses mutations after a failed apply or replay.
+    pub fn is_readonly(&self) -> bool {
+        self.shared.readonly.load(std::sync::atomic::Ordering::Acquire)
+    }
+}

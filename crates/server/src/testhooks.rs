@@ -1,0 +1,59 @@
+//! Test-only switches, read from the environment once at start. They exist
+//! to inject faults (a crash at a chosen point) and to prove that tests
+//! catch a broken mechanism (no reply cache); production never sets them.
+
+/// Where to crash the process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrashAt {
+    /// After committing a batch holding this op kind, before applying it.
+    Commit(String),
+    /// After applying a batch holding this op kind, before the next checkpoint.
+    Apply(String),
+}
+
+/// The switches.
+#[derive(Clone, Debug, Default)]
+pub struct TestHooks {
+    /// `IZO_TEST_CRASH=commit:<op>|apply:<op>`.
+    pub crash: Option<CrashAt>,
+    /// `IZO_TEST_NO_HINT=1`: never write the applied-seq hint (replay from the checkpoint).
+    pub no_hint: bool,
+    /// `IZO_TEST_NO_REPLY_CACHE=1`: treat resent ops as new ones.
+    pub no_reply_cache: bool,
+    /// `IZO_TEST_NO_CHECKPOINT=1`: never checkpoint while running.
+    pub no_checkpoint: bool,
+}
+
+impl TestHooks {
+    /// Read the switches from the environment.
+    pub fn from_env() -> Self {
+        let flag = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let crash = std::env::var("IZO_TEST_CRASH").ok().and_then(|v| {
+            let (at, op) = v.split_once(':')?;
+            match at {
+                "commit" => Some(CrashAt::Commit(op.to_string())),
+                "apply" => Some(CrashAt::Apply(op.to_string())),
+                _ => None,
+            }
+        });
+        TestHooks {
+            crash,
+            no_hint: flag("IZO_TEST_NO_HINT"),
+            no_reply_cache: flag("IZO_TEST_NO_REPLY_CACHE"),
+            no_checkpoint: flag("IZO_TEST_NO_CHECKPOINT"),
+        }
+    }
+
+    /// Kill the process here if the switch names this point and op kind.
+    pub fn maybe_crash(&self, at_commit: bool, kinds: &[&str]) {
+        let hit = match &self.crash {
+            Some(CrashAt::Commit(k)) => at_commit && kinds.contains(&k.as_str()),
+            Some(CrashAt::Apply(k)) => !at_commit && kinds.contains(&k.as_str()),
+            None => false,
+        };
+        if hit {
+            eprintln!("izo: test hook crash ({:?})", self.crash);
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}

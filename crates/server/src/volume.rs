@@ -1,0 +1,352 @@
+//! The volume actor: one thread owns the tree and the write side of the
+//! store. It takes mutations in batches, validates and records them in one
+//! transaction (the group commit and ack point), applies them in place,
+//! then answers. Checkpoints, retention and rehashing run between batches.
+
+use crate::counters::Counters;
+use crate::hint::Hint;
+use crate::testhooks::TestHooks;
+use crate::tree::{write_stage_name, Tree};
+use crate::{sys, ServerError};
+use izo_journal::{Store, StoredRecord};
+use izo_proto::*;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Sender of encoded frames to one connection.
+pub type FrameTx = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
+
+/// A mutation on its way to the actor.
+pub struct Mutation {
+    /// Origin replica.
+    pub replica: ReplicaId,
+    /// Client seq.
+    pub cseq: u64,
+    /// Replies through this client seq are durable at the client.
+    pub acked_through: u64,
+    /// The op.
+    pub op: Op,
+    /// Where the reply frame goes.
+    pub reply: FrameTx,
+}
+
+/// Retention and checkpoint settings.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Keep at most this many records.
+    pub retain_records: u64,
+    /// Keep records at most this long.
+    pub retain_age: Duration,
+    /// Checkpoint (syncfs + durable mark) this often when there is new work.
+    pub checkpoint_every: Duration,
+    /// Largest batch per group commit.
+    pub max_batch: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            retain_records: 1_000_000,
+            retain_age: Duration::from_secs(7 * 24 * 3600),
+            checkpoint_every: Duration::from_secs(2),
+            max_batch: 2048,
+        }
+    }
+}
+
+/// State shared between the actor and connection tasks.
+pub struct Shared {
+    /// The metadata store (read side used by connections).
+    pub store: Arc<Store>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Highest seq applied to the tree.
+    pub applied: watch::Receiver<Seq>,
+    /// Set while a record failed to apply: mutations are refused.
+    pub readonly: AtomicBool,
+    /// The export root (for reads by handle).
+    pub root: std::os::fd::OwnedFd,
+}
+
+pub(crate) struct Actor {
+    pub store: Arc<Store>,
+    pub tree: Tree,
+    pub shared: Arc<Shared>,
+    pub applied_tx: watch::Sender<Seq>,
+    pub hint: Hint,
+    pub hooks: TestHooks,
+    pub tuning: Tuning,
+    pub pending: VecDeque<StoredRecord>,
+    pub staged_writes: Vec<(Seq, Vec<u8>)>,
+    pub dirty: HashMap<ObjectId, Instant>,
+    pub last_checkpoint: (Seq, Instant),
+}
+
+fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
+    encode_frame(&ServerMsg::Reply { cseq, result }).unwrap_or_default()
+}
+
+impl Actor {
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Mutation>) {
+        let tick = Duration::from_millis(200);
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            if let Some(first) = first {
+                let mut batch = vec![first];
+                while batch.len() < self.tuning.max_batch {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                self.process(batch);
+            }
+            self.housekeeping();
+        }
+        self.checkpoint();
+    }
+
+    fn refuse_all(batch: Vec<Mutation>, e: &ServerError) {
+        for m in batch {
+            let _ = m.reply.send(reply_frame(m.cseq, Err(OpError::Transient(e.to_string()))));
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Mutation>) {
+        match self.record(&batch) {
+            Ok((records, outs)) => {
+                let kinds: Vec<&str> = records.iter().map(|r| r.record.op.kind()).collect();
+                self.hooks.maybe_crash(true, &kinds);
+                self.apply_all(records);
+                self.hooks.maybe_crash(false, &kinds);
+                self.applied_tx.send_replace(self.hint.seq());
+                for (tx, frame) in outs {
+                    let _ = tx.send(frame);
+                }
+            }
+            Err(e) => {
+                tracing::error!("batch failed before commit: {e}");
+                for m in &batch {
+                    self.tree.unstage(&m.op);
+                }
+                Self::refuse_all(batch, &e);
+            }
+        }
+    }
+
+    /// Validate, stage and record a batch; commit it durably.
+    #[allow(clippy::type_complexity)]
+    fn record(&mut self, batch: &[Mutation]) -> Result<(Vec<StoredRecord>, Vec<(FrameTx, Vec<u8>)>), ServerError> {
+        let store = self.store.clone();
+        let mut b = store.batch()?;
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut staged_any = false;
+        let readonly = self.shared.readonly.load(Ordering::Acquire);
+        for m in batch {
+            let last = b.replica_last(m.replica)?;
+            if m.cseq <= last && !self.hooks.no_reply_cache {
+                Counters::add(&self.shared.counters.reply_cache_hits, 1);
+                let frame = match b.cached_reply(m.replica, m.cseq)? {
+                    Some(f) => f,
+                    None => reply_frame(m.cseq, Err(OpError::ReplyExpired(m.cseq))),
+                };
+                outs.push((m.reply.clone(), frame));
+                continue;
+            }
+            let result = if readonly {
+                Err(OpError::ReadOnly("a journal record failed to apply; see the server log".into()))
+            } else {
+                self.record_one(&mut b, m, &mut staged_any)
+            };
+            let frame = reply_frame(m.cseq, result);
+            if m.cseq > last {
+                b.put_reply(m.replica, m.cseq, &frame)?;
+            }
+            if m.acked_through > 0 {
+                b.release_replies(m.replica, m.acked_through.min(m.cseq.saturating_sub(1)))?;
+            }
+            outs.push((m.reply.clone(), frame));
+        }
+        if staged_any {
+            sys::fsync(self.tree.stage()).map_err(|e| ServerError::io("fsync stage directory", e))?;
+            Counters::add(&self.shared.counters.fsyncs, 1);
+        }
+        let records = b.commit(true)?;
+        Counters::add(&self.shared.counters.fsyncs, 1);
+        Counters::add(&self.shared.counters.batches, 1);
+        Counters::add(&self.shared.counters.records, records.len() as u64);
+        Ok((records, outs))
+    }
+
+    fn record_one(&mut self, b: &mut izo_journal::Batch<'_>, m: &Mutation, staged_any: &mut bool) -> MutateResult {
+        let time = Timestamp::now();
+        if let Op::Create { parent, name, .. }
+        | Op::Mkdir { parent, name, .. }
+        | Op::Symlink { parent, name, .. }
+        | Op::Mknod { parent, name, .. }
+        | Op::Link { parent, name, .. } = &m.op
+        {
+            if *parent == ObjectId::ROOT && name.as_slice() == crate::tree::STAGE_DIR {
+                return Err(OpError::Invalid("name .izo-stage is reserved at the volume root".into()));
+            }
+        }
+        if let Op::Rename { new_parent, new_name, .. } = &m.op {
+            if *new_parent == ObjectId::ROOT && new_name.as_slice() == crate::tree::STAGE_DIR {
+                return Err(OpError::Invalid("name .izo-stage is reserved at the volume root".into()));
+            }
+        }
+        let origin = Origin::Replica(m.replica, m.cseq);
+        let handle = match self.tree.stage_new(&m.op, time) {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(OpError::Invalid("object id already in use".into()))
+            }
+            Err(e) => return Err(OpError::Transient(format!("staging new inode: {e}"))),
+        };
+        *staged_any |= handle.is_some();
+        let large = matches!(&m.op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
+        if let (true, Op::Write { data, .. }) = (large, &m.op) {
+            let name = write_stage_name(origin, 0);
+            if let Err(e) = self.tree.stage_write(&name, data) {
+                return Err(OpError::Transient(format!("staging write: {e}")));
+            }
+            Counters::add(&self.shared.counters.fsyncs, 1);
+            *staged_any = true;
+        }
+        match b.execute(origin, m.op.clone(), time) {
+            Ok(applied) => {
+                if let (Some(h), Some(id)) = (handle, new_id(&m.op)) {
+                    b.set_handle(id, h).map_err(OpError::from)?;
+                }
+                if large {
+                    self.staged_writes.push((applied.seq, write_stage_name(origin, 0)));
+                }
+                Ok(applied)
+            }
+            Err(e) => {
+                self.tree.unstage(&m.op);
+                if large {
+                    let _ = sys::unlinkat(self.tree.stage(), &write_stage_name(origin, 0), false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Apply records in order; on the first failure keep the rest pending
+    /// and turn the volume read-only until a retry succeeds.
+    fn apply_all(&mut self, records: Vec<StoredRecord>) {
+        // Records left from a failed apply or replay are retried state-checked.
+        let retry = !self.pending.is_empty();
+        self.pending.extend(records);
+        while let Some(rec) = self.pending.pop_front() {
+            match self.tree.apply(&rec, retry) {
+                Ok(_) => {
+                    Counters::add(&self.shared.counters.ops_applied, 1);
+                    self.note_dirty(&rec);
+                    self.hint.set(rec.record.seq);
+                }
+                Err(e) => {
+                    tracing::error!("apply of seq {} failed: {e}; volume read-only until it succeeds", rec.record.seq);
+                    self.pending.push_front(rec);
+                    self.shared.readonly.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        self.shared.readonly.store(false, Ordering::Release);
+    }
+
+    fn note_dirty(&mut self, rec: &StoredRecord) {
+        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
+            &rec.record.op
+        {
+            self.dirty.insert(*id, Instant::now());
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if !self.pending.is_empty() {
+            self.apply_all(Vec::new());
+            self.applied_tx.send_replace(self.hint.seq());
+        }
+        if self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every && !self.hooks.no_checkpoint {
+            self.checkpoint();
+        }
+        self.rehash_quiet();
+    }
+
+    /// syncfs the export, then record the checkpoint durably; drop what only
+    /// replay needed.
+    pub(crate) fn checkpoint(&mut self) {
+        let seq = self.hint.seq();
+        self.last_checkpoint.1 = Instant::now();
+        if seq <= self.last_checkpoint.0 || !self.pending.is_empty() {
+            return;
+        }
+        if let Err(e) = sys::syncfs(self.tree.root()) {
+            tracing::error!("syncfs of the export failed: {e}");
+            return;
+        }
+        Counters::add(&self.shared.counters.fsyncs, 1);
+        if let Err(e) = self.store.set_checkpoint(seq) {
+            tracing::error!("writing checkpoint failed: {e}");
+            return;
+        }
+        Counters::add(&self.shared.counters.fsyncs, 1);
+        self.last_checkpoint.0 = seq;
+        self.staged_writes.retain(|(s, name)| {
+            if *s <= seq {
+                let _ = sys::unlinkat(self.tree.stage(), name, false);
+                false
+            } else {
+                true
+            }
+        });
+        self.retention();
+    }
+
+    fn retention(&mut self) {
+        let head = self.store.head();
+        let mut through = head.saturating_sub(self.tuning.retain_records);
+        if let Ok(recs) = self.store.retained_from().and_then(|from| self.store.records_from(from, 4096)) {
+            let now = Timestamp::now().secs;
+            let age = self.tuning.retain_age.as_secs() as i64;
+            for r in recs.iter().take_while(|r| now - r.record.time.secs > age) {
+                through = through.max(r.record.seq);
+            }
+        }
+        if through > 0 {
+            if let Err(e) = self.store.prune(through) {
+                tracing::warn!("pruning the journal failed: {e}");
+            }
+        }
+    }
+
+    fn rehash_quiet(&mut self) {
+        let quiet: Vec<ObjectId> =
+            self.dirty.iter().filter(|(_, t)| t.elapsed() >= Duration::from_secs(1)).map(|(id, _)| *id).collect();
+        for id in quiet {
+            self.dirty.remove(&id);
+            if let Err(e) = crate::hash::rehash(&self.store, self.tree.root().as_fd(), id) {
+                tracing::debug!("rehash of {id} deferred: {e}");
+            }
+        }
+    }
+}
+
+fn new_id(op: &Op) -> Option<ObjectId> {
+    match op {
+        Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => Some(*id),
+        _ => None,
+    }
+}
