@@ -1,1 +1,44 @@
-fn main() {}
+//! `izo`: the intermezzo command line. Glue over the library crates.
+
+mod demo;
+mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "izo", version, about = "intermezzo: a distributed file system with disconnected operation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Export a directory as a volume.
+    Serve(serve::ServeArgs),
+    /// Manage access tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: serve::TokenCmd,
+    },
+    /// Start a server on a temporary export and run a short client session.
+    Demo(demo::DemoArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IZO_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r: Result<()> = match cli.cmd {
+        Cmd::Serve(a) => serve::run(a),
+        Cmd::Token { cmd } => serve::token(cmd),
+        Cmd::Demo(a) => demo::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("izo: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,119 @@
+//! `izo serve` and `izo token`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use izo_server::auth::{Rights, Tokens};
+use izo_server::{Server, ServerConfig};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Directory to export (the master copy).
+    export: Option<PathBuf>,
+    /// TOML config file with a [server] section.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7227; use 0.0.0.0:7227 for other hosts).
+    #[arg(long)]
+    listen: Option<String>,
+    /// State dir (database, keys, tokens).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Volume name (default: the export's base name).
+    #[arg(long)]
+    volume: Option<String>,
+    /// Keep at most this many journal records.
+    #[arg(long)]
+    retain_records: Option<u64>,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long)]
+    checkpoint_ms: Option<u64>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<ServerConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => ServerConfig::from_file(p).map_err(anyhow::Error::msg)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(e) = &self.export {
+            cfg.export = e.clone();
+        }
+        if let Some(l) = &self.listen {
+            cfg.listen = l.clone();
+        }
+        if let Some(s) = &self.state {
+            cfg.state_dir = Some(s.clone());
+        }
+        if let Some(v) = &self.volume {
+            cfg.volume = Some(v.clone());
+        }
+        if let Some(n) = self.retain_records {
+            cfg.retain_records = n;
+        }
+        if let Some(n) = self.checkpoint_ms {
+            cfg.checkpoint_ms = n;
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let server = Server::open(&cfg).with_context(|| format!("opening volume from {}", cfg.export.display()))?;
+        let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| {
+            format!("listening on {} (is another server running? pick one with --listen)", cfg.listen)
+        })?;
+        let addr = listener.local_addr().context("local address")?;
+        let export = std::fs::canonicalize(&cfg.export).unwrap_or(cfg.export.clone());
+        println!("izo: serving volume {:?} from {}", server.volume, export.display());
+        println!("izo: listening on {addr}");
+        println!("izo: certificate fingerprint {}", server.fingerprint);
+        println!(
+            "izo: state in {}; create a token with `izo token create --state {} --volume {}`",
+            cfg.state_path().display(),
+            cfg.state_path().display(),
+            server.volume
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        server.serve(listener).await.context("serving")
+    })
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a token and print it (only its hash is stored).
+    Create {
+        /// Volume the token is for.
+        #[arg(long)]
+        volume: String,
+        /// The server's state dir.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Read-only token.
+        #[arg(long)]
+        ro: bool,
+        /// A label to recognise the token by.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+}
+
+pub fn token(cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { volume, state, ro, label } => {
+            let cfg = ServerConfig { state_dir: state, volume: Some(volume.clone()), ..ServerConfig::default() };
+            let dir = cfg.state_path();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating state dir {}", dir.display()))?;
+            let rights = if ro { Rights::Ro } else { Rights::Rw };
+            let t = Tokens::new(&dir)
+                .create(&volume, rights, &label)
+                .with_context(|| format!("writing {}/tokens.toml", dir.display()))?;
+            println!("{t}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! One live connection at a time: TLS connect and handshake, the reader
+//! that routes answers, heartbeats, and reconnect with resend of every
+//! unanswered mutation in client-seq order (the server answers those it
+//! already applied from its reply cache).
+
+use crate::{lock, ClientError, Inner, StreamEvent};
+use izo_proto::codec::check_len;
+use izo_proto::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+
+type Tls = TlsStream<TcpStream>;
+
+/// A handshaken connection, not yet installed.
+pub(crate) struct Live {
+    rd: ReadHalf<Tls>,
+    wr: WriteHalf<Tls>,
+}
+
+pub(crate) fn mutate_frame(cseq: u64, acked_through: u64, op: &Op) -> Vec<u8> {
+    encode_frame(&ClientMsg::Mutate { cseq, acked_through, op: op.clone() }).unwrap_or_default()
+}
+
+async fn read_msg(rd: &mut ReadHalf<Tls>, inner: &Inner) -> Result<ServerMsg, String> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let n = check_len(u32::from_be_bytes(len)).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    inner.bytes_in.fetch_add(4 + n as u64, Ordering::Relaxed);
+    decode_frame(&body).map_err(|e| e.to_string())
+}
+
+/// Connect and handshake once.
+pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
+    let cfg = &inner.cfg;
+    let cerr = |why: String| ClientError::Connect { addr: cfg.addr.clone(), why };
+    let connector =
+        crate::tls::connector(cfg.fingerprint.clone(), inner.seen_fp.clone()).map_err(|e| cerr(e.to_string()))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&cfg.addr))
+        .await
+        .map_err(|_| cerr("timed out".into()))?
+        .map_err(|e| cerr(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from("intermezzo").map_err(|e| cerr(e.to_string()))?;
+    let tls = tokio::time::timeout(Duration::from_secs(3), connector.connect(name, tcp))
+        .await
+        .map_err(|_| cerr("TLS handshake timed out".into()))?
+        .map_err(|e| cerr(format!("TLS: {e}")))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let answered = lock(&inner.state).answered_through;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: cfg.volume.clone(),
+        token: cfg.token.clone(),
+        replica: cfg.replica,
+        last_acked: answered,
+    };
+    let frame = encode_frame(&ClientMsg::Hello(hello)).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    wr.write_all(&frame).await.map_err(|e| cerr(e.to_string()))?;
+    wr.flush().await.map_err(|e| cerr(e.to_string()))?;
+    let msg = tokio::time::timeout(Duration::from_secs(5), read_msg(&mut rd, inner))
+        .await
+        .map_err(|_| cerr("no handshake answer within 5 s".into()))?
+        .map_err(cerr)?;
+    match msg {
+        ServerMsg::Welcome(w) => {
+            let mut prev = lock(&inner.welcome);
+            if let Some(p) = prev.as_ref() {
+                if p.incarnation != w.incarnation {
+                    return Err(ClientError::Protocol(
+                        "the volume was recreated or restored (new incarnation); resync needed".into(),
+                    ));
+                }
+            }
+            *prev = Some(w);
+            Ok(Live { rd, wr })
+        }
+        ServerMsg::Refused { reason, message } => Err(ClientError::Refused { reason, message }),
+        other => Err(ClientError::Protocol(format!("unexpected handshake answer {other:?}"))),
+    }
+}
+
+/// Install a live connection: resend what is unanswered, resubscribe.
+fn install(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat));
+    let mut st = lock(&inner.state);
+    for (cseq, (op, _)) in st.unanswered.iter() {
+        let f = mutate_frame(*cseq, st.answered_through, op);
+        inner.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
+        let _ = tx.send(f);
+    }
+    if let Some((from, _)) = &st.sub {
+        if let Ok(f) = encode_frame(&ClientMsg::Subscribe { from_seq: *from }) {
+            let _ = tx.send(f);
+        }
+    }
+    st.conn = Some(tx);
+    handle
+}
+
+async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, heartbeat: Duration) {
+    let mut nonce = 0u64;
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => match f { Some(f) => f, None => break },
+            _ = tokio::time::sleep(heartbeat) => {
+                nonce += 1;
+                encode_frame(&ClientMsg::Ping { nonce }).unwrap_or_default()
+            }
+        };
+        if wr.write_all(&frame).await.is_err() {
+            break;
+        }
+        if rx.is_empty() && wr.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Route answers until the connection fails or goes silent.
+async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), ClientError> {
+    loop {
+        if inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let msg = match tokio::time::timeout(inner.cfg.silence, read_msg(&mut rd, inner)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(ClientError::Protocol(e)),
+            Err(_) => return Err(ClientError::Protocol("server silent".into())),
+        };
+        match msg {
+            ServerMsg::Reply { cseq, result } => {
+                let mut st = lock(&inner.state);
+                if let Some((_, waiter)) = st.unanswered.remove(&cseq) {
+                    inner.window.add_permits(1);
+                    if let Some(w) = waiter {
+                        let _ = w.send(result);
+                    }
+                }
+                let first_open = st.unanswered.keys().next().copied().unwrap_or(st.next_cseq);
+                st.answered_through = st.answered_through.max(first_open - 1);
+            }
+            ServerMsg::Answer { qid, result } => {
+                let streaming = matches!(
+                    result,
+                    Ok(QueryReply::Data { .. }) | Ok(QueryReply::Hole { .. }) | Ok(QueryReply::SnapshotEntry(_))
+                );
+                let tx = {
+                    let mut st = lock(&inner.state);
+                    if streaming {
+                        st.queries.get(&qid).cloned()
+                    } else {
+                        st.queries.remove(&qid)
+                    }
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(result).await;
+                }
+            }
+            ServerMsg::Record(r) => {
+                let tx = {
+                    let mut st = lock(&inner.state);
+                    match st.sub.as_mut() {
+                        Some((last, tx)) => {
+                            *last = r.seq;
+                            Some(tx.clone())
+                        }
+                        None => None,
+                    }
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(StreamEvent::Record(r)).await;
+                }
+            }
+            ServerMsg::SnapshotRequired { oldest } => {
+                let tx = lock(&inner.state).sub.take().map(|(_, tx)| tx);
+                if let Some(tx) = tx {
+                    let _ = tx.send(StreamEvent::SnapshotRequired { oldest }).await;
+                }
+            }
+            ServerMsg::Pong { .. } => {}
+            ServerMsg::Refused { reason, message } => return Err(ClientError::Refused { reason, message }),
+            ServerMsg::Welcome(_) => return Err(ClientError::Protocol("second Welcome".into())),
+        }
+    }
+}
+
+fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
+    let mut st = lock(&inner.state);
+    st.fatal = Some(e.clone());
+    st.conn = None;
+    let err = match e {
+        ClientError::Op(o) => o.clone(),
+        other => OpError::Transient(other.to_string()),
+    };
+    for (_, (_, w)) in std::mem::take(&mut st.unanswered) {
+        inner.window.add_permits(1);
+        if let Some(w) = w {
+            let _ = w.send(Err(err.clone()));
+        }
+    }
+    st.queries.clear();
+    st.sub = None;
+}
+
+/// Keep a connection up until the client is closed.
+pub(crate) async fn supervise(inner: Arc<Inner>, first: Live) {
+    let mut live = Some(first);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if let Some(Live { rd, wr }) = live.take() {
+            backoff = Duration::from_millis(20);
+            let writer = install(&inner, wr);
+            let end = read_loop(&inner, rd).await;
+            {
+                let mut st = lock(&inner.state);
+                st.conn = None;
+                // Queries in flight are lost with the connection; callers retry.
+                st.queries.clear();
+            }
+            writer.abort();
+            if let Err(e @ ClientError::Refused { .. }) = end {
+                return fail_all(&inner, &e);
+            }
+        }
+        if inner.closed.load(Ordering::Acquire) {
+            return fail_all(&inner, &ClientError::Disconnected);
+        }
+        if !inner.cfg.reconnect {
+            return fail_all(&inner, &ClientError::Disconnected);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+        match establish(&inner).await {
+            Ok(l) => {
+                inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                live = Some(l);
+            }
+            Err(e @ ClientError::Refused { .. }) | Err(e @ ClientError::Protocol(_)) => return fail_all(&inner, &e),
+            Err(_) => {}
+        }
+    }
+}
