@@ -86,8 +86,20 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
     }
 }
 
+/// A connection installed as the client's current one.
+pub(crate) struct Installed {
+    rd: ReadHalf<Tls>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
 /// Install a live connection: resend what is unanswered, resubscribe.
-fn install(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn install(inner: &Arc<Inner>, live: Live) -> Installed {
+    let Live { rd, wr } = live;
+    let writer = install_writer(inner, wr);
+    Installed { rd, writer }
+}
+
+fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHandle<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat));
     let mut st = lock(&inner.state);
@@ -212,13 +224,12 @@ fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
 }
 
 /// Keep a connection up until the client is closed.
-pub(crate) async fn supervise(inner: Arc<Inner>, first: Live) {
-    let mut live = Some(first);
+pub(crate) async fn supervise(inner: Arc<Inner>, first: Installed) {
+    let mut current = Some(first);
     let mut backoff = Duration::from_millis(20);
     loop {
-        if let Some(Live { rd, wr }) = live.take() {
+        if let Some(Installed { rd, writer }) = current.take() {
             backoff = Duration::from_millis(20);
-            let writer = install(&inner, wr);
             let end = read_loop(&inner, rd).await;
             {
                 let mut st = lock(&inner.state);
@@ -242,7 +253,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, first: Live) {
         match establish(&inner).await {
             Ok(l) => {
                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                live = Some(l);
+                current = Some(install(&inner, l));
             }
             Err(e @ ClientError::Refused { .. }) | Err(e @ ClientError::Protocol(_)) => return fail_all(&inner, &e),
             Err(_) => {}

@@ -180,7 +180,8 @@ impl Client {
             closed: AtomicBool::new(false),
         });
         let live = conn::establish(&inner).await?;
-        tokio::spawn(conn::supervise(inner.clone(), live));
+        let installed = conn::install(&inner, live);
+        tokio::spawn(conn::supervise(inner.clone(), installed));
         Ok(Client { inner })
     }
 

@@ -1,0 +1,254 @@
+//! Test harness: servers in-process or as `izo serve` child processes on
+//! 127.0.0.1, tokens, and clients with the server's pinned fingerprint.
+
+use izo_client::{Client, ClientConfig};
+use izo_proto::*;
+use izo_server::auth::{Rights, Tokens};
+use izo_server::{Server, ServerConfig};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Temp dirs of one volume: export and state.
+pub struct Dirs {
+    pub _tmp: tempfile::TempDir,
+    pub export: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        let tmp = tempfile::Builder::new().prefix("izo-it-").tempdir().expect("temp dir");
+        let export = tmp.path().join("vol");
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(&export).expect("mkdir export");
+        Dirs { _tmp: tmp, export, state }
+    }
+
+    pub fn token(&self, rights: Rights) -> String {
+        std::fs::create_dir_all(&self.state).expect("state dir");
+        Tokens::new(&self.state).create("vol", rights, "test").expect("token")
+    }
+}
+
+/// A server running inside the test process.
+pub struct InProc {
+    pub dirs: Dirs,
+    pub server: Arc<Server>,
+    pub addr: String,
+    pub rw: String,
+    pub ro: String,
+}
+
+pub fn config(dirs: &Dirs) -> ServerConfig {
+    ServerConfig {
+        export: dirs.export.clone(),
+        state_dir: Some(dirs.state.clone()),
+        listen: "127.0.0.1:0".into(),
+        ..ServerConfig::default()
+    }
+}
+
+impl InProc {
+    pub async fn start() -> InProc {
+        Self::start_with(Dirs::new(), |_| {}).await
+    }
+
+    pub async fn start_with(dirs: Dirs, tweak: impl FnOnce(&mut ServerConfig)) -> InProc {
+        let mut cfg = config(&dirs);
+        tweak(&mut cfg);
+        let server = Server::open(&cfg).expect("server opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(server.clone().serve(listener));
+        let rw = dirs.token(Rights::Rw);
+        let ro = dirs.token(Rights::Ro);
+        InProc { dirs, server, addr, rw, ro }
+    }
+
+    pub fn client_config(&self, token: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(self.addr.clone(), "vol", token);
+        c.fingerprint = Some(self.server.fingerprint.clone());
+        c.silence = Duration::from_secs(5);
+        c
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.client_config(&self.rw)).await.expect("client connects")
+    }
+}
+
+/// Path of the `izo` binary under test.
+pub fn izo_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_izo"))
+}
+
+/// An `izo serve` child process.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub fingerprint: String,
+}
+
+impl Proc {
+    /// Start `izo serve` on `listen` with extra env; waits for its banner.
+    pub fn start(dirs: &Dirs, listen: &str, env: &[(&str, &str)]) -> Proc {
+        Self::start_cmd(dirs, listen, env, None)
+    }
+
+    pub fn start_cmd(dirs: &Dirs, listen: &str, env: &[(&str, &str)], wrap: Option<&[&str]>) -> Proc {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut cmd = match wrap {
+                Some(w) => {
+                    let mut c = Command::new(w[0]);
+                    c.args(&w[1..]).arg(izo_bin());
+                    c
+                }
+                None => Command::new(izo_bin()),
+            };
+            cmd.arg("serve")
+                .arg(&dirs.export)
+                .arg("--state")
+                .arg(&dirs.state)
+                .arg("--listen")
+                .arg(listen)
+                .arg("--volume")
+                .arg("vol")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let mut child = cmd.spawn().expect("spawn izo serve");
+            let stdout = child.stdout.take().expect("stdout");
+            let mut lines = BufReader::new(stdout).lines();
+            let (mut addr, mut fp) = (None, None);
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("izo: listening on ") {
+                    addr = Some(a.trim().to_string());
+                }
+                if let Some(f) = line.strip_prefix("izo: certificate fingerprint ") {
+                    fp = Some(f.trim().to_string());
+                }
+                if line.starts_with("izo: state in") {
+                    break;
+                }
+            }
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            if let (Some(addr), Some(fingerprint)) = (addr, fp) {
+                return Proc { child, addr, fingerprint };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "izo serve did not start on {listen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigkill(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn client_config(&self, token: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(self.addr.clone(), "vol", token);
+        c.fingerprint = Some(self.fingerprint.clone());
+        c
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Root attributes of an export, for a reference model.
+pub fn model_for(export: &Path) -> izo_testkit::Model {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(export).expect("stat export");
+    let t = Timestamp { secs: m.mtime(), nsec: m.mtime_nsec() as u32 };
+    izo_testkit::Model::new(m.mode() & 0o7777, m.uid(), m.gid(), t)
+}
+
+pub fn expect(id: ObjectId) -> Expect {
+    Expect { id, base: Versions::default() }
+}
+
+pub fn name(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// Value of a server counter.
+pub async fn stat(c: &Client, key: &str) -> u64 {
+    let s = c.server_stats().await.expect("stats");
+    s.into_iter().find(|(k, _)| k == key).map(|(_, v)| v).expect("counter exists")
+}
+
+/// A bare protocol connection: frames in and out, no resend logic. Used to
+/// resend an op by hand and to send malformed or foreign-version frames.
+pub struct Raw {
+    pub rd: tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    pub wr: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str, fingerprint: &str) -> Raw {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let conn = izo_client::tls::connector(Some(fingerprint.to_string()), seen).expect("connector");
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+        let name = rustls::pki_types::ServerName::try_from("intermezzo").expect("name");
+        let tls = conn.connect(name, tcp).await.expect("tls");
+        let (rd, wr) = tokio::io::split(tls);
+        Raw { rd, wr }
+    }
+
+    pub async fn hello(addr: &str, fingerprint: &str, token: &str, replica: ReplicaId) -> (Raw, ServerMsg) {
+        let mut r = Raw::connect(addr, fingerprint).await;
+        let h = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: token.into(), replica, last_acked: 0 };
+        r.send(&ClientMsg::Hello(h)).await;
+        let w = r.recv().await.expect("welcome");
+        (r, w)
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.wr.write_all(b).await.expect("write");
+        self.wr.flush().await.expect("flush");
+    }
+
+    pub async fn send(&mut self, m: &ClientMsg) {
+        let f = encode_frame(m).expect("encode");
+        self.send_bytes(&f).await;
+    }
+
+    /// Next message other than Pong; None on close. Returns raw body too.
+    pub async fn recv_raw(&mut self) -> Option<(ServerMsg, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut len = [0u8; 4];
+            let fut = self.rd.read_exact(&mut len);
+            tokio::time::timeout(Duration::from_secs(10), fut).await.ok()?.ok()?;
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            self.rd.read_exact(&mut body).await.ok()?;
+            let m: ServerMsg = decode_frame(&body).ok()?;
+            if !matches!(m, ServerMsg::Pong { .. }) {
+                return Some((m, body));
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Option<ServerMsg> {
+        self.recv_raw().await.map(|(m, _)| m)
+    }
+}

@@ -1,0 +1,10 @@
+//! One integration-test binary: real TLS on loopback, real redb files and
+//! export trees in temp dirs, real `izo serve` processes killed with SIGKILL.
+
+mod crash;
+mod harness;
+mod ops;
+mod replay;
+mod retention;
+mod security;
+mod wire;
