@@ -1,6 +1,7 @@
 //! `izo`: the intermezzo command line. Glue over the library crates.
 
 mod demo;
+mod log;
 mod serve;
 
 use anyhow::Result;
@@ -24,6 +25,8 @@ enum Cmd {
     },
     /// Start a server on a temporary export and run a short client session.
     Demo(demo::DemoArgs),
+    /// Print journal records of a stopped server.
+    Log(log::LogArgs),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Token { cmd } => serve::token(cmd),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Log(a) => log::run(a),
     };
     if let Err(e) = r {
         eprintln!("izo: error: {e:#}");

@@ -1,39 +1,59 @@
-//! The applied-seq hint: a tiny file rewritten (without fsync) after every
-//! applied record, stamped with the boot id. After a process crash the page
-//! cache survives, so the hint says exactly how far the tree got; after a
-//! machine crash the boot id differs and replay starts at the checkpoint.
+//! The applied marker: an empty file in the stage directory named
+//! `applied.<seq>`, renamed after every applied record. A rename is a
+//! metadata operation, and journaling file systems (ext4, XFS) commit
+//! metadata operations in order, so after any crash — process or machine —
+//! every namespace or attribute change made before the marker's rename is
+//! in the tree too. Replay therefore starts exactly after the marker for
+//! those records. Data writes are not ordered with metadata, so data
+//! records since the last checkpoint are redone (see replay).
 
 use crate::sys;
 use izo_proto::Seq;
-use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-/// The hint file and the last value written.
+const PREFIX: &str = "applied.";
+
+/// The marker and the seq it names.
 pub struct Hint {
-    file: Option<File>,
+    stage: OwnedFd,
     seq: Seq,
-    boot: [u8; 16],
+}
+
+fn marker(seq: Seq) -> Vec<u8> {
+    format!("{PREFIX}{seq}").into_bytes()
+}
+
+/// Whether a stage entry is the marker (kept when the stage is cleared).
+pub fn is_marker(name: &[u8]) -> bool {
+    name.starts_with(PREFIX.as_bytes())
 }
 
 impl Hint {
-    /// Open (or create) the hint at `path`; `enabled = false` writes nothing.
-    pub fn open(path: &Path, enabled: bool) -> io::Result<(Hint, Option<Seq>)> {
-        let boot = sys::boot_id();
-        let mut saved = None;
-        if let Ok(b) = std::fs::read(path) {
-            if b.len() == 24 && b[8..24] == boot {
-                saved = Some(u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8])));
+    /// Find the marker in `stage` (creating `applied.0` when there is none).
+    /// Returns the marker and the seq it names.
+    pub fn open(stage: BorrowedFd) -> io::Result<(Hint, Seq)> {
+        let stage = stage.try_clone_to_owned()?;
+        let mut found: Vec<Seq> = Vec::new();
+        let dir = std::path::PathBuf::from(
+            String::from_utf8_lossy(&sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(&stage))).into_owned(),
+        );
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name();
+            if let Some(seq) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|s| s.parse().ok()) {
+                found.push(seq);
             }
         }
-        let file = if enabled {
-            Some(std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?)
-        } else {
-            let _ = std::fs::remove_file(path);
-            None
-        };
-        Ok((Hint { file, seq: 0, boot }, saved))
+        found.sort_unstable();
+        let seq = found.last().copied().unwrap_or(0);
+        // A crash between creating and removing can leave two; keep the newest.
+        for old in &found[..found.len().saturating_sub(1)] {
+            let _ = sys::unlinkat(stage.as_fd(), &marker(*old), false);
+        }
+        if found.is_empty() {
+            sys::openat(stage.as_fd(), &marker(0), libc::O_CREAT | libc::O_WRONLY, 0o600)?;
+        }
+        Ok((Hint { stage, seq }, seq))
     }
 
     /// Highest seq applied.
@@ -43,14 +63,12 @@ impl Hint {
 
     /// Record that `seq` is applied.
     pub fn set(&mut self, seq: Seq) {
-        self.seq = seq;
-        if let Some(f) = &self.file {
-            let mut b = [0u8; 24];
-            b[0..8].copy_from_slice(&seq.to_le_bytes());
-            b[8..24].copy_from_slice(&self.boot);
-            if let Err(e) = sys::pwrite_all(f.as_fd(), &b, 0) {
-                tracing::warn!("writing the applied hint failed: {e}");
-            }
+        if seq == self.seq {
+            return;
+        }
+        match sys::renameat2(self.stage.as_fd(), &marker(self.seq), self.stage.as_fd(), &marker(seq), 0) {
+            Ok(()) => self.seq = seq,
+            Err(e) => tracing::error!("moving the applied marker to {seq} failed: {e}"),
         }
     }
 }

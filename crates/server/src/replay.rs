@@ -1,53 +1,60 @@
-//! Crash replay: re-apply committed records the tree may not show yet.
-//! Starts at the applied hint when the machine did not reboot (exact), else
-//! at the durable checkpoint; every record is state-checked (see tree).
+//! Crash replay: bring the tree up to the journal's head.
+//!
+//! Records after the applied marker are applied in [`Mode::Exact`]: the one
+//! that was in flight may already show its effect (skipped), the rest find
+//! their pre-state. Data records at or before the marker but after the last
+//! checkpoint are redone in [`Mode::RedoData`], because file data is not
+//! ordered with the marker after a machine crash; pwrite, truncate and
+//! fallocate are idempotent when redone in order.
 
 use crate::counters::Counters;
-use crate::tree::{Outcome, Tree};
+use crate::tree::{Mode, Outcome, Tree};
 use izo_journal::{Store, StoredRecord};
-use izo_proto::Seq;
+use izo_proto::{Op, Seq};
 
 /// Result of a replay: the last seq applied, and records left unapplied
-/// after an inconsistency (the volume must stay read-only while any remain).
+/// after an inconsistency (the volume stays read-only while any remain).
 pub(crate) struct Replayed {
     pub applied: Seq,
     pub left: Vec<StoredRecord>,
 }
 
-pub(crate) fn replay(
-    store: &Store,
-    tree: &mut Tree,
-    hint: Option<Seq>,
-    counters: &Counters,
-) -> Result<Replayed, String> {
+fn is_data(op: &Op) -> bool {
+    matches!(op, Op::Write { .. } | Op::Truncate { .. } | Op::Allocate { .. } | Op::PunchHole { .. })
+}
+
+pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Counters) -> Result<Replayed, String> {
     let ckpt = store.checkpoint().map_err(|e| e.to_string())?;
     let head = store.head();
-    let start = match hint {
-        Some(h) if h >= ckpt && h <= head => h,
-        _ => ckpt,
-    };
-    if start < head {
-        tracing::info!("replaying journal records {}..={head} (checkpoint {ckpt})", start + 1);
+    let marked = marked.max(ckpt).min(head);
+    if ckpt < head {
+        tracing::info!("replaying journal: data records {}..={marked}, all records {}..={head}", ckpt + 1, marked + 1);
     }
-    let mut next = start + 1;
-    let mut applied = start;
+    let mut next = ckpt + 1;
     loop {
         let recs = store.records_from(next, 1024).map_err(|e| e.to_string())?;
         let Some(last) = recs.last().map(|r| r.record.seq) else { break };
         for (i, rec) in recs.iter().enumerate() {
-            match tree.apply(rec, true) {
+            let seq = rec.record.seq;
+            let mode = if seq > marked {
+                Mode::Exact
+            } else if is_data(&rec.record.op) {
+                Mode::RedoData
+            } else {
+                continue;
+            };
+            match tree.apply(rec, mode) {
                 Ok(Outcome::Applied) => Counters::add(&counters.replayed, 1),
                 Ok(Outcome::Skipped) => Counters::add(&counters.replay_skipped, 1),
                 Err(e) => {
                     tracing::error!("replay stopped: {e}; the volume stays read-only");
                     let mut left: Vec<StoredRecord> = recs[i..].to_vec();
                     left.extend(store.records_from(last + 1, usize::MAX).map_err(|e| e.to_string())?);
-                    return Ok(Replayed { applied, left });
+                    return Ok(Replayed { applied: seq.saturating_sub(1).max(marked), left });
                 }
             }
-            applied = rec.record.seq;
         }
         next = last + 1;
     }
-    Ok(Replayed { applied, left: Vec::new() })
+    Ok(Replayed { applied: head, left: Vec::new() })
 }

@@ -65,9 +65,9 @@ impl Server {
         }
         let hooks = TestHooks::from_env();
         let counters = Arc::new(Counters::default());
-        let (mut hint, saved) = Hint::open(&state.join("applied"), !hooks.no_hint)
-            .map_err(|e| ServerError::io(format!("applied hint in {}", state.display()), e))?;
-        let replayed = crate::replay::replay(&store, &mut tree, saved, &counters)
+        let (mut hint, marked) =
+            Hint::open(tree.stage()).map_err(|e| ServerError::io("reading the applied marker", e))?;
+        let replayed = crate::replay::replay(&store, &mut tree, marked, &counters)
             .map_err(|e| ServerError::Config(format!("replay: {e}")))?;
         let readonly = !replayed.left.is_empty();
         if !readonly {

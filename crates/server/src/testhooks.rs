@@ -9,6 +9,8 @@ pub enum CrashAt {
     Commit(String),
     /// After applying a batch holding this op kind, before the next checkpoint.
     Apply(String),
+    /// After applying a record of this op kind, before the applied marker moves.
+    Unmarked(String),
 }
 
 /// The switches.
@@ -16,8 +18,6 @@ pub enum CrashAt {
 pub struct TestHooks {
     /// `IZO_TEST_CRASH=commit:<op>|apply:<op>`.
     pub crash: Option<CrashAt>,
-    /// `IZO_TEST_NO_HINT=1`: never write the applied-seq hint (replay from the checkpoint).
-    pub no_hint: bool,
     /// `IZO_TEST_NO_REPLY_CACHE=1`: treat resent ops as new ones.
     pub no_reply_cache: bool,
     /// `IZO_TEST_NO_CHECKPOINT=1`: never checkpoint while running.
@@ -33,14 +33,22 @@ impl TestHooks {
             match at {
                 "commit" => Some(CrashAt::Commit(op.to_string())),
                 "apply" => Some(CrashAt::Apply(op.to_string())),
+                "unmarked" => Some(CrashAt::Unmarked(op.to_string())),
                 _ => None,
             }
         });
         TestHooks {
             crash,
-            no_hint: flag("IZO_TEST_NO_HINT"),
             no_reply_cache: flag("IZO_TEST_NO_REPLY_CACHE"),
             no_checkpoint: flag("IZO_TEST_NO_CHECKPOINT"),
+        }
+    }
+
+    /// Kill the process between applying a record and moving the marker.
+    pub fn maybe_crash_unmarked(&self, kind: &str) {
+        if matches!(&self.crash, Some(CrashAt::Unmarked(k)) if k == kind) {
+            eprintln!("izo: test hook crash ({:?})", self.crash);
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
 
@@ -49,6 +57,7 @@ impl TestHooks {
         let hit = match &self.crash {
             Some(CrashAt::Commit(k)) => at_commit && kinds.contains(&k.as_str()),
             Some(CrashAt::Apply(k)) => !at_commit && kinds.contains(&k.as_str()),
+            Some(CrashAt::Unmarked(_)) => false,
             None => false,
         };
         if hit {

@@ -201,6 +201,9 @@ impl Tree {
             let e = e?;
             use std::os::unix::ffi::OsStrExt;
             let name = e.file_name().as_bytes().to_vec();
+            if crate::hint::is_marker(&name) {
+                continue;
+            }
             let dir = e.file_type()?.is_dir();
             sys::unlinkat(self.stage.as_fd(), &name, dir)?;
             n += 1;
@@ -226,3 +229,4 @@ impl Tree {
 }
 
 mod apply;
+pub use apply::Mode;

@@ -6,7 +6,7 @@
 use crate::counters::Counters;
 use crate::hint::Hint;
 use crate::testhooks::TestHooks;
-use crate::tree::{write_stage_name, Tree};
+use crate::tree::{write_stage_name, Mode, Tree};
 use crate::{sys, ServerError};
 use izo_journal::{Store, StoredRecord};
 use izo_proto::*;
@@ -249,10 +249,11 @@ impl Actor {
         let retry = !self.pending.is_empty();
         self.pending.extend(records);
         while let Some(rec) = self.pending.pop_front() {
-            match self.tree.apply(&rec, retry) {
+            match self.tree.apply(&rec, if retry { Mode::Exact } else { Mode::Normal }) {
                 Ok(_) => {
                     Counters::add(&self.shared.counters.ops_applied, 1);
                     self.note_dirty(&rec);
+                    self.hooks.maybe_crash_unmarked(rec.record.op.kind());
                     self.hint.set(rec.record.seq);
                 }
                 Err(e) => {

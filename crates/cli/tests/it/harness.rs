@@ -18,12 +18,24 @@ pub struct Dirs {
     pub state: PathBuf,
 }
 
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        if std::env::var_os("IZO_TEST_KEEP").is_some() {
+            let t = std::mem::replace(&mut self._tmp, tempfile::tempdir().expect("temp dir"));
+            let _ = t.keep();
+        }
+    }
+}
+
 impl Dirs {
     pub fn new() -> Dirs {
         let tmp = tempfile::Builder::new().prefix("izo-it-").tempdir().expect("temp dir");
         let export = tmp.path().join("vol");
         let state = tmp.path().join("state");
         std::fs::create_dir_all(&export).expect("mkdir export");
+        if std::env::var_os("IZO_TEST_KEEP").is_some() {
+            eprintln!("keeping test dir {}", tmp.path().display());
+        }
         Dirs { _tmp: tmp, export, state }
     }
 

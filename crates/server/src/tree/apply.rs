@@ -6,13 +6,38 @@ fn incons(seq: Seq, why: impl Into<String>) -> ApplyError {
     ApplyError::Inconsistent { seq, why: why.into() }
 }
 
+/// How sure we are of the tree's state when applying a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Live apply: the tree is exactly at the record's pre-state.
+    Normal,
+    /// Replay after the applied marker: the tree is at the record's
+    /// pre-state, or (for the record in flight at the crash) at its
+    /// post-state, which is then only completed (mtimes). Anything else is
+    /// an inconsistency.
+    Exact,
+    /// Redo of a data record already covered by the marker: content only,
+    /// and a vanished inode (removed by a later record) is skipped.
+    RedoData,
+}
+
 impl Tree {
-    /// Apply `rec`. In `replay` mode an op whose effect is already present is
-    /// skipped; outside replay that would be an inconsistency.
-    pub fn apply(&mut self, rec: &StoredRecord, replay: bool) -> Result<Outcome, ApplyError> {
+    /// Apply `rec`, checking the tree's state first (see [`Mode`]).
+    pub fn apply(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
+        match self.apply_inner(rec, mode) {
+            Err(ApplyError::Io { err, .. }) if mode == Mode::RedoData && err.raw_os_error() == Some(libc::ESTALE) => {
+                Ok(Outcome::Skipped)
+            }
+            other => other,
+        }
+    }
+
+    fn apply_inner(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
         let r = &rec.record;
         let seq = r.seq;
         let t = r.time;
+        let exact = mode == Mode::Exact;
+        let mut outcome = Outcome::Applied;
         match &r.op {
             Op::Create { parent, name, id, .. }
             | Op::Mkdir { parent, name, id, .. }
@@ -21,50 +46,53 @@ impl Tree {
                 let p = self.dir(rec, *parent)?;
                 let staged = stage_name(*id);
                 let want = self.handle(rec, *id)?.clone();
-                if self.handle_at(self.stage.as_fd(), &staged)?.as_ref() != Some(&want) {
-                    if replay && self.handle_at(p.as_fd(), name)?.is_some() || replay {
-                        return Ok(Outcome::Skipped);
-                    }
-                    return Err(incons(seq, "staged inode missing"));
+                if self.handle_at(self.stage.as_fd(), &staged)?.as_ref() == Some(&want) {
+                    sys::renameat2(self.stage.as_fd(), &staged, p.as_fd(), name, libc::RENAME_NOREPLACE)
+                        .map_err(io_err("move new inode into place"))?;
+                } else if exact && self.handle_at(p.as_fd(), name)?.as_ref() == Some(&want) {
+                    outcome = Outcome::Skipped;
+                } else {
+                    return Err(incons(seq, "new inode neither staged nor in place"));
                 }
-                sys::renameat2(self.stage.as_fd(), &staged, p.as_fd(), name, libc::RENAME_NOREPLACE)
-                    .map_err(io_err("move new inode into place"))?;
                 self.touch(&p, t)?;
             }
             Op::Link { id, parent, name } => {
                 let p = self.dir(rec, *parent)?;
                 let h = self.handle(rec, *id)?.clone();
                 match self.handle_at(p.as_fd(), name)? {
-                    Some(cur) if cur == h => return Ok(Outcome::Skipped),
-                    Some(_) => return Err(incons(seq, "link name taken by another inode")),
-                    None => {}
+                    None => {
+                        let kind = r.attr.as_ref().map(|a| a.kind).unwrap_or(FileKind::File);
+                        let fd = match kind {
+                            FileKind::File => self.fd(&h, kind)?,
+                            _ => Arc::new(
+                                sys::open_by_handle(self.root.as_fd(), &h, libc::O_PATH)
+                                    .map_err(io_err("open by handle"))?,
+                            ),
+                        };
+                        sys::link_fd(fd.as_fd(), p.as_fd(), name).map_err(io_err("link"))?;
+                    }
+                    Some(cur) if exact && cur == h => outcome = Outcome::Skipped,
+                    Some(_) => return Err(incons(seq, "link name taken")),
                 }
-                let kind = r.attr.as_ref().map(|a| a.kind).unwrap_or(FileKind::File);
-                let fd = match kind {
-                    FileKind::File => self.fd(&h, kind)?,
-                    _ => Arc::new(
-                        sys::open_by_handle(self.root.as_fd(), &h, libc::O_PATH).map_err(io_err("open by handle"))?,
-                    ),
-                };
-                sys::link_fd(fd.as_fd(), p.as_fd(), name).map_err(io_err("link"))?;
                 self.touch(&p, t)?;
             }
             Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => {
                 let p = self.dir(rec, *parent)?;
                 let h = self.handle(rec, expect.id)?.clone();
                 match self.handle_at(p.as_fd(), name)? {
-                    Some(cur) if cur == h => {}
-                    None if replay => return Ok(Outcome::Skipped),
+                    Some(cur) if cur == h => {
+                        let is_dir = matches!(r.op, Op::Rmdir { .. });
+                        sys::unlinkat(p.as_fd(), name, is_dir).map_err(io_err("unlink"))?;
+                    }
+                    None if exact => outcome = Outcome::Skipped,
                     _ => return Err(incons(seq, "name does not point to the expected inode")),
                 }
-                let is_dir = matches!(r.op, Op::Rmdir { .. });
-                sys::unlinkat(p.as_fd(), name, is_dir).map_err(io_err("unlink"))?;
                 if r.attr.is_none() {
                     self.forget(&h);
                 }
                 self.touch(&p, t)?;
             }
-            Op::Rename { parent, name, expect, new_parent, new_name, target, mode } => {
+            Op::Rename { parent, name, expect, new_parent, new_name, target, mode: rm } => {
                 let p = self.dir(rec, *parent)?;
                 let np = self.dir(rec, *new_parent)?;
                 let hs = self.handle(rec, expect.id)?.clone();
@@ -74,21 +102,25 @@ impl Tree {
                 };
                 let src_now = self.handle_at(p.as_fd(), name)?;
                 let dst_now = self.handle_at(np.as_fd(), new_name)?;
-                let pre = src_now.as_ref() == Some(&hs)
-                    && (dst_now == ht || (dst_now.is_none() && *mode != RenameMode::Exchange));
-                if !pre {
-                    let post = dst_now.as_ref() == Some(&hs) && (*mode != RenameMode::Exchange || src_now == ht);
-                    if replay && post {
-                        return Ok(Outcome::Skipped);
-                    }
+                let pre = src_now.as_ref() == Some(&hs) && dst_now == ht;
+                let post = dst_now.as_ref() == Some(&hs)
+                    && if *rm == RenameMode::Exchange {
+                        src_now == ht
+                    } else {
+                        src_now.is_none() || src_now == Some(hs.clone())
+                    };
+                if pre {
+                    let flags = match rm {
+                        RenameMode::Replace => 0,
+                        RenameMode::NoReplace => libc::RENAME_NOREPLACE,
+                        RenameMode::Exchange => libc::RENAME_EXCHANGE,
+                    };
+                    sys::renameat2(p.as_fd(), name, np.as_fd(), new_name, flags).map_err(io_err("rename"))?;
+                } else if exact && post {
+                    outcome = Outcome::Skipped;
+                } else {
                     return Err(incons(seq, "rename source or target not as recorded"));
                 }
-                let flags = match mode {
-                    RenameMode::Replace => 0,
-                    RenameMode::NoReplace => libc::RENAME_NOREPLACE,
-                    RenameMode::Exchange => libc::RENAME_EXCHANGE,
-                };
-                sys::renameat2(p.as_fd(), name, np.as_fd(), new_name, flags).map_err(io_err("rename"))?;
                 self.touch(&p, t)?;
                 self.touch(&np, t)?;
             }
@@ -96,12 +128,8 @@ impl Tree {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;
                 if rec.staged.is_some() {
                     let sname = write_stage_name(r.origin, seq);
-                    let sfd = sys::openat(self.stage.as_fd(), &sname, libc::O_RDONLY, 0);
-                    let sfd = match sfd {
-                        Ok(f) => f,
-                        // Stage files go only after a checkpoint covering the write.
-                        Err(e) => return Err(ApplyError::Io { what: "open staged write".into(), err: e }),
-                    };
+                    let sfd = sys::openat(self.stage.as_fd(), &sname, libc::O_RDONLY, 0)
+                        .map_err(io_err("open staged write"))?;
                     let st = sys::fstatat(sfd.as_fd(), b"").map_err(io_err("stat staged write"))?;
                     let mut buf = vec![0u8; st.st_size as usize];
                     sys::pread(sfd.as_fd(), &mut buf, 0).map_err(io_err("read staged write"))?;
@@ -109,21 +137,21 @@ impl Tree {
                 } else {
                     sys::pwrite_all(fd.as_fd(), data, *offset).map_err(io_err("write"))?;
                 }
-                self.touch(&fd, t)?;
+                self.touch_data(&fd, t, mode)?;
             }
             Op::Truncate { id, size, .. } => {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;
                 sys::ftruncate(fd.as_fd(), *size).map_err(io_err("truncate"))?;
-                self.touch(&fd, t)?;
+                self.touch_data(&fd, t, mode)?;
             }
             Op::Allocate { id, offset, len, .. } | Op::PunchHole { id, offset, len, .. } => {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;
-                let mode = match r.op {
+                let fmode = match r.op {
                     Op::PunchHole { .. } => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                     _ => 0,
                 };
-                sys::fallocate(fd.as_fd(), mode, *offset, *len).map_err(io_err("fallocate"))?;
-                self.touch(&fd, t)?;
+                sys::fallocate(fd.as_fd(), fmode, *offset, *len).map_err(io_err("fallocate"))?;
+                self.touch_data(&fd, t, mode)?;
             }
             Op::SetAttr { id, attrs, .. } => {
                 let Some(attr) = &r.attr else { return Err(incons(seq, "setattr record without attributes")) };
@@ -140,12 +168,21 @@ impl Tree {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), kind)?;
                 match sys::fremovexattr(fd.as_fd(), name) {
                     Ok(()) => {}
-                    Err(e) if replay && e.raw_os_error() == Some(libc::ENODATA) => return Ok(Outcome::Skipped),
+                    Err(e) if exact && e.raw_os_error() == Some(libc::ENODATA) => outcome = Outcome::Skipped,
                     Err(e) => return Err(ApplyError::Io { what: "removexattr".into(), err: e }),
                 }
             }
         }
-        Ok(Outcome::Applied)
+        Ok(outcome)
+    }
+
+    /// A data op stamps the file's mtime, except when redone under the
+    /// marker: the mtime is metadata and already reflects later records.
+    fn touch_data(&self, fd: &OwnedFd, t: Timestamp, mode: Mode) -> Result<(), ApplyError> {
+        if mode == Mode::RedoData {
+            return Ok(());
+        }
+        self.touch(fd, t)
     }
 
     fn set_attrs(&self, fd: &OwnedFd, attr: &Attr, a: &SetAttrs) -> Result<(), ApplyError> {
