@@ -5,7 +5,7 @@
 //! * creates: N `Op::Create`s in the volume root, submitted pipelined (the
 //!   client keeps at most `MAX_UNANSWERED` in flight), timed from the first
 //!   submit to the last ack. Native: N empty files created in one directory,
-//!   then one `syncfs`, timed to its return.
+//!   then one `fsync` of that directory, timed to its return.
 //! * writes: W2 (1 GiB of random data; `--quick`: its first 256 MiB) as
 //!   1 MiB `Op::Write`s, pipelined, timed to the last ack. Native: the same
 //!   bytes in 1 MiB `write` calls to a new file, then `fsync`, timed to its
@@ -17,9 +17,12 @@
 //! synced, so no phase pays for another's dirty pages.
 //!
 //! Usage: `cargo bench -p izo --bench core -- [--quick] [--runs N]
-//! [--creates N] [--mib N] [--w2 PATH]`; `bench/run` wraps it. The `izo`
-//! binary comes from `$IZO_BIN`, else `target/release/izo`. Exits 0 when a
-//! target is missed: this is a benchmark, not a test.
+//! [--creates N] [--mib N] [--w2 PATH] [--silence-ms N]`; `bench/run` wraps
+//! it. `--silence-ms` overrides the client's dead-server timeout, for
+//! diagnosis only. W2 comes from `--w2`, else `$IZO_WORKLOADS/w2.bin`, else
+//! `/var/tmp/izo-workloads/w2.bin`. The `izo` binary comes from `$IZO_BIN`,
+//! else `target/release/izo`. Exits 0 when a target is missed: this is a
+//! benchmark, not a test.
 
 use anyhow::{bail, ensure, Context, Result};
 use izo_client::{Client, ClientConfig};
@@ -258,9 +261,10 @@ fn native_creates(dir: &Path, n: usize) -> Result<Duration> {
             .with_context(|| format!("creating native file {}", p.display()))?;
     }
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync of directory {}", dir.display()))?;
-    let t = t0.elapsed();
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    Ok(t)
+    // The files stay until the whole bench ends: on this ext4 (no journal)
+    // inode allocation skips inodes freed in the last minutes, so deleting
+    // them here would slow the next round's creates.
+    Ok(t0.elapsed())
 }
 
 fn native_write(path: &Path, data: &[u8]) -> Result<Duration> {
@@ -348,7 +352,15 @@ struct Round {
     native_mbs: f64,
 }
 
-fn round(rt: &tokio::runtime::Runtime, opts: &Opts, bin: &Path, data: &[u8], r: usize) -> Result<Round> {
+/// One round of all four measurements on a fresh server and temp dir; the
+/// dir is returned so it outlives the remaining rounds (see `native_creates`).
+fn round(
+    rt: &tokio::runtime::Runtime,
+    opts: &Opts,
+    bin: &Path,
+    data: &[u8],
+    r: usize,
+) -> Result<(Round, tempfile::TempDir)> {
     let tmp = tempfile::Builder::new()
         .prefix("izo-bench-")
         .tempdir_in(BENCH_ROOT)
@@ -385,9 +397,7 @@ fn round(rt: &tokio::runtime::Runtime, opts: &Opts, bin: &Path, data: &[u8], r: 
         anyhow::Ok(Round { izo_creates: ic, native_creates: nc, izo_mbs: iw, native_mbs: nw })
     });
     server.stop()?;
-    let out = out?;
-    tmp.close().context("removing the bench temp dir")?;
-    Ok(out)
+    Ok((out?, tmp))
 }
 
 fn main() -> Result<()> {
@@ -409,10 +419,19 @@ fn main() -> Result<()> {
         println!("client silence timeout overridden to {s:?} (diagnosis run; headline figures use the default)");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let mut rounds = Vec::new();
+    let (mut rounds, mut dirs) = (Vec::new(), Vec::new());
     for r in 1..=opts.runs {
-        rounds.push(round(&rt, &opts, &bin, &data, r)?);
+        let (round, dir) = round(&rt, &opts, &bin, &data, r)?;
+        rounds.push(round);
+        dirs.push(dir);
     }
+    for d in dirs {
+        let shown = d.path().display().to_string();
+        d.close().with_context(|| format!("removing the bench temp dir {shown}"))?;
+    }
+    // Clean inode-table blocks shorten ext4's "recently deleted" window for
+    // whatever creates files next (see `native_creates`).
+    syncfs(Path::new(BENCH_ROOT))?;
     let col = |f: fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
     let (ic, nc) = (col(|r| r.izo_creates), col(|r| r.native_creates));
     let (iw, nw) = (col(|r| r.izo_mbs), col(|r| r.native_mbs));

@@ -37,7 +37,15 @@ pub fn run(a: LogArgs) -> Result<()> {
             .iter()
             .map(|(id, h)| format!("{:x}={}", id.0 & 0xffff, h.iter().map(|b| format!("{b:02x}")).collect::<String>()))
             .collect();
-        println!("{:>8} {:?} {op} staged={:?} handles=[{}]", rec.seq, rec.origin, r.staged, hs.join(" "));
+        println!(
+            "{:>8} {}.{:09} {:?} {op} staged={:?} handles=[{}]",
+            rec.seq,
+            rec.time.secs,
+            rec.time.nsec,
+            rec.origin,
+            r.staged,
+            hs.join(" ")
+        );
     }
     Ok(())
 }

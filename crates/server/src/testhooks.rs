@@ -22,6 +22,10 @@ pub struct TestHooks {
     pub no_reply_cache: bool,
     /// `IZO_TEST_NO_CHECKPOINT=1`: never checkpoint while running.
     pub no_checkpoint: bool,
+    /// `IZO_TEST_KILL_AFTER_COMMIT=<percent>`: after each commit, die with
+    /// this probability (a crash test's random moments include the window
+    /// between the ack point and the reply).
+    pub kill_after_commit: u32,
 }
 
 impl TestHooks {
@@ -41,6 +45,20 @@ impl TestHooks {
             crash,
             no_reply_cache: flag("IZO_TEST_NO_REPLY_CACHE"),
             no_checkpoint: flag("IZO_TEST_NO_CHECKPOINT"),
+            kill_after_commit: std::env::var("IZO_TEST_KILL_AFTER_COMMIT").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        }
+    }
+
+    /// Die with the configured probability right after a commit.
+    pub fn maybe_kill_after_commit(&self) {
+        if self.kill_after_commit == 0 {
+            return;
+        }
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let r = (t ^ (t >> 7)).wrapping_mul(2_654_435_761) % 100;
+        if r < self.kill_after_commit {
+            eprintln!("izo: test hook crash (random, after commit)");
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
 

@@ -126,6 +126,7 @@ impl Actor {
             Ok((records, outs)) => {
                 let kinds: Vec<&str> = records.iter().map(|r| r.record.op.kind()).collect();
                 self.hooks.maybe_crash(true, &kinds);
+                self.hooks.maybe_kill_after_commit();
                 self.apply_all(records);
                 self.hooks.maybe_crash(false, &kinds);
                 self.applied_tx.send_replace(self.hint.seq());

@@ -163,6 +163,7 @@ pub struct Run {
 }
 
 /// Kill the server at random moments and restart it on the same address.
+#[allow(clippy::too_many_arguments)]
 fn killer(
     dirs: Arc<Dirs>,
     slot: Arc<Mutex<Option<Proc>>>,
@@ -172,17 +173,31 @@ fn killer(
     seed: u64,
     stop: Arc<AtomicBool>,
     killed: Arc<AtomicU32>,
+    client: Client,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut rng = Rng::new(seed ^ 0x9e37_79b9);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        while !stop.load(Ordering::Acquire) && killed.load(Ordering::Acquire) < kills {
-            std::thread::sleep(Duration::from_millis(80 + rng.below(250)));
+        let mut next_kill = std::time::Instant::now() + Duration::from_millis(20 + rng.below(120));
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(300));
             let mut g = slot.lock().expect("server slot");
+            // a server that killed itself (test hook) is restarted too
+            let died = g.as_mut().is_some_and(|p| p.child.try_wait().ok().flatten().is_some());
+            let due = killed.load(Ordering::Acquire) < kills
+                && std::time::Instant::now() >= next_kill
+                && client.unanswered() > 0;
+            if !died && !due {
+                continue;
+            }
+            if due {
+                std::thread::sleep(Duration::from_micros(rng.below(2000)));
+                killed.fetch_add(1, Ordering::AcqRel);
+                next_kill = std::time::Instant::now() + Duration::from_millis(20 + rng.below(120));
+            }
             if let Some(mut p) = g.take() {
                 p.sigkill();
             }
-            killed.fetch_add(1, Ordering::AcqRel);
             *g = Some(Proc::start(&dirs, &addr, &env));
         }
     })
@@ -214,24 +229,21 @@ pub async fn run_crash(total: usize, kills: u32, seed: u64, env: &[(&str, &str)]
     let stop = Arc::new(AtomicBool::new(false));
     let killed = Arc::new(AtomicU32::new(0));
     let env_owned = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let k = killer(dirs.clone(), slot.clone(), addr, env_owned, kills, seed, stop.clone(), killed.clone());
+    let k = killer(dirs.clone(), slot.clone(), addr, env_owned, kills, seed, stop.clone(), killed.clone(), c.clone());
     // stream the ops in small pipelined bursts so kills land mid-stream
     let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
     let mut rng = Rng::new(seed ^ 7);
     let per_kill = (ops.len() / (kills as usize + 1)).max(1);
     for (i, op) in ops.iter().enumerate() {
         pending.push(c.submit(op.clone()).await.map_err(|e| format!("submit: {e}"))?);
-        if rng.below(16) == 0 {
-            tokio::time::sleep(Duration::from_millis(rng.below(8))).await;
+        if rng.below(8) == 0 {
+            tokio::time::sleep(Duration::from_millis(1 + rng.below(4))).await;
         }
-        // keep the stream going until the kills are spent
+        // spread the kills over the stream: hold back while they are behind
         let due = (killed.load(Ordering::Acquire) as usize + 1) * per_kill;
-        while i + 1 >= due && killed.load(Ordering::Acquire) < kills && !k.is_finished() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = (killed.load(Ordering::Acquire) as usize + 1) * per_kill;
-            if now > due {
-                break;
-            }
+        let before = killed.load(Ordering::Acquire);
+        while i + 1 >= due && killed.load(Ordering::Acquire) == before && before < kills && c.unanswered() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
     let mut seqs = Vec::with_capacity(ops.len());
@@ -293,7 +305,8 @@ fn seed() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_mutations_survive_server_sigkills_exactly_once() {
     let (ops, kills) = (env_usize("IZO_CRASH_OPS", 1000), env_usize("IZO_CRASH_KILLS", 5) as u32);
-    let run = run_crash(ops, kills, seed(), &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    let run =
+        run_crash(ops, kills, seed(), &[("IZO_TEST_KILL_AFTER_COMMIT", "3")]).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(run.acked >= 1000, "at least 1,000 acked mutations");
     assert_eq!(run.kills, kills, "the server was killed {kills} times");
 }
@@ -303,14 +316,14 @@ async fn data_records_since_the_checkpoint_are_redone_idempotently() {
     // No checkpoint while running: every restart redoes all data records of
     // the volume's life in order, as after a machine crash.
     let (ops, kills) = (env_usize("IZO_CRASH_OPS", 1000), env_usize("IZO_CRASH_KILLS", 5) as u32);
-    let env = [("IZO_TEST_NO_CHECKPOINT", "1")];
+    let env = [("IZO_TEST_NO_CHECKPOINT", "1"), ("IZO_TEST_KILL_AFTER_COMMIT", "3")];
     run_crash(ops, kills, seed(), &env).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_reply_cache_the_crash_test_fails() {
-    let env = [("IZO_TEST_NO_REPLY_CACHE", "1")];
-    let r = run_crash(1000, 12, seed(), &env).await;
+    let env = [("IZO_TEST_NO_REPLY_CACHE", "1"), ("IZO_TEST_KILL_AFTER_COMMIT", "30")];
+    let r = run_crash(1000, 5, seed(), &env).await;
     assert!(r.is_err(), "resent ops applied twice must be detected");
     eprintln!("detected as expected: {}", r.err().unwrap_or_default());
 }

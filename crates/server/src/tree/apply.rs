@@ -21,6 +21,13 @@ pub enum Mode {
     RedoData,
 }
 
+fn data_target(op: &Op) -> Option<ObjectId> {
+    match op {
+        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => Some(*id),
+        _ => None,
+    }
+}
+
 impl Tree {
     /// Apply `rec`, checking the tree's state first (see [`Mode`]).
     pub fn apply(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
@@ -35,7 +42,17 @@ impl Tree {
     fn apply_inner(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
         let r = &rec.record;
         let seq = r.seq;
-        let t = r.time;
+        let mut t = r.time;
+        if mode == Mode::RedoData {
+            // The kernel stamps writes with the current time; a redo must
+            // leave the mtime the tree already has (it is metadata, ordered
+            // with the marker, and may come from a later record).
+            if let Some(id) = data_target(&r.op) {
+                let fd = self.fd(&self.handle(rec, id)?.clone(), FileKind::File)?;
+                let st = sys::fstatat(fd.as_fd(), b"").map_err(io_err("stat before redo"))?;
+                t = Timestamp { secs: st.st_mtime, nsec: st.st_mtime_nsec as u32 };
+            }
+        }
         let exact = mode == Mode::Exact;
         let mut outcome = Outcome::Applied;
         match &r.op {
@@ -176,12 +193,8 @@ impl Tree {
         Ok(outcome)
     }
 
-    /// A data op stamps the file's mtime, except when redone under the
-    /// marker: the mtime is metadata and already reflects later records.
-    fn touch_data(&self, fd: &OwnedFd, t: Timestamp, mode: Mode) -> Result<(), ApplyError> {
-        if mode == Mode::RedoData {
-            return Ok(());
-        }
+    /// A data op stamps the file's mtime (on a redo: the mtime it had).
+    fn touch_data(&self, fd: &OwnedFd, t: Timestamp, _mode: Mode) -> Result<(), ApplyError> {
         self.touch(fd, t)
     }
 
