@@ -45,7 +45,10 @@ impl TestHooks {
             crash,
             no_reply_cache: flag("IZO_TEST_NO_REPLY_CACHE"),
             no_checkpoint: flag("IZO_TEST_NO_CHECKPOINT"),
-            kill_after_commit: std::env::var("IZO_TEST_KILL_AFTER_COMMIT").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            kill_after_commit: std::env::var("IZO_TEST_KILL_AFTER_COMMIT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         }
     }
 
@@ -54,7 +57,8 @@ impl TestHooks {
         if self.kill_after_commit == 0 {
             return;
         }
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let r = (t ^ (t >> 7)).wrapping_mul(2_654_435_761) % 100;
         if r < self.kill_after_commit {
             eprintln!("izo: test hook crash (random, after commit)");

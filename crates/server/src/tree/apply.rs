@@ -23,7 +23,9 @@ pub enum Mode {
 
 fn data_target(op: &Op) -> Option<ObjectId> {
     match op {
-        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => Some(*id),
+        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
+            Some(*id)
+        }
         _ => None,
     }
 }
