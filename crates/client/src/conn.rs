@@ -189,7 +189,7 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
                     }
                 };
                 if let Some(tx) = tx {
-                    let _ = tx.send(StreamEvent::Record(r)).await;
+                    let _ = tx.send(StreamEvent::Record(Box::new(r))).await;
                 }
             }
             ServerMsg::SnapshotRequired { oldest } => {

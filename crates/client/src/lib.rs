@@ -87,7 +87,7 @@ impl ClientConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     /// The next journal record.
-    Record(Record),
+    Record(Box<Record>),
     /// The requested position is behind retention: read a snapshot.
     SnapshotRequired {
         /// Oldest seq still streamable.

@@ -20,6 +20,10 @@ pub struct Batch<'s> {
 
 type R<T> = Result<T, OpError>;
 
+/// What executing an op yields: the main object's attributes and the handles
+/// of every object the op names.
+pub(crate) type Out = (Option<Attr>, Vec<(ObjectId, Handle)>);
+
 fn conflict(reason: impl Into<String>, current: Option<Attr>) -> OpError {
     OpError::Conflict { reason: reason.into(), current }
 }
@@ -258,14 +262,7 @@ impl Batch<'_> {
         Ok(p)
     }
 
-    fn create_common(
-        &mut self,
-        cx: &Cx,
-        parent: ObjectId,
-        name: &[u8],
-        id: ObjectId,
-        row: ObjectRow,
-    ) -> R<(Option<Attr>, Vec<(ObjectId, Handle)>)> {
+    fn create_common(&mut self, cx: &Cx, parent: ObjectId, name: &[u8], id: ObjectId, row: ObjectRow) -> R<Out> {
         check_name(name)?;
         self.lookup_parent_dir(parent)?;
         if let Some(other) = self.dentry(parent, name)? {

@@ -2,8 +2,6 @@
 
 use super::*;
 
-type Out = (Option<Attr>, Vec<(ObjectId, Handle)>);
-
 fn mark_stale(row: &mut ObjectRow, offset: u64, len: u64) {
     let nblocks = row.size.div_ceil(BLOCK_SIZE);
     row.blocks.resize(nblocks as usize, [0; 32]);
