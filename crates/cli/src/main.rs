@@ -1,5 +1,6 @@
 //! `izo`: the intermezzo command line. Glue over the library crates.
 
+mod config;
 mod demo;
 mod log;
 mod serve;
@@ -27,6 +28,20 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Print journal records of a stopped server.
     Log(log::LogArgs),
+    /// Check a config file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse a config file ([server] and [client] sections) and report errors.
+    Check {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -40,6 +55,7 @@ fn main() {
         Cmd::Token { cmd } => serve::token(cmd),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Log(a) => log::run(a),
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => config::check(file),
     };
     if let Err(e) = r {
         eprintln!("izo: error: {e:#}");

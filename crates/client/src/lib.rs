@@ -3,6 +3,7 @@
 //! streamed reads and the record stream. This crate holds the cache manager
 //! as it grows; it must never know fuser types.
 
+pub mod config;
 mod conn;
 pub mod tls;
 

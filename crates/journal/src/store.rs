@@ -165,13 +165,36 @@ impl Store {
         let mut n = 0;
         {
             let mut t = tx.open_table(RECORDS).map_err(db)?;
-            for _ in t.extract_from_if(..=through, |_, _| true).map_err(db)? {
+            let mut freed = 0u64;
+            for row in t.extract_from_if(..=through, |_, _| true).map_err(db)? {
+                freed += row.map_err(db)?.1.value().len() as u64;
                 n += 1;
             }
-            tx.open_table(META).map_err(db)?.insert("pruned", through.to_be_bytes().as_slice()).map_err(db)?;
+            let mut meta = tx.open_table(META).map_err(db)?;
+            meta.insert("pruned", through.to_be_bytes().as_slice()).map_err(db)?;
+            let held = get_u64(&meta, "bytes")?.unwrap_or(0).saturating_sub(freed);
+            meta.insert("bytes", held.to_be_bytes().as_slice()).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(n)
+    }
+
+    /// Bytes of journal records held (encoded size).
+    pub fn held_bytes(&self) -> Result<u64, StoreError> {
+        self.meta_u64("bytes")
+    }
+
+    /// Seq, encoded size and time of up to `max` records from `from` on.
+    pub fn record_sizes(&self, from: Seq, max: usize) -> Result<Vec<(Seq, u64, Timestamp)>, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(RECORDS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.range(from..).map_err(db)?.take(max) {
+            let (k, v) = row.map_err(db)?;
+            let rec: StoredRecord = dec(v.value()).ok_or(StoreError::Corrupt("records"))?;
+            out.push((k.value(), v.value().len() as u64, rec.record.time));
+        }
+        Ok(out)
     }
 
     /// Time of the record at `seq`, if still held.

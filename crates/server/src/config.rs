@@ -19,6 +19,8 @@ pub struct ServerConfig {
     pub retain_records: u64,
     /// Keep journal records at most this many seconds.
     pub retain_secs: u64,
+    /// Keep at most this many bytes of journal records.
+    pub retain_bytes: u64,
     /// Checkpoint interval in milliseconds.
     pub checkpoint_ms: u64,
 }
@@ -32,6 +34,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:7227".into(),
             retain_records: 1_000_000,
             retain_secs: 7 * 24 * 3600,
+            retain_bytes: 1 << 30,
             checkpoint_ms: 2000,
         }
     }

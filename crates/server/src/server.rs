@@ -91,6 +91,7 @@ impl Server {
         let tuning = Tuning {
             retain_records: cfg.retain_records,
             retain_age: Duration::from_secs(cfg.retain_secs),
+            retain_bytes: cfg.retain_bytes,
             checkpoint_every: Duration::from_millis(cfg.checkpoint_ms),
             ..Tuning::default()
         };

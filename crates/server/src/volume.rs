@@ -42,6 +42,8 @@ pub struct Tuning {
     pub retain_records: u64,
     /// Keep records at most this long.
     pub retain_age: Duration,
+    /// Keep at most this many bytes of records.
+    pub retain_bytes: u64,
     /// Checkpoint (syncfs + durable mark) this often when there is new work.
     pub checkpoint_every: Duration,
     /// Largest batch per group commit.
@@ -53,6 +55,7 @@ impl Default for Tuning {
         Tuning {
             retain_records: 1_000_000,
             retain_age: Duration::from_secs(7 * 24 * 3600),
+            retain_bytes: 1 << 30,
             checkpoint_every: Duration::from_secs(2),
             max_batch: 2048,
         }
@@ -317,15 +320,21 @@ impl Actor {
         self.retention();
     }
 
+    /// Drop the oldest records beyond the count, age or size limits
+    /// (never past the checkpoint; a subscriber behind gets a snapshot).
     fn retention(&mut self) {
         let head = self.store.head();
         let mut through = head.saturating_sub(self.tuning.retain_records);
-        if let Ok(recs) = self.store.retained_from().and_then(|from| self.store.records_from(from, 4096)) {
-            let now = Timestamp::now().secs;
-            let age = self.tuning.retain_age.as_secs() as i64;
-            for r in recs.iter().take_while(|r| now - r.record.time.secs > age) {
-                through = through.max(r.record.seq);
+        let mut excess = self.store.held_bytes().unwrap_or(0).saturating_sub(self.tuning.retain_bytes);
+        let now = Timestamp::now().secs;
+        let age = self.tuning.retain_age.as_secs() as i64;
+        let oldest = self.store.retained_from().and_then(|from| self.store.record_sizes(from, 4096));
+        for (seq, size, time) in oldest.unwrap_or_default() {
+            if excess == 0 && now - time.secs <= age {
+                break;
             }
+            excess = excess.saturating_sub(size);
+            through = through.max(seq);
         }
         if through > 0 {
             if let Err(e) = self.store.prune(through) {
