@@ -184,17 +184,26 @@ impl Store {
         self.meta_u64("bytes")
     }
 
-    /// Seq, encoded size and time of up to `max` records from `from` on.
-    pub fn record_sizes(&self, from: Seq, max: usize) -> Result<Vec<(Seq, u64, Timestamp)>, StoreError> {
+    /// Walk records from `from` on, oldest first, giving `f` each one's seq,
+    /// encoded size and time, until `f` returns false. Only the head of each
+    /// record is decoded (write payloads are skipped).
+    pub fn walk_oldest(&self, from: Seq, mut f: impl FnMut(Seq, u64, Timestamp) -> bool) -> Result<(), StoreError> {
         let r = self.db.begin_read().map_err(db)?;
         let t = r.open_table(RECORDS).map_err(db)?;
-        let mut out = Vec::new();
-        for row in t.range(from..).map_err(db)?.take(max) {
+        for row in t.range(from..).map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            let rec: StoredRecord = dec(v.value()).ok_or(StoreError::Corrupt("records"))?;
-            out.push((k.value(), v.value().len() as u64, rec.record.time));
+            let bytes = v.value();
+            // StoredRecord starts with Record, which starts with seq, origin, time.
+            let head = match bytes.split_first() {
+                Some((&ROW_V1, rest)) => postcard::take_from_bytes::<(Seq, izo_proto::Origin, Timestamp)>(rest).ok(),
+                _ => None,
+            };
+            let Some(((_, _, time), _)) = head else { return Err(StoreError::Corrupt("records")) };
+            if !f(k.value(), bytes.len() as u64, time) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Time of the record at `seq`, if still held.

@@ -22,10 +22,17 @@ pub fn rehash(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<(), Strin
     let mut blocks = row.blocks.clone();
     blocks.resize(row.size.div_ceil(BLOCK_SIZE) as usize, [0; 32]);
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let zeros = vec![0u8; BLOCK_SIZE as usize];
     for &b in &row.stale {
-        if let Some(slot) = blocks.get_mut(b as usize) {
-            *slot = hash_block(fd.as_fd(), b, &mut buf).map_err(|e| e.to_string())?;
-        }
+        let Some(slot) = blocks.get_mut(b as usize) else { continue };
+        let start = b * BLOCK_SIZE;
+        let end = (start + BLOCK_SIZE).min(row.size);
+        // A block that is all hole hashes like zeros; don't read it.
+        let data = sys::seek(fd.as_fd(), start, libc::SEEK_DATA).map_err(|e| e.to_string())?;
+        *slot = match data {
+            Some(d) if d < end => hash_block(fd.as_fd(), b, &mut buf).map_err(|e| e.to_string())?,
+            _ => *blake3::hash(&zeros[..(end - start) as usize]).as_bytes(),
+        };
     }
     store.set_hashes(id, row.versions.data, blocks).map_err(|e| e.to_string())?;
     Ok(())

@@ -4,6 +4,7 @@
 //! journal crate.
 
 pub mod auth;
+mod background;
 pub mod config;
 pub mod counters;
 pub mod hash;

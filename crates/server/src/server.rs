@@ -99,6 +99,16 @@ impl Server {
         for id in store.stale_objects().unwrap_or_default() {
             dirty.insert(id, Instant::now());
         }
+        let checkpointed = Arc::new(std::sync::atomic::AtomicU64::new(store.checkpoint().unwrap_or(0)));
+        let background = crate::background::Background {
+            store: store.clone(),
+            root: tree.root().try_clone_to_owned().map_err(|e| ServerError::io("dup export fd", e))?,
+            counters: shared.counters.clone(),
+            tuning: tuning.clone(),
+            checkpointed: checkpointed.clone(),
+        }
+        .spawn()
+        .map_err(|e| ServerError::io("starting the background thread", e))?;
         let actor = Actor {
             store: store.clone(),
             tree,
@@ -111,6 +121,8 @@ impl Server {
             staged_writes: Vec::new(),
             dirty,
             last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now()),
+            background,
+            checkpointed,
         };
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()

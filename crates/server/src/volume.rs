@@ -3,6 +3,7 @@
 //! transaction (the group commit and ack point), applies them in place,
 //! then answers. Checkpoints, retention and rehashing run between batches.
 
+use crate::background::Job;
 use crate::counters::Counters;
 use crate::hint::Hint;
 use crate::testhooks::TestHooks;
@@ -11,7 +12,6 @@ use crate::{sys, ServerError};
 use izo_journal::{Store, StoredRecord};
 use izo_proto::*;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -88,6 +88,8 @@ pub(crate) struct Actor {
     pub staged_writes: Vec<(Seq, Vec<u8>)>,
     pub dirty: HashMap<ObjectId, Instant>,
     pub last_checkpoint: (Seq, Instant),
+    pub background: mpsc::Sender<Job>,
+    pub checkpointed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
@@ -115,7 +117,6 @@ impl Actor {
             }
             self.housekeeping();
         }
-        self.checkpoint();
     }
 
     fn refuse_all(batch: Vec<Mutation>, e: &ServerError) {
@@ -284,73 +285,28 @@ impl Actor {
             self.apply_all(Vec::new());
             self.applied_tx.send_replace(self.hint.seq());
         }
-        if self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every && !self.hooks.no_checkpoint {
-            self.checkpoint();
+        let applied = self.hint.seq();
+        let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every;
+        if due && !self.hooks.no_checkpoint && applied > self.last_checkpoint.0 && self.pending.is_empty() {
+            self.last_checkpoint = (applied, Instant::now());
+            let _ = self.background.send(Job::Checkpoint(applied));
         }
-        self.rehash_quiet();
-    }
-
-    /// syncfs the export, then record the checkpoint durably; drop what only
-    /// replay needed.
-    pub(crate) fn checkpoint(&mut self) {
-        let seq = self.hint.seq();
-        self.last_checkpoint.1 = Instant::now();
-        if seq <= self.last_checkpoint.0 || !self.pending.is_empty() {
-            return;
-        }
-        if let Err(e) = sys::syncfs(self.tree.root()) {
-            tracing::error!("syncfs of the export failed: {e}");
-            return;
-        }
-        Counters::add(&self.shared.counters.fsyncs, 1);
-        if let Err(e) = self.store.set_checkpoint(seq) {
-            tracing::error!("writing checkpoint failed: {e}");
-            return;
-        }
-        Counters::add(&self.shared.counters.fsyncs, 1);
-        self.last_checkpoint.0 = seq;
+        // Stage files of large writes are needed only until a checkpoint covers them.
+        let done = self.checkpointed.load(Ordering::Acquire);
+        let stage = self.tree.stage();
         self.staged_writes.retain(|(s, name)| {
-            if *s <= seq {
-                let _ = sys::unlinkat(self.tree.stage(), name, false);
+            if *s <= done {
+                let _ = sys::unlinkat(stage, name, false);
                 false
             } else {
                 true
             }
         });
-        self.retention();
-    }
-
-    /// Drop the oldest records beyond the count, age or size limits
-    /// (never past the checkpoint; a subscriber behind gets a snapshot).
-    fn retention(&mut self) {
-        let head = self.store.head();
-        let mut through = head.saturating_sub(self.tuning.retain_records);
-        let mut excess = self.store.held_bytes().unwrap_or(0).saturating_sub(self.tuning.retain_bytes);
-        let now = Timestamp::now().secs;
-        let age = self.tuning.retain_age.as_secs() as i64;
-        let oldest = self.store.retained_from().and_then(|from| self.store.record_sizes(from, 4096));
-        for (seq, size, time) in oldest.unwrap_or_default() {
-            if excess == 0 && now - time.secs <= age {
-                break;
-            }
-            excess = excess.saturating_sub(size);
-            through = through.max(seq);
-        }
-        if through > 0 {
-            if let Err(e) = self.store.prune(through) {
-                tracing::warn!("pruning the journal failed: {e}");
-            }
-        }
-    }
-
-    fn rehash_quiet(&mut self) {
         let quiet: Vec<ObjectId> =
             self.dirty.iter().filter(|(_, t)| t.elapsed() >= Duration::from_secs(1)).map(|(id, _)| *id).collect();
         for id in quiet {
             self.dirty.remove(&id);
-            if let Err(e) = crate::hash::rehash(&self.store, self.tree.root().as_fd(), id) {
-                tracing::debug!("rehash of {id} deferred: {e}");
-            }
+            let _ = self.background.send(Job::Rehash(id));
         }
     }
 }
