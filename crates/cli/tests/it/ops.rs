@@ -360,3 +360,62 @@ async fn readdir_cookies_stay_valid_while_the_directory_changes() {
         assert!(seen.contains(&name(&format!("n{i:04}"))), "n{i:04} missing");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_hashes_describe_each_mib_of_content_including_holes() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    let id = ObjectId::new();
+    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("h"), id, mode: 0o644, uid: 0, gid: 0 })
+        .await
+        .expect("create");
+    let block = BLOCK_SIZE as usize;
+    c.mutate(Op::Write { id, base: 0, offset: 10, data: vec![3; block] }).await.expect("write");
+    c.mutate(Op::Write { id, base: 0, offset: 3 * BLOCK_SIZE + 5, data: b"tail".to_vec() }).await.expect("write");
+    let (version, hashes) = c.block_hashes(id).await.expect("hashes");
+    assert_eq!(version, c.getattr(id).await.expect("attr").versions.data, "hashes describe the current version");
+    let content = std::fs::read(s.dirs.export.join("h")).expect("read export");
+    let want: Vec<[u8; 32]> = content.chunks(block).map(|b| *blake3::hash(b).as_bytes()).collect();
+    assert_eq!(hashes.len(), 4);
+    assert!(hashes == want, "block hashes differ from the content's");
+    // a one-byte change marks only its block stale
+    c.mutate(Op::Write { id, base: 0, offset: 2 * BLOCK_SIZE, data: vec![9] }).await.expect("write");
+    let (_, again) = c.block_hashes(id).await.expect("hashes");
+    let changed: Vec<usize> = (0..4).filter(|&i| again[i] != hashes[i]).collect();
+    assert_eq!(changed, vec![2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_hashes_follow_random_writes_truncates_and_holes() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    let mut rng = crate::crash::Rng::new(0x5eed);
+    for round in 0..4 {
+        let id = ObjectId::new();
+        let n = format!("r{round}");
+        c.mutate(Op::Create { parent: ObjectId::ROOT, name: name(&n), id, mode: 0o644, uid: 0, gid: 0 })
+            .await
+            .expect("create");
+        for _ in 0..25 {
+            let off = rng.below(5 * BLOCK_SIZE);
+            let op = match rng.below(4) {
+                0 => Op::Truncate { id, base: 0, size: rng.below(5 * BLOCK_SIZE) },
+                1 => Op::PunchHole { id, base: 0, offset: off, len: 1 + rng.below(2 * BLOCK_SIZE) },
+                _ => Op::Write {
+                    id,
+                    base: 0,
+                    offset: off,
+                    data: vec![rng.below(256) as u8; 1 + rng.below(70_000) as usize],
+                },
+            };
+            c.mutate(op).await.expect("data op");
+            if rng.below(5) == 0 {
+                c.block_hashes(id).await.expect("hashes mid-way");
+            }
+        }
+        let (_, hashes) = c.block_hashes(id).await.expect("hashes");
+        let content = std::fs::read(s.dirs.export.join(&n)).expect("read export");
+        let want: Vec<[u8; 32]> = content.chunks(BLOCK_SIZE as usize).map(|b| *blake3::hash(b).as_bytes()).collect();
+        assert!(hashes == want, "round {round}: hashes of {} blocks differ from the content", want.len());
+    }
+}

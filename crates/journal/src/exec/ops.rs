@@ -2,17 +2,24 @@
 
 use super::*;
 
-fn mark_stale(row: &mut ObjectRow, offset: u64, len: u64) {
+/// Mark the blocks a change touched as stale: the changed range, and when
+/// the size moved, every block between the old and the new end (a grown
+/// file's new blocks and the old last block change length).
+fn mark_stale(row: &mut ObjectRow, old_size: u64, offset: u64, len: u64) {
     let nblocks = row.size.div_ceil(BLOCK_SIZE);
     row.blocks.resize(nblocks as usize, [0; 32]);
-    if len > 0 {
-        let first = offset / BLOCK_SIZE;
-        let last = (offset + len - 1) / BLOCK_SIZE;
+    let mut mark = |first: u64, last: u64| {
         for b in first..=last.min(nblocks.saturating_sub(1)) {
             if !row.stale.contains(&b) {
                 row.stale.push(b);
             }
         }
+    };
+    if len > 0 {
+        mark(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+    }
+    if old_size != row.size && nblocks > 0 {
+        mark(old_size.min(row.size) / BLOCK_SIZE, nblocks - 1);
     }
     row.stale.retain(|&b| b < nblocks);
 }
@@ -57,8 +64,9 @@ impl Batch<'_> {
                 let end = offset.checked_add(data.len() as u64).filter(|e| *e <= i64::MAX as u64);
                 let end = end.ok_or_else(|| OpError::Invalid("write past the largest file offset".into()))?;
                 self.data_op(cx, *id, *base, |row| {
+                    let old = row.size;
                     row.size = row.size.max(end);
-                    mark_stale(row, *offset, data.len() as u64);
+                    mark_stale(row, old, *offset, data.len() as u64);
                 })
             }
             Op::Truncate { id, base, size } => {
@@ -68,8 +76,7 @@ impl Batch<'_> {
                 self.data_op(cx, *id, *base, |row| {
                     let old = row.size;
                     row.size = *size;
-                    let lo = old.min(*size);
-                    mark_stale(row, lo, old.max(*size) - lo);
+                    mark_stale(row, old, 0, 0);
                 })
             }
             Op::Allocate { id, base, offset, len } | Op::PunchHole { id, base, offset, len } => {
@@ -77,10 +84,11 @@ impl Batch<'_> {
                 let end = end.ok_or_else(|| OpError::Invalid("range empty or past the largest file offset".into()))?;
                 let grow = matches!(op, Op::Allocate { .. });
                 self.data_op(cx, *id, *base, |row| {
+                    let old = row.size;
                     if grow {
                         row.size = row.size.max(end);
                     }
-                    mark_stale(row, *offset, *len);
+                    mark_stale(row, old, *offset, *len);
                 })
             }
             Op::SetAttr { id, base, attrs } => self.meta_op(cx, *id, *base, |row| {
