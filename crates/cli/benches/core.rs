@@ -371,22 +371,42 @@ fn round(
     let out = rt.block_on(async {
         let c = server.connect(opts.silence).await?;
 
-        let t_nc = native_creates(&base.join("native-creates"), opts.creates)?;
-        let (t_ic, d_ic) = izo_creates(&c, opts.creates, base).await?;
+        // Odd rounds measure native first, even rounds intermezzo first, so a
+        // drift within a round (ext4's recently-deleted-inode window closing,
+        // another tenant's load) does not always favour the same side.
+        let native_first = r % 2 == 1;
+        let order = if native_first { "native first" } else { "intermezzo first" };
+
+        let native_dir = base.join("native-creates");
+        let (t_nc, (t_ic, d_ic)) = if native_first {
+            let n = native_creates(&native_dir, opts.creates)?;
+            (n, izo_creates(&c, opts.creates, base).await?)
+        } else {
+            let i = izo_creates(&c, opts.creates, base).await?;
+            quiesce(&c).await?;
+            (native_creates(&native_dir, opts.creates)?, i)
+        };
         let n = opts.creates as f64;
         let (nc, ic) = (n / t_nc.as_secs_f64(), n / t_ic.as_secs_f64());
         println!(
-            "run {r}: creates   native {t_nc:>9.3?} {nc:>9.0}/s | intermezzo {t_ic:>9.3?} {ic:>9.0}/s | ratio {:.2} | {}",
+            "run {r}: creates   native {t_nc:>9.3?} {nc:>9.0}/s | intermezzo {t_ic:>9.3?} {ic:>9.0}/s | ratio {:.2} | {} | {order}",
             ic / nc,
             d_ic.show()
         );
 
         quiesce(&c).await?;
-        let t_nw = native_write(&base.join("native-w2.bin"), data)?;
-        let (t_iw, d_iw) = izo_write(&c, data, base).await?;
+        let native_file = base.join("native-w2.bin");
+        let (t_nw, (t_iw, d_iw)) = if native_first {
+            let n = native_write(&native_file, data)?;
+            (n, izo_write(&c, data, base).await?)
+        } else {
+            let i = izo_write(&c, data, base).await?;
+            quiesce(&c).await?;
+            (native_write(&native_file, data)?, i)
+        };
         let (nw, iw) = (mb / t_nw.as_secs_f64(), mb / t_iw.as_secs_f64());
         println!(
-            "run {r}: writes    native {t_nw:>9.3?} {nw:>7.1} MB/s | intermezzo {t_iw:>9.3?} {iw:>7.1} MB/s | ratio {:.2} | {}",
+            "run {r}: writes    native {t_nw:>9.3?} {nw:>7.1} MB/s | intermezzo {t_iw:>9.3?} {iw:>7.1} MB/s | ratio {:.2} | {} | {order}",
             iw / nw,
             d_iw.show()
         );
