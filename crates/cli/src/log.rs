@@ -38,12 +38,12 @@ pub fn run(a: LogArgs) -> Result<()> {
             .map(|(id, h)| format!("{:x}={}", id.0 & 0xffff, h.iter().map(|b| format!("{b:02x}")).collect::<String>()))
             .collect();
         println!(
-            "{:>8} {}.{:09} {:?} {op} staged={:?} handles=[{}]",
+            "{:>8} {}.{:09} {:?} {op} payload={:?} handles=[{}]",
             rec.seq,
             rec.time.secs,
             rec.time.nsec,
             rec.origin,
-            r.staged,
+            r.payload,
             hs.join(" ")
         );
     }

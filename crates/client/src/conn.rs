@@ -119,13 +119,18 @@ fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHa
 
 async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, heartbeat: Duration) {
     let mut nonce = 0u64;
+    let mut next_ping = tokio::time::Instant::now() + heartbeat;
     loop {
+        // Ping on schedule even while a long upload keeps the queue busy, so
+        // the server's Pong proves it alive between slow group commits.
         let frame = tokio::select! {
-            f = rx.recv() => match f { Some(f) => f, None => break },
-            _ = tokio::time::sleep(heartbeat) => {
+            biased;
+            _ = tokio::time::sleep_until(next_ping) => {
                 nonce += 1;
+                next_ping = tokio::time::Instant::now() + heartbeat;
                 encode_frame(&ClientMsg::Ping { nonce }).unwrap_or_default()
             }
+            f = rx.recv() => match f { Some(f) => f, None => break },
         };
         if wr.write_all(&frame).await.is_err() {
             break;

@@ -211,6 +211,21 @@ impl Batch<'_> {
     /// Validate `op` from `origin` and record it at the next seq, stamped
     /// with `time`. On error nothing of the op is kept.
     pub fn execute(&mut self, origin: Origin, op: Op, time: Timestamp) -> R<Applied> {
+        let place = match &op {
+            Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX => Payload::Staged(data.len() as u64),
+            _ => Payload::Inline,
+        };
+        self.execute_placed(origin, op, time, place)
+    }
+
+    /// Metadata row of an object as this batch sees it.
+    pub fn object(&self, id: ObjectId) -> R<ObjectRow> {
+        self.row(id)
+    }
+
+    /// Like [`Batch::execute`], with the caller choosing where a write's
+    /// bytes live (anything but `Inline` leaves them out of the record).
+    pub fn execute_placed(&mut self, origin: Origin, op: Op, time: Timestamp, place: Payload) -> R<Applied> {
         let who = match origin {
             Origin::Replica(r, _) => Some(r),
             Origin::Local => None,
@@ -219,15 +234,11 @@ impl Batch<'_> {
         let cx = Cx { seq, time, who };
         let (attr, handles) = self.exec_op(&cx, &op)?;
         let mut op = op;
-        let mut staged = None;
-        if let Op::Write { data, .. } = &mut op {
-            if data.len() > INLINE_WRITE_MAX {
-                staged = Some(data.len() as u64);
-                *data = Vec::new();
-            }
+        if let (Op::Write { data, .. }, Payload::Staged(_) | Payload::Direct(_)) = (&mut op, place) {
+            *data = Vec::new();
         }
         let record = Record { seq, origin, time, op, attr: attr.clone() };
-        self.records.push(StoredRecord { record, handles, staged });
+        self.records.push(StoredRecord { record, handles, payload: place });
         self.seq = seq;
         Ok(Applied { seq, time, attr })
     }

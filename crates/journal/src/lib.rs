@@ -14,7 +14,7 @@ mod tables;
 
 pub use exec::Batch;
 pub use store::{Store, StoreError};
-pub use tables::{ObjectRow, StoredRecord};
+pub use tables::{ObjectRow, Payload, StoredRecord};
 
 /// Opaque server file handle (`name_to_handle_at` type + bytes).
 pub type Handle = Vec<u8>;

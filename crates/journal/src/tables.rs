@@ -89,8 +89,21 @@ pub struct StoredRecord {
     pub record: Record,
     /// Handles of every object the op names, as known when it was recorded.
     pub handles: Vec<(ObjectId, Handle)>,
-    /// Length of a write whose bytes live in a stage file instead of the record.
-    pub staged: Option<u64>,
+    /// Where a write's bytes are.
+    pub payload: Payload,
+}
+
+/// Where the bytes of a write record live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Payload {
+    /// In the record itself (or the op has no payload).
+    #[default]
+    Inline,
+    /// In a stage file, fsynced before the commit; the length.
+    Staged(u64),
+    /// Already in the target file beyond its old end, fdatasynced before the
+    /// commit (an append); the length.
+    Direct(u64),
 }
 
 impl StoredRecord {

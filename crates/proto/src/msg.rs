@@ -63,6 +63,7 @@ pub enum Query {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct DirEntry {
     /// Entry name.
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
     /// Attributes of the entry's object.
     pub attr: Attr,
@@ -78,7 +79,11 @@ pub enum QueryReply {
     /// A page of entries; `done` when the directory has no more.
     Entries { entries: Vec<DirEntry>, done: bool },
     /// Bytes at `offset` (read stream).
-    Data { offset: u64, bytes: Vec<u8> },
+    Data {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// A hole of `len` bytes at `offset` (read stream).
     Hole { offset: u64, len: u64 },
     /// Symlink target.

@@ -112,7 +112,13 @@ pub enum Op {
         mode: RenameMode,
     },
     /// Write bytes at an offset; precondition: data version = `base`.
-    Write { id: ObjectId, base: Seq, offset: u64, data: Vec<u8> },
+    Write {
+        id: ObjectId,
+        base: Seq,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Set the size; precondition: data version = `base`.
     Truncate { id: ObjectId, base: Seq, size: u64 },
     /// Allocate a range (fallocate mode 0, may extend the size).
@@ -122,7 +128,14 @@ pub enum Op {
     /// Change attributes; precondition: meta version = `base`.
     SetAttr { id: ObjectId, base: Seq, attrs: SetAttrs },
     /// Set an extended attribute; precondition: meta version = `base`.
-    SetXattr { id: ObjectId, base: Seq, name: Vec<u8>, value: Vec<u8> },
+    SetXattr {
+        id: ObjectId,
+        base: Seq,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Remove an extended attribute; precondition: meta version = `base`.
     RemoveXattr { id: ObjectId, base: Seq, name: Vec<u8> },
 }

@@ -81,7 +81,8 @@ impl Server {
         }
         let io = |e: std::io::Error| OpError::Transient(format!("reading {id}: {e}"));
         let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(io)?;
-        let size = sys::fstatat(fd.as_fd(), b"").map_err(io)?.st_size as u64;
+        // Never past the committed size: a direct append may be in flight.
+        let size = (sys::fstatat(fd.as_fd(), b"").map_err(io)?.st_size as u64).min(row.size);
         let end = offset.saturating_add(len).min(size);
         let mut pos = offset;
         let mut buf = Vec::new();

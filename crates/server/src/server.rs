@@ -67,6 +67,14 @@ impl Server {
         let counters = Arc::new(Counters::default());
         let (mut hint, marked) =
             Hint::open(tree.stage()).map_err(|e| ServerError::io("reading the applied marker", e))?;
+        // Appends written before a commit that never happened are cut off.
+        for id in tree.intents().map_err(|e| ServerError::io("reading the stage directory", e))? {
+            if let Ok(row) = store.object(id) {
+                tree.cut_to(&row.handle, row.size, row.mtime)
+                    .map_err(|e| ServerError::io(format!("cutting {id} to its committed size"), e))?;
+            }
+            tree.clear_intent(id);
+        }
         let replayed = crate::replay::replay(&store, &mut tree, marked, &counters)
             .map_err(|e| ServerError::Config(format!("replay: {e}")))?;
         let readonly = !replayed.left.is_empty();
@@ -123,6 +131,8 @@ impl Server {
             last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now()),
             background,
             checkpointed,
+            direct: HashMap::new(),
+            touched: Default::default(),
         };
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()

@@ -245,6 +245,11 @@ pub fn fsync(fd: BorrowedFd) -> io::Result<()> {
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
 }
 
+/// `fdatasync(2)`.
+pub fn fdatasync(fd: BorrowedFd) -> io::Result<()> {
+    cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) }).map(drop)
+}
+
 /// `syncfs(2)` on the file system holding `fd`.
 pub fn syncfs(fd: BorrowedFd) -> io::Result<()> {
     cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)

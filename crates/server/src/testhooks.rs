@@ -5,6 +5,8 @@
 /// Where to crash the process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CrashAt {
+    /// After staging and appending a batch holding this op kind, before its commit.
+    PreCommit(String),
     /// After committing a batch holding this op kind, before applying it.
     Commit(String),
     /// After applying a batch holding this op kind, before the next checkpoint.
@@ -36,6 +38,7 @@ impl TestHooks {
             let (at, op) = v.split_once(':')?;
             match at {
                 "commit" => Some(CrashAt::Commit(op.to_string())),
+                "precommit" => Some(CrashAt::PreCommit(op.to_string())),
                 "apply" => Some(CrashAt::Apply(op.to_string())),
                 "unmarked" => Some(CrashAt::Unmarked(op.to_string())),
                 _ => None,
@@ -66,6 +69,14 @@ impl TestHooks {
         }
     }
 
+    /// Kill the process after a batch is staged, before its commit.
+    pub fn maybe_crash_precommit(&self, kinds: &[&str]) {
+        if matches!(&self.crash, Some(CrashAt::PreCommit(k)) if kinds.contains(&k.as_str())) {
+            eprintln!("izo: test hook crash ({:?})", self.crash);
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+
     /// Kill the process between applying a record and moving the marker.
     pub fn maybe_crash_unmarked(&self, kind: &str) {
         if matches!(&self.crash, Some(CrashAt::Unmarked(k)) if k == kind) {
@@ -79,7 +90,7 @@ impl TestHooks {
         let hit = match &self.crash {
             Some(CrashAt::Commit(k)) => at_commit && kinds.contains(&k.as_str()),
             Some(CrashAt::Apply(k)) => !at_commit && kinds.contains(&k.as_str()),
-            Some(CrashAt::Unmarked(_)) => false,
+            Some(CrashAt::Unmarked(_)) | Some(CrashAt::PreCommit(_)) => false,
             None => false,
         };
         if hit {

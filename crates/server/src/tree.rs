@@ -56,6 +56,11 @@ pub fn stage_name(id: ObjectId) -> Vec<u8> {
     format!("o-{:032x}", id.0).into_bytes()
 }
 
+/// Intent name of a direct write to an object.
+pub fn intent_name(id: ObjectId) -> Vec<u8> {
+    format!("d-{:032x}", id.0).into_bytes()
+}
+
 /// Stage name of a large write's payload.
 pub fn write_stage_name(origin: Origin, seq: Seq) -> Vec<u8> {
     match origin {
@@ -190,6 +195,66 @@ impl Tree {
         let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY, 0o600)?;
         sys::pwrite_all(fd.as_fd(), data, 0)?;
         sys::fsync(fd.as_fd())
+    }
+
+    /// Append `data` at `offset` straight into a file (beyond its committed
+    /// end) before the commit. An intent file `d-<id>` in the stage says the
+    /// file may hold uncommitted bytes past its committed size; it is made
+    /// before the write, so after any crash it is there if the bytes are.
+    pub fn direct_write(
+        &mut self,
+        id: ObjectId,
+        handle: &Handle,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<Arc<OwnedFd>> {
+        let intent = intent_name(id);
+        sys::openat(self.stage.as_fd(), &intent, libc::O_CREAT | libc::O_WRONLY, 0o600)?;
+        let fd = self.fd(handle, FileKind::File).map_err(|e| match e {
+            ApplyError::Io { err, .. } => err,
+            other => io::Error::other(other.to_string()),
+        })?;
+        sys::pwrite_all(fd.as_fd(), data, offset)?;
+        Ok(fd)
+    }
+
+    /// Drop the intent of a direct write once its record is committed.
+    pub fn clear_intent(&self, id: ObjectId) {
+        let _ = sys::unlinkat(self.stage.as_fd(), &intent_name(id), false);
+    }
+
+    /// Objects whose files may hold uncommitted appended bytes.
+    pub fn intents(&self) -> io::Result<Vec<ObjectId>> {
+        let mut out = Vec::new();
+        for name in self.stage_names()? {
+            let hex = name.strip_prefix(b"d-").and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(id) = hex.and_then(|h| u128::from_str_radix(h, 16).ok()) {
+                out.push(ObjectId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cut a file back to its committed size and mtime if a direct write
+    /// left more.
+    pub fn cut_to(&mut self, handle: &Handle, size: u64, mtime: Timestamp) -> io::Result<()> {
+        let fd = sys::open_by_handle(self.root.as_fd(), handle, libc::O_RDWR)?;
+        if sys::fstatat(fd.as_fd(), b"")?.st_size as u64 > size {
+            sys::ftruncate(fd.as_fd(), size)?;
+            sys::set_mtime_at(fd.as_fd(), b"", pair(mtime))?;
+        }
+        Ok(())
+    }
+
+    fn stage_names(&self) -> io::Result<Vec<Vec<u8>>> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = sys::proc_path(self.stage.as_raw_fd());
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(path)? {
+            out.push(e?.file_name().as_bytes().to_vec());
+        }
+        Ok(out)
     }
 
     /// Remove every leftover in the stage directory (after replay).

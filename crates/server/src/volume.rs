@@ -12,6 +12,7 @@ use crate::{sys, ServerError};
 use izo_journal::{Store, StoredRecord};
 use izo_proto::*;
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -89,6 +90,10 @@ pub(crate) struct Actor {
     pub dirty: HashMap<ObjectId, Instant>,
     pub last_checkpoint: (Seq, Instant),
     pub background: mpsc::Sender<Job>,
+    /// Direct appends of the batch being recorded: fd and committed size.
+    pub direct: HashMap<ObjectId, (Arc<std::os::fd::OwnedFd>, u64, Timestamp)>,
+    /// Objects whose content a non-direct op of this batch changes.
+    pub touched: std::collections::HashSet<ObjectId>,
     pub checkpointed: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -106,10 +111,16 @@ impl Actor {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             if let Some(first) = first {
+                // Bound a batch by count and by payload, so replies keep
+                // flowing while a client streams large writes.
+                let mut bytes = payload_len(&first.op);
                 let mut batch = vec![first];
-                while batch.len() < self.tuning.max_batch {
+                while batch.len() < self.tuning.max_batch && bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(m) => batch.push(m),
+                        Ok(m) => {
+                            bytes += payload_len(&m.op);
+                            batch.push(m);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -143,6 +154,7 @@ impl Actor {
                 for m in &batch {
                     self.tree.unstage(&m.op);
                 }
+                self.undo_direct();
                 Self::refuse_all(batch, &e);
             }
         }
@@ -156,6 +168,8 @@ impl Actor {
         let mut outs = Vec::with_capacity(batch.len());
         let mut staged_any = false;
         let readonly = self.shared.readonly.load(Ordering::Acquire);
+        self.direct.clear();
+        self.touched.clear();
         for m in batch {
             let last = b.replica_last(m.replica)?;
             if m.cseq <= last && !self.hooks.no_reply_cache {
@@ -170,7 +184,7 @@ impl Actor {
             let result = if readonly {
                 Err(OpError::ReadOnly("a journal record failed to apply; see the server log".into()))
             } else {
-                self.record_one(&mut b, m, &mut staged_any)
+                self.record_one(&mut b, m, &mut staged_any)?
             };
             let frame = reply_frame(m.cseq, result);
             if m.cseq > last {
@@ -185,15 +199,97 @@ impl Actor {
             sys::fsync(self.tree.stage()).map_err(|e| ServerError::io("fsync stage directory", e))?;
             Counters::add(&self.shared.counters.fsyncs, 1);
         }
+        for (fd, _, _) in self.direct.values() {
+            sys::fdatasync(fd.as_fd()).map_err(|e| ServerError::io("fdatasync of appended data", e))?;
+            Counters::add(&self.shared.counters.fsyncs, 1);
+        }
+        if self.hooks.crash.is_some() {
+            let kinds: Vec<&str> = batch.iter().map(|m| m.op.kind()).collect();
+            self.hooks.maybe_crash_precommit(&kinds);
+        }
         let records = b.commit(true)?;
+        for id in self.direct.keys() {
+            self.tree.clear_intent(*id);
+        }
+        self.direct.clear();
         Counters::add(&self.shared.counters.fsyncs, 1);
         Counters::add(&self.shared.counters.batches, 1);
         Counters::add(&self.shared.counters.records, records.len() as u64);
         Ok((records, outs))
     }
 
-    fn record_one(&mut self, b: &mut izo_journal::Batch<'_>, m: &Mutation, staged_any: &mut bool) -> MutateResult {
+    fn record_one(
+        &mut self,
+        b: &mut izo_journal::Batch<'_>,
+        m: &Mutation,
+        staged_any: &mut bool,
+    ) -> Result<MutateResult, ServerError> {
         let time = Timestamp::now();
+        if let Some(r) = self.try_direct(b, m, time)? {
+            return Ok(r);
+        }
+        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
+            &m.op
+        {
+            self.touched.insert(*id);
+        }
+        Ok(self.record_plain(b, m, staged_any, time))
+    }
+
+    /// An append of at least [`DIRECT_MIN`] bytes beyond a file's committed
+    /// end goes straight into the file (fdatasynced before the commit)
+    /// instead of through the journal: sequential writes cost one copy.
+    fn try_direct(
+        &mut self,
+        b: &mut izo_journal::Batch<'_>,
+        m: &Mutation,
+        time: Timestamp,
+    ) -> Result<Option<MutateResult>, ServerError> {
+        let Op::Write { id, offset, data, .. } = &m.op else { return Ok(None) };
+        if data.len() < DIRECT_MIN || self.touched.contains(id) || !self.pending.is_empty() {
+            return Ok(None);
+        }
+        let Ok(row) = b.object(*id) else { return Ok(None) };
+        if row.kind != FileKind::File || *offset < row.size || row.handle.is_empty() {
+            return Ok(None);
+        }
+        let committed = match self.direct.get(id) {
+            Some((_, size, mtime)) => (*size, *mtime),
+            None => self.store.object(*id).map(|r| (r.size, r.mtime)).unwrap_or((0, row.mtime)),
+        };
+        let origin = Origin::Replica(m.replica, m.cseq);
+        let place = izo_journal::Payload::Direct(data.len() as u64);
+        let applied = match b.execute_placed(origin, m.op.clone(), time, place) {
+            Ok(a) => a,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        let fd = self
+            .tree
+            .direct_write(*id, &row.handle, *offset, data)
+            .map_err(|e| ServerError::io(format!("appending to {id}"), e))?;
+        self.direct.insert(*id, (fd, committed.0, committed.1));
+        Ok(Some(Ok(applied)))
+    }
+
+    /// Cut files back to their committed size after a batch failed.
+    fn undo_direct(&mut self) {
+        for (id, (fd, size, mtime)) in self.direct.drain() {
+            let cut = sys::ftruncate(fd.as_fd(), size)
+                .and_then(|_| sys::set_mtime_at(fd.as_fd(), b"", (mtime.secs, mtime.nsec)));
+            if let Err(e) = cut {
+                tracing::error!("cutting uncommitted bytes of {id} failed: {e}; restart the server to repair");
+            }
+            self.tree.clear_intent(id);
+        }
+    }
+
+    fn record_plain(
+        &mut self,
+        b: &mut izo_journal::Batch<'_>,
+        m: &Mutation,
+        staged_any: &mut bool,
+        time: Timestamp,
+    ) -> MutateResult {
         if let Op::Create { parent, name, .. }
         | Op::Mkdir { parent, name, .. }
         | Op::Symlink { parent, name, .. }
@@ -308,6 +404,20 @@ impl Actor {
             self.dirty.remove(&id);
             let _ = self.background.send(Job::Rehash(id));
         }
+    }
+}
+
+/// Smallest append that bypasses the journal.
+const DIRECT_MIN: usize = 64 << 10;
+
+/// Most payload bytes in one group commit.
+const MAX_BATCH_BYTES: usize = 32 << 20;
+
+fn payload_len(op: &Op) -> usize {
+    match op {
+        Op::Write { data, .. } => data.len(),
+        Op::SetXattr { value, .. } => value.len(),
+        _ => 0,
     }
 }
 

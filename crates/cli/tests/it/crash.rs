@@ -40,6 +40,7 @@ enum K {
 /// What the generator believes exists once every submitted op succeeds.
 struct Gen {
     rng: Rng,
+    sizes: std::collections::HashMap<ObjectId, u64>,
     dirs: Vec<ObjectId>,
     names: Vec<(ObjectId, Vec<u8>, ObjectId, K)>,
 }
@@ -78,11 +79,20 @@ impl Gen {
         let free = self.find(p, &n).is_none();
         match (roll, self.pick_file()) {
             (0..=24, _) | (_, None) if free => vec![self.create(p, n)],
+            (25..=49, Some((_, _, id))) if self.rng.below(4) == 0 => {
+                // an append (large ones go straight into the file)
+                let at = self.sizes.get(&id).copied().unwrap_or(0);
+                let len = 1 + self.rng.below(150_000);
+                self.sizes.insert(id, at + len);
+                vec![Op::Write { id, base: 0, offset: at, data: vec![self.rng.below(256) as u8; len as usize] }]
+            }
             (25..=49, Some((_, _, id))) => {
                 let big = self.rng.below(40) == 0;
                 let len = if big { (3 << 19) + self.rng.below(4096) } else { 1 + self.rng.below(3000) };
                 let off = self.rng.below(1 << 16);
                 let byte = self.rng.below(256) as u8;
+                let size = self.sizes.entry(id).or_insert(0);
+                *size = (*size).max(off + len);
                 vec![Op::Write { id, base: 0, offset: off, data: vec![byte; len as usize] }]
             }
             (50..=64, Some((sp, sn, id))) => {
@@ -150,7 +160,11 @@ impl Gen {
                 self.names.remove(i);
                 vec![Op::Unlink { parent: sp, name: sn, expect: expect(id) }]
             }
-            (94..=99, Some((_, _, id))) => vec![Op::Truncate { id, base: 0, size: self.rng.below(1 << 15) }],
+            (94..=99, Some((_, _, id))) => {
+                let size = self.rng.below(1 << 15);
+                self.sizes.insert(id, size);
+                vec![Op::Truncate { id, base: 0, size }]
+            }
             _ => vec![],
         }
     }
@@ -215,7 +229,7 @@ pub async fn run_crash(total: usize, kills: u32, seed: u64, env: &[(&str, &str)]
     let slot = Arc::new(Mutex::new(Some(first)));
     let c = Client::connect(cfg).await.map_err(|e| format!("connect: {e}"))?;
     let mut model = model_for(&dirs.export);
-    let mut gen = Gen { rng: Rng::new(seed), dirs: vec![ObjectId::ROOT], names: Vec::new() };
+    let mut gen = Gen { rng: Rng::new(seed), sizes: Default::default(), dirs: vec![ObjectId::ROOT], names: Vec::new() };
     let mut ops: Vec<Op> = Vec::new();
     for d in ["d1", "d2"] {
         let id = ObjectId::new();

@@ -1,6 +1,7 @@
 //! Applying one committed record to the tree, checking state first.
 
 use super::*;
+use izo_journal::Payload;
 
 fn incons(seq: Seq, why: impl Into<String>) -> ApplyError {
     ApplyError::Inconsistent { seq, why: why.into() }
@@ -145,7 +146,9 @@ impl Tree {
             }
             Op::Write { id, offset, data, .. } => {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;
-                if rec.staged.is_some() {
+                if let Payload::Direct(_) = rec.payload {
+                    // The bytes were appended and fdatasynced before the commit.
+                } else if let Payload::Staged(_) = rec.payload {
                     let sname = write_stage_name(r.origin, seq);
                     let sfd = sys::openat(self.stage.as_fd(), &sname, libc::O_RDONLY, 0)
                         .map_err(io_err("open staged write"))?;
