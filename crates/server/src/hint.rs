@@ -14,10 +14,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 const PREFIX: &str = "applied.";
 
-/// The marker and the seq it names.
+/// The marker, the seq it names, and the seq applied in memory (the
+/// marker may lag behind the latter; see `note`).
 pub struct Hint {
     stage: OwnedFd,
     seq: Seq,
+    applied: Seq,
 }
 
 fn marker(seq: Seq) -> Vec<u8> {
@@ -53,16 +55,31 @@ impl Hint {
         if found.is_empty() {
             sys::openat(stage.as_fd(), &marker(0), libc::O_CREAT | libc::O_WRONLY, 0o600)?;
         }
-        Ok((Hint { stage, seq }, seq))
+        Ok((Hint { stage, seq, applied: seq }, seq))
     }
 
     /// Highest seq applied.
     pub fn seq(&self) -> Seq {
-        self.seq
+        self.applied
     }
 
-    /// Record that `seq` is applied.
+    /// Note that `seq` is applied without moving the marker. Only for records
+    /// whose replay is decided by the tree's state alone (creates, data and
+    /// attribute ops): replay re-checks them from the marker on.
+    pub fn note(&mut self, seq: Seq) {
+        self.applied = seq;
+    }
+
+    /// Move the marker to what is applied.
+    pub fn flush(&mut self) {
+        if self.applied != self.seq {
+            self.set(self.applied);
+        }
+    }
+
+    /// Record that `seq` is applied and move the marker there.
     pub fn set(&mut self, seq: Seq) {
+        self.applied = seq;
         if seq == self.seq {
             return;
         }

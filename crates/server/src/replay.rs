@@ -9,8 +9,9 @@
 
 use crate::counters::Counters;
 use crate::tree::{Mode, Outcome, Tree};
-use izo_journal::{Store, StoredRecord};
-use izo_proto::{Op, Seq};
+use izo_journal::{Payload, Store, StoredRecord};
+use izo_proto::{ObjectId, Op, Seq};
+use std::collections::HashMap;
 
 /// Result of a replay: the last seq applied, and records left unapplied
 /// after an inconsistency (the volume stays read-only while any remain).
@@ -20,7 +21,16 @@ pub(crate) struct Replayed {
 }
 
 fn is_data(op: &Op) -> bool {
-    matches!(op, Op::Write { .. } | Op::Truncate { .. } | Op::Allocate { .. } | Op::PunchHole { .. })
+    data_target(op).is_some()
+}
+
+fn data_target(op: &Op) -> Option<ObjectId> {
+    match op {
+        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
+            Some(*id)
+        }
+        _ => None,
+    }
 }
 
 pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Counters) -> Result<Replayed, String> {
@@ -29,6 +39,21 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
     let marked = marked.max(ckpt).min(head);
     if ckpt < head {
         tracing::info!("replaying journal: data records {}..={marked}, all records {}..={head}", ckpt + 1, marked + 1);
+    }
+    // A direct append fdatasyncs its file before its commit, so the file's
+    // earlier data records are durable: redoing them would destroy the
+    // appended bytes, which no record holds.
+    let mut last_direct: HashMap<ObjectId, Seq> = HashMap::new();
+    let mut next = ckpt + 1;
+    while next <= marked {
+        let recs = store.records_from(next, 1024).map_err(|e| e.to_string())?;
+        let Some(last) = recs.last().map(|r| r.record.seq) else { break };
+        for r in recs.iter().filter(|r| r.record.seq <= marked) {
+            if let (Op::Write { id, .. }, Payload::Direct(_)) = (&r.record.op, r.payload) {
+                last_direct.insert(*id, r.record.seq);
+            }
+        }
+        next = last + 1;
     }
     let mut next = ckpt + 1;
     loop {
@@ -39,6 +64,10 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
             let mode = if seq > marked {
                 Mode::Exact
             } else if is_data(&rec.record.op) {
+                let id = data_target(&rec.record.op);
+                if id.and_then(|id| last_direct.get(&id)).is_some_and(|&d| seq <= d) {
+                    continue;
+                }
                 Mode::RedoData
             } else {
                 continue;

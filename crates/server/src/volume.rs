@@ -350,21 +350,35 @@ impl Actor {
         let retry = !self.pending.is_empty();
         self.pending.extend(records);
         while let Some(rec) = self.pending.pop_front() {
+            // A link, unlink, rmdir or rename can undo the post-state of the
+            // records before it, and its own replay needs the marker: mark
+            // before and after it. Other records are marked per batch.
+            let ambiguous =
+                matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
+            if ambiguous {
+                self.hint.flush();
+            }
             match self.tree.apply(&rec, if retry { Mode::Exact } else { Mode::Normal }) {
                 Ok(_) => {
                     Counters::add(&self.shared.counters.ops_applied, 1);
                     self.note_dirty(&rec);
                     self.hooks.maybe_crash_unmarked(rec.record.op.kind());
-                    self.hint.set(rec.record.seq);
+                    if ambiguous {
+                        self.hint.set(rec.record.seq);
+                    } else {
+                        self.hint.note(rec.record.seq);
+                    }
                 }
                 Err(e) => {
                     tracing::error!("apply of seq {} failed: {e}; volume read-only until it succeeds", rec.record.seq);
                     self.pending.push_front(rec);
+                    self.hint.flush();
                     self.shared.readonly.store(true, Ordering::Release);
                     return;
                 }
             }
         }
+        self.hint.flush();
         self.shared.readonly.store(false, Ordering::Release);
     }
 
