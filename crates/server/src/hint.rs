@@ -18,7 +18,7 @@ const PREFIX: &str = "applied.";
 /// marker may lag behind the latter; see `note`).
 pub struct Hint {
     stage: OwnedFd,
-    seq: Seq,
+    marked: Seq,
     applied: Seq,
 }
 
@@ -55,7 +55,7 @@ impl Hint {
         if found.is_empty() {
             sys::openat(stage.as_fd(), &marker(0), libc::O_CREAT | libc::O_WRONLY, 0o600)?;
         }
-        Ok((Hint { stage, seq, applied: seq }, seq))
+        Ok((Hint { stage, marked: seq, applied: seq }, seq))
     }
 
     /// Highest seq applied.
@@ -72,7 +72,7 @@ impl Hint {
 
     /// Move the marker to what is applied.
     pub fn flush(&mut self) {
-        if self.applied != self.seq {
+        if self.applied != self.marked {
             self.set(self.applied);
         }
     }
@@ -80,11 +80,11 @@ impl Hint {
     /// Record that `seq` is applied and move the marker there.
     pub fn set(&mut self, seq: Seq) {
         self.applied = seq;
-        if seq == self.seq {
+        if seq == self.marked {
             return;
         }
-        match sys::renameat2(self.stage.as_fd(), &marker(self.seq), self.stage.as_fd(), &marker(seq), 0) {
-            Ok(()) => self.seq = seq,
+        match sys::renameat2(self.stage.as_fd(), &marker(self.marked), self.stage.as_fd(), &marker(seq), 0) {
+            Ok(()) => self.marked = seq,
             Err(e) => tracing::error!("moving the applied marker to {seq} failed: {e}"),
         }
     }
