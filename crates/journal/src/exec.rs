@@ -92,12 +92,13 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Set the handle of a new object and patch this batch's records naming it.
+    /// Set the handle of the object the last executed op created, in its row
+    /// and in that op's record (later records read it from the row).
     pub fn set_handle(&mut self, id: ObjectId, handle: Handle) -> Result<(), StoreError> {
         let mut row = self.row(id).map_err(|_| StoreError::Corrupt("objects"))?;
         row.handle = handle.clone();
         self.put_row(id, &row).map_err(|_| StoreError::Corrupt("objects"))?;
-        for r in &mut self.records {
+        if let Some(r) = self.records.last_mut() {
             for (i, h) in &mut r.handles {
                 if *i == id {
                     *h = handle.clone();
