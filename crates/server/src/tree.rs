@@ -78,6 +78,10 @@ pub struct Tree {
     root: OwnedFd,
     stage: OwnedFd,
     fds: HashMap<Handle, Arc<OwnedFd>>,
+    /// The process umask (new inodes are created through it).
+    umask: u32,
+    /// Owner of inodes this process creates.
+    owner: (u32, u32),
 }
 
 impl Tree {
@@ -90,7 +94,14 @@ impl Tree {
             Err(e) => return Err(e),
         }
         let stage = sys::openat(root.as_fd(), STAGE_DIR, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-        Ok(Tree { root, stage, fds: HashMap::new() })
+        // SAFETY: umask only swaps the process mask; it is put back at once.
+        let umask = unsafe {
+            let old = libc::umask(0o022);
+            libc::umask(old);
+            old
+        };
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
+        Ok(Tree { root, stage, fds: HashMap::new(), umask, owner })
     }
 
     /// The export root (the mount fd for handles).
@@ -153,11 +164,10 @@ impl Tree {
         };
         let name = stage_name(id);
         let st = self.stage.as_fd();
+        if let Op::Create { mode, .. } = op {
+            return self.stage_file(&name, *mode, uid, gid, time).map(Some);
+        }
         let mode = match op {
-            Op::Create { mode, .. } => {
-                sys::openat(st, &name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
-                Some(*mode)
-            }
             Op::Mkdir { mode, .. } => {
                 sys::mkdirat(st, &name, 0o700)?;
                 Some(*mode)
@@ -179,6 +189,23 @@ impl Tree {
         }
         sys::set_mtime_at(st, &name, pair(time))?;
         sys::name_to_handle(st, &name).map(Some)
+    }
+
+    /// The common case, kept to as few calls as possible: open with the final
+    /// mode when the umask leaves it whole, chown only to another owner, and
+    /// work on the fd rather than the name.
+    fn stage_file(&self, name: &[u8], mode: u32, uid: u32, gid: u32, time: Timestamp) -> io::Result<Handle> {
+        let mode = mode & 0o7777;
+        let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, mode & 0o777)?;
+        let fdb = fd.as_fd();
+        if (uid, gid) != self.owner {
+            sys::chown_at(fdb, b"", Some(uid), Some(gid))?;
+        }
+        if mode & 0o7000 != 0 || mode & self.umask != 0 || (uid, gid) != self.owner {
+            sys::fchmod(fdb, mode)?;
+        }
+        sys::set_mtime_at(fdb, b"", pair(time))?;
+        sys::name_to_handle(fdb, b"")
     }
 
     /// Remove a staged inode whose op was refused.

@@ -66,7 +66,10 @@ impl Tree {
                 let p = self.dir(rec, *parent)?;
                 let staged = stage_name(*id);
                 let want = self.handle(rec, *id)?.clone();
-                if self.handle_at(self.stage.as_fd(), &staged)?.as_ref() == Some(&want) {
+                // Live, the staged inode is ours for sure; in replay, check it.
+                let staged_ok =
+                    mode == Mode::Normal || self.handle_at(self.stage.as_fd(), &staged)?.as_ref() == Some(&want);
+                if staged_ok {
                     sys::renameat2(self.stage.as_fd(), &staged, p.as_fd(), name, libc::RENAME_NOREPLACE)
                         .map_err(io_err("move new inode into place"))?;
                 } else if exact && self.handle_at(p.as_fd(), name)?.as_ref() == Some(&want) {
