@@ -37,7 +37,11 @@ use std::time::{Duration, Instant};
 const CHUNK: usize = 1 << 20;
 const TARGET_CREATES: f64 = 10_000.0;
 const TARGET_WRITE_RATIO: f64 = 0.5;
-const BENCH_ROOT: &str = "/var/tmp";
+/// Where exports and native files go: `$IZO_BENCH_ROOT` (bench/run points
+/// it at a fresh loop-mounted ext4), else /var/tmp.
+fn bench_root() -> String {
+    std::env::var("IZO_BENCH_ROOT").unwrap_or_else(|_| "/var/tmp".into())
+}
 const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Opts {
@@ -363,8 +367,8 @@ fn round(
 ) -> Result<(Round, tempfile::TempDir)> {
     let tmp = tempfile::Builder::new()
         .prefix("izo-bench-")
-        .tempdir_in(BENCH_ROOT)
-        .with_context(|| format!("making a temp dir in {BENCH_ROOT}"))?;
+        .tempdir_in(bench_root())
+        .with_context(|| format!("making a temp dir in {}", bench_root()))?;
     let base = tmp.path();
     let server = ServerProc::start(bin, &base.join("izo"))?;
     let mb = data.len() as f64 / 1e6;
@@ -426,13 +430,14 @@ fn main() -> Result<()> {
     ensure!(bin.is_file(), "{} not found: run `cargo build --release -p izo` or set IZO_BIN", bin.display());
     let data = read_w2(&opts.w2, opts.write_bytes)?;
     println!(
-        "core bench: {} runs, {} creates, {} MiB of {} in {} KiB writes, izo {}, dir {BENCH_ROOT}{}",
+        "core bench: {} runs, {} creates, {} MiB of {} in {} KiB writes, izo {}, dir {}{}",
         opts.runs,
         opts.creates,
         opts.write_bytes / CHUNK,
         opts.w2.display(),
         CHUNK / 1024,
         bin.display(),
+        bench_root(),
         if opts.quick { " (quick)" } else { "" }
     );
     if let Some(s) = opts.silence {
@@ -451,7 +456,7 @@ fn main() -> Result<()> {
     }
     // Clean inode-table blocks shorten ext4's "recently deleted" window for
     // whatever creates files next (see `native_creates`).
-    syncfs(Path::new(BENCH_ROOT))?;
+    syncfs(Path::new(&bench_root()))?;
     let col = |f: fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
     let (ic, nc) = (col(|r| r.izo_creates), col(|r| r.native_creates));
     let (iw, nw) = (col(|r| r.izo_mbs), col(|r| r.native_mbs));
