@@ -37,7 +37,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ConfigCmd {
-    /// Parse a config file ([server] and [client] sections) and report errors.
+    /// Parse a config file (`[server]` and `[client]` sections) and report errors.
     Check {
         /// The TOML file.
         file: std::path::PathBuf,

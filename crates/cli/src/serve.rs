@@ -10,7 +10,7 @@ use std::path::PathBuf;
 pub struct ServeArgs {
     /// Directory to export (the master copy).
     export: Option<PathBuf>,
-    /// TOML config file with a [server] section.
+    /// TOML config file with a `[server]` section.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1:7227; use 0.0.0.0:7227 for other hosts).

@@ -23,7 +23,7 @@ pub(crate) struct Live {
 }
 
 pub(crate) fn mutate_frame(cseq: u64, acked_through: u64, op: &Op) -> Vec<u8> {
-    encode_frame(&ClientMsg::Mutate { cseq, acked_through, op: op.clone() }).unwrap_or_default()
+    encode_frame(&ClientMsgRef::Mutate { cseq, acked_through, op }).unwrap_or_default()
 }
 
 async fn read_msg(rd: &mut ReadHalf<Tls>, inner: &Inner) -> Result<ServerMsg, String> {

@@ -21,6 +21,23 @@ pub enum ClientMsg {
     Ping { nonce: u64 },
 }
 
+/// A borrowed view of [`ClientMsg`] for encoding without copying the op:
+/// the variants before `Mutate` match, so the bytes are the same.
+#[derive(Serialize)]
+pub enum ClientMsgRef<'a> {
+    /// As [`ClientMsg::Hello`].
+    Hello(&'a Hello),
+    /// As [`ClientMsg::Mutate`].
+    Mutate {
+        /// Client seq.
+        cseq: u64,
+        /// Replies durable at the client through this seq.
+        acked_through: u64,
+        /// The op.
+        op: &'a Op,
+    },
+}
+
 /// Handshake sent by the client.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -194,3 +211,17 @@ pub enum RefuseReason {
 
 /// Convenience: the applied result of a mutation reply.
 pub type MutateResult = Result<Applied, OpError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{codec::encode_frame, ObjectId};
+
+    #[test]
+    fn the_borrowed_mutate_encodes_like_the_owned_one() {
+        let op = Op::Write { id: ObjectId(5), base: 3, offset: 7, data: vec![1, 2, 3] };
+        let owned = encode_frame(&ClientMsg::Mutate { cseq: 9, acked_through: 8, op: op.clone() }).unwrap();
+        let borrowed = encode_frame(&ClientMsgRef::Mutate { cseq: 9, acked_through: 8, op: &op }).unwrap();
+        assert_eq!(owned, borrowed);
+    }
+}

@@ -113,16 +113,16 @@ impl Actor {
             if let Some(first) = first {
                 // Bound a batch by count and by payload, so replies keep
                 // flowing while a client streams large writes.
+                // A batch carrying bulk data waits a moment for more, so a
+                // stream of large writes pays its two syncs per ~MAX bytes
+                // rather than per whatever arrived during the last sync.
                 let mut bytes = payload_len(&first.op);
                 let mut batch = vec![first];
                 while batch.len() < self.tuning.max_batch && bytes < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            bytes += payload_len(&m.op);
-                            batch.push(m);
-                        }
-                        Err(_) => break,
-                    }
+                    let next = if bytes >= BULK_BYTES { rx.recv_timeout(BULK_WAIT).ok() } else { rx.try_recv().ok() };
+                    let Some(m) = next else { break };
+                    bytes += payload_len(&m.op);
+                    batch.push(m);
                 }
                 self.process(batch);
             }
@@ -425,7 +425,13 @@ impl Actor {
 const DIRECT_MIN: usize = 64 << 10;
 
 /// Most payload bytes in one group commit.
-const MAX_BATCH_BYTES: usize = 32 << 20;
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// A batch with at least this much payload is a bulk transfer...
+const BULK_BYTES: usize = 1 << 20;
+
+/// ...and waits this long for each further op before committing.
+const BULK_WAIT: Duration = Duration::from_millis(3);
 
 fn payload_len(op: &Op) -> usize {
     match op {
