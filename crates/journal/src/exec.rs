@@ -204,6 +204,7 @@ impl Batch<'_> {
 
     fn remove_object(&mut self, id: ObjectId) -> R<()> {
         self.tx.open_table(OBJECTS).map_err(db)?.remove(id.to_bytes().as_slice()).map_err(db)?;
+        self.tx.open_table(HASHES).map_err(db)?.remove(id.to_bytes().as_slice()).map_err(db)?;
         let (lo, hi) = prefix_range(id);
         self.tx.open_table(XATTRS).map_err(db)?.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false).map_err(db)?;
         Ok(())
@@ -211,8 +212,8 @@ impl Batch<'_> {
 
     /// Validate `op` from `origin` and record it at the next seq, stamped
     /// with `time`. On error nothing of the op is kept.
-    pub fn execute(&mut self, origin: Origin, op: Op, time: Timestamp) -> R<Applied> {
-        let place = match &op {
+    pub fn execute(&mut self, origin: Origin, op: &Op, time: Timestamp) -> R<Applied> {
+        let place = match op {
             Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX => Payload::Staged(data.len() as u64),
             _ => Payload::Inline,
         };
@@ -226,18 +227,21 @@ impl Batch<'_> {
 
     /// Like [`Batch::execute`], with the caller choosing where a write's
     /// bytes live (anything but `Inline` leaves them out of the record).
-    pub fn execute_placed(&mut self, origin: Origin, op: Op, time: Timestamp, place: Payload) -> R<Applied> {
+    pub fn execute_placed(&mut self, origin: Origin, op: &Op, time: Timestamp, place: Payload) -> R<Applied> {
         let who = match origin {
             Origin::Replica(r, _) => Some(r),
             Origin::Local => None,
         };
         let seq = self.seq + 1;
         let cx = Cx { seq, time, who };
-        let (attr, handles) = self.exec_op(&cx, &op)?;
-        let mut op = op;
-        if let (Op::Write { data, .. }, Payload::Staged(_) | Payload::Direct(_)) = (&mut op, place) {
-            *data = Vec::new();
-        }
+        let (attr, handles) = self.exec_op(&cx, op)?;
+        // Bytes kept elsewhere are not copied into the record.
+        let op = match (op, place) {
+            (Op::Write { id, base, offset, .. }, Payload::Staged(_) | Payload::Direct(_)) => {
+                Op::Write { id: *id, base: *base, offset: *offset, data: Vec::new() }
+            }
+            _ => op.clone(),
+        };
         let record = Record { seq, origin, time, op, attr: attr.clone() };
         self.records.push(StoredRecord { record, handles, payload: place });
         self.seq = seq;

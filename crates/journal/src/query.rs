@@ -76,6 +76,20 @@ impl Store {
         xattrs_in(&r.open_table(XATTRS).map_err(db)?, id)
     }
 
+    /// Block hashes of an object as stored (stale ones included; see
+    /// `ObjectRow::stale`).
+    pub fn hashes(&self, id: ObjectId) -> R<Vec<[u8; 32]>> {
+        let r = self.db.begin_read().map_err(db)?;
+        hashes_in(&r.open_table(HASHES).map_err(db)?, id)
+    }
+
+    /// An object's row and block hashes read together (one transaction).
+    pub fn row_and_hashes(&self, id: ObjectId) -> R<(ObjectRow, Vec<[u8; 32]>)> {
+        let r = self.db.begin_read().map_err(db)?;
+        let row = row_in(&r.open_table(OBJECTS).map_err(db)?, id)?;
+        Ok((row, hashes_in(&r.open_table(HASHES).map_err(db)?, id)?))
+    }
+
     /// Store freshly computed block hashes if the data version is unchanged.
     pub fn set_hashes(&self, id: ObjectId, version: Seq, blocks: Vec<[u8; 32]>) -> R<bool> {
         let mut tx = self.db.begin_write().map_err(db)?;
@@ -85,9 +99,10 @@ impl Store {
             let row = t.get(id.to_bytes().as_slice()).map_err(db)?.and_then(|v| dec::<ObjectRow>(v.value()));
             match row {
                 Some(mut row) if row.versions.data == version => {
-                    row.blocks = blocks;
                     row.stale.clear();
                     t.insert(id.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
+                    let flat: Vec<u8> = blocks.concat();
+                    tx.open_table(HASHES).map_err(db)?.insert(id.to_bytes().as_slice(), flat.as_slice()).map_err(db)?;
                     true
                 }
                 _ => false,
@@ -124,6 +139,7 @@ impl Store {
         let objs = r.open_table(OBJECTS).map_err(open)?;
         let links = r.open_table(LINKS).map_err(open)?;
         let xattrs = r.open_table(XATTRS).map_err(open)?;
+        let hashes = r.open_table(HASHES).map_err(open)?;
         for row in objs.iter().map_err(|e| OpError::from(db(e)))? {
             let (k, v) = row.map_err(|e| OpError::from(db(e)))?;
             let id = id_at(k.value(), 0);
@@ -139,12 +155,18 @@ impl Store {
                 links: names,
                 target: row.target.clone(),
                 xattrs: xattrs_in(&xattrs, id)?,
-                blocks: row.blocks.clone(),
+                blocks: hashes_in(&hashes, id)?,
             };
             f(entry)?;
         }
         Ok(seq)
     }
+}
+
+fn hashes_in(t: &ReadOnlyTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<[u8; 32]>> {
+    let v = t.get(id.to_bytes().as_slice()).map_err(db)?;
+    let Some(v) = v else { return Ok(Vec::new()) };
+    Ok(v.value().chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect())
 }
 
 fn xattrs_in(t: &ReadOnlyTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<(Vec<u8>, Vec<u8>)>> {

@@ -50,7 +50,7 @@ impl Store {
         let tx = database.begin_write().map_err(db)?;
         let (incarnation, head, cookie) = {
             let mut meta = tx.open_table(META).map_err(db)?;
-            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES] {
+            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES, HASHES] {
                 tx.open_table(t).map_err(db)?;
             }
             tx.open_table(LINKS).map_err(db)?;
@@ -253,7 +253,6 @@ pub(crate) fn new_row(
         meta_run_start: 0,
         handle: Vec::new(),
         target: None,
-        blocks: Vec::new(),
         stale: Vec::new(),
     }
 }

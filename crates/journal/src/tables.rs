@@ -18,6 +18,9 @@ pub const COOKIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cookies
 pub const LINKS: TableDefinition<&[u8], ()> = TableDefinition::new("links");
 /// Object id ‖ xattr name → value.
 pub const XATTRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("xattrs");
+/// Object id → BLAKE3 hashes of its 1 MiB blocks, 32 bytes each. Kept out
+/// of the object row so a write to a big file does not rewrite them.
+pub const HASHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hashes");
 /// Seq → [`StoredRecord`].
 pub const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 /// Replica id → last applied client seq.
@@ -59,10 +62,9 @@ pub struct ObjectRow {
     pub handle: Handle,
     /// Symlink target.
     pub target: Option<Vec<u8>>,
-    /// BLAKE3 hash per 1 MiB block.
-    pub blocks: Vec<[u8; 32]>,
-    /// Blocks whose hash is out of date.
-    pub stale: Vec<u64>,
+    /// Ranges of 1 MiB blocks (first, last; sorted, disjoint) whose hash in
+    /// the hashes table is out of date.
+    pub stale: Vec<(u64, u64)>,
 }
 
 impl ObjectRow {

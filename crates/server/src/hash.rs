@@ -19,11 +19,11 @@ pub fn rehash(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<(), Strin
         return Ok(());
     }
     let fd = sys::open_by_handle(root, &row.handle, libc::O_RDONLY).map_err(|e| e.to_string())?;
-    let mut blocks = row.blocks.clone();
+    let mut blocks = store.hashes(id).map_err(|e| e.to_string())?;
     blocks.resize(row.size.div_ceil(BLOCK_SIZE) as usize, [0; 32]);
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     let zeros = vec![0u8; BLOCK_SIZE as usize];
-    for &b in &row.stale {
+    for b in row.stale.iter().flat_map(|&(first, last)| first..=last) {
         let Some(slot) = blocks.get_mut(b as usize) else { continue };
         let start = b * BLOCK_SIZE;
         let end = (start + BLOCK_SIZE).min(row.size);

@@ -52,9 +52,19 @@ impl Server {
             Query::ReadLink { id } => QueryReply::Target(store.readlink(id)?),
             Query::ListXattr { id } => QueryReply::Xattrs(store.xattrs(id)?),
             Query::BlockHashes { id } => {
-                crate::hash::rehash(store, self.shared.root.as_fd(), id).map_err(OpError::Transient)?;
-                let row = store.object(id)?;
-                QueryReply::Hashes { version: row.versions.data, blocks: row.blocks }
+                // Ship only fresh hashes; a write racing the rehash makes us go again.
+                let mut tries = 0;
+                loop {
+                    crate::hash::rehash(store, self.shared.root.as_fd(), id).map_err(OpError::Transient)?;
+                    let (row, blocks) = store.row_and_hashes(id)?;
+                    if row.stale.is_empty() {
+                        break QueryReply::Hashes { version: row.versions.data, blocks };
+                    }
+                    tries += 1;
+                    if tries == 5 {
+                        return Err(OpError::Transient(format!("{id} keeps changing; ask again")));
+                    }
+                }
             }
             Query::Stats => QueryReply::Stats(self.counters()),
             Query::Read { id, offset, len } => {

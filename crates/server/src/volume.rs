@@ -259,7 +259,7 @@ impl Actor {
         };
         let origin = Origin::Replica(m.replica, m.cseq);
         let place = izo_journal::Payload::Direct(data.len() as u64);
-        let applied = match b.execute_placed(origin, m.op.clone(), time, place) {
+        let applied = match b.execute_placed(origin, &m.op, time, place) {
             Ok(a) => a,
             Err(e) => return Ok(Some(Err(e))),
         };
@@ -323,7 +323,7 @@ impl Actor {
             Counters::add(&self.shared.counters.fsyncs, 1);
             *staged_any = true;
         }
-        match b.execute(origin, m.op.clone(), time) {
+        match b.execute_placed(origin, &m.op, time, place_for(&m.op)) {
             Ok(applied) => {
                 if let (Some(h), Some(id)) = (handle, new_id(&m.op)) {
                     b.set_handle(id, h).map_err(OpError::from)?;
@@ -432,6 +432,14 @@ const BULK_BYTES: usize = 1 << 20;
 
 /// ...and waits this long for each further op before committing.
 const BULK_WAIT: Duration = Duration::from_millis(3);
+
+/// Where a write's bytes go when it is not a direct append.
+fn place_for(op: &Op) -> izo_journal::Payload {
+    match op {
+        Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX => izo_journal::Payload::Staged(data.len() as u64),
+        _ => izo_journal::Payload::Inline,
+    }
+}
 
 fn payload_len(op: &Op) -> usize {
     match op {

@@ -7,21 +7,32 @@ use super::*;
 /// file's new blocks and the old last block change length).
 fn mark_stale(row: &mut ObjectRow, old_size: u64, offset: u64, len: u64) {
     let nblocks = row.size.div_ceil(BLOCK_SIZE);
-    row.blocks.resize(nblocks as usize, [0; 32]);
-    let mut mark = |first: u64, last: u64| {
-        for b in first..=last.min(nblocks.saturating_sub(1)) {
-            if !row.stale.contains(&b) {
-                row.stale.push(b);
-            }
-        }
-    };
     if len > 0 {
-        mark(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        add_range(&mut row.stale, offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
     }
     if old_size != row.size && nblocks > 0 {
-        mark(old_size.min(row.size) / BLOCK_SIZE, nblocks - 1);
+        add_range(&mut row.stale, old_size.min(row.size) / BLOCK_SIZE, nblocks - 1);
     }
-    row.stale.retain(|&b| b < nblocks);
+    // blocks past the end are gone
+    row.stale.retain(|r| r.0 < nblocks);
+    for r in &mut row.stale {
+        r.1 = r.1.min(nblocks.saturating_sub(1));
+    }
+}
+
+/// Insert `[first, last]` into sorted disjoint ranges, merging neighbours.
+pub(crate) fn add_range(ranges: &mut Vec<(u64, u64)>, first: u64, last: u64) {
+    let (mut lo, mut hi) = (first, last);
+    ranges.retain(|&(a, b)| {
+        let touches = a <= hi.saturating_add(1) && lo <= b.saturating_add(1);
+        if touches {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+        !touches
+    });
+    let at = ranges.partition_point(|r| r.0 < lo);
+    ranges.insert(at, (lo, hi));
 }
 
 impl Batch<'_> {
@@ -329,4 +340,20 @@ fn xattr_kind_ok(row: &ObjectRow) -> R<()> {
 /// Key of an xattr: object id ‖ name.
 pub(crate) fn xkey(id: ObjectId, name: &[u8]) -> Vec<u8> {
     dkey(id, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_range;
+
+    #[test]
+    fn stale_ranges_stay_sorted_disjoint_and_merged() {
+        let mut r = Vec::new();
+        for (a, b) in [(5, 6), (1, 1), (8, 9), (7, 7), (3, 3), (2, 2), (20, 30), (0, 0)] {
+            add_range(&mut r, a, b);
+        }
+        assert_eq!(r, vec![(0, 3), (5, 9), (20, 30)]);
+        add_range(&mut r, 4, 19);
+        assert_eq!(r, vec![(0, 30)]);
+    }
 }
