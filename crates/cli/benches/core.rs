@@ -425,6 +425,13 @@ fn round(
 }
 
 fn main() -> Result<()> {
+    // The same allocator settings as the `izo` binary (whose client this
+    // stands in for): multi-MiB frames stay in the heap.
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
     let opts = parse_opts()?;
     let bin = izo_bin();
     ensure!(bin.is_file(), "{} not found: run `cargo build --release -p izo` or set IZO_BIN", bin.display());

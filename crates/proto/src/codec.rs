@@ -26,8 +26,11 @@ pub enum FrameError {
 
 /// Encode `msg` as a complete frame (length prefix included).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; 6];
-    out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    // Size first, so a multi-MiB payload is copied once, never reallocated.
+    let size = postcard::experimental::serialized_size(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut out = Vec::with_capacity(6 + size);
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     let mut out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let body = out.len() - 4;
     if body > MAX_FRAME {
