@@ -23,6 +23,9 @@ pub(crate) struct Out {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Queries one connection may have running at once.
+const MAX_QUERIES: usize = 64;
+
 impl Server {
     /// Accept connections forever.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), ServerError> {
@@ -98,6 +101,30 @@ impl Server {
         replica: ReplicaId,
         rights: Rights,
     ) -> Result<(), String> {
+        // Per-connection bounds: unanswered mutations (the protocol's window),
+        // queries running at once (further frames wait: TCP backpressure),
+        // and one subscription.
+        let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_UNANSWERED as usize));
+        let queries = Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES));
+        let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
+        let result = self.frame_loop(rd, out, replica, rights, &inflight, &queries, &mut subscription).await;
+        if let Some(s) = subscription {
+            s.abort();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn frame_loop<R: AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        out: &Arc<Out>,
+        replica: ReplicaId,
+        rights: Rights,
+        inflight: &Arc<tokio::sync::Semaphore>,
+        queries: &Arc<tokio::sync::Semaphore>,
+        subscription: &mut Option<tokio::task::JoinHandle<()>>,
+    ) -> Result<(), String> {
         loop {
             let msg = match read_frame(rd, &self.shared.counters).await {
                 Ok(m) => m,
@@ -114,21 +141,33 @@ impl Server {
                         send(out, &ServerMsg::Reply { cseq, result });
                         continue;
                     }
-                    let m = Mutation { replica, cseq, acked_through, op, reply: out.replies.clone() };
+                    let Ok(slot) = inflight.clone().try_acquire_owned() else {
+                        let why = format!("more than {MAX_UNANSWERED} mutations unanswered; wait for replies");
+                        send(out, &ServerMsg::Reply { cseq, result: Err(OpError::Transient(why)) });
+                        continue;
+                    };
+                    let m = Mutation { replica, cseq, acked_through, op, reply: out.replies.clone(), slot: Some(slot) };
                     let sent = self.tx.lock().map(|tx| tx.send(m).is_ok()).unwrap_or(false);
                     if !sent {
                         return Err("volume thread stopped".into());
                     }
                 }
                 ClientMsg::Query { qid, query } => {
+                    let Ok(permit) = queries.clone().acquire_owned().await else { return Ok(()) };
                     let srv = self.clone();
                     let out = out.clone();
-                    tokio::spawn(async move { srv.query(qid, query, out).await });
+                    tokio::spawn(async move {
+                        srv.query(qid, query, out).await;
+                        drop(permit);
+                    });
                 }
                 ClientMsg::Subscribe { from_seq } => {
+                    if let Some(old) = subscription.take() {
+                        old.abort();
+                    }
                     let srv = self.clone();
                     let out = out.clone();
-                    tokio::spawn(async move { srv.subscribe(from_seq, out).await });
+                    *subscription = Some(tokio::spawn(async move { srv.subscribe(from_seq, out).await }));
                 }
                 ClientMsg::Ping { nonce } => send(out, &ServerMsg::Pong { nonce }),
                 ClientMsg::Hello(_) => {

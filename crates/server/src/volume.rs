@@ -34,6 +34,10 @@ pub struct Mutation {
     pub op: Op,
     /// Where the reply frame goes.
     pub reply: FrameTx,
+    /// The connection's in-flight slot, freed when the mutation is answered
+    /// (held only for its drop).
+    #[allow(dead_code)]
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Retention and checkpoint settings.
