@@ -326,3 +326,4 @@ pub(crate) fn bump_meta(row: &mut ObjectRow, cx: &Cx) {
 }
 
 mod ops;
+mod xattr;

@@ -36,6 +36,11 @@ pub struct Store {
     incarnation: u128,
     /// Durable commits made (each is one group-commit fsync).
     pub commits: AtomicU64,
+    /// Largest file size the export's file system takes (probed by the server).
+    pub max_file_size: AtomicU64,
+    /// Bytes new data may still take on the export in the current batch
+    /// (set by the server from statfs before each batch, minus a margin).
+    pub space_budget: AtomicU64,
 }
 
 fn get_u64(t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<Option<u64>, StoreError> {
@@ -79,6 +84,8 @@ impl Store {
             cookie: AtomicU64::new(cookie),
             incarnation,
             commits: AtomicU64::new(1),
+            max_file_size: AtomicU64::new(i64::MAX as u64),
+            space_budget: AtomicU64::new(u64::MAX),
         })
     }
 

@@ -63,6 +63,9 @@ impl Server {
         if store.object(ObjectId::ROOT).map(|r| r.handle != rh).unwrap_or(true) {
             store.set_handle(ObjectId::ROOT, &rh)?;
         }
+        let max =
+            tree.probe_max_file_size().map_err(|e| ServerError::io("probing the export's largest file size", e))?;
+        store.max_file_size.store(max, std::sync::atomic::Ordering::Relaxed);
         let hooks = TestHooks::from_env();
         let counters = Arc::new(Counters::default());
         let (mut hint, marked) =

@@ -287,6 +287,39 @@ impl Tree {
         Ok(out)
     }
 
+    /// The largest size a file on the export may have: found by truncating
+    /// a scratch file in the stage (sparse, so free) and halving on EFBIG.
+    pub fn probe_max_file_size(&self) -> io::Result<u64> {
+        let name = b"probe-size";
+        let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC, 0o600)?;
+        let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+        while lo < hi {
+            let mid = lo + (hi - lo + 1) / 2;
+            match sys::ftruncate(fd.as_fd(), mid) {
+                Ok(()) => lo = mid,
+                Err(e) if e.raw_os_error() == Some(libc::EFBIG) || e.raw_os_error() == Some(libc::EINVAL) => {
+                    hi = mid - 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        sys::unlinkat(self.stage.as_fd(), name, false)?;
+        Ok(lo)
+    }
+
+    /// Bytes of new data the export can take now, keeping a margin of 1% of
+    /// the file system (at least 64 MiB) for metadata and other writers.
+    pub fn space_available(&self) -> io::Result<u64> {
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatvfs(self.root.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let unit = st.f_frsize as u64;
+        let free = st.f_bavail as u64 * unit;
+        let margin = (st.f_blocks as u64 * unit / 100).max(64 << 20);
+        Ok(free.saturating_sub(margin))
+    }
+
     /// Remove every leftover in the stage directory (after replay).
     pub fn clear_stage(&self) -> io::Result<usize> {
         let mut n = 0;

@@ -168,6 +168,8 @@ impl Actor {
     #[allow(clippy::type_complexity)]
     fn record(&mut self, batch: &[Mutation]) -> Result<(Vec<StoredRecord>, Vec<(FrameTx, Vec<u8>)>), ServerError> {
         let store = self.store.clone();
+        let space = self.tree.space_available().map_err(|e| ServerError::io("statfs of the export", e))?;
+        store.space_budget.store(space, Ordering::Release);
         let mut b = store.batch()?;
         let mut outs = Vec::with_capacity(batch.len());
         let mut staged_any = false;

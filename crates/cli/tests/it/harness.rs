@@ -69,6 +69,9 @@ impl InProc {
     }
 
     pub async fn start_with(dirs: Dirs, tweak: impl FnOnce(&mut ServerConfig)) -> InProc {
+        // IZO_LOG=debug shows the in-process server's log in a failing test.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("IZO_LOG").unwrap_or_else(|_| "off".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let mut cfg = config(&dirs);
         tweak(&mut cfg);
         let server = Server::open(&cfg).expect("server opens");

@@ -3,6 +3,7 @@
 
 mod crash;
 mod harness;
+mod hostile;
 mod ops;
 mod replay;
 mod retention;

@@ -36,6 +36,25 @@ pub(crate) fn add_range(ranges: &mut Vec<(u64, u64)>, first: u64, last: u64) {
 }
 
 impl Batch<'_> {
+    /// `offset + len`, refused past what the export's file system can hold.
+    fn end_within_limits(&self, offset: u64, len: u64) -> R<u64> {
+        let max = self.store.max_file_size.load(std::sync::atomic::Ordering::Relaxed);
+        match offset.checked_add(len) {
+            Some(end) if end <= max => Ok(end),
+            _ => Err(OpError::Invalid(format!("range ends past the largest file size of the export ({max} bytes)"))),
+        }
+    }
+
+    /// Reserve room for `bytes` of new data, or refuse before the ack: a full
+    /// disk is a transient error, never a failed apply.
+    fn take_space(&self, bytes: u64) -> R<()> {
+        let budget = &self.store.space_budget;
+        let ok = budget.fetch_update(std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire, |b| {
+            b.checked_sub(bytes)
+        });
+        ok.map(drop).map_err(|_| OpError::Transient("the export's file system is full; free space and retry".into()))
+    }
+
     pub(super) fn exec_op(&mut self, cx: &Cx, op: &Op) -> R<Out> {
         match op {
             Op::Create { parent, name, id, mode, uid, gid } => {
@@ -72,8 +91,8 @@ impl Batch<'_> {
                 if data.len() > MAX_DATA {
                     return Err(OpError::Invalid(format!("write of {} bytes exceeds {MAX_DATA}", data.len())));
                 }
-                let end = offset.checked_add(data.len() as u64).filter(|e| *e <= i64::MAX as u64);
-                let end = end.ok_or_else(|| OpError::Invalid("write past the largest file offset".into()))?;
+                let end = self.end_within_limits(*offset, data.len() as u64)?;
+                self.take_space(data.len() as u64)?;
                 self.data_op(cx, *id, *base, |row| {
                     let old = row.size;
                     row.size = row.size.max(end);
@@ -81,9 +100,7 @@ impl Batch<'_> {
                 })
             }
             Op::Truncate { id, base, size } => {
-                if *size > i64::MAX as u64 {
-                    return Err(OpError::Invalid("size past the largest file offset".into()));
-                }
+                self.end_within_limits(*size, 0)?;
                 self.data_op(cx, *id, *base, |row| {
                     let old = row.size;
                     row.size = *size;
@@ -91,9 +108,14 @@ impl Batch<'_> {
                 })
             }
             Op::Allocate { id, base, offset, len } | Op::PunchHole { id, base, offset, len } => {
-                let end = offset.checked_add(*len).filter(|e| *e <= i64::MAX as u64 && *len > 0);
-                let end = end.ok_or_else(|| OpError::Invalid("range empty or past the largest file offset".into()))?;
+                if *len == 0 {
+                    return Err(OpError::Invalid("empty range".into()));
+                }
+                let end = self.end_within_limits(*offset, *len)?;
                 let grow = matches!(op, Op::Allocate { .. });
+                if grow {
+                    self.take_space(*len)?;
+                }
                 self.data_op(cx, *id, *base, |row| {
                     let old = row.size;
                     if grow {
@@ -116,15 +138,17 @@ impl Batch<'_> {
                     row.gid = g;
                 }
                 if let Some(t) = attrs.mtime {
+                    // What every exported file system can store (ext4's range):
+                    // anything else would be clamped by the kernel at apply.
+                    if !(-(1i64 << 31)..=15_032_385_535).contains(&t.secs) || t.nsec > 999_999_999 {
+                        return Err(OpError::Invalid("mtime outside 1901-12-13..2446-05-10".into()));
+                    }
                     row.mtime = t;
                 }
                 Ok(())
             }),
             Op::SetXattr { id, base, name, value } => {
-                if name.is_empty() || name.len() > 255 || name.contains(&0) || value.len() > 65536 {
-                    return Err(OpError::Invalid("xattr name 1–255 bytes, value ≤ 64 KiB".into()));
-                }
-                let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
+                let out = self.meta_op(cx, *id, *base, |row| super::xattr::check(name, Some(value), row.kind))?;
                 let k = xkey(*id, name);
                 self.tx.open_table(XATTRS).map_err(db)?.insert(k.as_slice(), value.as_slice()).map_err(db)?;
                 Ok(out)
@@ -135,7 +159,7 @@ impl Batch<'_> {
                 if !present {
                     return Err(OpError::NotFound(format!("xattr {:?}", String::from_utf8_lossy(name))));
                 }
-                let out = self.meta_op(cx, *id, *base, |row| xattr_kind_ok(row))?;
+                let out = self.meta_op(cx, *id, *base, |row| super::xattr::check(name, None, row.kind))?;
                 self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
                 Ok(out)
             }
@@ -327,13 +351,6 @@ impl Batch<'_> {
             self.touch_dir(cx, np, dl_dst)?;
         }
         Ok((Some(self.row(src)?.attr(src)), handles))
-    }
-}
-
-fn xattr_kind_ok(row: &ObjectRow) -> R<()> {
-    match row.kind {
-        FileKind::File | FileKind::Dir => Ok(()),
-        _ => Err(OpError::Invalid("extended attributes only on files and directories".into())),
     }
 }
 

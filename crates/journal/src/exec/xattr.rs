@@ -1,0 +1,117 @@
+//! Which extended attributes replicate, and what a valid value is. Every
+//! check the kernel would make at apply time is made here first: an acked
+//! record that fails to apply would stop the volume.
+
+use izo_proto::{FileKind, OpError};
+
+/// POSIX ACL xattrs (validated binary values).
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// Check an xattr name and value for an object of `kind`.
+pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind) -> Result<(), OpError> {
+    let bad = |why: &str| Err(OpError::Invalid(format!("xattr {:?}: {why}", String::from_utf8_lossy(name))));
+    if name.len() > 255 || name.contains(&0) {
+        return bad("names are 1–255 bytes without NUL");
+    }
+    if value.is_some_and(|v| v.len() > 65536) {
+        return bad("values are at most 64 KiB");
+    }
+    if !matches!(kind, FileKind::File | FileKind::Dir) {
+        return bad("only files and directories carry extended attributes");
+    }
+    if let Some(rest) = name.strip_prefix(b"user.") {
+        return if rest.is_empty() { bad("empty name after user.") } else { Ok(()) };
+    }
+    if name == ACL_ACCESS || name == ACL_DEFAULT {
+        if name == ACL_DEFAULT && kind != FileKind::Dir {
+            return bad("default ACLs exist only on directories");
+        }
+        return match value {
+            Some(v) if !acl_valid(v) => bad("not a valid POSIX ACL"),
+            _ => Ok(()),
+        };
+    }
+    bad("only user.* and POSIX ACL attributes replicate")
+}
+
+/// The kernel's `posix_acl_valid` on the xattr encoding: version 2, then
+/// (tag u16, perm u16, id u32) little-endian entries, sorted by tag (and id
+/// within USER and GROUP), USER_OBJ, GROUP_OBJ and OTHER once each, and a
+/// MASK exactly when named USER or GROUP entries exist.
+pub(crate) fn acl_valid(v: &[u8]) -> bool {
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || v[0..4] != 2u32.to_le_bytes() {
+        return false;
+    }
+    let (mut prev_tag, mut prev_id) = (0u16, None::<u32>);
+    let mut counts = [0u32; 6];
+    for e in v[4..].chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        let slot = match tag {
+            USER_OBJ => 0,
+            USER => 1,
+            GROUP_OBJ => 2,
+            GROUP => 3,
+            MASK => 4,
+            OTHER => 5,
+            _ => return false,
+        };
+        if perm & !7 != 0 || tag < prev_tag {
+            return false;
+        }
+        if matches!(tag, USER | GROUP) {
+            if tag == prev_tag && prev_id.is_some_and(|p| id <= p) {
+                return false;
+            }
+            prev_id = Some(id);
+        } else {
+            prev_id = None;
+        }
+        prev_tag = tag;
+        counts[slot] += 1;
+    }
+    let named = counts[1] + counts[3] > 0;
+    counts[0] == 1 && counts[2] == 1 && counts[5] == 1 && counts[4] <= 1 && (!named || counts[4] == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (t, p, i) in entries {
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(&p.to_le_bytes());
+            v.extend_from_slice(&i.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn acls_are_checked_like_the_kernel_does() {
+        let minimal = acl(&[(1, 6, u32::MAX), (4, 4, u32::MAX), (0x20, 4, u32::MAX)]);
+        assert!(acl_valid(&minimal));
+        let named = acl(&[(1, 6, 0), (2, 6, 1000), (4, 4, 0), (0x10, 6, 0), (0x20, 4, 0)]);
+        assert!(acl_valid(&named));
+        let no_mask = acl(&[(1, 6, 0), (2, 6, 1000), (4, 4, 0), (0x20, 4, 0)]);
+        assert!(!acl_valid(&no_mask));
+        let unsorted = acl(&[(4, 4, 0), (1, 6, 0), (0x20, 4, 0)]);
+        assert!(!acl_valid(&unsorted));
+        assert!(!acl_valid(b"garbage"));
+        assert!(check(b"user.", Some(b"x"), FileKind::File).is_err());
+        assert!(check(b"user.k", Some(b"x"), FileKind::Symlink).is_err());
+        assert!(check(b"security.selinux", Some(b"x"), FileKind::File).is_err());
+        assert!(check(b"trusted.x", Some(b"x"), FileKind::File).is_err());
+        assert!(check(b"system.posix_acl_default", Some(&minimal), FileKind::File).is_err());
+        assert!(check(b"system.posix_acl_access", Some(&minimal), FileKind::File).is_ok());
+    }
+}
