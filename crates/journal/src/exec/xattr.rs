@@ -46,7 +46,7 @@ pub(crate) fn acl_valid(v: &[u8]) -> bool {
     const GROUP: u16 = 0x08;
     const MASK: u16 = 0x10;
     const OTHER: u16 = 0x20;
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 || v[0..4] != 2u32.to_le_bytes() {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) || v[0..4] != 2u32.to_le_bytes() {
         return false;
     }
     let (mut prev_tag, mut prev_id) = (0u16, None::<u32>);
