@@ -294,7 +294,7 @@ impl Tree {
         let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC, 0o600)?;
         let (mut lo, mut hi) = (0u64, i64::MAX as u64);
         while lo < hi {
-            let mid = lo + (hi - lo + 1) / 2;
+            let mid = lo + (hi - lo).div_ceil(2);
             match sys::ftruncate(fd.as_fd(), mid) {
                 Ok(()) => lo = mid,
                 Err(e) if e.raw_os_error() == Some(libc::EFBIG) || e.raw_os_error() == Some(libc::EINVAL) => {
