@@ -8,4 +8,5 @@ mod ops;
 mod replay;
 mod retention;
 mod security;
+mod space;
 mod wire;

@@ -1,0 +1,80 @@
+//! A full disk is a transient error before the ack, never a failed apply:
+//! on a small loop-mounted ext4 the server refuses writes once its space
+//! budget is spent, stays writable, and takes writes again once space is
+//! freed.
+
+use crate::harness::*;
+use izo_client::ClientError;
+use izo_proto::*;
+use std::process::Command;
+
+/// A loop-mounted ext4 image, unmounted on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(mib: u64) -> SmallFs {
+        let dir = tempfile::Builder::new().prefix("izo-smallfs-").tempdir().expect("temp dir");
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mnt");
+        std::fs::File::create(&img).and_then(|f| f.set_len(mib << 20)).expect("image");
+        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)), "mkfs.ext4 (e2fsprogs) is needed");
+        assert!(ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt)), "loop mount needs root");
+        SmallFs { dir }
+    }
+
+    fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_refused_before_the_ack_and_the_volume_stays_writable() {
+    let fs = SmallFs::new(256);
+    let dirs = Dirs::new();
+    let export = fs.mnt().join("vol");
+    std::fs::create_dir(&export).expect("export");
+    let s = InProc::start_with(dirs, |c| c.export = export.clone()).await;
+    let c = s.client().await;
+    let mut model = model_for(&export);
+    let id = ObjectId::new();
+    let op = Op::Create { parent: ObjectId::ROOT, name: name("big"), id, mode: 0o644, uid: 0, gid: 0 };
+    let a = c.mutate(op.clone()).await.expect("create");
+    model.apply(&op, a.time).expect("model");
+    let mut written = 0u64;
+    let refused = loop {
+        // rewrites of the first MiB alternate with appends: both take space
+        let offset = if written % 3 == 1 { 0 } else { written << 20 };
+        let op = Op::Write { id, base: 0, offset, data: vec![written as u8; 1 << 20] };
+        match c.mutate(op.clone()).await {
+            Ok(a) => {
+                model.apply(&op, a.time).expect("model");
+                written += 1;
+                assert!(written < 400, "a 256 MiB file system never filled up");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(written >= 50, "only {written} MiB went in before the refusal");
+    match &refused {
+        ClientError::Op(OpError::Transient(m)) => assert!(m.contains("full"), "{m}"),
+        other => panic!("expected a transient 'full' refusal, got {other:?}"),
+    }
+    assert!(!s.server.is_readonly(), "the refusal came before the ack, not from a failed apply");
+    let got = izo_testkit::tree_digest(&export).expect("digest");
+    let diff = model.digest().diff(&got);
+    assert!(diff.is_empty(), "the export holds exactly the accepted writes:\n{}", diff.join("\n"));
+    // freeing space makes writes go through again
+    let op = Op::Truncate { id, base: 0, size: 0 };
+    c.mutate(op).await.expect("truncate frees the space");
+    c.mutate(Op::Write { id, base: 0, offset: 0, data: vec![1; 1 << 20] }).await.expect("writes go through again");
+}
