@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// Checkpoint interval in milliseconds.
     #[arg(long)]
     checkpoint_ms: Option<u64>,
+    /// Owners: `preserve` (numeric ids as sent) or `squash` (all owned by the export's owner).
+    #[arg(long)]
+    owners: Option<String>,
+    /// Keep setuid/setgid bits (only for volumes whose clients are all trusted).
+    #[arg(long)]
+    trusted: bool,
 }
 
 impl ServeArgs {
@@ -54,6 +60,14 @@ impl ServeArgs {
         if let Some(n) = self.checkpoint_ms {
             cfg.checkpoint_ms = n;
         }
+        if let Some(o) = &self.owners {
+            cfg.owners = match o.as_str() {
+                "preserve" => izo_server::policy::Owners::Preserve,
+                "squash" => izo_server::policy::Owners::Squash,
+                other => anyhow::bail!("--owners {other:?}: use preserve or squash (map is not built yet)"),
+            };
+        }
+        cfg.trusted |= self.trusted;
         Ok(cfg)
     }
 }

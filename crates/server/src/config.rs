@@ -23,6 +23,14 @@ pub struct ServerConfig {
     pub retain_bytes: u64,
     /// Checkpoint interval in milliseconds.
     pub checkpoint_ms: u64,
+    /// `preserve` (numeric owners as sent) or `squash` (all owned by `squash_uid:squash_gid`).
+    pub owners: crate::policy::Owners,
+    /// Owner for `squash` (default: the export directory's owner).
+    pub squash_uid: Option<u32>,
+    /// Group for `squash` (default: the export directory's group).
+    pub squash_gid: Option<u32>,
+    /// A trusted volume keeps setuid/setgid bits.
+    pub trusted: bool,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +44,10 @@ impl Default for ServerConfig {
             retain_secs: 7 * 24 * 3600,
             retain_bytes: 1 << 30,
             checkpoint_ms: 2000,
+            owners: crate::policy::Owners::Preserve,
+            squash_uid: None,
+            squash_gid: None,
+            trusted: false,
         }
     }
 }

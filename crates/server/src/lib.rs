@@ -10,6 +10,7 @@ pub mod counters;
 pub mod hash;
 mod hint;
 mod net;
+pub mod policy;
 mod query;
 mod replay;
 mod server;

@@ -135,12 +135,13 @@ impl Server {
                 }
             };
             match msg {
-                ClientMsg::Mutate { cseq, acked_through, op } => {
+                ClientMsg::Mutate { cseq, acked_through, mut op } => {
                     if rights != Rights::Rw {
                         let result = Err(OpError::Denied("read-only token".into()));
                         send(out, &ServerMsg::Reply { cseq, result });
                         continue;
                     }
+                    self.policy.apply(&mut op);
                     let Ok(slot) = inflight.clone().try_acquire_owned() else {
                         let why = format!("more than {MAX_UNANSWERED} mutations unanswered; wait for replies");
                         send(out, &ServerMsg::Reply { cseq, result: Err(OpError::Transient(why)) });

@@ -27,6 +27,7 @@ pub struct Server {
     pub(crate) tx: Mutex<mpsc::Sender<Mutation>>,
     pub(crate) tokens: Tokens,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) policy: crate::policy::Policy,
 }
 
 impl Server {
@@ -150,6 +151,11 @@ impl Server {
             tx: Mutex::new(tx),
             tokens: Tokens::new(&state),
             acceptor,
+            policy: crate::policy::Policy {
+                owners: cfg.owners,
+                squash: (cfg.squash_uid.unwrap_or(meta.uid()), cfg.squash_gid.unwrap_or(meta.gid())),
+                trusted: cfg.trusted,
+            },
         }))
     }
 

@@ -6,6 +6,7 @@ mod crash;
 mod harness;
 mod hostile;
 mod ops;
+mod owners;
 mod replay;
 mod retention;
 mod security;

@@ -124,33 +124,41 @@ impl Batch<'_> {
                     mark_stale(row, old, *offset, *len);
                 })
             }
-            Op::SetAttr { id, base, attrs } => self.meta_op(cx, *id, *base, |row| {
-                if attrs.mode.is_some() && row.kind == FileKind::Symlink {
-                    return Err(OpError::Invalid("symlinks have no mode of their own".into()));
-                }
-                if let Some(m) = attrs.mode {
-                    row.mode = m & 0o7777;
-                }
-                if let Some(u) = attrs.uid {
-                    row.uid = u;
-                }
-                if let Some(g) = attrs.gid {
-                    row.gid = g;
-                }
-                if let Some(t) = attrs.mtime {
-                    // What every exported file system can store (ext4's range):
-                    // anything else would be clamped by the kernel at apply.
-                    if !(-(1i64 << 31)..=15_032_385_535).contains(&t.secs) || t.nsec > 999_999_999 {
-                        return Err(OpError::Invalid("mtime outside 1901-12-13..2446-05-10".into()));
+            Op::SetAttr { id, base, attrs } => {
+                let out = self.setattr(cx, *id, *base, attrs)?;
+                // chmod rewrites an access ACL's owner, group (mask) and other entries
+                if let Some(mode) = attrs.mode {
+                    let k = xkey(*id, b"system.posix_acl_access");
+                    let acl = self
+                        .tx
+                        .open_table(XATTRS)
+                        .map_err(db)?
+                        .get(k.as_slice())
+                        .map_err(db)?
+                        .map(|v| v.value().to_vec());
+                    if let Some(acl) = acl {
+                        let new = super::xattr::acl_chmod(&acl, mode);
+                        self.tx.open_table(XATTRS).map_err(db)?.insert(k.as_slice(), new.as_slice()).map_err(db)?;
                     }
-                    row.mtime = t;
                 }
-                Ok(())
-            }),
+                Ok(out)
+            }
             Op::SetXattr { id, base, name, value } => {
-                let out = self.meta_op(cx, *id, *base, |row| super::xattr::check(name, Some(value), row.kind))?;
+                let out = self.meta_op(cx, *id, *base, |row| {
+                    super::xattr::check(name, Some(value), row.kind)?;
+                    if super::xattr::is_access_acl(name) {
+                        row.mode = (row.mode & 0o7000) | super::xattr::acl_mode(value);
+                    }
+                    Ok(())
+                })?;
                 let k = xkey(*id, name);
-                self.tx.open_table(XATTRS).map_err(db)?.insert(k.as_slice(), value.as_slice()).map_err(db)?;
+                // An ACL with nothing beyond the mode bits is only a chmod:
+                // the kernel keeps no xattr for it, and neither do we.
+                if super::xattr::is_access_acl(name) && value.len() == 4 + 3 * 8 {
+                    self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
+                } else {
+                    self.tx.open_table(XATTRS).map_err(db)?.insert(k.as_slice(), value.as_slice()).map_err(db)?;
+                }
                 Ok(out)
             }
             Op::RemoveXattr { id, base, name } => {
@@ -164,6 +172,32 @@ impl Batch<'_> {
                 Ok(out)
             }
         }
+    }
+
+    fn setattr(&mut self, cx: &Cx, id: ObjectId, base: Seq, attrs: &SetAttrs) -> R<Out> {
+        self.meta_op(cx, id, base, |row| {
+            if attrs.mode.is_some() && row.kind == FileKind::Symlink {
+                return Err(OpError::Invalid("symlinks have no mode of their own".into()));
+            }
+            if let Some(m) = attrs.mode {
+                row.mode = m & 0o7777;
+            }
+            if let Some(u) = attrs.uid {
+                row.uid = u;
+            }
+            if let Some(g) = attrs.gid {
+                row.gid = g;
+            }
+            if let Some(t) = attrs.mtime {
+                // What every exported file system can store (ext4's range):
+                // anything else would be clamped by the kernel at apply.
+                if !(-(1i64 << 31)..=15_032_385_535).contains(&t.secs) || t.nsec > 999_999_999 {
+                    return Err(OpError::Invalid("mtime outside 1901-12-13..2446-05-10".into()));
+                }
+                row.mtime = t;
+            }
+            Ok(())
+        })
     }
 
     fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {

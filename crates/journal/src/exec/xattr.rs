@@ -35,6 +35,51 @@ pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind) -> Result
     bad("only user.* and POSIX ACL attributes replicate")
 }
 
+/// Is `name` the access ACL (which mirrors the mode bits)?
+pub(crate) fn is_access_acl(name: &[u8]) -> bool {
+    name == ACL_ACCESS
+}
+
+/// The mode bits an access ACL implies (as the kernel sets them when the
+/// ACL is written): owner from USER_OBJ, group from MASK or else GROUP_OBJ,
+/// other from OTHER.
+pub(crate) fn acl_mode(v: &[u8]) -> u32 {
+    let mut perms = [0u32; 4]; // user_obj, group_obj, mask, other
+    let mut has_mask = false;
+    for e in v.get(4..).unwrap_or(&[]).chunks_exact(8) {
+        let perm = u16::from_le_bytes([e[2], e[3]]) as u32 & 7;
+        match u16::from_le_bytes([e[0], e[1]]) {
+            0x01 => perms[0] = perm,
+            0x04 => perms[1] = perm,
+            0x10 => {
+                perms[2] = perm;
+                has_mask = true;
+            }
+            0x20 => perms[3] = perm,
+            _ => {}
+        }
+    }
+    let group = if has_mask { perms[2] } else { perms[1] };
+    (perms[0] << 6) | (group << 3) | perms[3]
+}
+
+/// The access ACL after a chmod to `mode` (the kernel's `posix_acl_chmod`).
+pub(crate) fn acl_chmod(v: &[u8], mode: u32) -> Vec<u8> {
+    let mut out = v.to_vec();
+    let has_mask = v.get(4..).unwrap_or(&[]).chunks_exact(8).any(|e| u16::from_le_bytes([e[0], e[1]]) == 0x10);
+    for e in out.get_mut(4..).map(|s| s.chunks_exact_mut(8)).into_iter().flatten() {
+        let perm = match u16::from_le_bytes([e[0], e[1]]) {
+            0x01 => (mode >> 6) & 7,
+            0x04 if !has_mask => (mode >> 3) & 7,
+            0x10 => (mode >> 3) & 7,
+            0x20 => mode & 7,
+            _ => continue,
+        };
+        e[2..4].copy_from_slice(&(perm as u16).to_le_bytes());
+    }
+    out
+}
+
 /// The kernel's `posix_acl_valid` on the xattr encoding: version 2, then
 /// (tag u16, perm u16, id u32) little-endian entries, sorted by tag (and id
 /// within USER and GROUP), USER_OBJ, GROUP_OBJ and OTHER once each, and a
@@ -113,5 +158,8 @@ mod tests {
         assert!(check(b"trusted.x", Some(b"x"), FileKind::File).is_err());
         assert!(check(b"system.posix_acl_default", Some(&minimal), FileKind::File).is_err());
         assert!(check(b"system.posix_acl_access", Some(&minimal), FileKind::File).is_ok());
+        assert_eq!(acl_mode(&named), 0o664, "the mask gives the group bits");
+        assert_eq!(acl_mode(&acl_chmod(&named, 0o750)), 0o750);
+        assert_eq!(acl_mode(&acl_chmod(&minimal, 0o741)), 0o741);
     }
 }

@@ -1,0 +1,116 @@
+//! Owners and privilege: preserve and squash, setuid/setgid stripped unless
+//! the volume is trusted, no device nodes, only user.* and POSIX ACL
+//! extended attributes replicate.
+
+use crate::harness::*;
+use izo_client::ClientError;
+use izo_proto::*;
+use izo_server::policy::Owners;
+use std::os::unix::fs::MetadataExt;
+
+fn create(id: ObjectId, n: &str, mode: u32, uid: u32, gid: u32) -> Op {
+    Op::Create { parent: ObjectId::ROOT, name: name(n), id, mode, uid, gid }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_keeps_numeric_owners_and_strips_setuid_and_setgid() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    let f = ObjectId::new();
+    c.mutate(create(f, "f", 0o6755, 1234, 5678)).await.expect("create");
+    let m = std::fs::metadata(s.dirs.export.join("f")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (1234, 5678));
+    assert_eq!(m.mode() & 0o7777, 0o755, "setuid/setgid stripped on an untrusted volume");
+    let attrs = SetAttrs { mode: Some(0o4755), uid: Some(0), gid: Some(0), mtime: None };
+    let a =
+        c.mutate(Op::SetAttr { id: f, base: 0, attrs }).await.expect("chown to root is a numeric id like any other");
+    assert_eq!(a.attr.expect("attr").mode, 0o755, "setuid stripped on setattr too");
+    let m = std::fs::metadata(s.dirs.export.join("f")).expect("stat");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
+    let d = ObjectId::new();
+    c.mutate(Op::Mkdir { parent: ObjectId::ROOT, name: name("d"), id: d, mode: 0o2775, uid: 0, gid: 0 })
+        .await
+        .expect("mkdir");
+    assert_eq!(std::fs::metadata(s.dirs.export.join("d")).expect("stat").mode() & 0o7777, 0o775);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squash_gives_everything_one_owner_even_a_chown_to_root() {
+    let s = InProc::start_with(Dirs::new(), |c| {
+        c.owners = Owners::Squash;
+        c.squash_uid = Some(4242);
+        c.squash_gid = Some(4343);
+    })
+    .await;
+    let c = s.client().await;
+    let f = ObjectId::new();
+    let a = c.mutate(create(f, "f", 0o644, 0, 0)).await.expect("create");
+    assert_eq!(a.attr.as_ref().map(|a| (a.uid, a.gid)), Some((4242, 4343)));
+    let attrs = SetAttrs { uid: Some(0), gid: Some(0), ..Default::default() };
+    c.mutate(Op::SetAttr { id: f, base: 0, attrs }).await.expect("chown");
+    let m = std::fs::metadata(s.dirs.export.join("f")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (4242, 4343), "a chown to root lands on the squash owner");
+    let l = ObjectId::new();
+    let op = Op::Symlink { parent: ObjectId::ROOT, name: name("l"), id: l, target: name("f"), uid: 0, gid: 0 };
+    c.mutate(op).await.expect("symlink");
+    let m = std::fs::symlink_metadata(s.dirs.export.join("l")).expect("lstat");
+    assert_eq!((m.uid(), m.gid()), (4242, 4343));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_volume_keeps_setuid() {
+    let s = InProc::start_with(Dirs::new(), |c| c.trusted = true).await;
+    let c = s.client().await;
+    c.mutate(create(ObjectId::new(), "suid", 0o4755, 0, 0)).await.expect("create");
+    assert_eq!(std::fs::metadata(s.dirs.export.join("suid")).expect("stat").mode() & 0o7777, 0o4755);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_fifos_and_sockets_are_special_files_and_only_user_and_acl_xattrs_replicate() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    for kind in [FileKind::File, FileKind::Dir, FileKind::Symlink] {
+        let op = Op::Mknod {
+            parent: ObjectId::ROOT,
+            name: name("dev"),
+            id: ObjectId::new(),
+            kind,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        };
+        assert!(matches!(c.mutate(op).await, Err(ClientError::Op(OpError::Invalid(_)))), "{kind:?}");
+    }
+    let f = ObjectId::new();
+    c.mutate(create(f, "f", 0o644, 0, 0)).await.expect("create");
+    for ns in ["security.selinux", "trusted.overlay.opaque", "system.foo", "user."] {
+        let op = Op::SetXattr { id: f, base: 0, name: name(ns), value: b"y".to_vec() };
+        assert!(matches!(c.mutate(op).await, Err(ClientError::Op(OpError::Invalid(_)))), "{ns} is not replicated");
+    }
+    // a POSIX ACL (u::rw-, u:1000:rw-, g::r--, m::rw-, o::r--) replicates as is
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in
+        [(1u16, 6u16, u32::MAX), (2, 6, 1000), (4, 4, u32::MAX), (0x10, 6, u32::MAX), (0x20, 4, u32::MAX)]
+    {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let op = Op::SetXattr { id: f, base: 0, name: name("system.posix_acl_access"), value: acl.clone() };
+    let a = c.mutate(op).await.expect("ACL set");
+    let server_mode = a.attr.expect("attr").mode;
+    assert_eq!(server_mode, 0o664, "the ACL's mask becomes the group bits");
+    assert_eq!(std::fs::metadata(s.dirs.export.join("f")).expect("stat").mode() & 0o7777, server_mode);
+    // a chmod rewrites the ACL's entries, on the server as in the tree
+    let attrs = SetAttrs { mode: Some(0o640), ..Default::default() };
+    c.mutate(Op::SetAttr { id: f, base: 0, attrs }).await.expect("chmod");
+    let stored = c.xattrs(f).await.expect("xattrs");
+    let stored =
+        stored.iter().find(|(n, _)| n == b"system.posix_acl_access").map(|(_, v)| v.clone()).expect("ACL kept");
+    c.mutate(Op::SetXattr { id: f, base: 0, name: name("user.tag"), value: b"v".to_vec() }).await.expect("user xattr");
+    let digest = izo_testkit::tree_digest(&s.dirs.export).expect("digest");
+    let node = digest.nodes.get(&name("f")).expect("f in digest");
+    assert_eq!(node.xattrs.get(&name("user.tag")), Some(&b"v".to_vec()));
+    assert_eq!(node.xattrs.get(&name("system.posix_acl_access")), Some(&stored), "the tree's ACL is the server's");
+    assert_eq!(node.mode, 0o640);
+}
