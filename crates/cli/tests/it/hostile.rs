@@ -181,3 +181,65 @@ async fn nonsense_never_panics_never_corrupts_and_others_keep_being_served() {
     assert!(diff.is_empty(), "the volume differs from the accepted ops:\n{}", diff.join("\n"));
     assert!(!s.server.is_readonly(), "no apply failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_bounded_and_others_keep_being_served() {
+    let s = InProc::start().await;
+    let good = s.client().await;
+    let flood = ReplicaId::random();
+    let (mut r, _) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, flood).await;
+    // far more unanswered mutations than the window, and a pile of queries,
+    // written without reading a single answer
+    let mut burst = Vec::new();
+    for cseq in 1..=6000u64 {
+        let op = Op::Create {
+            parent: ObjectId::ROOT,
+            name: name(&format!("f{cseq}")),
+            id: ObjectId::new(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        burst.extend(encode_frame(&ClientMsg::Mutate { cseq, acked_through: 0, op }).expect("encode"));
+        if cseq % 3 == 0 {
+            let q = Query::ReadDir { id: ObjectId::ROOT, cookie: 0, max: 4096 };
+            burst.extend(encode_frame(&ClientMsg::Query { qid: cseq, query: q }).expect("encode"));
+        }
+    }
+    let writer = tokio::spawn(async move {
+        r.send_bytes(&burst).await;
+        r
+    });
+    // meanwhile another client gets prompt answers
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        let op = Op::Create {
+            parent: ObjectId::ROOT,
+            name: name(&format!("good{i}")),
+            id: ObjectId::new(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        good.mutate(op).await.expect("the other client is served");
+        assert!(t.elapsed() < std::time::Duration::from_secs(3), "an op of the other client took {:?}", t.elapsed());
+    }
+    let mut r = writer.await.expect("flood written");
+    // the flood's answers: every mutation gets a reply, some refused as over the window
+    let (mut replies, mut over) = (0, 0);
+    while replies < 6000 {
+        match r.recv().await {
+            Some(ServerMsg::Reply { result, .. }) => {
+                replies += 1;
+                if let Err(OpError::Transient(m)) = result {
+                    assert!(m.contains("unanswered"), "{m}");
+                    over += 1;
+                }
+            }
+            Some(ServerMsg::Answer { .. }) => {}
+            other => panic!("after {replies} replies: {other:?}"),
+        }
+    }
+    assert!(!s.server.is_readonly());
+    eprintln!("{over} of 6000 mutations refused as over the window");
+}
