@@ -105,7 +105,9 @@ fn any_query(rng: &mut Rng, known: &[ObjectId]) -> Query {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nonsense_never_panics_never_corrupts_and_others_keep_being_served() {
-    let s = InProc::start().await;
+    // Trusted, so ops land as sent and the model needs no owner policy
+    // (the policy has its own tests in owners.rs).
+    let s = InProc::start_with(Dirs::new(), |c| c.trusted = true).await;
     let good = s.client().await;
     let mut model = model_for(&s.dirs.export);
     let mut rng = Rng::new(std::env::var("IZO_HOSTILE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0xbad5eed));
