@@ -55,7 +55,7 @@ impl Store {
         let tx = database.begin_write().map_err(db)?;
         let (incarnation, head, cookie) = {
             let mut meta = tx.open_table(META).map_err(db)?;
-            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES, HASHES] {
+            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES, HASHES, OWNERS] {
                 tx.open_table(t).map_err(db)?;
             }
             tx.open_table(LINKS).map_err(db)?;
@@ -138,6 +138,34 @@ impl Store {
         let r = self.db.begin_read().map_err(db)?;
         let t = r.open_table(REPLICAS).map_err(db)?;
         Ok(t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Register `replica` under `owner` (a token hash) on first use; false
+    /// when it is registered under another token (which must not use it).
+    pub fn claim_replica(&self, replica: ReplicaId, owner: &[u8]) -> Result<bool, StoreError> {
+        let key = replica.0.to_be_bytes();
+        {
+            let r = self.db.begin_read().map_err(db)?;
+            let t = r.open_table(OWNERS).map_err(db)?;
+            if let Some(v) = t.get(key.as_slice()).map_err(db)? {
+                return Ok(v.value() == owner);
+            }
+        }
+        let tx = self.db.begin_write().map_err(db)?;
+        let ok = {
+            let mut t = tx.open_table(OWNERS).map_err(db)?;
+            let existing = t.get(key.as_slice()).map_err(db)?.map(|v| v.value().to_vec());
+            match existing {
+                Some(v) => v == owner,
+                None => {
+                    t.insert(key.as_slice(), owner).map_err(db)?;
+                    true
+                }
+            }
+        };
+        tx.commit().map_err(db)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(ok)
     }
 
     /// The cached reply to (`replica`, `cseq`), encoded as it was sent.

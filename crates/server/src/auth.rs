@@ -30,7 +30,8 @@ struct TokenEntry {
     label: String,
 }
 
-fn hash(token: &str) -> String {
+/// The stored form of a token (also what a replica is registered under).
+pub fn hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
 

@@ -78,6 +78,20 @@ impl Server {
             return refuse(&out, writer, RefuseReason::Auth, &m).await;
         };
         let store = &self.shared.store;
+        // A replica id belongs to the token that first used it: ids travel in
+        // the record stream, and another token must not speak for them.
+        let owner = crate::auth::hash(&hello.token);
+        let st = store.clone();
+        let claim = tokio::task::spawn_blocking(move || st.claim_replica(hello.replica, owner.as_bytes())).await;
+        match claim {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                let m = "this replica id is registered under another token; use a fresh replica id";
+                return refuse(&out, writer, RefuseReason::Auth, m).await;
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
         let last_applied = store.replica_last(hello.replica).map_err(|e| e.to_string())?;
         let welcome = Welcome {
             version: PROTOCOL_VERSION,

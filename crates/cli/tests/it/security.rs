@@ -304,3 +304,22 @@ async fn bad_frames_are_refused_by_name_and_everyone_else_keeps_working() {
     }
     assert_eq!(bystander.wire_counters().2, 0, "the bystander never had to reconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_id_cannot_be_used_by_another_token() {
+    let s = InProc::start().await;
+    let replica = ReplicaId::random();
+    let (_r, w) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
+    assert!(matches!(w, ServerMsg::Welcome(_)), "{w:?}");
+    // replica ids appear in the record stream; another token must not take one over
+    let (_r2, w2) = Raw::hello(&s.addr, &s.server.fingerprint, &s.ro, replica).await;
+    match w2 {
+        ServerMsg::Refused { reason: RefuseReason::Auth, message } => {
+            assert!(message.contains("another token"), "{message}")
+        }
+        other => panic!("expected an auth refusal, got {other:?}"),
+    }
+    // the owner keeps using it
+    let (_r3, w3) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
+    assert!(matches!(w3, ServerMsg::Welcome(_)), "{w3:?}");
+}
