@@ -194,13 +194,13 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
                     }
                 };
                 if let Some(tx) = tx {
-                    let _ = tx.send(StreamEvent::Record(Box::new(r))).await;
+                    let _ = tx.send(StreamEvent::Record(Box::new(r)));
                 }
             }
             ServerMsg::SnapshotRequired { oldest } => {
                 let tx = lock(&inner.state).sub.take().map(|(_, tx)| tx);
                 if let Some(tx) = tx {
-                    let _ = tx.send(StreamEvent::SnapshotRequired { oldest }).await;
+                    let _ = tx.send(StreamEvent::SnapshotRequired { oldest });
                 }
             }
             ServerMsg::Pong { .. } => {}

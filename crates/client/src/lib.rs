@@ -114,7 +114,7 @@ pub(crate) struct State {
     pub answered_through: u64,
     pub next_qid: u64,
     pub queries: HashMap<u64, mpsc::Sender<Result<QueryReply, OpError>>>,
-    pub sub: Option<(Seq, mpsc::Sender<StreamEvent>)>,
+    pub sub: Option<(Seq, mpsc::UnboundedSender<StreamEvent>)>,
     pub fatal: Option<ClientError>,
 }
 
@@ -412,9 +412,11 @@ impl Client {
         }
     }
 
-    /// Follow the journal after `from_seq`; resumes by itself after a reconnect.
-    pub async fn subscribe(&self, from_seq: Seq) -> Result<mpsc::Receiver<StreamEvent>, ClientError> {
-        let (tx, rx) = mpsc::channel(1024);
+    /// Follow the journal after `from_seq`; resumes by itself after a
+    /// reconnect. Unbounded, so a consumer that is slow (or awaits its own
+    /// mutations before draining) never stalls the connection's replies.
+    pub async fn subscribe(&self, from_seq: Seq) -> Result<mpsc::UnboundedReceiver<StreamEvent>, ClientError> {
+        let (tx, rx) = mpsc::unbounded_channel();
         let mut st = lock(&self.inner.state);
         st.sub = Some((from_seq, tx));
         if let Some(conn) = &st.conn {

@@ -67,25 +67,31 @@ impl Hint {
     /// whose replay is decided by the tree's state alone (creates, data and
     /// attribute ops): replay re-checks them from the marker on.
     pub fn note(&mut self, seq: Seq) {
-        self.applied = seq;
+        self.applied = self.applied.max(seq);
     }
 
-    /// Move the marker to what is applied.
-    pub fn flush(&mut self) {
-        if self.applied != self.marked {
-            self.set(self.applied);
-        }
+    /// Move the marker to what is applied; false if the rename failed.
+    pub fn flush(&mut self) -> bool {
+        self.set(self.applied)
     }
 
-    /// Record that `seq` is applied and move the marker there.
-    pub fn set(&mut self, seq: Seq) {
-        self.applied = seq;
-        if seq == self.marked {
-            return;
+    /// Record that `seq` is applied and move the marker there (it never
+    /// moves back); false if the rename failed.
+    pub fn set(&mut self, seq: Seq) -> bool {
+        self.applied = self.applied.max(seq);
+        if self.applied <= self.marked {
+            return true;
         }
-        match sys::renameat2(self.stage.as_fd(), &marker(self.marked), self.stage.as_fd(), &marker(seq), 0) {
-            Ok(()) => self.marked = seq,
-            Err(e) => tracing::error!("moving the applied marker to {seq} failed: {e}"),
+        let to = self.applied;
+        match sys::renameat2(self.stage.as_fd(), &marker(self.marked), self.stage.as_fd(), &marker(to), 0) {
+            Ok(()) => {
+                self.marked = to;
+                true
+            }
+            Err(e) => {
+                tracing::error!("moving the applied marker to {to} failed: {e}");
+                false
+            }
         }
     }
 }

@@ -121,7 +121,7 @@ impl Server {
     pub(crate) async fn subscribe(self: Arc<Self>, from_seq: Seq, out: Arc<Out>) {
         let store = self.shared.store.clone();
         let mut applied = self.shared.applied.clone();
-        let mut next = from_seq + 1;
+        let mut next = from_seq.saturating_add(1);
         loop {
             let upto = *applied.borrow_and_update();
             while next <= upto {

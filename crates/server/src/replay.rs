@@ -18,9 +18,12 @@ use std::collections::HashMap;
 pub(crate) struct Replayed {
     pub applied: Seq,
     pub left: Vec<StoredRecord>,
+    /// The marker replay started from: pending records at or below it are
+    /// data redos.
+    pub marked: Seq,
 }
 
-fn is_data(op: &Op) -> bool {
+pub(crate) fn is_data(op: &Op) -> bool {
     data_target(op).is_some()
 }
 
@@ -40,15 +43,16 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
     if ckpt < head {
         tracing::info!("replaying journal: data records {}..={marked}, all records {}..={head}", ckpt + 1, marked + 1);
     }
-    // A direct append fdatasyncs its file before its commit, so the file's
-    // earlier data records are durable: redoing them would destroy the
-    // appended bytes, which no record holds.
+    // A direct append fdatasyncs its file before its commit, and happens
+    // only when everything before it is applied, so the file's earlier data
+    // records are durable: redoing them would destroy the appended bytes,
+    // which no record holds. The append may itself lie past the marker.
     let mut last_direct: HashMap<ObjectId, Seq> = HashMap::new();
     let mut next = ckpt + 1;
-    while next <= marked {
+    loop {
         let recs = store.records_from(next, 1024).map_err(|e| e.to_string())?;
         let Some(last) = recs.last().map(|r| r.record.seq) else { break };
-        for r in recs.iter().filter(|r| r.record.seq <= marked) {
+        for r in &recs {
             if let (Op::Write { id, .. }, Payload::Direct(_)) = (&r.record.op, r.payload) {
                 last_direct.insert(*id, r.record.seq);
             }
@@ -77,13 +81,16 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
                 Ok(Outcome::Skipped) => Counters::add(&counters.replay_skipped, 1),
                 Err(e) => {
                     tracing::error!("replay stopped: {e}; the volume stays read-only");
+                    // Keep only what still needs doing: the failed record, later
+                    // data redos under the marker, and everything past it.
                     let mut left: Vec<StoredRecord> = recs[i..].to_vec();
                     left.extend(store.records_from(last + 1, usize::MAX).map_err(|e| e.to_string())?);
-                    return Ok(Replayed { applied: seq.saturating_sub(1).max(marked), left });
+                    left.retain(|r| r.record.seq > marked || is_data(&r.record.op));
+                    return Ok(Replayed { applied: seq.saturating_sub(1).max(marked), left, marked });
                 }
             }
         }
         next = last + 1;
     }
-    Ok(Replayed { applied: head, left: Vec::new() })
+    Ok(Replayed { applied: head, left: Vec::new(), marked })
 }

@@ -137,6 +137,8 @@ impl Server {
             checkpointed,
             direct: HashMap::new(),
             touched: Default::default(),
+            staged_ids: Vec::new(),
+            replay_marked: replayed.marked,
         };
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()

@@ -211,9 +211,15 @@ impl Tree {
     /// Remove a staged inode whose op was refused.
     pub fn unstage(&self, op: &Op) {
         if let Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } = op {
-            let name = stage_name(*id);
-            let is_dir = matches!(op, Op::Mkdir { .. });
-            let _ = sys::unlinkat(self.stage.as_fd(), &name, is_dir);
+            self.unstage_id(*id);
+        }
+    }
+
+    /// Remove the staged inode of a new object (file or directory).
+    pub fn unstage_id(&self, id: ObjectId) {
+        let name = stage_name(id);
+        if sys::unlinkat(self.stage.as_fd(), &name, false).is_err() {
+            let _ = sys::unlinkat(self.stage.as_fd(), &name, true);
         }
     }
 
@@ -224,28 +230,25 @@ impl Tree {
         sys::fsync(fd.as_fd())
     }
 
-    /// Append `data` at `offset` straight into a file (beyond its committed
+    /// Open a file for appending straight into it (beyond its committed
     /// end) before the commit. An intent file `d-<id>` in the stage says the
     /// file may hold uncommitted bytes past its committed size; it is made
-    /// before the write, so after any crash it is there if the bytes are.
-    pub fn direct_write(
-        &mut self,
-        id: ObjectId,
-        handle: &Handle,
-        offset: u64,
-        data: &[u8],
-    ) -> io::Result<Arc<OwnedFd>> {
-        let intent = intent_name(id);
-        sys::openat(self.stage.as_fd(), &intent, libc::O_CREAT | libc::O_WRONLY, 0o600)?;
-        let fd = self.fd(handle, FileKind::File).map_err(|e| match e {
+    /// before any write, so after any crash it is there if the bytes are.
+    pub fn direct_fd(&mut self, id: ObjectId, handle: &Handle) -> io::Result<Arc<OwnedFd>> {
+        sys::openat(self.stage.as_fd(), &intent_name(id), libc::O_CREAT | libc::O_WRONLY, 0o600)?;
+        self.fd(handle, FileKind::File).map_err(|e| match e {
             ApplyError::Io { err, .. } => err,
             other => io::Error::other(other.to_string()),
-        })?;
+        })
+    }
+
+    /// Append through an fd from [`Tree::direct_fd`].
+    pub fn direct_write(&self, fd: &OwnedFd, offset: u64, data: &[u8]) -> io::Result<()> {
         sys::pwrite_all(fd.as_fd(), data, offset)?;
         // Overlap the disk with receiving the next writes; the commit's
         // fdatasync then waits for little.
         let _ = sys::start_writeback(fd.as_fd(), offset, data.len() as u64);
-        Ok(fd)
+        Ok(())
     }
 
     /// Drop the intent of a direct write once its record is committed.

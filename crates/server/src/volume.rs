@@ -98,6 +98,11 @@ pub(crate) struct Actor {
     pub direct: HashMap<ObjectId, (Arc<std::os::fd::OwnedFd>, u64, Timestamp)>,
     /// Objects whose content a non-direct op of this batch changes.
     pub touched: std::collections::HashSet<ObjectId>,
+    /// New objects staged by the batch being recorded (unstaged if it fails).
+    pub staged_ids: Vec<ObjectId>,
+    /// The marker replay started from (pending records at or below it are
+    /// data redos).
+    pub replay_marked: Seq,
     pub checkpointed: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -134,14 +139,28 @@ impl Actor {
         }
     }
 
-    fn refuse_all(batch: Vec<Mutation>, e: &ServerError) {
+    /// Answer a batch that failed before its commit: ops committed earlier
+    /// (resends) get their cached reply, the rest a transient error.
+    fn refuse_all(&self, batch: Vec<Mutation>, e: &ServerError) {
         for m in batch {
-            let _ = m.reply.send(reply_frame(m.cseq, Err(OpError::Transient(e.to_string()))));
+            let cached = match self.store.replica_last(m.replica) {
+                Ok(last) if m.cseq <= last => self.store.cached_reply(m.replica, m.cseq).ok().flatten(),
+                _ => None,
+            };
+            let frame = cached.unwrap_or_else(|| reply_frame(m.cseq, Err(OpError::Transient(e.to_string()))));
+            let _ = m.reply.send(frame);
         }
     }
 
-    fn process(&mut self, batch: Vec<Mutation>) {
-        match self.record(&batch) {
+    fn process(&mut self, mut batch: Vec<Mutation>) {
+        self.staged_ids.clear();
+        let recorded = self.record(&batch);
+        // Free the connections' window slots before anyone sees a reply, so a
+        // client that sends on each reply never finds its slot still taken.
+        for m in &mut batch {
+            m.slot = None;
+        }
+        match recorded {
             Ok((records, outs)) => {
                 let kinds: Vec<&str> = records.iter().map(|r| r.record.op.kind()).collect();
                 self.hooks.maybe_crash(true, &kinds);
@@ -155,11 +174,11 @@ impl Actor {
             }
             Err(e) => {
                 tracing::error!("batch failed before commit: {e}");
-                for m in &batch {
-                    self.tree.unstage(&m.op);
+                for id in std::mem::take(&mut self.staged_ids) {
+                    self.tree.unstage_id(id);
                 }
                 self.undo_direct();
-                Self::refuse_all(batch, &e);
+                self.refuse_all(batch, &e);
             }
         }
     }
@@ -269,11 +288,11 @@ impl Actor {
             Ok(a) => a,
             Err(e) => return Ok(Some(Err(e))),
         };
-        let fd = self
-            .tree
-            .direct_write(*id, &row.handle, *offset, data)
-            .map_err(|e| ServerError::io(format!("appending to {id}"), e))?;
-        self.direct.insert(*id, (fd, committed.0, committed.1));
+        let fd =
+            self.tree.direct_fd(*id, &row.handle).map_err(|e| ServerError::io(format!("opening {id} to append"), e))?;
+        // Known before the write, so a failure part-way is cut back too.
+        self.direct.insert(*id, (fd.clone(), committed.0, committed.1));
+        self.tree.direct_write(&fd, *offset, data).map_err(|e| ServerError::io(format!("appending to {id}"), e))?;
         Ok(Some(Ok(applied)))
     }
 
@@ -320,6 +339,9 @@ impl Actor {
             Err(e) => return Err(OpError::Transient(format!("staging new inode: {e}"))),
         };
         *staged_any |= handle.is_some();
+        if let (Some(_), Some(id)) = (&handle, new_id(&m.op)) {
+            self.staged_ids.push(id);
+        }
         let large = matches!(&m.op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
         if let (true, Op::Write { data, .. }) = (large, &m.op) {
             let name = write_stage_name(origin, 0);
@@ -356,27 +378,39 @@ impl Actor {
         let retry = !self.pending.is_empty();
         self.pending.extend(records);
         while let Some(rec) = self.pending.pop_front() {
+            let seq = rec.record.seq;
+            // Left over from replay at or below its marker: data redo only.
+            let redo = retry && seq <= self.replay_marked;
             // A link, unlink, rmdir or rename can undo the post-state of the
             // records before it, and its own replay needs the marker: mark
             // before and after it. Other records are marked per batch.
-            let ambiguous =
-                matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
-            if ambiguous {
-                self.hint.flush();
+            let ambiguous = !redo
+                && matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
+            if ambiguous && !self.hint.flush() {
+                self.pending.push_front(rec);
+                self.shared.readonly.store(true, Ordering::Release);
+                return;
             }
-            match self.tree.apply(&rec, if retry { Mode::Exact } else { Mode::Normal }) {
+            let mode = if redo {
+                Mode::RedoData
+            } else if retry {
+                Mode::Exact
+            } else {
+                Mode::Normal
+            };
+            match self.tree.apply(&rec, mode) {
                 Ok(_) => {
                     Counters::add(&self.shared.counters.ops_applied, 1);
                     self.note_dirty(&rec);
                     self.hooks.maybe_crash_unmarked(rec.record.op.kind());
-                    if ambiguous {
-                        self.hint.set(rec.record.seq);
-                    } else {
-                        self.hint.note(rec.record.seq);
+                    if ambiguous && !self.hint.set(seq) {
+                        self.shared.readonly.store(true, Ordering::Release);
+                        return;
                     }
+                    self.hint.note(seq);
                 }
                 Err(e) => {
-                    tracing::error!("apply of seq {} failed: {e}; volume read-only until it succeeds", rec.record.seq);
+                    tracing::error!("apply of seq {seq} failed: {e}; volume read-only until it succeeds");
                     self.pending.push_front(rec);
                     self.hint.flush();
                     self.shared.readonly.store(true, Ordering::Release);
@@ -384,8 +418,8 @@ impl Actor {
                 }
             }
         }
-        self.hint.flush();
-        self.shared.readonly.store(false, Ordering::Release);
+        let marked = self.hint.flush();
+        self.shared.readonly.store(!marked, Ordering::Release);
     }
 
     fn note_dirty(&mut self, rec: &StoredRecord) {

@@ -232,3 +232,46 @@ async fn an_append_written_before_a_commit_that_never_happened_is_cut_off() {
     let append = Op::Write { id: x.f, base: 0, offset: 300, data: vec![6; 200_000] };
     case("precommit:write", vec![create(x.f, "f"), w], vec![append]).await;
 }
+
+/// Regression (review): a truncate applied and marked, then a direct append
+/// committed but not yet marked; replay must not redo the truncate over the
+/// appended bytes, which no record holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_append_after_a_truncate_survives_a_crash_before_the_marker() {
+    let dirs = Dirs::new();
+    let token = dirs.token(izo_server::auth::Rights::Rw);
+    let replica = ReplicaId::random();
+    let mut model = model_for(&dirs.export);
+    let f = ObjectId::new();
+    let setup = [create(f, "f"), Op::Write { id: f, base: 0, offset: 0, data: vec![1; 1 << 20] }];
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let addr = p.addr.clone();
+    let (mut r, _) = Raw::hello(&addr, &p.fingerprint, &token, replica).await;
+    let mut cseq = 0;
+    for op in setup {
+        cseq += 1;
+        r.send(&ClientMsg::Mutate { cseq, acked_through: cseq - 1, op: op.clone() }).await;
+        model.apply(&op, ok(r.recv().await).time).expect("model");
+    }
+    drop(r);
+    p.sigkill();
+    // restart (the checkpoint now covers the setup), truncate, then append
+    let mut p = Proc::start(&dirs, &addr, &[("IZO_TEST_CRASH", "commit:write")]);
+    let (mut r, _) = Raw::hello(&addr, &p.fingerprint, &token, replica).await;
+    let trunc = Op::Truncate { id: f, base: 0, size: 0 };
+    cseq += 1;
+    r.send(&ClientMsg::Mutate { cseq, acked_through: cseq - 1, op: trunc.clone() }).await;
+    model.apply(&trunc, ok(r.recv().await).time).expect("model");
+    let append = Op::Write { id: f, base: 0, offset: 0, data: vec![7; 128 << 10] };
+    cseq += 1;
+    r.send(&ClientMsg::Mutate { cseq, acked_through: cseq - 1, op: append.clone() }).await;
+    assert!(wait_exit(&mut p), "crashed after committing the append");
+    drop(r);
+    drop(p);
+    let p = Proc::start(&dirs, &addr, &[]);
+    let (mut r, _) = Raw::hello(&addr, &p.fingerprint, &token, replica).await;
+    r.send(&ClientMsg::Mutate { cseq, acked_through: cseq - 1, op: append.clone() }).await;
+    model.apply(&append, ok(r.recv().await).time).expect("model");
+    let diff = model.digest().diff(&izo_testkit::tree_digest(&dirs.export).expect("digest"));
+    assert!(diff.is_empty(), "the appended bytes were lost:\n{}", diff.join("\n"));
+}

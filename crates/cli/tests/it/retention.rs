@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::Receiver;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The namespace: (parent, name) → object.
 type Names = BTreeMap<(ObjectId, Vec<u8>), ObjectId>;
@@ -99,7 +99,7 @@ fn model_size(op: &Op, s: &State) -> Option<(ObjectId, u64)> {
 }
 
 /// Next stream event, or a failure naming what was awaited.
-async fn next(rx: &mut Receiver<StreamEvent>, what: &str) -> StreamEvent {
+async fn next(rx: &mut UnboundedReceiver<StreamEvent>, what: &str) -> StreamEvent {
     match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
         Ok(Some(ev)) => ev,
         Ok(None) => panic!("{what}: the stream ended"),

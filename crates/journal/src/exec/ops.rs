@@ -92,8 +92,7 @@ impl Batch<'_> {
                     return Err(OpError::Invalid(format!("write of {} bytes exceeds {MAX_DATA}", data.len())));
                 }
                 let end = self.end_within_limits(*offset, data.len() as u64)?;
-                self.take_space(data.len() as u64)?;
-                self.data_op(cx, *id, *base, |row| {
+                self.data_op(cx, *id, *base, data.len() as u64, |row| {
                     let old = row.size;
                     row.size = row.size.max(end);
                     mark_stale(row, old, *offset, data.len() as u64);
@@ -101,7 +100,7 @@ impl Batch<'_> {
             }
             Op::Truncate { id, base, size } => {
                 self.end_within_limits(*size, 0)?;
-                self.data_op(cx, *id, *base, |row| {
+                self.data_op(cx, *id, *base, 0, |row| {
                     let old = row.size;
                     row.size = *size;
                     mark_stale(row, old, 0, 0);
@@ -113,10 +112,7 @@ impl Batch<'_> {
                 }
                 let end = self.end_within_limits(*offset, *len)?;
                 let grow = matches!(op, Op::Allocate { .. });
-                if grow {
-                    self.take_space(*len)?;
-                }
-                self.data_op(cx, *id, *base, |row| {
+                self.data_op(cx, *id, *base, if grow { *len } else { 0 }, |row| {
                     let old = row.size;
                     if grow {
                         row.size = row.size.max(end);
@@ -200,7 +196,8 @@ impl Batch<'_> {
         })
     }
 
-    fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {
+    /// A content change needing `space` bytes of new room on the export.
+    fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, space: u64, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {
         let mut row = self.row(id)?;
         if row.kind != FileKind::File {
             return Err(OpError::Invalid(format!("{id} is not a regular file")));
@@ -208,6 +205,7 @@ impl Batch<'_> {
         if !base_ok(row.versions.data, row.data_writer, row.data_run_start, base, cx.who) {
             return Err(conflict("data changed since base", Some(row.attr(id))));
         }
+        self.take_space(space)?;
         f(&mut row);
         row.mtime = cx.time;
         bump_data(&mut row, cx);

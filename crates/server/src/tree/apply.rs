@@ -139,6 +139,12 @@ impl Tree {
                         RenameMode::Exchange => libc::RENAME_EXCHANGE,
                     };
                     sys::renameat2(p.as_fd(), name, np.as_fd(), new_name, flags).map_err(io_err("rename"))?;
+                    // a replaced target may have lost its last name: drop our fd
+                    if let (RenameMode::Replace, Some(t)) = (rm, &ht) {
+                        if t != &hs {
+                            self.forget(t);
+                        }
+                    }
                 } else if exact && post {
                     outcome = Outcome::Skipped;
                 } else {
