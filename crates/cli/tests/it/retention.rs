@@ -355,3 +355,40 @@ async fn a_subscriber_behind_retention_resumes_from_a_consistent_snapshot_with_n
         streamed.len()
     );
 }
+
+/// Retention by size: with a small byte limit the oldest records go at the
+/// next checkpoint even though the count limit is far away, and a
+/// subscriber from the start is sent to a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_drops_the_oldest_records() {
+    let s = InProc::start_with(Dirs::new(), |c| {
+        c.retain_records = 1_000_000;
+        c.retain_bytes = 64 << 10;
+        c.checkpoint_ms = 50;
+    })
+    .await;
+    let c = s.client().await;
+    let f = ObjectId::new();
+    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("f"), id: f, mode: 0o644, uid: 0, gid: 0 })
+        .await
+        .expect("create");
+    // 200 inline writes of 4 KiB: ~800 KiB of records against a 64 KiB limit
+    for i in 0..200u64 {
+        c.mutate(Op::Write { id: f, base: 0, offset: i * 4096, data: vec![i as u8; 4096] }).await.expect("write");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut rx = c.subscribe(0).await.expect("subscribe");
+        match next(&mut rx, "from 0").await {
+            StreamEvent::SnapshotRequired { oldest } => {
+                assert!(oldest > 150, "the oldest ~90% of the records are gone (oldest kept {oldest} of 201)");
+                assert!(oldest <= 201, "records within the limit are kept");
+                break;
+            }
+            StreamEvent::Record(_) => {
+                assert!(Instant::now() < deadline, "no record was dropped for size within 10 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
