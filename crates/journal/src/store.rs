@@ -38,6 +38,9 @@ pub struct Store {
     pub commits: AtomicU64,
     /// Largest file size the export's file system takes (probed by the server).
     pub max_file_size: AtomicU64,
+    /// Bytes of extended attributes (names, values, 24 bytes per entry)
+    /// one inode of the export holds (probed by the server).
+    pub xattr_room: AtomicU64,
     /// Bytes new data may still take on the export in the current batch
     /// (set by the server from statfs before each batch, minus a margin).
     pub space_budget: AtomicU64,
@@ -85,6 +88,7 @@ impl Store {
             incarnation,
             commits: AtomicU64::new(1),
             max_file_size: AtomicU64::new(i64::MAX as u64),
+            xattr_room: AtomicU64::new(u64::MAX),
             space_budget: AtomicU64::new(u64::MAX),
         })
     }

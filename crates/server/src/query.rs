@@ -12,8 +12,13 @@ use std::sync::Arc;
 /// Largest data chunk per read frame.
 const CHUNK: u64 = 1 << 20;
 
+/// Encode an answer; one too large for a frame becomes an error answer, so
+/// the client is never left waiting.
 fn answer(qid: u64, result: Result<QueryReply, OpError>) -> Vec<u8> {
-    encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_default()
+    encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_else(|e| {
+        let result = Err(OpError::Invalid(format!("answer does not fit in a frame: {e}")));
+        encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_default()
+    })
 }
 
 impl Server {

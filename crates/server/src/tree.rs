@@ -310,6 +310,26 @@ impl Tree {
         Ok(lo)
     }
 
+    /// How many bytes of extended attributes one inode holds: the largest
+    /// single value a scratch file takes, plus its name and entry overhead.
+    pub fn probe_xattr_room(&self) -> io::Result<u64> {
+        let name = b"probe-xattr";
+        let fd = sys::openat(self.stage.as_fd(), name, libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC, 0o600)?;
+        let key = b"user.izo-probe";
+        let buf = vec![0u8; 65536];
+        let (mut lo, mut hi) = (0usize, buf.len());
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            match sys::fsetxattr(fd.as_fd(), key, &buf[..mid]) {
+                Ok(()) => lo = mid,
+                Err(_) => hi = mid - 1,
+            }
+        }
+        drop(fd);
+        sys::unlinkat(self.stage.as_fd(), name, false)?;
+        Ok((lo + key.len() + 24) as u64)
+    }
+
     /// Bytes of new data the export can take now, keeping a margin of 1% of
     /// the file system (at least 64 MiB) for metadata and other writers.
     pub fn space_available(&self) -> io::Result<u64> {

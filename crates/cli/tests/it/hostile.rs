@@ -245,3 +245,33 @@ async fn a_flooding_client_is_bounded_and_others_keep_being_served() {
     assert!(!s.server.is_readonly());
     eprintln!("{over} of 6000 mutations refused as over the window");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xattrs_beyond_what_an_inode_holds_are_refused_before_the_ack() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    let f = ObjectId::new();
+    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("f"), id: f, mode: 0o644, uid: 0, gid: 0 })
+        .await
+        .expect("create");
+    // one value larger than an ext4 inode's xattr space
+    let big = Op::SetXattr { id: f, base: 0, name: name("user.big"), value: vec![1; 60_000] };
+    assert!(matches!(c.mutate(big).await, Err(izo_client::ClientError::Op(OpError::Invalid(_)))));
+    // many small ones until the inode is full: the refusal comes before the ack
+    let mut set = 0;
+    for i in 0..100 {
+        let op = Op::SetXattr { id: f, base: 0, name: name(&format!("user.k{i}")), value: vec![2; 500] };
+        match c.mutate(op).await {
+            Ok(_) => set += 1,
+            Err(izo_client::ClientError::Op(OpError::Invalid(m))) => {
+                assert!(m.contains("per file"), "{m}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(set >= 3 && set < 100, "{set} attributes of 500 bytes went in");
+    assert!(!s.server.is_readonly(), "no xattr failed at apply");
+    let on_disk = izo_testkit::tree_digest(&s.dirs.export).expect("digest");
+    assert_eq!(on_disk.nodes.get(&name("f")).expect("f").xattrs.len(), set);
+}

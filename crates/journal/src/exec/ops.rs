@@ -45,6 +45,28 @@ impl Batch<'_> {
         }
     }
 
+    /// Will the object's extended attributes, with `name` set to a value of
+    /// `len` bytes, fit in one inode of the export? (The kernel would refuse
+    /// at apply otherwise.)
+    fn xattr_fits(&self, id: ObjectId, name: &[u8], len: usize) -> R<()> {
+        let room = self.store.xattr_room.load(std::sync::atomic::Ordering::Relaxed);
+        let t = self.tx.open_table(XATTRS).map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        let mut total = (name.len() + len + 24) as u64;
+        for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if &k.value()[16..] != name {
+                total += (k.value().len() - 16 + v.value().len() + 24) as u64;
+            }
+        }
+        if total > room {
+            return Err(OpError::Invalid(format!(
+                "extended attributes of {id} would take {total} bytes; the export holds {room} per file"
+            )));
+        }
+        Ok(())
+    }
+
     /// Reserve room for `bytes` of new data, or refuse before the ack: a full
     /// disk is a transient error, never a failed apply.
     fn take_space(&self, bytes: u64) -> R<()> {
@@ -140,6 +162,7 @@ impl Batch<'_> {
                 Ok(out)
             }
             Op::SetXattr { id, base, name, value } => {
+                self.xattr_fits(*id, name, value.len())?;
                 let out = self.meta_op(cx, *id, *base, |row| {
                     super::xattr::check(name, Some(value), row.kind)?;
                     if super::xattr::is_access_acl(name) {
