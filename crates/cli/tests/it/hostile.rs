@@ -270,7 +270,7 @@ async fn xattrs_beyond_what_an_inode_holds_are_refused_before_the_ack() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(set >= 3 && set < 100, "{set} attributes of 500 bytes went in");
+    assert!((3..100).contains(&set), "{set} attributes of 500 bytes went in");
     assert!(!s.server.is_readonly(), "no xattr failed at apply");
     let on_disk = izo_testkit::tree_digest(&s.dirs.export).expect("digest");
     assert_eq!(on_disk.nodes.get(&name("f")).expect("f").xattrs.len(), set);
