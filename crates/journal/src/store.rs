@@ -33,7 +33,7 @@ pub struct Store {
     pub(crate) db: Database,
     pub(crate) head: AtomicU64,
     pub(crate) cookie: AtomicU64,
-    incarnation: u128,
+    incarnation: std::sync::Mutex<u128>,
     /// Durable commits made (each is one group-commit fsync).
     pub commits: AtomicU64,
     /// Largest file size the export's file system takes (probed by the server).
@@ -85,7 +85,7 @@ impl Store {
             db: database,
             head: AtomicU64::new(head),
             cookie: AtomicU64::new(cookie),
-            incarnation,
+            incarnation: std::sync::Mutex::new(incarnation),
             commits: AtomicU64::new(1),
             max_file_size: AtomicU64::new(i64::MAX as u64),
             xattr_room: AtomicU64::new(u64::MAX),
@@ -95,7 +95,20 @@ impl Store {
 
     /// Volume incarnation.
     pub fn incarnation(&self) -> u128 {
-        self.incarnation
+        *self.incarnation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a new incarnation (durably): every client's saved seqs and ids
+    /// become void and it resyncs. For a server found rolled back (its state
+    /// restored from a backup older than what clients saw acked).
+    pub fn new_incarnation(&self) -> Result<u128, StoreError> {
+        let i = uuid::Uuid::new_v4().as_u128();
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(META).map_err(db)?.insert("incarnation", i.to_be_bytes().as_slice()).map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        *self.incarnation.lock().unwrap_or_else(|p| p.into_inner()) = i;
+        Ok(i)
     }
 
     /// Highest committed seq.

@@ -93,6 +93,23 @@ impl Server {
             Err(e) => return Err(e.to_string()),
         }
         let last_applied = store.replica_last(hello.replica).map_err(|e| e.to_string())?;
+        if hello.last_acked > last_applied {
+            // The client holds replies this server no longer knows: the server's
+            // state was rolled back (restored from a backup). Its seqs and ids
+            // cannot be trusted by anyone any more.
+            tracing::error!(
+                "replica {:?} holds replies through {} but this server applied only {last_applied}: \
+                 the volume state was rolled back; taking a new incarnation, clients will resync",
+                hello.replica,
+                hello.last_acked
+            );
+            let st = store.clone();
+            match tokio::task::spawn_blocking(move || st.new_incarnation()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
             incarnation: store.incarnation(),

@@ -323,3 +323,36 @@ async fn a_replica_id_cannot_be_used_by_another_token() {
     let (_r3, w3) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
     assert!(matches!(w3, ServerMsg::Welcome(_)), "{w3:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_rolled_back_behind_a_client_takes_a_new_incarnation() {
+    let s = InProc::start().await;
+    let before = s.server.incarnation();
+    let replica = ReplicaId::random();
+    let (mut r, _) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
+    let op = Op::Create { parent: ObjectId::ROOT, name: name("a"), id: ObjectId::new(), mode: 0o644, uid: 0, gid: 0 };
+    r.send(&ClientMsg::Mutate { cseq: 1, acked_through: 0, op }).await;
+    assert!(matches!(r.recv().await, Some(ServerMsg::Reply { result: Ok(_), .. })));
+    drop(r);
+    // a client that saw replies through 1 meets a server that knows only... 1: fine
+    let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
+    let hello = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: s.rw.clone(), replica, last_acked: 1 };
+    raw.send(&ClientMsg::Hello(hello)).await;
+    match raw.recv().await {
+        Some(ServerMsg::Welcome(w)) => assert_eq!(w.incarnation, before, "no rollback, same incarnation"),
+        other => panic!("{other:?}"),
+    }
+    // ...but one that saw replies through 5 proves the server lost acked state
+    let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
+    let hello = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: s.rw.clone(), replica, last_acked: 5 };
+    raw.send(&ClientMsg::Hello(hello)).await;
+    let after = match raw.recv().await {
+        Some(ServerMsg::Welcome(w)) => w.incarnation,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(after, before, "a rolled-back server takes a new incarnation");
+    assert_eq!(s.server.incarnation(), after);
+    // and every client sees it from then on
+    let c = s.client().await;
+    assert_eq!(c.welcome().expect("welcome").incarnation, after);
+}
