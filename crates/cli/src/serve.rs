@@ -93,7 +93,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        server.serve(listener).await.context("serving")
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = server.clone().serve(listener) => r.context("serving")?,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        println!("izo: stopping: finishing the batch in hand and checkpointing");
+        if !server.shutdown(std::time::Duration::from_secs(30)) {
+            anyhow::bail!("the volume did not stop within 30 s; the next start replays the journal");
+        }
+        Ok(())
     })
 }
 

@@ -25,6 +25,7 @@ pub struct Server {
     pub fingerprint: String,
     pub(crate) shared: Arc<Shared>,
     pub(crate) tx: Mutex<mpsc::Sender<Mutation>>,
+    stopped: Mutex<mpsc::Receiver<()>>,
     pub(crate) tokens: Tokens,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     pub(crate) policy: crate::policy::Policy,
@@ -98,6 +99,7 @@ impl Server {
             applied: applied_rx,
             readonly: AtomicBool::new(readonly),
             root: root_fd,
+            stop: AtomicBool::new(false),
         });
         let identity = tls::load_or_create(&state)?;
         let fingerprint = tls::fingerprint(&identity.cert);
@@ -143,9 +145,10 @@ impl Server {
             replay_marked: replayed.marked,
         };
         let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("izo-volume".into())
-            .spawn(move || actor.run(rx))
+            .spawn(move || actor.run(rx, done_tx))
             .map_err(|e| ServerError::io("starting the volume thread", e))?;
         let _ = shared.root.as_fd();
         Ok(Arc::new(Server {
@@ -153,6 +156,7 @@ impl Server {
             fingerprint,
             shared,
             tx: Mutex::new(tx),
+            stopped: Mutex::new(done_rx),
             tokens: Tokens::new(&state),
             acceptor,
             policy: crate::policy::Policy {
@@ -161,6 +165,14 @@ impl Server {
                 trusted: cfg.trusted,
             },
         }))
+    }
+
+    /// Stop cleanly: finish the batch in hand, checkpoint, stop the volume
+    /// thread. Returns false if that took longer than `timeout`.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::Release);
+        let rx = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        rx.recv_timeout(timeout).is_ok()
     }
 
     /// Server counters by name.

@@ -79,6 +79,8 @@ pub struct Shared {
     pub readonly: AtomicBool,
     /// The export root (for reads by handle).
     pub root: std::os::fd::OwnedFd,
+    /// Set to stop: the actor finishes its batch, checkpoints and exits.
+    pub stop: AtomicBool,
 }
 
 pub(crate) struct Actor {
@@ -111,9 +113,9 @@ fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
 }
 
 impl Actor {
-    pub(crate) fn run(mut self, rx: mpsc::Receiver<Mutation>) {
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Mutation>, done: mpsc::Sender<()>) {
         let tick = Duration::from_millis(200);
-        loop {
+        while !self.shared.stop.load(Ordering::Acquire) {
             let first = match rx.recv_timeout(tick) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -136,6 +138,24 @@ impl Actor {
                 self.process(batch);
             }
             self.housekeeping();
+        }
+        self.final_checkpoint();
+        let _ = done.send(());
+    }
+
+    /// On a clean stop: make everything applied durable and mark it, so the
+    /// next start replays nothing.
+    fn final_checkpoint(&mut self) {
+        let seq = self.hint.seq();
+        if !self.pending.is_empty() || seq <= self.checkpointed.load(Ordering::Acquire) {
+            return;
+        }
+        let done = sys::syncfs(self.tree.root())
+            .map_err(|e| e.to_string())
+            .and_then(|_| self.store.set_checkpoint(seq).map_err(|e| e.to_string()));
+        match done {
+            Ok(()) => tracing::info!("checkpointed at seq {seq} on stop"),
+            Err(e) => tracing::error!("final checkpoint failed ({e}); the next start replays"),
         }
     }
 

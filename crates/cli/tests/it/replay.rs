@@ -275,3 +275,30 @@ async fn a_direct_append_after_a_truncate_survives_a_crash_before_the_marker() {
     let diff = model.digest().diff(&izo_testkit::tree_digest(&dirs.export).expect("digest"));
     assert!(diff.is_empty(), "the appended bytes were lost:\n{}", diff.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_checkpoints_so_the_next_start_replays_nothing() {
+    let dirs = Dirs::new();
+    let token = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[("IZO_TEST_NO_CHECKPOINT", "1")]);
+    let addr = p.addr.clone();
+    let c = izo_client::Client::connect(p.client_config(&token)).await.expect("client");
+    let f = ObjectId::new();
+    c.mutate(create(f, "f")).await.expect("create");
+    // data records are what a restart would redo without a checkpoint
+    for i in 0..50u64 {
+        c.mutate(Op::Write { id: f, base: 0, offset: i * 100, data: vec![i as u8; 100] }).await.expect("write");
+    }
+    c.close();
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let status = p.child.wait().expect("wait");
+    assert!(status.success(), "izo serve exits cleanly on SIGTERM: {status:?}");
+    let p = Proc::start(&dirs, &addr, &[]);
+    let c = izo_client::Client::connect(p.client_config(&token)).await.expect("client");
+    assert_eq!(
+        stat(&c, "replayed").await + stat(&c, "replay_skipped").await,
+        0,
+        "nothing to replay after a clean stop"
+    );
+    assert_eq!(c.read(f, 0, 10_000).await.expect("read").len(), 5000);
+}
