@@ -281,53 +281,6 @@ impl Actor {
         Ok(self.record_plain(b, m, staged_any, time))
     }
 
-    /// An append of at least [`DIRECT_MIN`] bytes beyond a file's committed
-    /// end goes straight into the file (fdatasynced before the commit)
-    /// instead of through the journal: sequential writes cost one copy.
-    fn try_direct(
-        &mut self,
-        b: &mut izo_journal::Batch<'_>,
-        m: &Mutation,
-        time: Timestamp,
-    ) -> Result<Option<MutateResult>, ServerError> {
-        let Op::Write { id, offset, data, .. } = &m.op else { return Ok(None) };
-        if data.len() < DIRECT_MIN || self.touched.contains(id) || !self.pending.is_empty() {
-            return Ok(None);
-        }
-        let Ok(row) = b.object(*id) else { return Ok(None) };
-        if row.kind != FileKind::File || *offset < row.size || row.handle.is_empty() {
-            return Ok(None);
-        }
-        let committed = match self.direct.get(id) {
-            Some((_, size, mtime)) => (*size, *mtime),
-            None => self.store.object(*id).map(|r| (r.size, r.mtime)).unwrap_or((0, row.mtime)),
-        };
-        let origin = Origin::Replica(m.replica, m.cseq);
-        let place = izo_journal::Payload::Direct(data.len() as u64);
-        let applied = match b.execute_placed(origin, &m.op, time, place) {
-            Ok(a) => a,
-            Err(e) => return Ok(Some(Err(e))),
-        };
-        let fd =
-            self.tree.direct_fd(*id, &row.handle).map_err(|e| ServerError::io(format!("opening {id} to append"), e))?;
-        // Known before the write, so a failure part-way is cut back too.
-        self.direct.insert(*id, (fd.clone(), committed.0, committed.1));
-        self.tree.direct_write(&fd, *offset, data).map_err(|e| ServerError::io(format!("appending to {id}"), e))?;
-        Ok(Some(Ok(applied)))
-    }
-
-    /// Cut files back to their committed size after a batch failed.
-    fn undo_direct(&mut self) {
-        for (id, (fd, size, mtime)) in self.direct.drain() {
-            let cut = sys::ftruncate(fd.as_fd(), size)
-                .and_then(|_| sys::set_mtime_at(fd.as_fd(), b"", (mtime.secs, mtime.nsec)));
-            if let Err(e) = cut {
-                tracing::error!("cutting uncommitted bytes of {id} failed: {e}; restart the server to repair");
-            }
-            self.tree.clear_intent(id);
-        }
-    }
-
     fn record_plain(
         &mut self,
         b: &mut izo_journal::Batch<'_>,
@@ -390,99 +343,7 @@ impl Actor {
             }
         }
     }
-
-    /// Apply records in order; on the first failure keep the rest pending
-    /// and turn the volume read-only until a retry succeeds.
-    fn apply_all(&mut self, records: Vec<StoredRecord>) {
-        // Records left from a failed apply or replay are retried state-checked.
-        let retry = !self.pending.is_empty();
-        self.pending.extend(records);
-        while let Some(rec) = self.pending.pop_front() {
-            let seq = rec.record.seq;
-            // Left over from replay at or below its marker: data redo only.
-            let redo = retry && seq <= self.replay_marked;
-            // A link, unlink, rmdir or rename can undo the post-state of the
-            // records before it, and its own replay needs the marker: mark
-            // before and after it. Other records are marked per batch.
-            let ambiguous = !redo
-                && matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
-            if ambiguous && !self.hint.flush() {
-                self.pending.push_front(rec);
-                self.shared.readonly.store(true, Ordering::Release);
-                return;
-            }
-            let mode = if redo {
-                Mode::RedoData
-            } else if retry {
-                Mode::Exact
-            } else {
-                Mode::Normal
-            };
-            match self.tree.apply(&rec, mode) {
-                Ok(_) => {
-                    Counters::add(&self.shared.counters.ops_applied, 1);
-                    self.note_dirty(&rec);
-                    self.hooks.maybe_crash_unmarked(rec.record.op.kind());
-                    if ambiguous && !self.hint.set(seq) {
-                        self.shared.readonly.store(true, Ordering::Release);
-                        return;
-                    }
-                    self.hint.note(seq);
-                }
-                Err(e) => {
-                    tracing::error!("apply of seq {seq} failed: {e}; volume read-only until it succeeds");
-                    self.pending.push_front(rec);
-                    self.hint.flush();
-                    self.shared.readonly.store(true, Ordering::Release);
-                    return;
-                }
-            }
-        }
-        let marked = self.hint.flush();
-        self.shared.readonly.store(!marked, Ordering::Release);
-    }
-
-    fn note_dirty(&mut self, rec: &StoredRecord) {
-        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
-            &rec.record.op
-        {
-            self.dirty.insert(*id, Instant::now());
-        }
-    }
-
-    fn housekeeping(&mut self) {
-        if !self.pending.is_empty() {
-            self.apply_all(Vec::new());
-            self.applied_tx.send_replace(self.hint.seq());
-        }
-        let applied = self.hint.seq();
-        let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every;
-        if due && !self.hooks.no_checkpoint && applied > self.last_checkpoint.0 && self.pending.is_empty() {
-            self.last_checkpoint = (applied, Instant::now());
-            let _ = self.background.send(Job::Checkpoint(applied));
-        }
-        // Stage files of large writes are needed only until a checkpoint covers them.
-        let done = self.checkpointed.load(Ordering::Acquire);
-        let stage = self.tree.stage();
-        self.staged_writes.retain(|(s, name)| {
-            if *s <= done {
-                let _ = sys::unlinkat(stage, name, false);
-                false
-            } else {
-                true
-            }
-        });
-        let quiet: Vec<ObjectId> =
-            self.dirty.iter().filter(|(_, t)| t.elapsed() >= Duration::from_secs(1)).map(|(id, _)| *id).collect();
-        for id in quiet {
-            self.dirty.remove(&id);
-            let _ = self.background.send(Job::Rehash(id));
-        }
-    }
 }
-
-/// Smallest append that bypasses the journal.
-const DIRECT_MIN: usize = 64 << 10;
 
 /// Most payload bytes in one group commit.
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -509,9 +370,12 @@ fn payload_len(op: &Op) -> usize {
     }
 }
 
-fn new_id(op: &Op) -> Option<ObjectId> {
+pub(crate) fn new_id(op: &Op) -> Option<ObjectId> {
     match op {
         Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => Some(*id),
         _ => None,
     }
 }
+
+mod apply;
+mod direct;

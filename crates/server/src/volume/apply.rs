@@ -1,0 +1,95 @@
+//! Applying committed records in order, moving the applied marker, and the
+//! housekeeping between batches.
+
+use super::*;
+
+impl Actor {
+    /// Apply records in order; on the first failure keep the rest pending
+    /// and turn the volume read-only until a retry succeeds.
+    pub(super) fn apply_all(&mut self, records: Vec<StoredRecord>) {
+        // Records left from a failed apply or replay are retried state-checked.
+        let retry = !self.pending.is_empty();
+        self.pending.extend(records);
+        while let Some(rec) = self.pending.pop_front() {
+            let seq = rec.record.seq;
+            // Left over from replay at or below its marker: data redo only.
+            let redo = retry && seq <= self.replay_marked;
+            // A link, unlink, rmdir or rename can undo the post-state of the
+            // records before it, and its own replay needs the marker: mark
+            // before and after it. Other records are marked per batch.
+            let ambiguous = !redo
+                && matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
+            if ambiguous && !self.hint.flush() {
+                self.pending.push_front(rec);
+                self.shared.readonly.store(true, Ordering::Release);
+                return;
+            }
+            let mode = if redo {
+                Mode::RedoData
+            } else if retry {
+                Mode::Exact
+            } else {
+                Mode::Normal
+            };
+            match self.tree.apply(&rec, mode) {
+                Ok(_) => {
+                    Counters::add(&self.shared.counters.ops_applied, 1);
+                    self.note_dirty(&rec);
+                    self.hooks.maybe_crash_unmarked(rec.record.op.kind());
+                    if ambiguous && !self.hint.set(seq) {
+                        self.shared.readonly.store(true, Ordering::Release);
+                        return;
+                    }
+                    self.hint.note(seq);
+                }
+                Err(e) => {
+                    tracing::error!("apply of seq {seq} failed: {e}; volume read-only until it succeeds");
+                    self.pending.push_front(rec);
+                    self.hint.flush();
+                    self.shared.readonly.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        let marked = self.hint.flush();
+        self.shared.readonly.store(!marked, Ordering::Release);
+    }
+
+    pub(super) fn note_dirty(&mut self, rec: &StoredRecord) {
+        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
+            &rec.record.op
+        {
+            self.dirty.insert(*id, Instant::now());
+        }
+    }
+
+    pub(super) fn housekeeping(&mut self) {
+        if !self.pending.is_empty() {
+            self.apply_all(Vec::new());
+            self.applied_tx.send_replace(self.hint.seq());
+        }
+        let applied = self.hint.seq();
+        let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every;
+        if due && !self.hooks.no_checkpoint && applied > self.last_checkpoint.0 && self.pending.is_empty() {
+            self.last_checkpoint = (applied, Instant::now());
+            let _ = self.background.send(Job::Checkpoint(applied));
+        }
+        // Stage files of large writes are needed only until a checkpoint covers them.
+        let done = self.checkpointed.load(Ordering::Acquire);
+        let stage = self.tree.stage();
+        self.staged_writes.retain(|(s, name)| {
+            if *s <= done {
+                let _ = sys::unlinkat(stage, name, false);
+                false
+            } else {
+                true
+            }
+        });
+        let quiet: Vec<ObjectId> =
+            self.dirty.iter().filter(|(_, t)| t.elapsed() >= Duration::from_secs(1)).map(|(id, _)| *id).collect();
+        for id in quiet {
+            self.dirty.remove(&id);
+            let _ = self.background.send(Job::Rehash(id));
+        }
+    }
+}
