@@ -326,4 +326,5 @@ pub(crate) fn bump_meta(row: &mut ObjectRow, cx: &Cx) {
 }
 
 mod ops;
+mod rename;
 mod xattr;

@@ -1,0 +1,124 @@
+//! Rename: replace, NOREPLACE and EXCHANGE, with the precondition on the
+//! source and the target, the cycle check, and link counts.
+
+use super::*;
+
+impl Batch<'_> {
+    pub(super) fn rename(
+        &mut self,
+        cx: &Cx,
+        (p, n): (ObjectId, &[u8]),
+        expect: &Expect,
+        (np, nn): (ObjectId, &[u8]),
+        target: Option<&Expect>,
+        mode: RenameMode,
+    ) -> R<Out> {
+        check_name(n)?;
+        check_name(nn)?;
+        self.lookup_parent_dir(p)?;
+        self.lookup_parent_dir(np)?;
+        let Some(src) = self.dentry(p, n)? else {
+            return Err(conflict("source name is gone", None));
+        };
+        let srow = self.row(src)?;
+        if src != expect.id {
+            return Err(conflict("source name points to another object", Some(srow.attr(src))));
+        }
+        let existing = self.dentry(np, nn)?;
+        let trow = match (existing, target, mode) {
+            (Some(t), _, RenameMode::NoReplace) => {
+                let cur = self.row(t).ok().map(|r| r.attr(t));
+                return Err(conflict("target exists", cur));
+            }
+            (None, _, RenameMode::Exchange) => return Err(conflict("exchange target is gone", None)),
+            (None, None, _) => None,
+            (None, Some(_), _) => return Err(conflict("target is gone", None)),
+            (Some(t), None, _) => {
+                let cur = self.row(t).ok().map(|r| r.attr(t));
+                return Err(conflict("target appeared", cur));
+            }
+            (Some(_), Some(e), _) => Some(self.check_expect(cx, np, nn, e)?),
+        };
+        let src_dir = srow.kind == FileKind::Dir;
+        // A directory may not move below itself.
+        let ancestors = |b: &Self, start: ObjectId, of: ObjectId| -> R<bool> {
+            let mut cur = start;
+            for _ in 0..100_000 {
+                if cur == of {
+                    return Ok(true);
+                }
+                match b.dir_parent(cur)? {
+                    Some(up) => cur = up,
+                    None => return Ok(false),
+                }
+            }
+            Ok(true)
+        };
+        if src_dir && ancestors(self, np, src)? {
+            return Err(OpError::Invalid("cannot move a directory below itself".into()));
+        }
+        let mut handles = vec![(p, self.row(p)?.handle), (np, self.row(np)?.handle), (src, srow.handle.clone())];
+        let same = existing == Some(src);
+        if let (Some(t), Some(trow)) = (existing, &trow) {
+            handles.push((t, trow.handle.clone()));
+            let t_dir = trow.kind == FileKind::Dir;
+            if mode == RenameMode::Exchange {
+                if t_dir && ancestors(self, p, t)? {
+                    return Err(OpError::Invalid("cannot move a directory below itself".into()));
+                }
+            } else if !same {
+                if src_dir != t_dir {
+                    return Err(OpError::Invalid(
+                        if t_dir { "target is a directory" } else { "target is not a directory" }.into(),
+                    ));
+                }
+                if t_dir && !self.dir_is_empty(t)? {
+                    return Err(OpError::NotEmpty);
+                }
+            }
+        }
+        let mut dl_src = 0i32;
+        let mut dl_dst = 0i32;
+        if same {
+            // rename(2) between two names of one inode does nothing.
+        } else if mode == RenameMode::Exchange {
+            let (t, trow) = (existing.unwrap_or(src), trow.as_ref().unwrap_or(&srow));
+            self.drop_name(p, n, src)?;
+            self.drop_name(np, nn, t)?;
+            self.add_name(p, n, t)?;
+            self.add_name(np, nn, src)?;
+            let t_dir = trow.kind == FileKind::Dir;
+            if p != np {
+                dl_src += t_dir as i32 - src_dir as i32;
+                dl_dst += src_dir as i32 - t_dir as i32;
+            }
+        } else {
+            if let (Some(t), Some(trow)) = (existing, trow.as_ref()) {
+                self.drop_name(np, nn, t)?;
+                if trow.kind == FileKind::Dir {
+                    dl_dst -= 1;
+                    self.remove_object(t)?;
+                } else if trow.nlink <= 1 {
+                    self.remove_object(t)?;
+                } else {
+                    let mut tr = trow.clone();
+                    tr.nlink -= 1;
+                    self.put_row(t, &tr)?;
+                }
+            }
+            self.drop_name(p, n, src)?;
+            self.add_name(np, nn, src)?;
+            if src_dir {
+                dl_src -= 1;
+                dl_dst += 1;
+            }
+        }
+        if p == np {
+            self.touch_dir(cx, p, dl_src + dl_dst)?;
+        } else {
+            self.touch_dir(cx, p, dl_src)?;
+            self.touch_dir(cx, np, dl_dst)?;
+        }
+        Ok((Some(self.row(src)?.attr(src)), handles))
+    }
+}
