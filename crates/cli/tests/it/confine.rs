@@ -10,6 +10,14 @@ use std::os::unix::fs::symlink;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A directory beside the export holding a file `secret` = "keep".
+fn outside_with_secret(s: &InProc) -> std::path::PathBuf {
+    let outside = s.dirs._tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("outside");
+    std::fs::write(outside.join("secret"), b"keep").expect("secret");
+    outside
+}
+
 fn outside_is_untouched(dir: &std::path::Path, secret: &[u8]) {
     let names: Vec<_> = std::fs::read_dir(dir).expect("ls outside").flatten().map(|e| e.file_name()).collect();
     assert_eq!(names.len(), 1, "nothing was created outside the export: {names:?}");
@@ -26,9 +34,7 @@ fn refused(r: Result<Applied, ClientError>) -> OpError {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dot_dot_absolute_and_slashed_names_are_refused() {
     let s = InProc::start().await;
-    let outside = s.dirs._tmp.path().join("outside");
-    std::fs::create_dir(&outside).expect("outside");
-    std::fs::write(outside.join("secret"), b"keep").expect("secret");
+    let outside = outside_with_secret(&s);
     let c = s.client().await;
     let root = ObjectId::ROOT;
     for bad in [&b".."[..], b".", b"../outside/x", b"/tmp/x", b"a/b", b"x\0y", b""] {
@@ -58,9 +64,7 @@ async fn dot_dot_absolute_and_slashed_names_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symlink_pointing_outside_is_never_followed() {
     let s = InProc::start().await;
-    let outside = s.dirs._tmp.path().join("outside");
-    std::fs::create_dir(&outside).expect("outside");
-    std::fs::write(outside.join("secret"), b"keep").expect("secret");
+    let outside = outside_with_secret(&s);
     let c = s.client().await;
     let root = ObjectId::ROOT;
     // a client-made symlink to the outside directory and one to the secret
@@ -97,9 +101,7 @@ async fn a_symlink_pointing_outside_is_never_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_a_directory_for_a_symlink_during_ops_reaches_nothing_outside() {
     let s = InProc::start().await;
-    let outside = s.dirs._tmp.path().join("outside");
-    std::fs::create_dir(&outside).expect("outside");
-    std::fs::write(outside.join("secret"), b"keep").expect("secret");
+    let outside = outside_with_secret(&s);
     let c = s.client().await;
     let d = ObjectId::new();
     c.mutate(Op::Mkdir { parent: ObjectId::ROOT, name: name("d"), id: d, mode: 0o755, uid: 0, gid: 0 })
