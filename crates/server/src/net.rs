@@ -32,6 +32,11 @@ impl Server {
         loop {
             let (sock, peer) = listener.accept().await.map_err(|e| ServerError::io("accept", e))?;
             let _ = sock.set_nodelay(true);
+            // notice clients that vanish without closing (their tasks and
+            // subscriptions would otherwise live on)
+            if let Err(e) = crate::sys::tune_tcp(std::os::fd::AsFd::as_fd(&sock), 10, 5, 3, 30_000) {
+                tracing::debug!("socket options for {peer}: {e}");
+            }
             let srv = self.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, srv.acceptor.accept(sock)).await {

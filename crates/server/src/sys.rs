@@ -281,3 +281,52 @@ fn uuid_bytes(s: &str) -> [u8; 16] {
     }
     out
 }
+
+/// Keepalive and a user timeout on a TCP socket, so a peer that vanished
+/// without closing (link down, machine gone) is noticed: keepalive probes
+/// after `idle_s` seconds of quiet, every `intvl_s`, `count` times; unacked
+/// data gives up after `user_timeout_ms`.
+pub fn tune_tcp(fd: BorrowedFd, idle_s: i32, intvl_s: i32, count: i32, user_timeout_ms: u32) -> io::Result<()> {
+    let set = |level: i32, opt: i32, v: i32| -> io::Result<()> {
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                opt,
+                (&v as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        cvt(r).map(drop)
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, intvl_s)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms as i32)
+}
+
+/// Read back an integer socket option (for tests and diagnostics).
+pub fn sockopt(fd: BorrowedFd, level: i32, opt: i32) -> io::Result<i32> {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&mut v as *mut i32).cast(), &mut len) })?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn tcp_sockets_get_keepalive_and_a_user_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        tune_tcp(s.as_fd(), 5, 2, 3, 10_000).expect("tune");
+        assert_eq!(sockopt(s.as_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE).expect("get"), 1);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE).expect("get"), 5);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPCNT).expect("get"), 3);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).expect("get"), 10_000);
+    }
+}
