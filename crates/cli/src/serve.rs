@@ -28,7 +28,7 @@ pub struct ServeArgs {
     /// Checkpoint interval in milliseconds.
     #[arg(long)]
     checkpoint_ms: Option<u64>,
-    /// Owners: `preserve` (numeric ids as sent) or `squash` (all owned by the export's owner).
+    /// Owners: `preserve` (numeric ids as sent), `squash` (all owned by the export's owner) or `map` (by name).
     #[arg(long)]
     owners: Option<String>,
     /// Keep setuid/setgid bits (only for volumes whose clients are all trusted).
@@ -64,7 +64,8 @@ impl ServeArgs {
             cfg.owners = match o.as_str() {
                 "preserve" => izo_server::policy::Owners::Preserve,
                 "squash" => izo_server::policy::Owners::Squash,
-                other => anyhow::bail!("--owners {other:?}: use preserve or squash (map is not built yet)"),
+                "map" => izo_server::policy::Owners::Map,
+                other => anyhow::bail!("--owners {other:?}: use preserve, squash or map"),
             };
         }
         cfg.trusted |= self.trusted;

@@ -60,6 +60,8 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
         token: cfg.token.clone(),
         replica: cfg.replica,
         last_acked: answered,
+        users: cfg.users.clone(),
+        groups: cfg.groups.clone(),
     };
     let frame = encode_frame(&ClientMsg::Hello(hello)).map_err(|e| ClientError::Protocol(e.to_string()))?;
     wr.write_all(&frame).await.map_err(|e| cerr(e.to_string()))?;

@@ -66,6 +66,11 @@ pub struct ClientConfig {
     pub heartbeat: Duration,
     /// Silence after which the connection is considered dead.
     pub silence: Duration,
+    /// This machine's users (id, name), sent for volumes that map owners by
+    /// name (see [`ClientConfig::with_local_ids`]).
+    pub users: Vec<(u32, String)>,
+    /// This machine's groups (id, name).
+    pub groups: Vec<(u32, String)>,
 }
 
 impl ClientConfig {
@@ -81,8 +86,22 @@ impl ClientConfig {
             reconnect: true,
             heartbeat: Duration::from_millis(250),
             silence: Duration::from_millis(750),
+            users: Vec::new(),
+            groups: Vec::new(),
         }
     }
+
+    /// Fill the id tables from this machine's /etc/passwd and /etc/group.
+    pub fn with_local_ids(mut self) -> Self {
+        self.users = id_table("/etc/passwd");
+        self.groups = id_table("/etc/group");
+        self
+    }
+}
+
+/// (id, name) pairs from a passwd/group-format file; unreadable means none.
+fn id_table(path: &str) -> Vec<(u32, String)> {
+    parse_id_table(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
 /// What a subscription delivers.

@@ -81,3 +81,16 @@ impl Timestamp {
         Timestamp { secs: d.as_secs() as i64, nsec: d.subsec_nanos() }
     }
 }
+
+/// (id, name) pairs from text in passwd or group format (`name:x:id:...`);
+/// malformed lines are skipped.
+pub fn parse_id_table(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            Some((id, name.to_string()))
+        })
+        .collect()
+}

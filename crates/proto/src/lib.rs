@@ -10,7 +10,7 @@ pub mod msg;
 pub mod op;
 
 pub use codec::{decode_frame, encode_frame, FrameError, MAX_FRAME};
-pub use ids::{ObjectId, ReplicaId, Seq, Timestamp};
+pub use ids::{parse_id_table, ObjectId, ReplicaId, Seq, Timestamp};
 pub use msg::*;
 pub use op::*;
 

@@ -51,6 +51,10 @@ pub struct Hello {
     pub replica: ReplicaId,
     /// Highest client seq whose reply the client has durably recorded.
     pub last_acked: u64,
+    /// The client's users (id, name), for volumes that map owners by name.
+    pub users: Vec<(u32, String)>,
+    /// The client's groups (id, name).
+    pub groups: Vec<(u32, String)>,
 }
 
 /// Read-only requests.

@@ -23,7 +23,8 @@ pub struct ServerConfig {
     pub retain_bytes: u64,
     /// Checkpoint interval in milliseconds.
     pub checkpoint_ms: u64,
-    /// `preserve` (numeric owners as sent) or `squash` (all owned by `squash_uid:squash_gid`).
+    /// `preserve` (numeric owners as sent), `squash` (all owned by
+    /// `squash_uid:squash_gid`) or `map` (by user and group name).
     pub owners: crate::policy::Owners,
     /// Owner for `squash` (default: the export directory's owner).
     pub squash_uid: Option<u32>,

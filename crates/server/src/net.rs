@@ -57,7 +57,9 @@ impl Server {
         let (btx, brx) = mpsc::channel(16);
         let counters = self.shared.counters.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let writer = tokio::spawn(write_loop(wr, rrx, brx, stop_rx, counters.clone()));
+        // Set after the handshake on volumes that map owners by name.
+        let idmap: Arc<std::sync::OnceLock<crate::policy::IdMap>> = Arc::default();
+        let writer = tokio::spawn(write_loop(wr, rrx, brx, stop_rx, counters.clone(), idmap.clone()));
         let writer = Writer { stop: stop_tx, task: writer };
         let out = Arc::new(Out { replies: rtx, bulk: btx });
         let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &counters)).await {
@@ -125,7 +127,10 @@ impl Server {
             writable: rights == Rights::Rw,
         };
         send(&out, &ServerMsg::Welcome(welcome));
-        let result = self.frames(&mut rd, &out, hello.replica, rights).await;
+        if self.policy.owners == crate::policy::Owners::Map {
+            let _ = idmap.set(crate::policy::IdMap::new(&hello.users, &hello.groups, self.policy.squash));
+        }
+        let result = self.frames(&mut rd, &out, hello.replica, rights, idmap.get()).await;
         writer.finish().await;
         result
     }
@@ -136,6 +141,7 @@ impl Server {
         out: &Arc<Out>,
         replica: ReplicaId,
         rights: Rights,
+        idmap: Option<&crate::policy::IdMap>,
     ) -> Result<(), String> {
         // Per-connection bounds: unanswered mutations (the protocol's window),
         // queries running at once (further frames wait: TCP backpressure),
@@ -143,7 +149,8 @@ impl Server {
         let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_UNANSWERED as usize));
         let queries = Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES));
         let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
-        let result = self.frame_loop(rd, out, replica, rights, &inflight, &queries, &mut subscription).await;
+        let limits = Limits { inflight: &inflight, queries: &queries, idmap };
+        let result = self.frame_loop(rd, out, replica, rights, &limits, &mut subscription).await;
         if let Some(s) = subscription {
             s.abort();
         }
@@ -157,10 +164,10 @@ impl Server {
         out: &Arc<Out>,
         replica: ReplicaId,
         rights: Rights,
-        inflight: &Arc<tokio::sync::Semaphore>,
-        queries: &Arc<tokio::sync::Semaphore>,
+        limits: &Limits<'_>,
         subscription: &mut Option<tokio::task::JoinHandle<()>>,
     ) -> Result<(), String> {
+        let (inflight, queries) = (limits.inflight, limits.queries);
         loop {
             let msg = match read_frame(rd, &self.shared.counters).await {
                 Ok(m) => m,
@@ -177,7 +184,7 @@ impl Server {
                         send(out, &ServerMsg::Reply { cseq, result });
                         continue;
                     }
-                    self.policy.apply(&mut op);
+                    self.policy.apply(&mut op, limits.idmap);
                     let Ok(slot) = inflight.clone().try_acquire_owned() else {
                         let why = format!("more than {MAX_UNANSWERED} mutations unanswered; wait for replies");
                         send(out, &ServerMsg::Reply { cseq, result: Err(OpError::Transient(why)) });
@@ -216,6 +223,13 @@ impl Server {
     }
 }
 
+/// Per-connection bounds and owner map, handed to the frame loop.
+struct Limits<'a> {
+    inflight: &'a Arc<tokio::sync::Semaphore>,
+    queries: &'a Arc<tokio::sync::Semaphore>,
+    idmap: Option<&'a crate::policy::IdMap>,
+}
+
 struct Writer {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
@@ -233,6 +247,17 @@ async fn refuse(out: &Arc<Out>, writer: Writer, reason: RefuseReason, message: &
     send(out, &ServerMsg::Refused { reason, message: message.to_string() });
     writer.finish().await;
     Err(format!("refused: {message}"))
+}
+
+/// Re-encode a frame with owners translated for the client.
+fn remap(frame: &[u8], m: &crate::policy::IdMap) -> Vec<u8> {
+    match frame.get(4..).map(decode_frame::<ServerMsg>) {
+        Some(Ok(mut msg)) => {
+            m.out(&mut msg);
+            encode_frame(&msg).unwrap_or_else(|_| frame.to_vec())
+        }
+        _ => frame.to_vec(),
+    }
 }
 
 /// Queue a small message on the reply channel.
@@ -268,6 +293,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut bulk: mpsc::Receiver<Vec<u8>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
     counters: Arc<Counters>,
+    idmap: Arc<std::sync::OnceLock<crate::policy::IdMap>>,
 ) {
     let mut open = (true, true);
     while open.0 || open.1 {
@@ -283,6 +309,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
                 break;
             }
+        };
+        // On owner-mapping volumes every owner the client sees is its own id.
+        let frame = match idmap.get() {
+            Some(m) => remap(&frame, m),
+            None => frame,
         };
         if wr.write_all(&frame).await.is_err() {
             return;

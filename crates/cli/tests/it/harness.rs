@@ -230,7 +230,15 @@ impl Raw {
 
     pub async fn hello(addr: &str, fingerprint: &str, token: &str, replica: ReplicaId) -> (Raw, ServerMsg) {
         let mut r = Raw::connect(addr, fingerprint).await;
-        let h = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: token.into(), replica, last_acked: 0 };
+        let h = Hello {
+            version: PROTOCOL_VERSION,
+            volume: "vol".into(),
+            token: token.into(),
+            replica,
+            last_acked: 0,
+            users: vec![],
+            groups: vec![],
+        };
         r.send(&ClientMsg::Hello(h)).await;
         let w = r.recv().await.expect("welcome");
         (r, w)

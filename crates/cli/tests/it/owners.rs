@@ -114,3 +114,43 @@ async fn only_fifos_and_sockets_are_special_files_and_only_user_and_acl_xattrs_r
     assert_eq!(node.xattrs.get(&name("system.posix_acl_access")), Some(&stored), "the tree's ACL is the server's");
     assert_eq!(node.mode, 0o640);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_translates_owners_by_name_both_ways() {
+    let s = InProc::start_with(Dirs::new(), |c| {
+        c.owners = Owners::Map;
+        c.squash_uid = Some(4242);
+        c.squash_gid = Some(4343);
+    })
+    .await;
+    // this client calls daemon 5001 and bin 5002; the server knows them as 1 and 2
+    let mut cfg = s.client_config(&s.rw);
+    cfg.users = vec![
+        (5001, "daemon".into()),
+        (5002, "bin".into()),
+        (6000, "no-such-user-izo".into()),
+        (65534, "nobody".into()),
+    ];
+    cfg.groups = vec![(7001, "daemon".into()), (65534, "nogroup".into())];
+    let c = izo_client::Client::connect(cfg).await.expect("client");
+    let f = ObjectId::new();
+    let a = c.mutate(create(f, "f", 0o644, 5001, 7001)).await.expect("create");
+    let m = std::fs::metadata(s.dirs.export.join("f")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (1, 1), "stored under the server's ids for the names");
+    assert_eq!(a.attr.as_ref().map(|a| (a.uid, a.gid)), Some((5001, 7001)), "shown in the client's ids");
+    // a name the server does not know lands on the squash owner, shown as the client's nobody
+    let g = ObjectId::new();
+    let a = c.mutate(create(g, "g", 0o644, 6000, 7001)).await.expect("create");
+    assert_eq!(std::fs::metadata(s.dirs.export.join("g")).expect("stat").uid(), 4242);
+    assert_eq!(a.attr.map(|a| a.uid), Some(65534));
+    // chown by name, then every view agrees
+    let attrs = SetAttrs { uid: Some(5002), ..Default::default() };
+    c.mutate(Op::SetAttr { id: f, base: 0, attrs }).await.expect("chown");
+    assert_eq!(std::fs::metadata(s.dirs.export.join("f")).expect("stat").uid(), 2);
+    assert_eq!(c.getattr(f).await.expect("getattr").uid, 5002);
+    let listed = c.readdir(ObjectId::ROOT).await.expect("ls");
+    assert!(listed.iter().any(|e| e.name == b"f" && e.attr.uid == 5002 && e.attr.gid == 7001));
+    // a client without tables sees no names it knows
+    let other = s.client().await;
+    assert_eq!(other.getattr(f).await.expect("getattr").uid, 65534);
+}

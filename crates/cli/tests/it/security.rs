@@ -336,7 +336,15 @@ async fn a_server_rolled_back_behind_a_client_takes_a_new_incarnation() {
     drop(r);
     // a client that saw replies through 1 meets a server that knows only... 1: fine
     let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
-    let hello = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: s.rw.clone(), replica, last_acked: 1 };
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: "vol".into(),
+        token: s.rw.clone(),
+        replica,
+        last_acked: 1,
+        users: vec![],
+        groups: vec![],
+    };
     raw.send(&ClientMsg::Hello(hello)).await;
     match raw.recv().await {
         Some(ServerMsg::Welcome(w)) => assert_eq!(w.incarnation, before, "no rollback, same incarnation"),
@@ -344,7 +352,15 @@ async fn a_server_rolled_back_behind_a_client_takes_a_new_incarnation() {
     }
     // ...but one that saw replies through 5 proves the server lost acked state
     let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
-    let hello = Hello { version: PROTOCOL_VERSION, volume: "vol".into(), token: s.rw.clone(), replica, last_acked: 5 };
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        volume: "vol".into(),
+        token: s.rw.clone(),
+        replica,
+        last_acked: 5,
+        users: vec![],
+        groups: vec![],
+    };
     raw.send(&ClientMsg::Hello(hello)).await;
     let after = match raw.recv().await {
         Some(ServerMsg::Welcome(w)) => w.incarnation,
