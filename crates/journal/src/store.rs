@@ -38,6 +38,9 @@ pub struct Store {
     pub commits: AtomicU64,
     /// Largest file size the export's file system takes (probed by the server).
     pub max_file_size: AtomicU64,
+    /// The volume is trusted: `trusted.*` and `security.capability` xattrs
+    /// replicate (set by the server from its config).
+    pub trusted: std::sync::atomic::AtomicBool,
     /// Bytes of extended attributes (names, values, 24 bytes per entry)
     /// one inode of the export holds (probed by the server).
     pub xattr_room: AtomicU64,
@@ -88,6 +91,7 @@ impl Store {
             incarnation: std::sync::Mutex::new(incarnation),
             commits: AtomicU64::new(1),
             max_file_size: AtomicU64::new(i64::MAX as u64),
+            trusted: std::sync::atomic::AtomicBool::new(false),
             xattr_room: AtomicU64::new(u64::MAX),
             space_budget: AtomicU64::new(u64::MAX),
         })

@@ -70,6 +70,7 @@ impl Server {
         store.max_file_size.store(max, std::sync::atomic::Ordering::Relaxed);
         let room = tree.probe_xattr_room().map_err(|e| ServerError::io("probing the export's xattr room", e))?;
         store.xattr_room.store(room, std::sync::atomic::Ordering::Relaxed);
+        store.trusted.store(cfg.trusted, std::sync::atomic::Ordering::Relaxed);
         let hooks = TestHooks::from_env();
         let counters = Arc::new(Counters::default());
         let (mut hint, marked) =

@@ -154,3 +154,46 @@ async fn map_translates_owners_by_name_both_ways() {
     let other = s.client().await;
     assert_eq!(other.getattr(f).await.expect("getattr").uid, 65534);
 }
+
+fn lgetxattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 256];
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| {
+        buf.truncate(r as usize);
+        buf
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_volume_replicates_trusted_xattrs_and_file_capabilities() {
+    let s = InProc::start_with(Dirs::new(), |c| c.trusted = true).await;
+    let c = s.client().await;
+    let f = ObjectId::new();
+    c.mutate(create(f, "f", 0o755, 0, 0)).await.expect("create");
+    c.mutate(Op::SetXattr { id: f, base: 0, name: name("trusted.t"), value: b"v".to_vec() }).await.expect("trusted.*");
+    // CAP_NET_BIND_SERVICE permitted, revision 2
+    let mut cap = 0x0200_0000u32.to_le_bytes().to_vec();
+    cap.extend_from_slice(&(1u32 << 10).to_le_bytes());
+    cap.resize(20, 0);
+    c.mutate(Op::SetXattr { id: f, base: 0, name: name("security.capability"), value: cap.clone() })
+        .await
+        .expect("capability");
+    let path = s.dirs.export.join("f");
+    assert_eq!(lgetxattr(&path, "trusted.t").as_deref(), Some(&b"v"[..]));
+    assert_eq!(lgetxattr(&path, "security.capability"), Some(cap));
+    let other = Op::SetXattr { id: f, base: 0, name: name("security.selinux"), value: b"x".to_vec() };
+    assert!(
+        matches!(c.mutate(other).await, Err(ClientError::Op(OpError::Invalid(_)))),
+        "other LSM attributes stay local"
+    );
+    // a chown drops the capability, on the server as in the tree
+    c.mutate(Op::SetAttr { id: f, base: 0, attrs: SetAttrs { uid: Some(7), ..Default::default() } })
+        .await
+        .expect("chown");
+    assert_eq!(lgetxattr(&path, "security.capability"), None);
+    let names: Vec<Vec<u8>> = c.xattrs(f).await.expect("xattrs").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec![name("trusted.t")]);
+}

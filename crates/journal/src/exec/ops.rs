@@ -144,6 +144,11 @@ impl Batch<'_> {
             }
             Op::SetAttr { id, base, attrs } => {
                 let out = self.setattr(cx, *id, *base, attrs)?;
+                // the kernel drops file capabilities on any chown; so do we
+                if attrs.uid.is_some() || attrs.gid.is_some() {
+                    let k = xkey(*id, b"security.capability");
+                    self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
+                }
                 // chmod rewrites an access ACL's owner, group (mask) and other entries
                 if let Some(mode) = attrs.mode {
                     let k = xkey(*id, b"system.posix_acl_access");
@@ -162,9 +167,10 @@ impl Batch<'_> {
                 Ok(out)
             }
             Op::SetXattr { id, base, name, value } => {
+                let trusted = self.store.trusted.load(std::sync::atomic::Ordering::Relaxed);
                 self.xattr_fits(*id, name, value.len())?;
                 let out = self.meta_op(cx, *id, *base, |row| {
-                    super::xattr::check(name, Some(value), row.kind)?;
+                    super::xattr::check(name, Some(value), row.kind, trusted)?;
                     if super::xattr::is_access_acl(name) {
                         row.mode = (row.mode & 0o7000) | super::xattr::acl_mode(value);
                     }
@@ -181,12 +187,13 @@ impl Batch<'_> {
                 Ok(out)
             }
             Op::RemoveXattr { id, base, name } => {
+                let trusted = self.store.trusted.load(std::sync::atomic::Ordering::Relaxed);
                 let k = xkey(*id, name);
                 let present = self.tx.open_table(XATTRS).map_err(db)?.get(k.as_slice()).map_err(db)?.is_some();
                 if !present {
                     return Err(OpError::NotFound(format!("xattr {:?}", String::from_utf8_lossy(name))));
                 }
-                let out = self.meta_op(cx, *id, *base, |row| super::xattr::check(name, None, row.kind))?;
+                let out = self.meta_op(cx, *id, *base, |row| super::xattr::check(name, None, row.kind, trusted))?;
                 self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
                 Ok(out)
             }

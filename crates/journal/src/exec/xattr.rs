@@ -9,7 +9,9 @@ const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
 /// Check an xattr name and value for an object of `kind`.
-pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind) -> Result<(), OpError> {
+/// `trusted` (a volume marked trusted) also admits `trusted.*` and a valid
+/// `security.capability`; other `security.*` belong to the local LSM.
+pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind, trusted: bool) -> Result<(), OpError> {
     let bad = |why: &str| Err(OpError::Invalid(format!("xattr {:?}: {why}", String::from_utf8_lossy(name))));
     if name.len() > 255 || name.contains(&0) {
         return bad("names are 1–255 bytes without NUL");
@@ -32,7 +34,27 @@ pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind) -> Result
             _ => Ok(()),
         };
     }
-    bad("only user.* and POSIX ACL attributes replicate")
+    if trusted {
+        if let Some(rest) = name.strip_prefix(b"trusted.") {
+            return if rest.is_empty() { bad("empty name after trusted.") } else { Ok(()) };
+        }
+        if name == b"security.capability" {
+            return match value {
+                Some(v) if !capability_valid(v) => bad("not a valid file capability"),
+                _ if kind != FileKind::File => bad("capabilities exist only on regular files"),
+                _ => Ok(()),
+            };
+        }
+    }
+    bad("only user.* and POSIX ACL attributes replicate (and trusted.*, security.capability on trusted volumes)")
+}
+
+/// A `vfs_cap_data` the kernel takes: revision 2 (20 bytes) or 3 (24 bytes,
+/// with a root id), magic in the high byte of the first word.
+fn capability_valid(v: &[u8]) -> bool {
+    let Some(word) = v.get(0..4) else { return false };
+    let magic = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) & 0xFF00_0000;
+    matches!((magic, v.len()), (0x0200_0000, 20) | (0x0300_0000, 24))
 }
 
 /// Is `name` the access ACL (which mirrors the mode bits)?
@@ -152,12 +174,18 @@ mod tests {
         let unsorted = acl(&[(4, 4, 0), (1, 6, 0), (0x20, 4, 0)]);
         assert!(!acl_valid(&unsorted));
         assert!(!acl_valid(b"garbage"));
-        assert!(check(b"user.", Some(b"x"), FileKind::File).is_err());
-        assert!(check(b"user.k", Some(b"x"), FileKind::Symlink).is_err());
-        assert!(check(b"security.selinux", Some(b"x"), FileKind::File).is_err());
-        assert!(check(b"trusted.x", Some(b"x"), FileKind::File).is_err());
-        assert!(check(b"system.posix_acl_default", Some(&minimal), FileKind::File).is_err());
-        assert!(check(b"system.posix_acl_access", Some(&minimal), FileKind::File).is_ok());
+        assert!(check(b"user.", Some(b"x"), FileKind::File, false).is_err());
+        assert!(check(b"user.k", Some(b"x"), FileKind::Symlink, false).is_err());
+        assert!(check(b"security.selinux", Some(b"x"), FileKind::File, true).is_err());
+        assert!(check(b"trusted.x", Some(b"x"), FileKind::File, false).is_err());
+        assert!(check(b"trusted.x", Some(b"x"), FileKind::File, true).is_ok());
+        assert!(check(b"security.capability", Some(b"x"), FileKind::File, true).is_err());
+        let mut cap = 0x0200_0000u32.to_le_bytes().to_vec();
+        cap.resize(20, 0);
+        assert!(check(b"security.capability", Some(&cap), FileKind::File, true).is_ok());
+        assert!(check(b"security.capability", Some(&cap), FileKind::File, false).is_err());
+        assert!(check(b"system.posix_acl_default", Some(&minimal), FileKind::File, false).is_err());
+        assert!(check(b"system.posix_acl_access", Some(&minimal), FileKind::File, false).is_ok());
         assert_eq!(acl_mode(&named), 0o664, "the mask gives the group bits");
         assert_eq!(acl_mode(&acl_chmod(&named, 0o750)), 0o750);
         assert_eq!(acl_mode(&acl_chmod(&minimal, 0o741)), 0o741);
