@@ -229,13 +229,24 @@ impl Raw {
     }
 
     pub async fn hello(addr: &str, fingerprint: &str, token: &str, replica: ReplicaId) -> (Raw, ServerMsg) {
+        Self::hello_acked(addr, fingerprint, token, replica, 0).await
+    }
+
+    /// A handshake claiming replies through `last_acked` are held.
+    pub async fn hello_acked(
+        addr: &str,
+        fingerprint: &str,
+        token: &str,
+        replica: ReplicaId,
+        last_acked: u64,
+    ) -> (Raw, ServerMsg) {
         let mut r = Raw::connect(addr, fingerprint).await;
         let h = Hello {
             version: PROTOCOL_VERSION,
             volume: "vol".into(),
             token: token.into(),
             replica,
-            last_acked: 0,
+            last_acked,
             users: vec![],
             groups: vec![],
         };

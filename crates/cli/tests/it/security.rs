@@ -334,36 +334,14 @@ async fn a_server_rolled_back_behind_a_client_takes_a_new_incarnation() {
     r.send(&ClientMsg::Mutate { cseq: 1, acked_through: 0, op }).await;
     assert!(matches!(r.recv().await, Some(ServerMsg::Reply { result: Ok(_), .. })));
     drop(r);
-    // a client that saw replies through 1 meets a server that knows only... 1: fine
-    let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        volume: "vol".into(),
-        token: s.rw.clone(),
-        replica,
-        last_acked: 1,
-        users: vec![],
-        groups: vec![],
-    };
-    raw.send(&ClientMsg::Hello(hello)).await;
-    match raw.recv().await {
-        Some(ServerMsg::Welcome(w)) => assert_eq!(w.incarnation, before, "no rollback, same incarnation"),
+    // a client that saw replies through 1 meets a server that applied 1: fine
+    match Raw::hello_acked(&s.addr, &s.server.fingerprint, &s.rw, replica, 1).await.1 {
+        ServerMsg::Welcome(w) => assert_eq!(w.incarnation, before, "no rollback, same incarnation"),
         other => panic!("{other:?}"),
     }
     // ...but one that saw replies through 5 proves the server lost acked state
-    let mut raw = Raw::connect(&s.addr, &s.server.fingerprint).await;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        volume: "vol".into(),
-        token: s.rw.clone(),
-        replica,
-        last_acked: 5,
-        users: vec![],
-        groups: vec![],
-    };
-    raw.send(&ClientMsg::Hello(hello)).await;
-    let after = match raw.recv().await {
-        Some(ServerMsg::Welcome(w)) => w.incarnation,
+    let after = match Raw::hello_acked(&s.addr, &s.server.fingerprint, &s.rw, replica, 5).await.1 {
+        ServerMsg::Welcome(w) => w.incarnation,
         other => panic!("{other:?}"),
     };
     assert_ne!(after, before, "a rolled-back server takes a new incarnation");
