@@ -141,6 +141,25 @@ pub enum Op {
 }
 
 impl Op {
+    /// The file whose content a data op (write, truncate, allocate,
+    /// punch-hole) changes.
+    pub fn data_target(&self) -> Option<ObjectId> {
+        match self {
+            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
+                Some(*id)
+            }
+            _ => None,
+        }
+    }
+
+    /// The object a create-type op (create, mkdir, symlink, mknod) makes.
+    pub fn new_object(&self) -> Option<ObjectId> {
+        match self {
+            Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
     /// Short name of the op kind, for logs and counters.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -23,19 +23,6 @@ pub(crate) struct Replayed {
     pub marked: Seq,
 }
 
-pub(crate) fn is_data(op: &Op) -> bool {
-    data_target(op).is_some()
-}
-
-fn data_target(op: &Op) -> Option<ObjectId> {
-    match op {
-        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-            Some(*id)
-        }
-        _ => None,
-    }
-}
-
 pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Counters) -> Result<Replayed, String> {
     let ckpt = store.checkpoint().map_err(|e| e.to_string())?;
     let head = store.head();
@@ -67,9 +54,8 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
             let seq = rec.record.seq;
             let mode = if seq > marked {
                 Mode::Exact
-            } else if is_data(&rec.record.op) {
-                let id = data_target(&rec.record.op);
-                if id.and_then(|id| last_direct.get(&id)).is_some_and(|&d| seq <= d) {
+            } else if let Some(id) = rec.record.op.data_target() {
+                if last_direct.get(&id).is_some_and(|&d| seq <= d) {
                     continue;
                 }
                 Mode::RedoData
@@ -85,7 +71,7 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
                     // data redos under the marker, and everything past it.
                     let mut left: Vec<StoredRecord> = recs[i..].to_vec();
                     left.extend(store.records_from(last + 1, usize::MAX).map_err(|e| e.to_string())?);
-                    left.retain(|r| r.record.seq > marked || is_data(&r.record.op));
+                    left.retain(|r| r.record.seq > marked || r.record.op.data_target().is_some());
                     return Ok(Replayed { applied: seq.saturating_sub(1).max(marked), left, marked });
                 }
             }

@@ -210,8 +210,8 @@ impl Tree {
 
     /// Remove a staged inode whose op was refused.
     pub fn unstage(&self, op: &Op) {
-        if let Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } = op {
-            self.unstage_id(*id);
+        if let Some(id) = op.new_object() {
+            self.unstage_id(id);
         }
     }
 

@@ -273,10 +273,8 @@ impl Actor {
         if let Some(r) = self.try_direct(b, m, time)? {
             return Ok(r);
         }
-        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
-            &m.op
-        {
-            self.touched.insert(*id);
+        if let Some(id) = m.op.data_target() {
+            self.touched.insert(id);
         }
         Ok(self.record_plain(b, m, staged_any, time))
     }
@@ -312,7 +310,7 @@ impl Actor {
             Err(e) => return Err(OpError::Transient(format!("staging new inode: {e}"))),
         };
         *staged_any |= handle.is_some();
-        if let (Some(_), Some(id)) = (&handle, new_id(&m.op)) {
+        if let (Some(_), Some(id)) = (&handle, m.op.new_object()) {
             self.staged_ids.push(id);
         }
         let large = matches!(&m.op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
@@ -324,9 +322,9 @@ impl Actor {
             Counters::add(&self.shared.counters.fsyncs, 1);
             *staged_any = true;
         }
-        match b.execute_placed(origin, &m.op, time, place_for(&m.op)) {
+        match b.execute(origin, &m.op, time) {
             Ok(applied) => {
-                if let (Some(h), Some(id)) = (handle, new_id(&m.op)) {
+                if let (Some(h), Some(id)) = (handle, m.op.new_object()) {
                     b.set_handle(id, h).map_err(OpError::from)?;
                 }
                 if large {
@@ -354,26 +352,11 @@ const BULK_BYTES: usize = 1 << 20;
 /// ...and waits this long for each further op before committing.
 const BULK_WAIT: Duration = Duration::from_millis(3);
 
-/// Where a write's bytes go when it is not a direct append.
-fn place_for(op: &Op) -> izo_journal::Payload {
-    match op {
-        Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX => izo_journal::Payload::Staged(data.len() as u64),
-        _ => izo_journal::Payload::Inline,
-    }
-}
-
 fn payload_len(op: &Op) -> usize {
     match op {
         Op::Write { data, .. } => data.len(),
         Op::SetXattr { value, .. } => value.len(),
         _ => 0,
-    }
-}
-
-pub(crate) fn new_id(op: &Op) -> Option<ObjectId> {
-    match op {
-        Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => Some(*id),
-        _ => None,
     }
 }
 

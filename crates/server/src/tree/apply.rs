@@ -22,15 +22,6 @@ pub enum Mode {
     RedoData,
 }
 
-fn data_target(op: &Op) -> Option<ObjectId> {
-    match op {
-        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-            Some(*id)
-        }
-        _ => None,
-    }
-}
-
 impl Tree {
     /// Apply `rec`, checking the tree's state first (see [`Mode`]).
     pub fn apply(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
@@ -50,7 +41,7 @@ impl Tree {
             // The kernel stamps writes with the current time; a redo must
             // leave the mtime the tree already has (it is metadata, ordered
             // with the marker, and may come from a later record).
-            if let Some(id) = data_target(&r.op) {
+            if let Some(id) = r.op.data_target() {
                 let fd = self.fd(&self.handle(rec, id)?.clone(), FileKind::File)?;
                 let st = sys::fstatat(fd.as_fd(), b"").map_err(io_err("stat before redo"))?;
                 t = Timestamp { secs: st.st_mtime, nsec: st.st_mtime_nsec as u32 };

@@ -56,10 +56,8 @@ impl Actor {
     }
 
     pub(super) fn note_dirty(&mut self, rec: &StoredRecord) {
-        if let Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } =
-            &rec.record.op
-        {
-            self.dirty.insert(*id, Instant::now());
+        if let Some(id) = rec.record.op.data_target() {
+            self.dirty.insert(id, Instant::now());
         }
     }
 
