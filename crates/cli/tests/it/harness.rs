@@ -196,6 +196,11 @@ pub fn model_for(export: &Path) -> izo_testkit::Model {
     izo_testkit::Model::new(m.mode() & 0o7777, m.uid(), m.gid(), t)
 }
 
+/// A create of a plain root-owned file in the volume root.
+pub fn create_in_root(id: ObjectId, n: &str) -> Op {
+    Op::Create { parent: ObjectId::ROOT, name: name(n), id, mode: 0o644, uid: 0, gid: 0 }
+}
+
 pub fn expect(id: ObjectId) -> Expect {
     Expect { id, base: Versions::default() }
 }

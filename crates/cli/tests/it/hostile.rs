@@ -169,7 +169,7 @@ async fn nonsense_never_panics_never_corrupts_and_others_keep_being_served() {
             // another client is served normally throughout
             let id = ObjectId::new();
             let n = format!("good-{round}");
-            let op = Op::Create { parent: ObjectId::ROOT, name: name(&n), id, mode: 0o644, uid: 0, gid: 0 };
+            let op = create_in_root(id, &n);
             let a = good.mutate(op.clone()).await.expect("the good client is served");
             model.apply(&op, a.time).expect("model");
             let w = Op::Write { id, base: 0, offset: 0, data: b"still here".to_vec() };
@@ -251,9 +251,7 @@ async fn xattrs_beyond_what_an_inode_holds_are_refused_before_the_ack() {
     let s = InProc::start().await;
     let c = s.client().await;
     let f = ObjectId::new();
-    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("f"), id: f, mode: 0o644, uid: 0, gid: 0 })
-        .await
-        .expect("create");
+    c.mutate(create_in_root(f, "f")).await.expect("create");
     // one value larger than an ext4 inode's xattr space
     let big = Op::SetXattr { id: f, base: 0, name: name("user.big"), value: vec![1; 60_000] };
     assert!(matches!(c.mutate(big).await, Err(izo_client::ClientError::Op(OpError::Invalid(_)))));

@@ -203,7 +203,7 @@ async fn a_resent_op_is_answered_from_the_reply_cache() {
     let (mut r, w) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
     assert!(matches!(w, ServerMsg::Welcome(_)), "{w:?}");
     let id = ObjectId::new();
-    let op = Op::Create { parent: ObjectId::ROOT, name: name("once"), id, mode: 0o644, uid: 0, gid: 0 };
+    let op = create_in_root(id, "once");
     let msg = ClientMsg::Mutate { cseq: 1, acked_through: 0, op };
     r.send(&msg).await;
     let (first, first_raw) = r.recv_raw().await.expect("reply");
@@ -246,9 +246,7 @@ async fn a_sparse_file_keeps_its_holes_on_the_server() {
     let s = InProc::start().await;
     let c = s.client().await;
     let id = ObjectId::new();
-    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("sparse"), id, mode: 0o644, uid: 0, gid: 0 })
-        .await
-        .expect("create");
+    c.mutate(create_in_root(id, "sparse")).await.expect("create");
     let far = 256u64 << 20;
     c.mutate(Op::Write { id, base: 0, offset: 0, data: vec![1; 4096] }).await.expect("head");
     c.mutate(Op::Write { id, base: 0, offset: far, data: vec![2; 4096] }).await.expect("tail");
@@ -366,9 +364,7 @@ async fn block_hashes_describe_each_mib_of_content_including_holes() {
     let s = InProc::start().await;
     let c = s.client().await;
     let id = ObjectId::new();
-    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("h"), id, mode: 0o644, uid: 0, gid: 0 })
-        .await
-        .expect("create");
+    c.mutate(create_in_root(id, "h")).await.expect("create");
     let block = BLOCK_SIZE as usize;
     c.mutate(Op::Write { id, base: 0, offset: 10, data: vec![3; block] }).await.expect("write");
     c.mutate(Op::Write { id, base: 0, offset: 3 * BLOCK_SIZE + 5, data: b"tail".to_vec() }).await.expect("write");
@@ -393,9 +389,7 @@ async fn block_hashes_follow_random_writes_truncates_and_holes() {
     for round in 0..4 {
         let id = ObjectId::new();
         let n = format!("r{round}");
-        c.mutate(Op::Create { parent: ObjectId::ROOT, name: name(&n), id, mode: 0o644, uid: 0, gid: 0 })
-            .await
-            .expect("create");
+        c.mutate(create_in_root(id, &n)).await.expect("create");
         for _ in 0..25 {
             let off = rng.below(5 * BLOCK_SIZE);
             let op = match rng.below(4) {

@@ -104,10 +104,6 @@ fn fx() -> Fx {
     Fx { f: ObjectId::new(), g: ObjectId::new(), d: ObjectId::new() }
 }
 
-fn create(id: ObjectId, n: &str) -> Op {
-    Op::Create { parent: ObjectId::ROOT, name: name(n), id, mode: 0o644, uid: 0, gid: 0 }
-}
-
 fn rename(n: &str, id: ObjectId, to: &str, target: Option<ObjectId>, mode: RenameMode) -> Op {
     Op::Rename {
         parent: ObjectId::ROOT,
@@ -125,7 +121,7 @@ fn cases() -> Vec<(&'static str, Vec<Op>, Vec<Op>)> {
     let root = ObjectId::ROOT;
     let x = fx();
     let mut v: Vec<(&'static str, Vec<Op>, Vec<Op>)> = vec![
-        ("create", vec![], vec![create(x.f, "new")]),
+        ("create", vec![], vec![create_in_root(x.f, "new")]),
         ("mkdir", vec![], vec![Op::Mkdir { parent: root, name: name("dir"), id: x.d, mode: 0o750, uid: 1, gid: 2 }]),
         (
             "symlink",
@@ -147,65 +143,81 @@ fn cases() -> Vec<(&'static str, Vec<Op>, Vec<Op>)> {
         ),
     ];
     let x = fx();
-    v.push(("link", vec![create(x.f, "f")], vec![Op::Link { id: x.f, parent: root, name: name("f2") }]));
+    v.push(("link", vec![create_in_root(x.f, "f")], vec![Op::Link { id: x.f, parent: root, name: name("f2") }]));
     let x = fx();
-    v.push(("unlink", vec![create(x.f, "f")], vec![Op::Unlink { parent: root, name: name("f"), expect: expect(x.f) }]));
+    v.push((
+        "unlink",
+        vec![create_in_root(x.f, "f")],
+        vec![Op::Unlink { parent: root, name: name("f"), expect: expect(x.f) }],
+    ));
     let x = fx();
     let mk = Op::Mkdir { parent: root, name: name("d"), id: x.d, mode: 0o755, uid: 0, gid: 0 };
     v.push(("rmdir", vec![mk], vec![Op::Rmdir { parent: root, name: name("d"), expect: expect(x.d) }]));
     let x = fx();
     v.push((
         "rename",
-        vec![create(x.f, "a"), create(x.g, "b")],
+        vec![create_in_root(x.f, "a"), create_in_root(x.g, "b")],
         vec![rename("a", x.f, "b", Some(x.g), RenameMode::Replace)],
     ));
     let x = fx();
-    v.push(("rename", vec![create(x.f, "a")], vec![rename("a", x.f, "c", None, RenameMode::NoReplace)]));
+    v.push(("rename", vec![create_in_root(x.f, "a")], vec![rename("a", x.f, "c", None, RenameMode::NoReplace)]));
     let x = fx();
     v.push((
         "rename",
-        vec![create(x.f, "a"), create(x.g, "b")],
+        vec![create_in_root(x.f, "a"), create_in_root(x.g, "b")],
         vec![rename("a", x.f, "b", Some(x.g), RenameMode::Exchange)],
     ));
     // the name reused right after a rename, in one batch
     let x = fx();
     v.push((
         "rename",
-        vec![create(x.f, "a")],
-        vec![rename("a", x.f, "b", None, RenameMode::Replace), create(x.g, "a")],
+        vec![create_in_root(x.f, "a")],
+        vec![rename("a", x.f, "b", None, RenameMode::Replace), create_in_root(x.g, "a")],
     ));
     let x = fx();
-    v.push(("write", vec![create(x.f, "f")], vec![Op::Write { id: x.f, base: 0, offset: 5, data: b"data".to_vec() }]));
+    v.push((
+        "write",
+        vec![create_in_root(x.f, "f")],
+        vec![Op::Write { id: x.f, base: 0, offset: 5, data: b"data".to_vec() }],
+    ));
     let x = fx();
     let big = vec![7u8; (3 << 19) + 11];
-    v.push(("write", vec![create(x.f, "f")], vec![Op::Write { id: x.f, base: 0, offset: 1, data: big }]));
+    v.push(("write", vec![create_in_root(x.f, "f")], vec![Op::Write { id: x.f, base: 0, offset: 1, data: big }]));
     // an append large enough to go straight into the file
     let x = fx();
     let w = Op::Write { id: x.f, base: 0, offset: 0, data: vec![5; 300] };
     v.push((
         "write",
-        vec![create(x.f, "f"), w],
+        vec![create_in_root(x.f, "f"), w],
         vec![Op::Write { id: x.f, base: 0, offset: 300, data: vec![6; 70_000] }],
     ));
     let x = fx();
     let w = Op::Write { id: x.f, base: 0, offset: 0, data: vec![1; 9000] };
-    v.push(("truncate", vec![create(x.f, "f"), w.clone()], vec![Op::Truncate { id: x.f, base: 0, size: 100 }]));
+    v.push(("truncate", vec![create_in_root(x.f, "f"), w.clone()], vec![Op::Truncate { id: x.f, base: 0, size: 100 }]));
     let x = fx();
-    v.push(("allocate", vec![create(x.f, "f")], vec![Op::Allocate { id: x.f, base: 0, offset: 0, len: 1 << 16 }]));
+    v.push((
+        "allocate",
+        vec![create_in_root(x.f, "f")],
+        vec![Op::Allocate { id: x.f, base: 0, offset: 0, len: 1 << 16 }],
+    ));
     let x = fx();
     let w = Op::Write { id: x.f, base: 0, offset: 0, data: vec![1; 9000] };
-    v.push(("punch-hole", vec![create(x.f, "f"), w], vec![Op::PunchHole { id: x.f, base: 0, offset: 0, len: 4096 }]));
+    v.push((
+        "punch-hole",
+        vec![create_in_root(x.f, "f"), w],
+        vec![Op::PunchHole { id: x.f, base: 0, offset: 0, len: 4096 }],
+    ));
     let x = fx();
     let attrs = SetAttrs { mode: Some(0o600), uid: Some(5), gid: Some(6), mtime: Some(Timestamp { secs: 5, nsec: 6 }) };
-    v.push(("setattr", vec![create(x.f, "f")], vec![Op::SetAttr { id: x.f, base: 0, attrs }]));
+    v.push(("setattr", vec![create_in_root(x.f, "f")], vec![Op::SetAttr { id: x.f, base: 0, attrs }]));
     let x = fx();
     let sx = Op::SetXattr { id: x.f, base: 0, name: name("user.k"), value: b"v".to_vec() };
-    v.push(("setxattr", vec![create(x.f, "f")], vec![sx.clone()]));
+    v.push(("setxattr", vec![create_in_root(x.f, "f")], vec![sx.clone()]));
     let x = fx();
     let sx = Op::SetXattr { id: x.f, base: 0, name: name("user.k"), value: b"v".to_vec() };
     v.push((
         "removexattr",
-        vec![create(x.f, "f"), sx],
+        vec![create_in_root(x.f, "f"), sx],
         vec![Op::RemoveXattr { id: x.f, base: 0, name: name("user.k") }],
     ));
     v
@@ -230,7 +242,7 @@ async fn an_append_written_before_a_commit_that_never_happened_is_cut_off() {
     let x = fx();
     let w = Op::Write { id: x.f, base: 0, offset: 0, data: vec![5; 300] };
     let append = Op::Write { id: x.f, base: 0, offset: 300, data: vec![6; 200_000] };
-    case("precommit:write", vec![create(x.f, "f"), w], vec![append]).await;
+    case("precommit:write", vec![create_in_root(x.f, "f"), w], vec![append]).await;
 }
 
 /// Regression (review): a truncate applied and marked, then a direct append
@@ -243,7 +255,7 @@ async fn a_direct_append_after_a_truncate_survives_a_crash_before_the_marker() {
     let replica = ReplicaId::random();
     let mut model = model_for(&dirs.export);
     let f = ObjectId::new();
-    let setup = [create(f, "f"), Op::Write { id: f, base: 0, offset: 0, data: vec![1; 1 << 20] }];
+    let setup = [create_in_root(f, "f"), Op::Write { id: f, base: 0, offset: 0, data: vec![1; 1 << 20] }];
     let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
     let addr = p.addr.clone();
     let (mut r, _) = Raw::hello(&addr, &p.fingerprint, &token, replica).await;
@@ -284,7 +296,7 @@ async fn a_clean_stop_checkpoints_so_the_next_start_replays_nothing() {
     let addr = p.addr.clone();
     let c = izo_client::Client::connect(p.client_config(&token)).await.expect("client");
     let f = ObjectId::new();
-    c.mutate(create(f, "f")).await.expect("create");
+    c.mutate(create_in_root(f, "f")).await.expect("create");
     // data records are what a restart would redo without a checkpoint
     for i in 0..50u64 {
         c.mutate(Op::Write { id: f, base: 0, offset: i * 100, data: vec![i as u8; 100] }).await.expect("write");

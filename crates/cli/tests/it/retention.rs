@@ -369,9 +369,7 @@ async fn retention_by_size_drops_the_oldest_records() {
     .await;
     let c = s.client().await;
     let f = ObjectId::new();
-    c.mutate(Op::Create { parent: ObjectId::ROOT, name: name("f"), id: f, mode: 0o644, uid: 0, gid: 0 })
-        .await
-        .expect("create");
+    c.mutate(create_in_root(f, "f")).await.expect("create");
     // 200 inline writes of 4 KiB: ~800 KiB of records against a 64 KiB limit
     for i in 0..200u64 {
         c.mutate(Op::Write { id: f, base: 0, offset: i * 4096, data: vec![i as u8; 4096] }).await.expect("write");

@@ -21,7 +21,7 @@ async fn refusal(s: &InProc, token: &str) -> (RefuseReason, String) {
 async fn still_serves(s: &InProc, tag: &str) {
     let c = s.client().await;
     let id = ObjectId::new();
-    let op = Op::Create { parent: ObjectId::ROOT, name: name(tag), id, mode: 0o644, uid: 0, gid: 0 };
+    let op = create_in_root(id, tag);
     c.mutate(op).await.unwrap_or_else(|e| panic!("after {tag}: a normal client cannot create: {e}"));
     let got = c.lookup(ObjectId::ROOT, tag.as_bytes()).await.unwrap_or_else(|e| panic!("after {tag}: lookup: {e}"));
     assert_eq!(got.id, id, "after {tag}: lookup finds the new file");
@@ -330,7 +330,7 @@ async fn a_server_rolled_back_behind_a_client_takes_a_new_incarnation() {
     let before = s.server.incarnation();
     let replica = ReplicaId::random();
     let (mut r, _) = Raw::hello(&s.addr, &s.server.fingerprint, &s.rw, replica).await;
-    let op = Op::Create { parent: ObjectId::ROOT, name: name("a"), id: ObjectId::new(), mode: 0o644, uid: 0, gid: 0 };
+    let op = create_in_root(ObjectId::new(), "a");
     r.send(&ClientMsg::Mutate { cseq: 1, acked_through: 0, op }).await;
     assert!(matches!(r.recv().await, Some(ServerMsg::Reply { result: Ok(_), .. })));
     drop(r);

@@ -47,7 +47,7 @@ async fn a_full_disk_is_refused_before_the_ack_and_the_volume_stays_writable() {
     let c = s.client().await;
     let mut model = model_for(&export);
     let id = ObjectId::new();
-    let op = Op::Create { parent: ObjectId::ROOT, name: name("big"), id, mode: 0o644, uid: 0, gid: 0 };
+    let op = create_in_root(id, "big");
     let a = c.mutate(op.clone()).await.expect("create");
     model.apply(&op, a.time).expect("model");
     let mut written = 0u64;

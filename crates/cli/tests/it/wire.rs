@@ -31,10 +31,7 @@ async fn a_one_byte_write_to_a_1_gib_file_costs_under_2_mib_on_the_wire_and_no_f
     let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
     let c = Client::connect(p.client_config(&token)).await.expect("client connects to izo serve");
     let id = ObjectId::new();
-    let a = c
-        .mutate(Op::Create { parent: ObjectId::ROOT, name: name("big"), id, mode: 0o644, uid: 0, gid: 0 })
-        .await
-        .expect("create");
+    let a = c.mutate(create_in_root(id, "big")).await.expect("create");
     let mut version = a.seq;
     // 1 GiB: sparse, with 8 MiB of real data spread over it (1 MiB every 128 MiB)
     let a = c.mutate(Op::Truncate { id, base: version, size: 1 << 30 }).await.expect("truncate to 1 GiB");
@@ -58,8 +55,7 @@ async fn a_one_byte_write_to_a_1_gib_file_costs_under_2_mib_on_the_wire_and_no_f
     let (_, blocks) = c.block_hashes(id).await.expect("block hashes");
     assert_eq!(blocks.len(), 1024, "1 GiB in 1 MiB blocks");
     tokio::time::sleep((last_write + Duration::from_millis(1500)).saturating_duration_since(Instant::now())).await;
-    let barrier =
-        Op::Create { parent: ObjectId::ROOT, name: name("barrier"), id: ObjectId::new(), mode: 0o644, uid: 0, gid: 0 };
+    let barrier = create_in_root(ObjectId::new(), "barrier");
     c.mutate(barrier).await.expect("barrier op");
 
     // It also checkpoints every 2 s (syncfs, then a commit, each counted in
