@@ -212,6 +212,9 @@ impl Actor {
         let mut b = store.batch()?;
         let mut outs = Vec::with_capacity(batch.len());
         let mut staged_any = false;
+        // Cached replies a client holds durably are dropped once per replica
+        // per batch, up to the highest point any of its ops reported.
+        let mut release: HashMap<ReplicaId, u64> = HashMap::new();
         let readonly = self.shared.readonly.load(Ordering::Acquire);
         self.direct.clear();
         self.touched.clear();
@@ -236,9 +239,14 @@ impl Actor {
                 b.put_reply(m.replica, m.cseq, &frame)?;
             }
             if m.acked_through > 0 {
-                b.release_replies(m.replica, m.acked_through.min(m.cseq.saturating_sub(1)))?;
+                let upto = m.acked_through.min(m.cseq.saturating_sub(1));
+                let r = release.entry(m.replica).or_default();
+                *r = (*r).max(upto);
             }
             outs.push((m.reply.clone(), frame));
+        }
+        for (replica, upto) in release {
+            b.release_replies(replica, upto)?;
         }
         if staged_any {
             sys::fsync(self.tree.stage()).map_err(|e| ServerError::io("fsync stage directory", e))?;
