@@ -34,6 +34,15 @@ pub struct ServeArgs {
     /// Keep setuid/setgid bits (only for volumes whose clients are all trusted).
     #[arg(long)]
     trusted: bool,
+    /// Reread every file of the export at start and journal what differs
+    /// from the metadata (normally only files changed since the last
+    /// checkpoint are reread).
+    #[arg(long)]
+    rescan: bool,
+    /// Do not watch the export for changes other programs make (they are
+    /// then not journaled, and a client op may meet an unexpected state).
+    #[arg(long)]
+    no_capture: bool,
 }
 
 impl ServeArgs {
@@ -69,6 +78,8 @@ impl ServeArgs {
             };
         }
         cfg.trusted |= self.trusted;
+        cfg.rescan |= self.rescan;
+        cfg.capture &= !self.no_capture;
         Ok(cfg)
     }
 }

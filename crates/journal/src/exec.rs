@@ -96,6 +96,13 @@ impl Batch<'_> {
     /// and in that op's record (later records read it from the row).
     pub fn set_handle(&mut self, id: ObjectId, handle: Handle) -> Result<(), StoreError> {
         let mut row = self.row(id).map_err(|_| StoreError::Corrupt("objects"))?;
+        {
+            let mut h = self.tx.open_table(HANDLES).map_err(db)?;
+            if !row.handle.is_empty() {
+                h.remove(row.handle.as_slice()).map_err(db)?;
+            }
+            h.insert(handle.as_slice(), id.to_bytes().as_slice()).map_err(db)?;
+        }
         row.handle = handle.clone();
         self.put_row(id, &row).map_err(|_| StoreError::Corrupt("objects"))?;
         if let Some(r) = self.records.last_mut() {
@@ -203,10 +210,81 @@ impl Batch<'_> {
     }
 
     fn remove_object(&mut self, id: ObjectId) -> R<()> {
-        self.tx.open_table(OBJECTS).map_err(db)?.remove(id.to_bytes().as_slice()).map_err(db)?;
+        let old = self
+            .tx
+            .open_table(OBJECTS)
+            .map_err(db)?
+            .remove(id.to_bytes().as_slice())
+            .map_err(db)?
+            .map(|v| v.value().to_vec());
+        if let Some(row) = old.as_deref().and_then(dec::<ObjectRow>).filter(|r| !r.handle.is_empty()) {
+            let mut h = self.tx.open_table(HANDLES).map_err(db)?;
+            // only if the index still names this object (a handle may be reused)
+            let ours = h.get(row.handle.as_slice()).map_err(db)?.is_some_and(|v| id_at(v.value(), 0) == id);
+            if ours {
+                h.remove(row.handle.as_slice()).map_err(db)?;
+            }
+        }
         self.tx.open_table(HASHES).map_err(db)?.remove(id.to_bytes().as_slice()).map_err(db)?;
         let (lo, hi) = prefix_range(id);
         self.tx.open_table(XATTRS).map_err(db)?.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false).map_err(db)?;
+        Ok(())
+    }
+
+    /// The object `name` in `parent` points to, as this batch sees it.
+    pub fn lookup(&self, parent: ObjectId, name: &[u8]) -> R<Option<ObjectId>> {
+        self.dentry(parent, name)
+    }
+
+    /// Every name (parent, name) of an object.
+    pub fn names_of(&self, id: ObjectId) -> R<Vec<(ObjectId, Vec<u8>)>> {
+        let t = self.tx.open_table(LINKS).map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        let mut out = Vec::new();
+        for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let k = k.value();
+            out.push((id_at(k, 16), k[32..].to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every entry (name, child) of a directory, in name order.
+    pub fn children(&self, dir: ObjectId) -> R<Vec<(Vec<u8>, ObjectId)>> {
+        let t = self.tx.open_table(DENTRIES).map_err(db)?;
+        let (lo, hi) = prefix_range(dir);
+        let mut out = Vec::new();
+        for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((k.value()[16..].to_vec(), id_at(v.value(), 0)));
+        }
+        Ok(out)
+    }
+
+    /// The object whose server file handle is `handle`, as this batch sees it.
+    pub fn by_handle(&self, handle: &[u8]) -> R<Option<ObjectId>> {
+        let t = self.tx.open_table(HANDLES).map_err(db)?;
+        let v = t.get(handle).map_err(db)?.map(|v| id_at(v.value(), 0));
+        Ok(v)
+    }
+
+    /// Block hashes of a file as this batch sees them (some may be stale:
+    /// see `ObjectRow::stale`).
+    pub fn hashes(&self, id: ObjectId) -> R<Vec<[u8; 32]>> {
+        let t = self.tx.open_table(HASHES).map_err(db)?;
+        let v = t.get(id.to_bytes().as_slice()).map_err(db)?;
+        let flat = v.map(|v| v.value().to_vec()).unwrap_or_default();
+        Ok(flat.chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect())
+    }
+
+    /// Store block hashes computed from the file as it is now, for its
+    /// current data version (clears its stale ranges).
+    pub fn set_hashes(&mut self, id: ObjectId, blocks: &[[u8; 32]]) -> R<()> {
+        let mut row = self.row(id)?;
+        row.stale.clear();
+        self.put_row(id, &row)?;
+        let flat: Vec<u8> = blocks.concat();
+        self.tx.open_table(HASHES).map_err(db)?.insert(id.to_bytes().as_slice(), flat.as_slice()).map_err(db)?;
         Ok(())
     }
 
@@ -233,7 +311,12 @@ impl Batch<'_> {
             Origin::Local => None,
         };
         let seq = self.seq + 1;
-        let cx = Cx { seq, time, who };
+        // A write whose bytes are already in the file may leave them out of the op.
+        let data_len = match (op, place) {
+            (Op::Write { data, .. }, Payload::Direct(n)) if data.is_empty() => Some(n),
+            _ => None,
+        };
+        let cx = Cx { seq, time, who, data_len };
         let (attr, handles) = self.exec_op(&cx, op)?;
         // Bytes kept elsewhere are not copied into the record.
         let op = match (op, place) {
@@ -242,7 +325,11 @@ impl Batch<'_> {
             }
             _ => op.clone(),
         };
-        let record = Record { seq, origin, time, op, attr: attr.clone() };
+        let elided = match place {
+            Payload::Staged(n) | Payload::Direct(n) => n,
+            Payload::Inline => 0,
+        };
+        let record = Record { seq, origin, time, op, attr: attr.clone(), elided };
         self.records.push(StoredRecord { record, handles, payload: place });
         self.seq = seq;
         Ok(Applied { seq, time, attr })
@@ -307,6 +394,8 @@ pub(crate) struct Cx {
     pub seq: Seq,
     pub time: Timestamp,
     pub who: Option<ReplicaId>,
+    /// Length of a write whose bytes are not in the op (already in the file).
+    pub data_len: Option<u64>,
 }
 
 pub(crate) fn bump_data(row: &mut ObjectRow, cx: &Cx) {

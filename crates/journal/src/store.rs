@@ -61,7 +61,7 @@ impl Store {
         let tx = database.begin_write().map_err(db)?;
         let (incarnation, head, cookie) = {
             let mut meta = tx.open_table(META).map_err(db)?;
-            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES, HASHES, OWNERS] {
+            for t in [OBJECTS, DENTRIES, XATTRS, REPLIES, COOKIES, HASHES, OWNERS, HANDLES] {
                 tx.open_table(t).map_err(db)?;
             }
             tx.open_table(LINKS).map_err(db)?;
@@ -81,6 +81,17 @@ impl Store {
                     i
                 }
             };
+            // Stores written before the handle index existed get it built once.
+            let mut handles = tx.open_table(HANDLES).map_err(db)?;
+            if handles.first().map_err(db)?.is_none() {
+                let objs = tx.open_table(OBJECTS).map_err(db)?;
+                for row in objs.iter().map_err(db)? {
+                    let (k, v) = row.map_err(db)?;
+                    if let Some(r) = dec::<ObjectRow>(v.value()).filter(|r| !r.handle.is_empty()) {
+                        handles.insert(r.handle.as_slice(), k.value()).map_err(db)?;
+                    }
+                }
+            }
             (inc, get_u64(&meta, "head")?.unwrap_or(0), get_u64(&meta, "cookie")?.unwrap_or(0))
         };
         tx.commit().map_err(db)?;
@@ -126,27 +137,39 @@ impl Store {
         Ok(get_u64(&t, key)?.unwrap_or(0))
     }
 
-    fn set_meta_u64(&self, key: &str, v: u64, durable: bool) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().map_err(db)?;
-        if !durable {
-            tx.set_durability(Durability::None);
-        }
-        tx.open_table(META).map_err(db)?.insert(key, v.to_be_bytes().as_slice()).map_err(db)?;
-        tx.commit().map_err(db)?;
-        if durable {
-            self.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
     /// Seq through which the tree is durably applied (after a syncfs).
     pub fn checkpoint(&self) -> Result<Seq, StoreError> {
         self.meta_u64("checkpoint")
     }
 
     /// Record a durable checkpoint. Call only after `syncfs` on the export.
-    pub fn set_checkpoint(&self, seq: Seq) -> Result<(), StoreError> {
-        self.set_meta_u64("checkpoint", seq, true)
+    /// `settled` is a time before which every out-of-band change of the
+    /// export is known to be journaled: the next start-up scan rereads only
+    /// files whose ctime is later.
+    pub fn set_checkpoint(&self, seq: Seq, settled: Timestamp) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut m = tx.open_table(META).map_err(db)?;
+            m.insert("checkpoint", seq.to_be_bytes().as_slice()).map_err(db)?;
+            m.insert("settled", (settled.secs.max(0) as u64).to_be_bytes().as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Seconds since the epoch before which every out-of-band change is
+    /// journaled (0: none known, every file is a candidate).
+    pub fn settled(&self) -> Result<i64, StoreError> {
+        Ok(self.meta_u64("settled")? as i64)
+    }
+
+    /// The object whose server file handle is `handle`.
+    pub fn by_handle(&self, handle: &[u8]) -> Result<Option<ObjectId>, StoreError> {
+        let r = self.db.begin_read().map_err(db)?;
+        let t = r.open_table(HANDLES).map_err(db)?;
+        let v = t.get(handle).map_err(db)?.map(|v| id_at(v.value(), 0));
+        Ok(v)
     }
 
     /// Oldest seq still held (records before it were dropped by retention).
@@ -275,6 +298,11 @@ impl Store {
             let mut t = tx.open_table(OBJECTS).map_err(db)?;
             let row = t.get(id.to_bytes().as_slice()).map_err(db)?.map(|v| v.value().to_vec());
             if let Some(mut row) = row.as_deref().and_then(dec::<ObjectRow>) {
+                let mut h = tx.open_table(HANDLES).map_err(db)?;
+                if !row.handle.is_empty() {
+                    h.remove(row.handle.as_slice()).map_err(db)?;
+                }
+                h.insert(handle, id.to_bytes().as_slice()).map_err(db)?;
                 row.handle = handle.to_vec();
                 t.insert(id.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
             }

@@ -21,6 +21,8 @@ pub const XATTRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("xattrs")
 /// Object id → BLAKE3 hashes of its 1 MiB blocks, 32 bytes each. Kept out
 /// of the object row so a write to a big file does not rewrite them.
 pub const HASHES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hashes");
+/// Server file handle → object id: maps what fanotify reports to objects.
+pub const HANDLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("handles");
 /// Seq → [`StoredRecord`].
 pub const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 /// Replica id → last applied client seq.

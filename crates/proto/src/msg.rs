@@ -158,6 +158,10 @@ pub struct Record {
     pub op: Op,
     /// Attributes of the main object after the op, if it still exists.
     pub attr: Option<Attr>,
+    /// A write whose bytes are not in the record (large, appended in place,
+    /// or made in the export by another program) gives their length here:
+    /// the range `offset..offset + elided` is fetched. 0 otherwise.
+    pub elided: u64,
 }
 
 /// Messages from the server to a client.

@@ -12,8 +12,9 @@ use std::sync::{mpsc, Arc};
 
 /// A job for the background thread.
 pub(crate) enum Job {
-    /// Make everything applied through this seq durable and mark it.
-    Checkpoint(Seq),
+    /// Make everything applied through this seq durable and mark it, with
+    /// the time before which every out-of-band change is journaled.
+    Checkpoint(Seq, Timestamp),
     /// Recompute stale block hashes of a file.
     Rehash(ObjectId),
 }
@@ -37,7 +38,7 @@ impl Background {
     fn run(self, rx: mpsc::Receiver<Job>) {
         while let Ok(job) = rx.recv() {
             match job {
-                Job::Checkpoint(seq) => self.checkpoint(seq),
+                Job::Checkpoint(seq, settled) => self.checkpoint(seq, settled),
                 Job::Rehash(id) => {
                     if let Err(e) = hash::rehash(&self.store, self.root.as_fd(), id) {
                         tracing::debug!("rehash of {id} deferred: {e}");
@@ -47,7 +48,7 @@ impl Background {
         }
     }
 
-    fn checkpoint(&self, seq: Seq) {
+    fn checkpoint(&self, seq: Seq, settled: Timestamp) {
         if seq <= self.checkpointed.load(Ordering::Acquire) {
             return;
         }
@@ -55,7 +56,7 @@ impl Background {
             return tracing::error!("syncfs of the export failed: {e}");
         }
         Counters::add(&self.counters.fsyncs, 1);
-        if let Err(e) = self.store.set_checkpoint(seq) {
+        if let Err(e) = self.store.set_checkpoint(seq, settled) {
             return tracing::error!("writing checkpoint failed: {e}");
         }
         Counters::add(&self.counters.fsyncs, 1);

@@ -32,6 +32,11 @@ pub struct ServerConfig {
     pub squash_gid: Option<u32>,
     /// A trusted volume keeps setuid/setgid bits.
     pub trusted: bool,
+    /// Journal changes other programs make in the export (fanotify).
+    pub capture: bool,
+    /// At start, reread every file of the export (not only those whose
+    /// ctime is after the last checkpoint) and journal what differs.
+    pub rescan: bool,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             squash_uid: None,
             squash_gid: None,
             trusted: false,
+            capture: true,
+            rescan: false,
         }
     }
 }

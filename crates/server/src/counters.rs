@@ -23,6 +23,8 @@ pub struct Counters {
     pub replayed: AtomicU64,
     /// Records found already applied during replay.
     pub replay_skipped: AtomicU64,
+    /// Records of changes other programs made in the export.
+    pub local_records: AtomicU64,
 }
 
 impl Counters {
@@ -44,6 +46,7 @@ impl Counters {
             ("batches".into(), g(&self.batches)),
             ("replayed".into(), g(&self.replayed)),
             ("replay_skipped".into(), g(&self.replay_skipped)),
+            ("local_records".into(), g(&self.local_records)),
         ]
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod background;
+pub mod capture;
 pub mod config;
 pub mod counters;
 pub mod hash;

@@ -4,7 +4,7 @@
 use crate::auth::Rights;
 use crate::counters::Counters;
 use crate::server::Server;
-use crate::volume::Mutation;
+use crate::volume::{Mutation, Work};
 use crate::ServerError;
 use izo_proto::codec::check_len;
 use izo_proto::*;
@@ -191,7 +191,7 @@ impl Server {
                         continue;
                     };
                     let m = Mutation { replica, cseq, acked_through, op, reply: out.replies.clone(), slot: Some(slot) };
-                    let sent = self.tx.lock().map(|tx| tx.send(m).is_ok()).unwrap_or(false);
+                    let sent = self.tx.lock().map(|tx| tx.send(Work::Mutate(m)).is_ok()).unwrap_or(false);
                     if !sent {
                         return Err("volume thread stopped".into());
                     }

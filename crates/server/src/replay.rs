@@ -10,7 +10,7 @@
 use crate::counters::Counters;
 use crate::tree::{Mode, Outcome, Tree};
 use izo_journal::{Payload, Store, StoredRecord};
-use izo_proto::{ObjectId, Op, Seq};
+use izo_proto::{ObjectId, Op, Origin, Seq};
 use std::collections::HashMap;
 
 /// Result of a replay: the last seq applied, and records left unapplied
@@ -42,6 +42,10 @@ pub(crate) fn replay(store: &Store, tree: &mut Tree, marked: Seq, counters: &Cou
         for r in &recs {
             if let (Op::Write { id, .. }, Payload::Direct(_)) = (&r.record.op, r.payload) {
                 last_direct.insert(*id, r.record.seq);
+            }
+            // Likewise a change made in the export: no record holds its bytes.
+            if let (Origin::Local, Some(id)) = (r.record.origin, r.record.op.data_target()) {
+                last_direct.insert(id, r.record.seq);
             }
         }
         next = last + 1;

@@ -6,7 +6,7 @@ use crate::counters::Counters;
 use crate::hint::Hint;
 use crate::testhooks::TestHooks;
 use crate::tree::Tree;
-use crate::volume::{Actor, Mutation, Shared, Tuning};
+use crate::volume::{Actor, Shared, Tuning, Work};
 use crate::{sys, tls, ServerError};
 use izo_journal::Store;
 use izo_proto::{ObjectId, Timestamp};
@@ -24,7 +24,7 @@ pub struct Server {
     /// Certificate fingerprint clients pin.
     pub fingerprint: String,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) tx: Mutex<mpsc::Sender<Mutation>>,
+    pub(crate) tx: Mutex<mpsc::Sender<Work>>,
     stopped: Mutex<mpsc::Receiver<()>>,
     pub(crate) tokens: Tokens,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
@@ -47,6 +47,11 @@ impl Server {
             .mode(0o700)
             .create(&state)
             .map_err(|e| ServerError::io(format!("creating state dir {}", state.display()), e))?;
+        let mut tree =
+            Tree::open(export).map_err(|e| ServerError::io(format!("opening export {}", export.display()), e))?;
+        // The root's attributes as they are once the stage directory exists.
+        let meta = std::fs::metadata(export)
+            .map_err(|e| ServerError::io(format!("export directory {}", export.display()), e))?;
         let root = (
             meta.mode() & 0o7777,
             meta.uid(),
@@ -54,8 +59,6 @@ impl Server {
             Timestamp { secs: meta.mtime(), nsec: meta.mtime_nsec() as u32 },
         );
         let store = Arc::new(Store::open(&state.join("volume.redb"), root)?);
-        let mut tree =
-            Tree::open(export).map_err(|e| ServerError::io(format!("opening export {}", export.display()), e))?;
         let rh = tree.root_handle().map_err(|e| {
             ServerError::io(
                 format!("file handle of {} (the server needs root for open_by_handle_at)", export.display()),
@@ -88,7 +91,8 @@ impl Server {
         let readonly = !replayed.left.is_empty();
         if !readonly {
             sys::syncfs(tree.root()).map_err(|e| ServerError::io("syncfs after replay", e))?;
-            store.set_checkpoint(store.head())?;
+            let settled = Timestamp { secs: store.settled()?, nsec: 0 };
+            store.set_checkpoint(store.head(), settled)?;
             tree.clear_stage().map_err(|e| ServerError::io("clearing the stage directory", e))?;
         }
         hint.set(replayed.applied);
@@ -126,6 +130,32 @@ impl Server {
         }
         .spawn()
         .map_err(|e| ServerError::io("starting the background thread", e))?;
+        let (tx, rx) = mpsc::channel();
+        let mut local = crate::volume::Local::default();
+        local.rescan = cfg.rescan;
+        if cfg.capture {
+            let started = crate::capture::Fanotify::new(tree.root()).and_then(|fan| {
+                let fan = Arc::new(fan);
+                let sink = tx.clone();
+                let (stop, waker, join) =
+                    crate::capture::spawn(fan.clone(), move |events| sink.send(Work::Local(events)).is_ok())?;
+                Ok((fan, stop, waker, join))
+            });
+            match started {
+                Ok(c) => {
+                    local.capture = Some(c);
+                    local.active = true;
+                    local.root = Some(Arc::new(
+                        tree.root().try_clone_to_owned().map_err(|e| ServerError::io("dup export fd", e))?,
+                    ));
+                }
+                Err(e) => tracing::warn!(
+                    "out-of-band capture is off: fanotify on {} failed: {e} (needs root and a file system \
+                     with file handles); changes other programs make in the export are not journaled",
+                    export.display()
+                ),
+            }
+        }
         let actor = Actor {
             store: store.clone(),
             tree,
@@ -144,8 +174,8 @@ impl Server {
             touched: Default::default(),
             staged_ids: Vec::new(),
             replay_marked: replayed.marked,
+            local,
         };
-        let (tx, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("izo-volume".into())

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -329,4 +329,45 @@ mod tests {
         assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPCNT).expect("get"), 3);
         assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).expect("get"), 10_000);
     }
+}
+
+/// `readlinkat(2)` of `name` in `d`.
+pub fn readlinkat(d: BorrowedFd, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; 4097];
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::readlinkat(d.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = cvt64(n as i64)? as usize;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Names in a directory (without `.` and `..`), in no particular order.
+pub fn read_dir_names(d: BorrowedFd) -> io::Result<Vec<Vec<u8>>> {
+    // fdopendir takes the fd over; give it a fresh one at offset 0.
+    let fd = openat(d, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    // SAFETY: fd is a valid directory fd whose ownership passes to the DIR.
+    let dir = unsafe { libc::fdopendir(fd.as_raw_fd()) };
+    if dir.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(fd);
+    let mut out = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; readdir's entry stays valid until the next call.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error().unwrap_or(0) == 0 { Ok(()) } else { Err(e) };
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            out.push(name.to_vec());
+        }
+    };
+    // SAFETY: dir came from fdopendir and is closed once.
+    unsafe { libc::closedir(dir) };
+    result.map(|_| out)
 }

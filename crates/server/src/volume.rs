@@ -40,6 +40,14 @@ pub struct Mutation {
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// Work for the actor.
+pub enum Work {
+    /// A client's mutation.
+    Mutate(Mutation),
+    /// Changes other programs made in the export.
+    Local(Vec<crate::capture::Event>),
+}
+
 /// Retention and checkpoint settings.
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -106,6 +114,8 @@ pub(crate) struct Actor {
     /// data redos).
     pub replay_marked: Seq,
     pub checkpointed: Arc<std::sync::atomic::AtomicU64>,
+    /// Out-of-band capture.
+    pub local: local::Local,
 }
 
 fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
@@ -113,11 +123,25 @@ fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
 }
 
 impl Actor {
-    pub(crate) fn run(mut self, rx: mpsc::Receiver<Mutation>, done: mpsc::Sender<()>) {
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Work>, done: mpsc::Sender<()>) {
         let tick = Duration::from_millis(200);
+        if self.capturing() && self.pending.is_empty() {
+            // What changed while the server was down: files whose ctime is
+            // after the last checkpoint's settled time are reread.
+            let since = if self.local.rescan { i64::MIN } else { self.store.settled().unwrap_or(0) };
+            self.scan(since);
+        }
         while !self.shared.stop.load(Ordering::Acquire) {
-            let first = match rx.recv_timeout(tick) {
-                Ok(m) => Some(m),
+            let wait = match self.local.next_due() {
+                Some(due) => due.saturating_duration_since(Instant::now()).min(tick),
+                None => tick,
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(Work::Mutate(m)) => Some(m),
+                Ok(Work::Local(events)) => {
+                    self.take_events(events);
+                    None
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
@@ -131,28 +155,42 @@ impl Actor {
                 let mut batch = vec![first];
                 while batch.len() < self.tuning.max_batch && bytes < MAX_BATCH_BYTES {
                     let next = if bytes >= BULK_BYTES { rx.recv_timeout(BULK_WAIT).ok() } else { rx.try_recv().ok() };
-                    let Some(m) = next else { break };
-                    bytes += payload_len(&m.op);
-                    batch.push(m);
+                    match next {
+                        Some(Work::Mutate(m)) => {
+                            bytes += payload_len(&m.op);
+                            batch.push(m);
+                        }
+                        Some(Work::Local(events)) => self.take_events(events),
+                        None => break,
+                    }
                 }
+                self.reconcile_for(&batch);
                 self.process(batch);
             }
+            self.reconcile_due();
             self.housekeeping();
         }
+        self.capture_stop(&rx);
         self.final_checkpoint();
         let _ = done.send(());
     }
 
     /// On a clean stop: make everything applied durable and mark it, so the
-    /// next start replays nothing.
+    /// next start replays nothing (and, with capture, rereads no file).
     fn final_checkpoint(&mut self) {
         let seq = self.hint.seq();
-        if !self.pending.is_empty() || seq <= self.checkpointed.load(Ordering::Acquire) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        // Everything queued was read and journaled just before: a second's
+        // margin covers the file system's clock granularity.
+        let settled = self.settled_within(1);
+        if seq <= self.checkpointed.load(Ordering::Acquire) && settled.secs <= self.store.settled().unwrap_or(0) {
             return;
         }
         let done = sys::syncfs(self.tree.root())
             .map_err(|e| e.to_string())
-            .and_then(|_| self.store.set_checkpoint(seq).map_err(|e| e.to_string()));
+            .and_then(|_| self.store.set_checkpoint(seq, settled).map_err(|e| e.to_string()));
         match done {
             Ok(()) => tracing::info!("checkpointed at seq {seq} on stop"),
             Err(e) => tracing::error!("final checkpoint failed ({e}); the next start replays"),
@@ -370,3 +408,5 @@ fn payload_len(op: &Op) -> usize {
 
 mod apply;
 mod direct;
+mod local;
+pub(crate) use local::Local;

@@ -113,11 +113,12 @@ impl Batch<'_> {
                 if data.len() > MAX_DATA {
                     return Err(OpError::Invalid(format!("write of {} bytes exceeds {MAX_DATA}", data.len())));
                 }
-                let end = self.end_within_limits(*offset, data.len() as u64)?;
-                self.data_op(cx, *id, *base, data.len() as u64, |row| {
+                let len = cx.data_len.unwrap_or(data.len() as u64);
+                let end = self.end_within_limits(*offset, len)?;
+                self.data_op(cx, *id, *base, len, |row| {
                     let old = row.size;
                     row.size = row.size.max(end);
-                    mark_stale(row, old, *offset, data.len() as u64);
+                    mark_stale(row, old, *offset, len);
                 })
             }
             Op::Truncate { id, base, size } => {
@@ -235,7 +236,10 @@ impl Batch<'_> {
         if !base_ok(row.versions.data, row.data_writer, row.data_run_start, base, cx.who) {
             return Err(conflict("data changed since base", Some(row.attr(id))));
         }
-        self.take_space(space)?;
+        // A change found in the export already has its space.
+        if cx.who.is_some() {
+            self.take_space(space)?;
+        }
         f(&mut row);
         row.mtime = cx.time;
         bump_data(&mut row, cx);

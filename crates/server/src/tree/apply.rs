@@ -25,6 +25,10 @@ pub enum Mode {
 impl Tree {
     /// Apply `rec`, checking the tree's state first (see [`Mode`]).
     pub fn apply(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
+        // A change found in the export is journaled after it happened there.
+        if rec.record.origin == Origin::Local {
+            return Ok(Outcome::Skipped);
+        }
         match self.apply_inner(rec, mode) {
             Err(ApplyError::Io { err, .. }) if mode == Mode::RedoData && err.raw_os_error() == Some(libc::ESTALE) => {
                 Ok(Outcome::Skipped)

@@ -70,7 +70,7 @@ impl Actor {
         let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every;
         if due && !self.hooks.no_checkpoint && applied > self.last_checkpoint.0 && self.pending.is_empty() {
             self.last_checkpoint = (applied, Instant::now());
-            let _ = self.background.send(Job::Checkpoint(applied));
+            let _ = self.background.send(Job::Checkpoint(applied, self.settled()));
         }
         // Stage files of large writes are needed only until a checkpoint covers them.
         let done = self.checkpointed.load(Ordering::Acquire);

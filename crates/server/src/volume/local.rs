@@ -1,0 +1,651 @@
+//! Journaling changes other programs make in the export ("out-of-band").
+//!
+//! fanotify events name directory entries and objects by file handle; they
+//! queue here as items, debounced (entry changes, closes and attribute
+//! changes shortly; files held open and written once they have been quiet
+//! for a while). An item is reconciled by comparing the export with the
+//! metadata and journaling the difference as `local` records, which are
+//! already true of the tree and are never applied. This runs on the actor
+//! thread between batches, with every committed record applied, so the
+//! comparison never sees a half-applied op; and the items that concern a
+//! batch's objects are reconciled before that batch is validated, so a
+//! local edit the client had not seen turns its op into a conflict instead
+//! of being overwritten.
+
+use super::*;
+use crate::capture::{Event, Fanotify, Waker};
+use izo_journal::{Batch, Handle, ObjectRow, Payload};
+use std::collections::BTreeSet;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+/// Something in the export to compare with the metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Item {
+    /// A directory entry.
+    Name(ObjectId, Vec<u8>),
+    /// A rename: the old entry and the new one, compared together.
+    Rename(ObjectId, Vec<u8>, ObjectId, Vec<u8>),
+    /// An object's attributes (and content, when flagged).
+    Object(ObjectId),
+    /// Every entry of a directory, and the subdirectories below (scan).
+    Dir(ObjectId),
+}
+
+struct Pending {
+    first: Instant,
+    first_wall: Timestamp,
+    due: Instant,
+    content: bool,
+}
+
+/// Entry changes, closes and attribute changes wait this long for more
+/// events on the same item.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// A file written but not closed is read once quiet this long...
+const SETTLE: Duration = Duration::from_secs(1);
+/// ...or at the latest this long after its first write.
+const MAX_SETTLE: Duration = Duration::from_secs(5);
+/// Margin for clocks and events still in the kernel queue when a checkpoint
+/// declares everything before it journaled.
+const SETTLED_MARGIN: i64 = 5;
+/// Records per commit while reconciling.
+const CHUNK: usize = 1024;
+
+/// State of out-of-band capture on the actor.
+#[derive(Default)]
+pub(crate) struct Local {
+    order: VecDeque<Item>,
+    pending: HashMap<Item, Pending>,
+    overflow: bool,
+    /// The fanotify group, its reader thread's stop flag, waker and handle.
+    pub capture: Option<(Arc<Fanotify>, Arc<AtomicBool>, Waker, std::thread::JoinHandle<()>)>,
+    /// The export root, for opening by handle.
+    pub root: Option<Arc<OwnedFd>>,
+    /// Reread every file at start (`izo serve --rescan`).
+    pub rescan: bool,
+    /// Capture ran (and, after a stop, was drained): the export's changes
+    /// are journaled through the settled time.
+    pub active: bool,
+}
+
+impl Local {
+    fn push(&mut self, item: Item, content: bool, settle: bool) {
+        let now = Instant::now();
+        match self.pending.get_mut(&item) {
+            Some(p) => {
+                p.content |= content;
+                p.due =
+                    if settle { p.due.max(now + SETTLE).min(p.first + MAX_SETTLE) } else { p.due.min(now + DEBOUNCE) };
+            }
+            None => {
+                let due = now + if settle { SETTLE } else { DEBOUNCE };
+                self.pending.insert(item.clone(), Pending { first: now, first_wall: Timestamp::now(), due, content });
+                self.order.push_back(item);
+            }
+        }
+    }
+
+    /// When the next item is due.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.due).min()
+    }
+
+    /// Take the items `pick` selects, in arrival order.
+    fn take(&mut self, mut pick: impl FnMut(&Item, &Pending) -> bool) -> VecDeque<(Item, bool)> {
+        let mut out = VecDeque::new();
+        let pending = &mut self.pending;
+        self.order.retain(|item| match pending.get(item) {
+            Some(p) if pick(item, p) => {
+                let content = p.content;
+                pending.remove(item);
+                out.push_back((item.clone(), content));
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        out
+    }
+}
+
+impl Actor {
+    /// Is out-of-band capture running?
+    pub(super) fn capturing(&self) -> bool {
+        self.local.active
+    }
+
+    /// Queue what a batch of events names, mapped from handles to objects
+    /// (handles the metadata does not know are outside the export, or inside
+    /// a directory not journaled yet, which is scanned when it is).
+    pub(super) fn take_events(&mut self, events: Vec<Event>) {
+        let known = |h: &Handle| self.store.by_handle(h).ok().flatten();
+        let mut items = Vec::new();
+        for e in events {
+            if e.overflow() {
+                self.local.overflow = true;
+                continue;
+            }
+            let entry = e.mask & (libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_RENAME) != 0;
+            if e.mask & libc::FAN_RENAME != 0 && e.names.len() == 2 {
+                let (old, new) = (&e.names[0], &e.names[1]);
+                match (known(&old.0), known(&new.0)) {
+                    (Some(a), Some(b)) => items.push((Item::Rename(a, old.1.clone(), b, new.1.clone()), false, false)),
+                    (Some(a), None) => items.push((Item::Name(a, old.1.clone()), false, false)),
+                    (None, Some(b)) => items.push((Item::Name(b, new.1.clone()), false, false)),
+                    (None, None) => {}
+                }
+                continue;
+            }
+            let settle = e.mask & libc::FAN_MODIFY != 0 && !e.closed();
+            let object = if entry { None } else { e.object.as_ref().and_then(known) };
+            match object {
+                Some(x) => items.push((Item::Object(x), e.content(), settle)),
+                None => {
+                    for (dir, name) in &e.names {
+                        if let Some(d) = known(dir) {
+                            items.push((Item::Name(d, name.clone()), e.content(), settle && !entry));
+                        }
+                    }
+                }
+            }
+        }
+        for (item, content, settle) in items {
+            self.local.push(item, content, settle);
+        }
+    }
+
+    /// Reconcile the items that are due.
+    pub(super) fn reconcile_due(&mut self) {
+        if self.local.overflow && self.pending.is_empty() {
+            self.local.overflow = false;
+            let since = self.store.settled().unwrap_or(0);
+            tracing::warn!("fanotify queue overflowed: rescanning the export for changes since {since}");
+            self.scan(since);
+        }
+        if self.local.order.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let items = self.local.take(|_, p| p.due <= now);
+        self.run_items(items, i64::MAX);
+    }
+
+    /// Before a batch: reconcile the changes it could race with (every entry
+    /// change, and content or attribute changes of the objects it names), so
+    /// its preconditions meet the export as it is.
+    pub(super) fn reconcile_for(&mut self, batch: &[Mutation]) {
+        if self.local.order.is_empty() {
+            return;
+        }
+        let mut ids = std::collections::HashSet::new();
+        for m in batch {
+            named_ids(&m.op, &mut ids);
+        }
+        let items = self.local.take(|item, _| match item {
+            Item::Object(x) => ids.contains(x),
+            _ => true,
+        });
+        self.run_items(items, i64::MAX);
+    }
+
+    /// Compare the whole export with the metadata; files whose ctime is at
+    /// or after `since` (seconds) have their content reread.
+    pub(super) fn scan(&mut self, since: i64) {
+        let started = Instant::now();
+        let before = self.store.head();
+        let mut items = VecDeque::new();
+        items.push_back((Item::Dir(ObjectId::ROOT), false));
+        self.run_items(items, since);
+        tracing::info!(
+            "scan of the export done in {} ms: {} changes journaled",
+            started.elapsed().as_millis(),
+            self.store.head() - before
+        );
+    }
+
+    /// On stop: read what is still queued and journal everything pending.
+    pub(super) fn capture_stop(&mut self, rx: &mpsc::Receiver<Work>) {
+        let Some((fan, stop, waker, join)) = self.local.capture.take() else { return };
+        stop.store(true, Ordering::Release);
+        waker.wake();
+        let _ = join.join();
+        while let Ok(w) = rx.try_recv() {
+            if let Work::Local(events) = w {
+                self.take_events(events);
+            }
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(Some(events)) = fan.read(&mut buf) {
+            self.take_events(events);
+        }
+        let items = self.local.take(|_, _| true);
+        self.run_items(items, i64::MAX);
+    }
+
+    /// A time before which every out-of-band change is journaled (seconds;
+    /// 0 when capture is off: nothing is known).
+    pub(super) fn settled(&self) -> Timestamp {
+        self.settled_within(SETTLED_MARGIN)
+    }
+
+    /// Like [`Actor::settled`], with the margin given (seconds).
+    pub(super) fn settled_within(&self, margin: i64) -> Timestamp {
+        if !self.local.active || self.local.overflow {
+            return Timestamp { secs: self.store.settled().unwrap_or(0), nsec: 0 };
+        }
+        let oldest = self.local.pending.values().map(|p| p.first_wall.secs).min();
+        let now = Timestamp::now().secs;
+        Timestamp { secs: (oldest.unwrap_or(now).min(now) - margin).max(0), nsec: 0 }
+    }
+
+    fn run_items(&mut self, mut items: VecDeque<(Item, bool)>, since: i64) {
+        // Until every committed record is applied, tree and metadata disagree.
+        if !self.pending.is_empty() {
+            for (item, content) in items {
+                self.local.push(item, content, true);
+            }
+            return;
+        }
+        let Some(root) = self.local.root.clone() else { return };
+        let store = self.store.clone();
+        while !items.is_empty() {
+            let b = match store.batch() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("journaling out-of-band changes failed: {e}; will rescan");
+                    self.local.overflow = true;
+                    return;
+                }
+            };
+            let mut rc = Rc { b, root: root.as_fd(), since };
+            while rc.b.records().len() < CHUNK {
+                let Some((item, content)) = items.pop_front() else { break };
+                if let Err(e) = rc.item(&item, content, &mut items) {
+                    tracing::warn!("out-of-band change at {item:?} not journaled: {e}");
+                }
+            }
+            if rc.b.records().is_empty() {
+                continue;
+            }
+            match rc.b.commit(true) {
+                Ok(records) => {
+                    Counters::add(&self.shared.counters.fsyncs, 1);
+                    Counters::add(&self.shared.counters.records, records.len() as u64);
+                    Counters::add(&self.shared.counters.local_records, records.len() as u64);
+                    self.apply_all(records);
+                    self.applied_tx.send_replace(self.hint.seq());
+                }
+                Err(e) => {
+                    tracing::error!("committing out-of-band changes failed: {e}; will rescan");
+                    self.local.overflow = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Every object an op names (to find the local changes it could race).
+fn named_ids(op: &Op, ids: &mut std::collections::HashSet<ObjectId>) {
+    match op {
+        Op::Create { parent, .. }
+        | Op::Mkdir { parent, .. }
+        | Op::Symlink { parent, .. }
+        | Op::Mknod { parent, .. } => {
+            ids.insert(*parent);
+        }
+        Op::Link { id, parent, .. } => {
+            ids.extend([*id, *parent]);
+        }
+        Op::Unlink { parent, expect, .. } | Op::Rmdir { parent, expect, .. } => {
+            ids.extend([*parent, expect.id]);
+        }
+        Op::Rename { parent, expect, new_parent, target, .. } => {
+            ids.extend([*parent, expect.id, *new_parent]);
+            ids.extend(target.map(|t| t.id));
+        }
+        Op::Write { id, .. }
+        | Op::Truncate { id, .. }
+        | Op::Allocate { id, .. }
+        | Op::PunchHole { id, .. }
+        | Op::SetAttr { id, .. }
+        | Op::SetXattr { id, .. }
+        | Op::RemoveXattr { id, .. } => {
+            ids.insert(*id);
+        }
+    }
+}
+
+type R<T> = Result<T, OpError>;
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> OpError + '_ {
+    move |e| OpError::Transient(format!("{what}: {e}"))
+}
+
+fn mtime_of(st: &libc::stat) -> Timestamp {
+    Timestamp { secs: st.st_mtime, nsec: st.st_mtime_nsec as u32 }
+}
+
+/// One reconciling pass: a batch of local records being built.
+struct Rc<'s, 'f> {
+    b: Batch<'s>,
+    root: BorrowedFd<'f>,
+    /// Files whose ctime is at or after this (seconds) have their content reread.
+    since: i64,
+}
+
+impl Rc<'_, '_> {
+    fn item(&mut self, item: &Item, content: bool, more: &mut VecDeque<(Item, bool)>) -> R<()> {
+        match item {
+            Item::Name(d, n) => self.name(*d, n, false, more),
+            Item::Rename(a, an, b, bn) => {
+                self.name(*b, bn, false, more)?;
+                self.name(*a, an, false, more)
+            }
+            Item::Object(x) => {
+                let row = self.b.object(*x)?;
+                let Ok(fd) = sys::open_by_handle(self.root, &row.handle, libc::O_PATH) else { return Ok(()) };
+                let st = sys::fstatat(fd.as_fd(), b"").map_err(io("stat"))?;
+                if st.st_nlink == 0 {
+                    return Ok(()); // removed: its entry's event says so
+                }
+                self.object(*x, &st, content)
+            }
+            Item::Dir(d) => self.dir(*d, more),
+        }
+    }
+
+    /// Open a directory by handle, if it still exists.
+    fn open_dir(&self, handle: &[u8]) -> Option<OwnedFd> {
+        let fd = sys::open_by_handle(self.root, handle, libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+        let st = sys::fstatat(fd.as_fd(), b"").ok()?;
+        (st.st_nlink > 0).then_some(fd)
+    }
+
+    fn dir_fd(&self, d: ObjectId) -> R<Option<OwnedFd>> {
+        let row = match self.b.object(d) {
+            Ok(r) => r,
+            Err(OpError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if row.kind != FileKind::Dir {
+            return Ok(None);
+        }
+        Ok(self.open_dir(&row.handle))
+    }
+
+    /// The directory's mtime in the export (entry records carry it), or now.
+    fn dir_time(&self, dfd: Option<&OwnedFd>) -> Timestamp {
+        dfd.and_then(|fd| sys::fstatat(fd.as_fd(), b"").ok()).map(|st| mtime_of(&st)).unwrap_or_else(Timestamp::now)
+    }
+
+    fn exec(&mut self, op: Op, time: Timestamp) -> R<Applied> {
+        self.b.execute(Origin::Local, &op, time)
+    }
+
+    /// Every entry of a directory, then the directory's own attributes.
+    fn dir(&mut self, d: ObjectId, more: &mut VecDeque<(Item, bool)>) -> R<()> {
+        let Some(dfd) = self.dir_fd(d)? else { return Ok(()) };
+        let mut names: BTreeSet<Vec<u8>> =
+            sys::read_dir_names(dfd.as_fd()).map_err(io("reading a directory"))?.into_iter().collect();
+        names.extend(self.b.children(d)?.into_iter().map(|(n, _)| n));
+        for n in names {
+            if let Err(e) = self.name(d, &n, true, more) {
+                tracing::warn!("out-of-band change of {:?} in {d} not journaled: {e}", String::from_utf8_lossy(&n));
+            }
+        }
+        let st = sys::fstatat(dfd.as_fd(), b"").map_err(io("stat"))?;
+        self.object(d, &st, false)
+    }
+
+    /// Compare one directory entry; in a scan, descend into subdirectories.
+    fn name(&mut self, d: ObjectId, n: &[u8], scan: bool, more: &mut VecDeque<(Item, bool)>) -> R<()> {
+        if (d == ObjectId::ROOT && n == crate::tree::STAGE_DIR) || !valid_name(n) {
+            return Ok(());
+        }
+        let Some(dfd) = self.dir_fd(d)? else { return Ok(()) };
+        let fs = match sys::fstatat(dfd.as_fd(), n) {
+            Ok(st) => match sys::name_to_handle(dfd.as_fd(), n) {
+                Ok(h) => Some((st, h)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+                Err(e) => return Err(io("name_to_handle_at")(e)),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(io("stat")(e)),
+        };
+        let cur = self.b.lookup(d, n)?;
+        match (fs, cur) {
+            (None, None) => Ok(()),
+            (None, Some(x)) => self.remove(d, n, x, Some(&dfd)),
+            (Some((st, h)), Some(x)) if self.b.object(x)?.handle == h => {
+                if scan && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    more.push_back((Item::Dir(x), false));
+                    return Ok(());
+                }
+                self.object(x, &st, false)
+            }
+            (Some((st, h)), cur) => self.arrive(d, n, &dfd, &st, h, cur, more),
+        }
+    }
+
+    /// Does `name` in `dir` still lead to the inode with handle `h`?
+    fn resolves(&self, dir: ObjectId, name: &[u8], h: &[u8]) -> R<bool> {
+        let Some(dfd) = self.dir_fd(dir)? else { return Ok(false) };
+        Ok(sys::name_to_handle(dfd.as_fd(), name).is_ok_and(|x| x == h))
+    }
+
+    /// An entry now leads to an inode the metadata has elsewhere (a rename
+    /// or a new hard link) or not at all (a new object).
+    #[allow(clippy::too_many_arguments)]
+    fn arrive(
+        &mut self,
+        d: ObjectId,
+        n: &[u8],
+        dfd: &OwnedFd,
+        st: &libc::stat,
+        h: Handle,
+        cur: Option<ObjectId>,
+        more: &mut VecDeque<(Item, bool)>,
+    ) -> R<()> {
+        let time = self.dir_time(Some(dfd));
+        if let Some(y) = self.b.by_handle(&h)?.filter(|y| self.b.object(*y).is_ok()) {
+            let ykind = self.b.object(y)?.kind;
+            let mut from = None;
+            for (p, pn) in self.b.names_of(y)? {
+                if !self.resolves(p, &pn, &h)? {
+                    from = Some((p, pn));
+                    break;
+                }
+            }
+            if let Some((p, pn)) = from {
+                let target = match cur {
+                    Some(x) => {
+                        let xr = self.b.object(x)?;
+                        if xr.kind == FileKind::Dir || ykind == FileKind::Dir {
+                            self.remove(d, n, x, Some(dfd))?;
+                            None
+                        } else {
+                            Some(Expect { id: x, base: xr.versions })
+                        }
+                    }
+                    None => None,
+                };
+                let expect = Expect { id: y, base: self.b.object(y)?.versions };
+                let op = Op::Rename {
+                    parent: p,
+                    name: pn,
+                    expect,
+                    new_parent: d,
+                    new_name: n.to_vec(),
+                    target,
+                    mode: RenameMode::Replace,
+                };
+                self.exec(op, time)?;
+                return self.object(y, st, false);
+            }
+            if ykind != FileKind::Dir {
+                if let Some(x) = cur {
+                    self.remove(d, n, x, Some(dfd))?;
+                }
+                self.exec(Op::Link { id: y, parent: d, name: n.to_vec() }, time)?;
+                return self.object(y, st, false);
+            }
+            return Ok(());
+        }
+        if let Some(x) = cur {
+            self.remove(d, n, x, Some(dfd))?;
+        }
+        self.create(d, n, dfd, st, h, more)
+    }
+
+    /// A name is gone from the export: journal its removal (a directory's
+    /// entries first).
+    fn remove(&mut self, d: ObjectId, n: &[u8], x: ObjectId, dfd: Option<&OwnedFd>) -> R<()> {
+        let row = self.b.object(x)?;
+        if row.kind == FileKind::Dir {
+            for (cn, c) in self.b.children(x)? {
+                self.remove(x, &cn, c, None)?;
+            }
+        }
+        let expect = Expect { id: x, base: self.b.object(x)?.versions };
+        let time = self.dir_time(dfd);
+        let op = if row.kind == FileKind::Dir {
+            Op::Rmdir { parent: d, name: n.to_vec(), expect }
+        } else {
+            Op::Unlink { parent: d, name: n.to_vec(), expect }
+        };
+        self.exec(op, time).map(drop)
+    }
+
+    /// A new object in the export: journal its creation and content; a new
+    /// directory is scanned.
+    fn create(
+        &mut self,
+        d: ObjectId,
+        n: &[u8],
+        dfd: &OwnedFd,
+        st: &libc::stat,
+        h: Handle,
+        more: &mut VecDeque<(Item, bool)>,
+    ) -> R<()> {
+        let id = ObjectId::new();
+        let (parent, name) = (d, n.to_vec());
+        let (mode, uid, gid) = (st.st_mode & 0o7777, st.st_uid, st.st_gid);
+        let op = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => Op::Create { parent, name, id, mode, uid, gid },
+            libc::S_IFDIR => Op::Mkdir { parent, name, id, mode, uid, gid },
+            libc::S_IFLNK => {
+                let target = sys::readlinkat(dfd.as_fd(), n).map_err(io("readlink"))?;
+                Op::Symlink { parent, name, id, target, uid, gid }
+            }
+            libc::S_IFIFO => Op::Mknod { parent, name, id, kind: FileKind::Fifo, mode, uid, gid },
+            libc::S_IFSOCK => Op::Mknod { parent, name, id, kind: FileKind::Socket, mode, uid, gid },
+            _ => {
+                tracing::debug!("device node {:?} in the export is not replicated", String::from_utf8_lossy(n));
+                return Ok(());
+            }
+        };
+        let dir = matches!(op, Op::Mkdir { .. });
+        self.exec(op, self.dir_time(Some(dfd)))?;
+        self.b.set_handle(id, h)?;
+        if dir {
+            more.push_back((Item::Dir(id), false));
+            return Ok(());
+        }
+        self.object(id, st, true)
+    }
+
+    /// Compare an object's content (files: when flagged, or when size,
+    /// mtime or a recent ctime say so) and attributes.
+    fn object(&mut self, x: ObjectId, st: &libc::stat, content: bool) -> R<()> {
+        let row = self.b.object(x)?;
+        let mtime = mtime_of(st);
+        if row.kind == FileKind::File
+            && (content || st.st_size as u64 != row.size || mtime != row.mtime || st.st_ctime >= self.since)
+        {
+            self.data(x, &row, st)?;
+        }
+        let row = self.b.object(x)?;
+        let mut a = SetAttrs::default();
+        if row.kind != FileKind::Symlink && st.st_mode & 0o7777 != row.mode {
+            a.mode = Some(st.st_mode & 0o7777);
+        }
+        if st.st_uid != row.uid {
+            a.uid = Some(st.st_uid);
+        }
+        if st.st_gid != row.gid {
+            a.gid = Some(st.st_gid);
+        }
+        if mtime != row.mtime {
+            a.mtime = Some(mtime);
+        }
+        if a != SetAttrs::default() {
+            self.exec(Op::SetAttr { id: x, base: row.versions.meta, attrs: a }, Timestamp::now())?;
+        }
+        Ok(())
+    }
+
+    /// Rehash a file and journal the blocks that differ from its hashes (a
+    /// stale hash counts as different) and a size change.
+    fn data(&mut self, x: ObjectId, row: &ObjectRow, st: &libc::stat) -> R<()> {
+        let Ok(fd) = sys::open_by_handle(self.root, &row.handle, libc::O_RDONLY) else { return Ok(()) };
+        let size = st.st_size as u64;
+        let old = self.b.hashes(x)?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let zeros = vec![0u8; BLOCK_SIZE as usize];
+        let mut blocks = Vec::new();
+        let mut changed = Vec::new();
+        let zero_block = *blake3::hash(&zeros).as_bytes();
+        for i in 0..size.div_ceil(BLOCK_SIZE) {
+            let start = i * BLOCK_SIZE;
+            let end = (start + BLOCK_SIZE).min(size);
+            let zero = if end - start == BLOCK_SIZE {
+                zero_block
+            } else {
+                *blake3::hash(&zeros[..(end - start) as usize]).as_bytes()
+            };
+            let hole = !matches!(sys::seek(fd.as_fd(), start, libc::SEEK_DATA), Ok(Some(d)) if d < end);
+            let hash = if hole {
+                zero
+            } else {
+                let n = sys::pread(fd.as_fd(), &mut buf[..(end - start) as usize], start).map_err(io("read"))?;
+                *blake3::hash(&buf[..n]).as_bytes()
+            };
+            let stale = row.stale.iter().any(|&(a, b)| a <= i && i <= b);
+            let differs = if start < row.size && stale {
+                // Written by a client and not rehashed yet: while running, an
+                // event says this file changed here, so journal the block; in
+                // the start-up scan, replay has just made it what the journal
+                // says, so take it as it is.
+                self.since == i64::MAX
+            } else if start < row.size {
+                old.get(i as usize) != Some(&hash)
+            } else {
+                hash != zero // past the old end the size change gives zeros
+            };
+            blocks.push(hash);
+            changed.push(differs);
+        }
+        let time = mtime_of(st);
+        let mut base = row.versions.data;
+        if size != row.size {
+            base = self.exec(Op::Truncate { id: x, base, size }, time)?.seq;
+        }
+        let mut i = 0;
+        while i < changed.len() {
+            if !changed[i] {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < changed.len() && changed[i] {
+                i += 1;
+            }
+            let offset = first as u64 * BLOCK_SIZE;
+            let len = (i as u64 * BLOCK_SIZE).min(size) - offset;
+            let op = Op::Write { id: x, base, offset, data: Vec::new() };
+            base = self.b.execute_placed(Origin::Local, &op, time, Payload::Direct(len))?.seq;
+        }
+        self.b.set_hashes(x, &blocks)
+    }
+}
