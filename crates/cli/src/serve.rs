@@ -5,6 +5,7 @@ use clap::{Args, Subcommand};
 use izo_server::auth::{Rights, Tokens};
 use izo_server::{Server, ServerConfig};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -87,7 +88,7 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     let cfg = args.config()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async move {
+    let server = rt.block_on(async move {
         let server = Server::open(&cfg).with_context(|| format!("opening volume from {}", cfg.export.display()))?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| {
             format!("listening on {} (is another server running? pick one with --listen)", cfg.listen)
@@ -116,8 +117,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if !server.shutdown(std::time::Duration::from_secs(30)) {
             anyhow::bail!("the volume did not stop within 30 s; the next start replays the journal");
         }
-        Ok(())
-    })
+        Ok(server)
+    })?;
+    // Connection tasks hold the server; once they are gone this is the last
+    // reference, and dropping it closes the database cleanly (an unclean
+    // close makes the next open walk the whole file to repair it).
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if Arc::strong_count(&server) > 1 {
+        tracing::warn!("the database was not closed cleanly; the next start checks it");
+    }
+    drop(server);
+    Ok(())
 }
 
 #[derive(Subcommand)]

@@ -268,6 +268,23 @@ impl Batch<'_> {
         Ok(v)
     }
 
+    /// Whether the volume is trusted (see [`xattr_replicates`]).
+    pub fn trusted(&self) -> bool {
+        self.store.trusted.load(Ordering::Relaxed)
+    }
+
+    /// Extended attributes of an object as this batch sees them, by name.
+    pub fn xattrs(&self, id: ObjectId) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
+        let t = self.tx.open_table(XATTRS).map_err(db)?;
+        let (lo, hi) = prefix_range(id);
+        let mut out = Vec::new();
+        for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((k.value()[16..].to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Block hashes of a file as this batch sees them (some may be stale:
     /// see `ObjectRow::stale`).
     pub fn hashes(&self, id: ObjectId) -> R<Vec<[u8; 32]>> {
@@ -417,3 +434,10 @@ pub(crate) fn bump_meta(row: &mut ObjectRow, cx: &Cx) {
 mod ops;
 mod rename;
 mod xattr;
+
+/// Does an extended attribute of an object of `kind` replicate on this
+/// volume (`user.*`, POSIX ACLs; `trusted.*` and file capabilities on a
+/// trusted volume)?
+pub fn xattr_replicates(name: &[u8], value: &[u8], kind: FileKind, trusted: bool) -> bool {
+    xattr::check(name, Some(value), kind, trusted).is_ok()
+}

@@ -29,10 +29,11 @@ pub(crate) struct Background {
 }
 
 impl Background {
-    pub(crate) fn spawn(self) -> std::io::Result<mpsc::Sender<Job>> {
+    /// Start the thread; it ends once every sender is dropped.
+    pub(crate) fn spawn(self) -> std::io::Result<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("izo-background".into()).spawn(move || self.run(rx))?;
-        Ok(tx)
+        let join = std::thread::Builder::new().name("izo-background".into()).spawn(move || self.run(rx))?;
+        Ok((tx, join))
     }
 
     fn run(self, rx: mpsc::Receiver<Job>) {

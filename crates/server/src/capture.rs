@@ -174,16 +174,33 @@ pub fn parse(buf: &[u8], own: i32) -> Vec<Event> {
     out
 }
 
+/// A running capture: the group and its reader thread.
+pub struct Capture {
+    /// The fanotify group (also read directly before a batch and at a stop).
+    pub fan: Arc<Fanotify>,
+    stop: Arc<AtomicBool>,
+    waker: Waker,
+    join: std::thread::JoinHandle<()>,
+}
+
+impl Capture {
+    /// Stop the reader thread and wait for it.
+    pub fn stop_reader(self) -> Arc<Fanotify> {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        let _ = self.join.join();
+        self.fan
+    }
+}
+
 /// Start the reader thread: it blocks in `poll` until events or a stop, and
-/// hands batches to `sink`. Returns the stop flag and the thread's waker.
-pub fn spawn(
-    fan: Arc<Fanotify>,
-    mut sink: impl FnMut(Vec<Event>) -> bool + Send + 'static,
-) -> io::Result<(Arc<AtomicBool>, Waker, std::thread::JoinHandle<()>)> {
+/// hands batches to `sink` (until `sink` returns false).
+pub fn spawn(fan: Arc<Fanotify>, mut sink: impl FnMut(Vec<Event>) -> bool + Send + 'static) -> io::Result<Capture> {
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Waker::new()?;
-    let (stop2, waker2) = (stop.clone(), waker.clone());
+    let (stop2, waker2, fan2) = (stop.clone(), waker.clone(), fan.clone());
     let join = std::thread::Builder::new().name("izo-capture".into()).spawn(move || {
+        let fan = fan2;
         let mut buf = vec![0u8; 256 << 10];
         loop {
             let mut fds = [
@@ -214,12 +231,12 @@ pub fn spawn(
             }
         }
     })?;
-    Ok((stop, waker, join))
+    Ok(Capture { fan, stop, waker, join })
 }
 
 /// An eventfd that wakes the reader thread (to stop it).
 #[derive(Clone)]
-pub struct Waker {
+struct Waker {
     fd: Arc<OwnedFd>,
 }
 
@@ -232,7 +249,7 @@ impl Waker {
     }
 
     /// Wake the thread.
-    pub fn wake(&self) {
+    fn wake(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a valid buffer.
         let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };

@@ -25,6 +25,8 @@ pub struct Counters {
     pub replay_skipped: AtomicU64,
     /// Records of changes other programs made in the export.
     pub local_records: AtomicU64,
+    /// Scans of the export for such changes completed (start-up, overflow).
+    pub scans: AtomicU64,
 }
 
 impl Counters {
@@ -47,6 +49,7 @@ impl Counters {
             ("replayed".into(), g(&self.replayed)),
             ("replay_skipped".into(), g(&self.replay_skipped)),
             ("local_records".into(), g(&self.local_records)),
+            ("scans".into(), g(&self.scans)),
         ]
     }
 }

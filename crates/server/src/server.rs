@@ -130,16 +130,14 @@ impl Server {
         }
         .spawn()
         .map_err(|e| ServerError::io("starting the background thread", e))?;
+        let (background, background_join) = background;
         let (tx, rx) = mpsc::channel();
         let mut local = crate::volume::Local::default();
         local.rescan = cfg.rescan;
         if cfg.capture {
             let started = crate::capture::Fanotify::new(tree.root()).and_then(|fan| {
-                let fan = Arc::new(fan);
                 let sink = tx.clone();
-                let (stop, waker, join) =
-                    crate::capture::spawn(fan.clone(), move |events| sink.send(Work::Local(events)).is_ok())?;
-                Ok((fan, stop, waker, join))
+                crate::capture::spawn(Arc::new(fan), move |events| sink.send(Work::Local(events)).is_ok())
             });
             match started {
                 Ok(c) => {
@@ -179,7 +177,12 @@ impl Server {
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("izo-volume".into())
-            .spawn(move || actor.run(rx, done_tx))
+            .spawn(move || {
+                actor.run(rx);
+                // the actor is gone: the background thread ends after its last job
+                let _ = background_join.join();
+                let _ = done_tx.send(());
+            })
             .map_err(|e| ServerError::io("starting the volume thread", e))?;
         let _ = shared.root.as_fd();
         Ok(Arc::new(Server {

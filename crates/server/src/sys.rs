@@ -314,23 +314,6 @@ pub fn sockopt(fd: BorrowedFd, level: i32, opt: i32) -> io::Result<i32> {
     Ok(v)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn tcp_sockets_get_keepalive_and_a_user_timeout() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        tune_tcp(s.as_fd(), 5, 2, 3, 10_000).expect("tune");
-        assert_eq!(sockopt(s.as_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE).expect("get"), 1);
-        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE).expect("get"), 5);
-        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPCNT).expect("get"), 3);
-        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).expect("get"), 10_000);
-    }
-}
-
 /// `readlinkat(2)` of `name` in `d`.
 pub fn readlinkat(d: BorrowedFd, name: &[u8]) -> io::Result<Vec<u8>> {
     let c = cstr(name)?;
@@ -370,4 +353,49 @@ pub fn read_dir_names(d: BorrowedFd) -> io::Result<Vec<Vec<u8>>> {
     // SAFETY: dir came from fdopendir and is closed once.
     unsafe { libc::closedir(dir) };
     result.map(|_| out)
+}
+
+/// Names of the extended attributes of an open file (`flistxattr(2)`).
+pub fn flistxattr(fd: BorrowedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf.split(|&b| b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || buf.len() >= 1 << 20 {
+            return Err(e);
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
+}
+
+/// Value of an extended attribute of an open file (`fgetxattr(2)`).
+pub fn fgetxattr(fd: BorrowedFd, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::fgetxattr(fd.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    buf.truncate(cvt64(n as i64)? as usize);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn tcp_sockets_get_keepalive_and_a_user_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        tune_tcp(s.as_fd(), 5, 2, 3, 10_000).expect("tune");
+        assert_eq!(sockopt(s.as_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE).expect("get"), 1);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE).expect("get"), 5);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPCNT).expect("get"), 3);
+        assert_eq!(sockopt(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).expect("get"), 10_000);
+    }
 }

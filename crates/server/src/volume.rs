@@ -41,6 +41,8 @@ pub struct Mutation {
 }
 
 /// Work for the actor.
+// Mutations are the hot path and stay unboxed; event batches are rare.
+#[allow(clippy::large_enum_variant)]
 pub enum Work {
     /// A client's mutation.
     Mutate(Mutation),
@@ -123,7 +125,9 @@ fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
 }
 
 impl Actor {
-    pub(crate) fn run(mut self, rx: mpsc::Receiver<Work>, done: mpsc::Sender<()>) {
+    /// Serve until stopped; returns after the final checkpoint, dropping
+    /// the actor (and with it the background thread's queue).
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Work>) {
         let tick = Duration::from_millis(200);
         if self.capturing() && self.pending.is_empty() {
             // What changed while the server was down: files whose ctime is
@@ -172,7 +176,6 @@ impl Actor {
         }
         self.capture_stop(&rx);
         self.final_checkpoint();
-        let _ = done.send(());
     }
 
     /// On a clean stop: make everything applied durable and mark it, so the

@@ -169,6 +169,13 @@ impl Proc {
         self.child.id()
     }
 
+    /// Stop cleanly (SIGTERM) and wait for the exit.
+    pub fn sigterm(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for izo serve");
+        assert!(status.success(), "izo serve exits cleanly on SIGTERM: {status:?}");
+    }
+
     pub fn sigkill(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
@@ -290,4 +297,95 @@ impl Raw {
     pub async fn recv(&mut self) -> Option<ServerMsg> {
         self.recv_raw().await.map(|(m, _)| m)
     }
+}
+
+/// A loop-mounted journaled ext4 image, unmounted on drop.
+pub struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// A file system of `mib` MiB made with extra `mkfs.ext4` arguments.
+    pub fn new(mib: u64, mkfs_args: &[&str]) -> SmallFs {
+        let dir = tempfile::Builder::new().prefix("izo-smallfs-").tempdir().expect("temp dir");
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mnt");
+        std::fs::File::create(&img).and_then(|f| f.set_len(mib << 20)).expect("image");
+        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+        assert!(
+            ok(Command::new("mkfs.ext4").args(["-q", "-F"]).args(mkfs_args).arg(&img)),
+            "mkfs.ext4 (e2fsprogs) is needed"
+        );
+        assert!(ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt)), "loop mount needs root");
+        SmallFs { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+    }
+}
+
+/// Digest of the volume as the server describes it (names, attributes,
+/// content read back, xattrs, hard links), comparable with `tree_digest` of
+/// the export. `None` if a query failed (the view was changing under it).
+pub async fn server_digest(c: &Client) -> Option<izo_testkit::Digest> {
+    use izo_testkit::{digest_xattr, Digest, Kind, Node};
+    let mut d = Digest::default();
+    let mut names: std::collections::HashMap<ObjectId, Vec<Vec<u8>>> = Default::default();
+    let mut stack = vec![(ObjectId::ROOT, Vec::new())];
+    while let Some((id, path)) = stack.pop() {
+        let a = c.getattr(id).await.ok()?;
+        let content = match a.kind {
+            FileKind::File => *blake3::hash(&c.read(id, 0, a.size).await.ok()?).as_bytes(),
+            FileKind::Symlink => *blake3::hash(&c.readlink(id).await.ok()?).as_bytes(),
+            _ => [0; 32],
+        };
+        let xattrs = match a.kind {
+            FileKind::File | FileKind::Dir => {
+                c.xattrs(id).await.ok()?.into_iter().filter(|(n, _)| digest_xattr(n)).collect()
+            }
+            _ => Default::default(),
+        };
+        let node = Node {
+            kind: Kind::from(a.kind),
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            mtime: (a.mtime.secs, a.mtime.nsec),
+            size: if a.kind == FileKind::File { a.size } else { 0 },
+            content,
+            xattrs,
+            link_group: None,
+        };
+        if a.kind == FileKind::Dir {
+            for e in c.readdir(id).await.ok()? {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&e.name);
+                stack.push((e.attr.id, p));
+            }
+        } else {
+            names.entry(id).or_default().push(path.clone());
+        }
+        d.nodes.insert(path, node);
+    }
+    for paths in names.into_values().filter(|p| p.len() > 1) {
+        let smallest = paths.iter().min().cloned();
+        for p in &paths {
+            if let Some(n) = d.nodes.get_mut(p) {
+                n.link_group = smallest.clone();
+            }
+        }
+    }
+    Some(d)
 }

@@ -1,6 +1,7 @@
 //! One integration-test binary: real TLS on loopback, real redb files and
 //! export trees in temp dirs, real `izo serve` processes killed with SIGKILL.
 
+mod capture;
 mod confine;
 mod crash;
 mod harness;

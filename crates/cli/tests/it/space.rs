@@ -6,40 +6,10 @@
 use crate::harness::*;
 use izo_client::ClientError;
 use izo_proto::*;
-use std::process::Command;
-
-/// A loop-mounted ext4 image, unmounted on drop.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn new(mib: u64) -> SmallFs {
-        let dir = tempfile::Builder::new().prefix("izo-smallfs-").tempdir().expect("temp dir");
-        let img = dir.path().join("fs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mnt");
-        std::fs::File::create(&img).and_then(|f| f.set_len(mib << 20)).expect("image");
-        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
-        assert!(ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)), "mkfs.ext4 (e2fsprogs) is needed");
-        assert!(ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt)), "loop mount needs root");
-        SmallFs { dir }
-    }
-
-    fn mnt(&self) -> std::path::PathBuf {
-        self.dir.path().join("mnt")
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_refused_before_the_ack_and_the_volume_stays_writable() {
-    let fs = SmallFs::new(256);
+    let fs = SmallFs::new(256, &[]);
     let dirs = Dirs::new();
     let export = fs.mnt().join("vol");
     std::fs::create_dir(&export).expect("export");

@@ -56,6 +56,10 @@ impl Actor {
     }
 
     pub(super) fn note_dirty(&mut self, rec: &StoredRecord) {
+        // a local record comes with fresh hashes
+        if rec.record.origin == Origin::Local {
+            return;
+        }
         if let Some(id) = rec.record.op.data_target() {
             self.dirty.insert(id, Instant::now());
         }

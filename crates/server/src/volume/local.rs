@@ -13,7 +13,7 @@
 //! of being overwritten.
 
 use super::*;
-use crate::capture::{Event, Fanotify, Waker};
+use crate::capture::{Capture, Event};
 use izo_journal::{Batch, Handle, ObjectRow, Payload};
 use std::collections::BTreeSet;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -29,6 +29,10 @@ pub(crate) enum Item {
     Object(ObjectId),
     /// Every entry of a directory, and the subdirectories below (scan).
     Dir(ObjectId),
+    /// An entry whose object vanished from it but lives on: compared again
+    /// once everything else is, so a rename found at its new name first is
+    /// a rename, not a removal and a new file.
+    Gone(ObjectId, Vec<u8>),
 }
 
 struct Pending {
@@ -57,12 +61,14 @@ pub(crate) struct Local {
     order: VecDeque<Item>,
     pending: HashMap<Item, Pending>,
     overflow: bool,
-    /// The fanotify group, its reader thread's stop flag, waker and handle.
-    pub capture: Option<(Arc<Fanotify>, Arc<AtomicBool>, Waker, std::thread::JoinHandle<()>)>,
+    /// The fanotify group and its reader thread.
+    pub capture: Option<Capture>,
     /// The export root, for opening by handle.
     pub root: Option<Arc<OwnedFd>>,
     /// Reread every file at start (`izo serve --rescan`).
     pub rescan: bool,
+    /// Buffer for reading events on the actor.
+    buf: Vec<u8>,
     /// Capture ran (and, after a stop, was drained): the export's changes
     /// are journaled through the settled time.
     pub active: bool,
@@ -174,6 +180,16 @@ impl Actor {
     /// change, and content or attribute changes of the objects it names), so
     /// its preconditions meet the export as it is.
     pub(super) fn reconcile_for(&mut self, batch: &[Mutation]) {
+        // Events of changes made before the batch arrived may still sit in
+        // the kernel queue (the reader thread has not run yet): read them here.
+        if let Some(fan) = self.local.capture.as_ref().map(|c| c.fan.clone()) {
+            let mut buf = std::mem::take(&mut self.local.buf);
+            buf.resize(64 << 10, 0);
+            while let Ok(Some(events)) = fan.read(&mut buf) {
+                self.take_events(events);
+            }
+            self.local.buf = buf;
+        }
         if self.local.order.is_empty() {
             return;
         }
@@ -196,6 +212,7 @@ impl Actor {
         let mut items = VecDeque::new();
         items.push_back((Item::Dir(ObjectId::ROOT), false));
         self.run_items(items, since);
+        Counters::add(&self.shared.counters.scans, 1);
         tracing::info!(
             "scan of the export done in {} ms: {} changes journaled",
             started.elapsed().as_millis(),
@@ -205,10 +222,8 @@ impl Actor {
 
     /// On stop: read what is still queued and journal everything pending.
     pub(super) fn capture_stop(&mut self, rx: &mpsc::Receiver<Work>) {
-        let Some((fan, stop, waker, join)) = self.local.capture.take() else { return };
-        stop.store(true, Ordering::Release);
-        waker.wake();
-        let _ = join.join();
+        let Some(capture) = self.local.capture.take() else { return };
+        let fan = capture.stop_reader();
         while let Ok(w) = rx.try_recv() {
             if let Work::Local(events) = w {
                 self.take_events(events);
@@ -257,13 +272,15 @@ impl Actor {
                     return;
                 }
             };
-            let mut rc = Rc { b, root: root.as_fd(), since };
+            let mut rc = Rc { b, root: root.as_fd(), since, deferred: Vec::new() };
             while rc.b.records().len() < CHUNK {
                 let Some((item, content)) = items.pop_front() else { break };
                 if let Err(e) = rc.item(&item, content, &mut items) {
                     tracing::warn!("out-of-band change at {item:?} not journaled: {e}");
                 }
             }
+            // (a later chunk sees them again, after what it has queued)
+            items.extend(rc.deferred.drain(..).map(|(d, n)| (Item::Gone(d, n), false)));
             if rc.b.records().is_empty() {
                 continue;
             }
@@ -332,12 +349,23 @@ struct Rc<'s, 'f> {
     root: BorrowedFd<'f>,
     /// Files whose ctime is at or after this (seconds) have their content reread.
     since: i64,
+    /// Entries whose object lives on elsewhere, to compare last.
+    deferred: Vec<(ObjectId, Vec<u8>)>,
 }
 
 impl Rc<'_, '_> {
     fn item(&mut self, item: &Item, content: bool, more: &mut VecDeque<(Item, bool)>) -> R<()> {
         match item {
             Item::Name(d, n) => self.name(*d, n, false, more),
+            Item::Gone(d, n) => {
+                let Some(dfd) = self.dir_fd(*d)? else { return Ok(()) };
+                if sys::fstatat(dfd.as_fd(), n).is_err() {
+                    if let Some(x) = self.b.lookup(*d, n)? {
+                        return self.remove(*d, n, x, Some(&dfd));
+                    }
+                }
+                self.name(*d, n, false, more)
+            }
             Item::Rename(a, an, b, bn) => {
                 self.name(*b, bn, false, more)?;
                 self.name(*a, an, false, more)
@@ -416,6 +444,10 @@ impl Rc<'_, '_> {
         let cur = self.b.lookup(d, n)?;
         match (fs, cur) {
             (None, None) => Ok(()),
+            (None, Some(x)) if self.alive(x) => {
+                self.deferred.push((d, n.to_vec()));
+                Ok(())
+            }
             (None, Some(x)) => self.remove(d, n, x, Some(&dfd)),
             (Some((st, h)), Some(x)) if self.b.object(x)?.handle == h => {
                 if scan && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
@@ -426,6 +458,13 @@ impl Rc<'_, '_> {
             }
             (Some((st, h)), cur) => self.arrive(d, n, &dfd, &st, h, cur, more),
         }
+    }
+
+    /// Does the object's inode still have a name somewhere?
+    fn alive(&self, x: ObjectId) -> bool {
+        let Ok(row) = self.b.object(x) else { return false };
+        let Ok(fd) = sys::open_by_handle(self.root, &row.handle, libc::O_PATH) else { return false };
+        sys::fstatat(fd.as_fd(), b"").is_ok_and(|st| st.st_nlink > 0)
     }
 
     /// Does `name` in `dir` still lead to the inode with handle `h`?
@@ -582,6 +621,37 @@ impl Rc<'_, '_> {
         if a != SetAttrs::default() {
             self.exec(Op::SetAttr { id: x, base: row.versions.meta, attrs: a }, Timestamp::now())?;
         }
+        // xattr changes show in the ctime (and in events while running)
+        if matches!(row.kind, FileKind::File | FileKind::Dir) && (self.since == i64::MAX || st.st_ctime >= self.since) {
+            self.xattrs(x, row.kind, &row.handle)?;
+        }
+        Ok(())
+    }
+
+    /// Journal the replicated extended attributes that differ.
+    fn xattrs(&mut self, x: ObjectId, kind: FileKind, handle: &[u8]) -> R<()> {
+        let flags = if kind == FileKind::Dir { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY };
+        let Ok(fd) = sys::open_by_handle(self.root, handle, flags) else { return Ok(()) };
+        let trusted = self.b.trusted();
+        let mut fs = std::collections::BTreeMap::new();
+        for name in sys::flistxattr(fd.as_fd()).map_err(io("listxattr"))? {
+            let Ok(value) = sys::fgetxattr(fd.as_fd(), &name) else { continue };
+            if izo_journal::xattr_replicates(&name, &value, kind, trusted) {
+                fs.insert(name, value);
+            }
+        }
+        let cur: std::collections::BTreeMap<_, _> = self.b.xattrs(x)?.into_iter().collect();
+        for (name, value) in &fs {
+            if cur.get(name) != Some(value) {
+                let base = self.b.object(x)?.versions.meta;
+                let op = Op::SetXattr { id: x, base, name: name.clone(), value: value.clone() };
+                self.exec(op, Timestamp::now())?;
+            }
+        }
+        for name in cur.keys().filter(|n| !fs.contains_key(*n)) {
+            let base = self.b.object(x)?.versions.meta;
+            self.exec(Op::RemoveXattr { id: x, base, name: name.clone() }, Timestamp::now())?;
+        }
         Ok(())
     }
 
@@ -628,7 +698,8 @@ impl Rc<'_, '_> {
         }
         let time = mtime_of(st);
         let mut base = row.versions.data;
-        if size != row.size {
+        // A write of the last block sets a grown size by itself.
+        if size < row.size || (size > row.size && changed.last() != Some(&true)) {
             base = self.exec(Op::Truncate { id: x, base, size }, time)?.seq;
         }
         let mut i = 0;
