@@ -194,8 +194,14 @@ impl Capture {
 }
 
 /// Start the reader thread: it blocks in `poll` until events or a stop, and
-/// hands batches to `sink` (until `sink` returns false).
-pub fn spawn(fan: Arc<Fanotify>, mut sink: impl FnMut(Vec<Event>) -> bool + Send + 'static) -> io::Result<Capture> {
+/// hands batches to `sink` (until `sink` returns false). `stall` (tests
+/// only) holds off reading until that file exists, to make the kernel
+/// queue overflow.
+pub fn spawn(
+    fan: Arc<Fanotify>,
+    stall: Option<std::path::PathBuf>,
+    mut sink: impl FnMut(Vec<Event>) -> bool + Send + 'static,
+) -> io::Result<Capture> {
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Waker::new()?;
     let (stop2, waker2, fan2) = (stop.clone(), waker.clone(), fan.clone());
@@ -214,6 +220,11 @@ pub fn spawn(fan: Arc<Fanotify>, mut sink: impl FnMut(Vec<Event>) -> bool + Send
             }
             if r < 0 {
                 continue;
+            }
+            if let Some(until) = &stall {
+                while !until.exists() && !stop2.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
             let mut events = Vec::new();
             loop {

@@ -137,7 +137,8 @@ impl Server {
         if cfg.capture {
             let started = crate::capture::Fanotify::new(tree.root()).and_then(|fan| {
                 let sink = tx.clone();
-                crate::capture::spawn(Arc::new(fan), move |events| sink.send(Work::Local(events)).is_ok())
+                let stall = hooks.capture_stall.clone();
+                crate::capture::spawn(Arc::new(fan), stall, move |events| sink.send(Work::Local(events)).is_ok())
             });
             match started {
                 Ok(c) => {

@@ -28,6 +28,9 @@ pub struct TestHooks {
     /// this probability (a crash test's random moments include the window
     /// between the ack point and the reply).
     pub kill_after_commit: u32,
+    /// `IZO_TEST_CAPTURE_STALL=<path>`: the capture reader reads nothing
+    /// until this file exists, so a burst of changes overflows the kernel queue.
+    pub capture_stall: Option<std::path::PathBuf>,
 }
 
 impl TestHooks {
@@ -52,6 +55,7 @@ impl TestHooks {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            capture_stall: std::env::var_os("IZO_TEST_CAPTURE_STALL").map(Into::into),
         }
     }
 

@@ -272,7 +272,7 @@ impl Actor {
                     return;
                 }
             };
-            let mut rc = Rc { b, root: root.as_fd(), since, deferred: Vec::new() };
+            let mut rc = Rc { b, root: root.as_fd(), since, deferred: Vec::new(), buf: Vec::new() };
             while rc.b.records().len() < CHUNK {
                 let Some((item, content)) = items.pop_front() else { break };
                 if let Err(e) = rc.item(&item, content, &mut items) {
@@ -351,6 +351,18 @@ struct Rc<'s, 'f> {
     since: i64,
     /// Entries whose object lives on elsewhere, to compare last.
     deferred: Vec<(ObjectId, Vec<u8>)>,
+    /// Block buffer for rehashing.
+    buf: Vec<u8>,
+}
+
+/// BLAKE3 of `len` zero bytes (a hole); the whole-block one is computed once.
+fn zero_hash(len: usize) -> [u8; 32] {
+    static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+    static BLOCK: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if len == ZEROS.len() {
+        return *BLOCK.get_or_init(|| *blake3::hash(&ZEROS).as_bytes());
+    }
+    *blake3::hash(&ZEROS[..len.min(ZEROS.len())]).as_bytes()
 }
 
 impl Rc<'_, '_> {
@@ -418,7 +430,7 @@ impl Rc<'_, '_> {
             sys::read_dir_names(dfd.as_fd()).map_err(io("reading a directory"))?.into_iter().collect();
         names.extend(self.b.children(d)?.into_iter().map(|(n, _)| n));
         for n in names {
-            if let Err(e) = self.name(d, &n, true, more) {
+            if let Err(e) = self.name_in(d, &dfd, &n, true, more) {
                 tracing::warn!("out-of-band change of {:?} in {d} not journaled: {e}", String::from_utf8_lossy(&n));
             }
         }
@@ -432,6 +444,21 @@ impl Rc<'_, '_> {
             return Ok(());
         }
         let Some(dfd) = self.dir_fd(d)? else { return Ok(()) };
+        self.name_in(d, &dfd, n, scan, more)
+    }
+
+    /// [`Rc::name`] with the directory already open.
+    fn name_in(
+        &mut self,
+        d: ObjectId,
+        dfd: &OwnedFd,
+        n: &[u8],
+        scan: bool,
+        more: &mut VecDeque<(Item, bool)>,
+    ) -> R<()> {
+        if (d == ObjectId::ROOT && n == crate::tree::STAGE_DIR) || !valid_name(n) {
+            return Ok(());
+        }
         let fs = match sys::fstatat(dfd.as_fd(), n) {
             Ok(st) => match sys::name_to_handle(dfd.as_fd(), n) {
                 Ok(h) => Some((st, h)),
@@ -448,7 +475,7 @@ impl Rc<'_, '_> {
                 self.deferred.push((d, n.to_vec()));
                 Ok(())
             }
-            (None, Some(x)) => self.remove(d, n, x, Some(&dfd)),
+            (None, Some(x)) => self.remove(d, n, x, Some(dfd)),
             (Some((st, h)), Some(x)) if self.b.object(x)?.handle == h => {
                 if scan && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                     more.push_back((Item::Dir(x), false));
@@ -456,7 +483,16 @@ impl Rc<'_, '_> {
                 }
                 self.object(x, &st, false)
             }
-            (Some((st, h)), cur) => self.arrive(d, n, &dfd, &st, h, cur, more),
+            (Some((st, h)), cur) => {
+                self.arrive(d, n, dfd, &st, h, cur, more)?;
+                // a new object's record carries its own mtime: the
+                // directory's follows (a scan does this once per directory)
+                if !scan {
+                    let dst = sys::fstatat(dfd.as_fd(), b"").map_err(io("stat"))?;
+                    self.object(d, &dst, false)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -585,7 +621,7 @@ impl Rc<'_, '_> {
             }
         };
         let dir = matches!(op, Op::Mkdir { .. });
-        self.exec(op, self.dir_time(Some(dfd)))?;
+        self.exec(op, mtime_of(st))?;
         self.b.set_handle(id, h)?;
         if dir {
             more.push_back((Item::Dir(id), false));
@@ -661,25 +697,19 @@ impl Rc<'_, '_> {
         let Ok(fd) = sys::open_by_handle(self.root, &row.handle, libc::O_RDONLY) else { return Ok(()) };
         let size = st.st_size as u64;
         let old = self.b.hashes(x)?;
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        let zeros = vec![0u8; BLOCK_SIZE as usize];
         let mut blocks = Vec::new();
         let mut changed = Vec::new();
-        let zero_block = *blake3::hash(&zeros).as_bytes();
         for i in 0..size.div_ceil(BLOCK_SIZE) {
             let start = i * BLOCK_SIZE;
             let end = (start + BLOCK_SIZE).min(size);
-            let zero = if end - start == BLOCK_SIZE {
-                zero_block
-            } else {
-                *blake3::hash(&zeros[..(end - start) as usize]).as_bytes()
-            };
+            let zero = zero_hash((end - start) as usize);
             let hole = !matches!(sys::seek(fd.as_fd(), start, libc::SEEK_DATA), Ok(Some(d)) if d < end);
             let hash = if hole {
                 zero
             } else {
-                let n = sys::pread(fd.as_fd(), &mut buf[..(end - start) as usize], start).map_err(io("read"))?;
-                *blake3::hash(&buf[..n]).as_bytes()
+                self.buf.resize(BLOCK_SIZE as usize, 0);
+                let n = sys::pread(fd.as_fd(), &mut self.buf[..(end - start) as usize], start).map_err(io("read"))?;
+                *blake3::hash(&self.buf[..n]).as_bytes()
             };
             let stale = row.stale.iter().any(|&(a, b)| a <= i && i <= b);
             let differs = if start < row.size && stale {
