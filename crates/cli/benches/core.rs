@@ -21,8 +21,9 @@
 //! it. `--silence-ms` overrides the client's dead-server timeout, for
 //! diagnosis only. W2 comes from `--w2`, else `$IZO_WORKLOADS/w2.bin`, else
 //! `/var/tmp/izo-workloads/w2.bin`. The `izo` binary comes from `$IZO_BIN`,
-//! else `target/release/izo`. Exits 0 when a target is missed: this is a
-//! benchmark, not a test.
+//! else `target/release/izo`; `$IZO_BENCH_SERVE_ARGS` adds arguments to
+//! `izo serve` (e.g. `--no-capture`, to see what out-of-band capture
+//! costs). Exits 0 when a target is missed: this is a benchmark, not a test.
 
 use anyhow::{bail, ensure, Context, Result};
 use izo_client::{Client, ClientConfig};
@@ -134,6 +135,7 @@ impl ServerProc {
             .arg("--state")
             .arg(&state)
             .args(["--listen", "127.0.0.1:0", "--volume", "vol"])
+            .args(std::env::var("IZO_BENCH_SERVE_ARGS").unwrap_or_default().split_whitespace())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
