@@ -121,7 +121,7 @@ impl Batch<'_> {
             let mut t = self.tx.open_table(RECORDS).map_err(db)?;
             let mut added = 0u64;
             for r in &self.records {
-                let row = enc(r);
+                let row = enc_record(r);
                 added += row.len() as u64;
                 t.insert(r.record.seq, row.as_slice()).map_err(db)?;
             }
@@ -323,6 +323,31 @@ impl Batch<'_> {
     /// Like [`Batch::execute`], with the caller choosing where a write's
     /// bytes live (anything but `Inline` leaves them out of the record).
     pub fn execute_placed(&mut self, origin: Origin, op: &Op, time: Timestamp, place: Payload) -> R<Applied> {
+        self.execute_full(origin, op, time, place, (None, None))
+    }
+
+    /// Record a change another program made in the export (origin `Local`),
+    /// stamped now, with the mtimes the export shows: `mtime` for the
+    /// object the op makes or writes, `dir_mtime` for the directories whose
+    /// entries it changes (either left to the record time when `None`).
+    pub fn execute_local(
+        &mut self,
+        op: &Op,
+        place: Payload,
+        mtime: Option<Timestamp>,
+        dir_mtime: Option<Timestamp>,
+    ) -> R<Applied> {
+        self.execute_full(Origin::Local, op, Timestamp::now(), place, (mtime, dir_mtime))
+    }
+
+    fn execute_full(
+        &mut self,
+        origin: Origin,
+        op: &Op,
+        time: Timestamp,
+        place: Payload,
+        (mtime, dir_mtime): (Option<Timestamp>, Option<Timestamp>),
+    ) -> R<Applied> {
         let who = match origin {
             Origin::Replica(r, _) => Some(r),
             Origin::Local => None,
@@ -333,7 +358,7 @@ impl Batch<'_> {
             (Op::Write { data, .. }, Payload::Direct(n)) if data.is_empty() => Some(n),
             _ => None,
         };
-        let cx = Cx { seq, time, who, data_len };
+        let cx = Cx { seq, time, who, data_len, mtime, dir_mtime };
         let (attr, handles) = self.exec_op(&cx, op)?;
         // Bytes kept elsewhere are not copied into the record.
         let op = match (op, place) {
@@ -372,7 +397,7 @@ impl Batch<'_> {
 
     pub(crate) fn touch_dir(&mut self, cx: &Cx, id: ObjectId, nlink_delta: i32) -> R<Handle> {
         let mut row = self.row(id)?;
-        row.mtime = cx.time;
+        row.mtime = cx.dir_mtime.unwrap_or(cx.time);
         bump_data(&mut row, cx);
         row.nlink = (row.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_row(id, &row)?;
@@ -413,6 +438,16 @@ pub(crate) struct Cx {
     pub who: Option<ReplicaId>,
     /// Length of a write whose bytes are not in the op (already in the file).
     pub data_len: Option<u64>,
+    /// mtime of the object the op makes or writes, when not the record time.
+    pub mtime: Option<Timestamp>,
+    /// mtime of the directories whose entries change, when not the record time.
+    pub dir_mtime: Option<Timestamp>,
+}
+
+impl Cx {
+    pub fn obj_mtime(&self) -> Timestamp {
+        self.mtime.unwrap_or(self.time)
+    }
 }
 
 pub(crate) fn bump_data(row: &mut ObjectRow, cx: &Cx) {

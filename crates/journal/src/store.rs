@@ -226,7 +226,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.range(from..).map_err(db)?.take(max) {
             let (_, v) = row.map_err(db)?;
-            out.push(dec(v.value()).ok_or(StoreError::Corrupt("records"))?);
+            out.push(dec_record(v.value()).ok_or(StoreError::Corrupt("records"))?);
         }
         Ok(out)
     }
@@ -274,7 +274,10 @@ impl Store {
             let bytes = v.value();
             // StoredRecord starts with Record, which starts with seq, origin, time.
             let head = match bytes.split_first() {
-                Some((&ROW_V1, rest)) => postcard::take_from_bytes::<(Seq, izo_proto::Origin, Timestamp)>(rest).ok(),
+                // both record formats begin with seq, origin, time
+                Some((&ROW_V1 | &RECORD_V2, rest)) => {
+                    postcard::take_from_bytes::<(Seq, izo_proto::Origin, Timestamp)>(rest).ok()
+                }
                 _ => None,
             };
             let Some(((_, _, time), _)) = head else { return Err(StoreError::Corrupt("records")) };

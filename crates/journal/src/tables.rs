@@ -133,6 +133,49 @@ pub fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
     }
 }
 
+/// Format byte of journal records since they carry `Record::elided`.
+pub const RECORD_V2: u8 = 2;
+
+/// A journal record as version 1 stored it (no `elided`).
+#[derive(Deserialize)]
+struct RecordV1 {
+    seq: izo_proto::Seq,
+    origin: izo_proto::Origin,
+    time: Timestamp,
+    op: izo_proto::Op,
+    attr: Option<Attr>,
+}
+
+#[derive(Deserialize)]
+struct StoredRecordV1 {
+    record: RecordV1,
+    handles: Vec<(ObjectId, Handle)>,
+    payload: Payload,
+}
+
+/// Encode a journal record row.
+pub fn enc_record(r: &StoredRecord) -> Vec<u8> {
+    postcard::to_extend(r, vec![RECORD_V2]).unwrap_or_default()
+}
+
+/// Decode a journal record row of either format.
+pub fn dec_record(b: &[u8]) -> Option<StoredRecord> {
+    match b.split_first() {
+        Some((&RECORD_V2, rest)) => postcard::from_bytes(rest).ok(),
+        Some((&ROW_V1, rest)) => {
+            let old: StoredRecordV1 = postcard::from_bytes(rest).ok()?;
+            let elided = match old.payload {
+                Payload::Staged(n) | Payload::Direct(n) => n,
+                Payload::Inline => 0,
+            };
+            let r = old.record;
+            let record = Record { seq: r.seq, origin: r.origin, time: r.time, op: r.op, attr: r.attr, elided };
+            Some(StoredRecord { record, handles: old.handles, payload: old.payload })
+        }
+        _ => None,
+    }
+}
+
 /// Key of a dentry: parent id ‖ name.
 pub fn dkey(parent: ObjectId, name: &[u8]) -> Vec<u8> {
     let mut k = parent.to_bytes().to_vec();
@@ -174,4 +217,47 @@ pub fn id_at(b: &[u8], at: usize) -> ObjectId {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[at..at + 16]);
     ObjectId::from_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use izo_proto::{Op, Origin};
+
+    #[derive(Serialize)]
+    struct RecordV1 {
+        seq: u64,
+        origin: Origin,
+        time: Timestamp,
+        op: Op,
+        attr: Option<Attr>,
+    }
+
+    #[derive(Serialize)]
+    struct StoredRecordV1 {
+        record: RecordV1,
+        handles: Vec<(ObjectId, Handle)>,
+        payload: Payload,
+    }
+
+    #[test]
+    fn records_written_by_format_1_still_decode() {
+        let id = ObjectId::new();
+        let op = Op::Write { id, base: 3, offset: 4096, data: Vec::new() };
+        let time = Timestamp { secs: 1_700_000_000, nsec: 5 };
+        let v1 = StoredRecordV1 {
+            record: RecordV1 { seq: 9, origin: Origin::Local, time, op: op.clone(), attr: None },
+            handles: vec![(id, vec![1, 2, 3])],
+            payload: Payload::Direct(65536),
+        };
+        let row = postcard::to_extend(&v1, vec![ROW_V1]).expect("encode");
+        let r = dec_record(&row).expect("a format-1 row decodes");
+        assert_eq!(r.record.seq, 9);
+        assert_eq!(r.record.op, op);
+        assert_eq!(r.record.elided, 65536, "elided comes from the payload placement");
+        assert_eq!(r.handles, vec![(id, vec![1, 2, 3])]);
+        let again = dec_record(&enc_record(&r)).expect("format 2 round trip");
+        assert_eq!(again, r);
+        assert!(dec_record(&[7, 1, 2]).is_none(), "an unknown format is refused");
+    }
 }

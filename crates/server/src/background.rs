@@ -26,6 +26,10 @@ pub(crate) struct Background {
     pub tuning: Tuning,
     /// Highest seq durably checkpointed (read by the actor to drop stage files).
     pub checkpointed: Arc<AtomicU64>,
+    /// With out-of-band capture, rehashed blocks go to the actor, which
+    /// stores them only if no local change of the file is queued (the hashes
+    /// could describe that change, which would then go unjournaled).
+    pub results: Option<mpsc::Sender<crate::volume::Work>>,
 }
 
 impl Background {
@@ -41,7 +45,15 @@ impl Background {
             match job {
                 Job::Checkpoint(seq, settled) => self.checkpoint(seq, settled),
                 Job::Rehash(id) => {
-                    if let Err(e) = hash::rehash(&self.store, self.root.as_fd(), id) {
+                    let done = match &self.results {
+                        None => hash::rehash(&self.store, self.root.as_fd(), id),
+                        Some(tx) => hash::compute(&self.store, self.root.as_fd(), id).map(|r| {
+                            if let Some((version, blocks)) = r {
+                                let _ = tx.send(crate::volume::Work::Hashes { id, version, blocks });
+                            }
+                        }),
+                    };
+                    if let Err(e) = done {
                         tracing::debug!("rehash of {id} deferred: {e}");
                     }
                 }

@@ -226,19 +226,23 @@ pub fn spawn(
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
             }
-            let mut events = Vec::new();
-            loop {
-                match fan.read(&mut buf) {
-                    Ok(Some(mut e)) => events.append(&mut e),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!("reading fanotify events failed: {e}; out-of-band capture stops");
+            // Hand over each read at once (the actor may be waiting to
+            // validate a batch against these changes).
+            match fan.read(&mut buf) {
+                Ok(Some(events)) if !events.is_empty() => {
+                    if !sink(events) {
                         return;
                     }
                 }
-            }
-            if !events.is_empty() && !sink(events) {
-                return;
+                Ok(_) => {}
+                Err(e) => {
+                    // events may be lost: have the actor rescan, and retry
+                    tracing::error!("reading fanotify events failed: {e}; rescanning");
+                    if !sink(vec![Event { mask: libc::FAN_Q_OVERFLOW, ..Event::default() }]) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
             }
         }
     })?;

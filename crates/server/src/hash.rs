@@ -3,7 +3,7 @@
 
 use crate::sys;
 use izo_journal::Store;
-use izo_proto::{FileKind, ObjectId, BLOCK_SIZE};
+use izo_proto::{FileKind, ObjectId, Seq, BLOCK_SIZE};
 use std::os::fd::{AsFd, BorrowedFd};
 
 /// Hash one block of an open file.
@@ -12,11 +12,23 @@ pub fn hash_block(fd: BorrowedFd, index: u64, buf: &mut [u8]) -> std::io::Result
     Ok(*blake3::hash(&buf[..n]).as_bytes())
 }
 
-/// Recompute the stale block hashes of `id`, if it is a file.
+/// Recompute the stale block hashes of `id`, if it is a file, and store them.
 pub fn rehash(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<(), String> {
+    if let Some((version, blocks)) = compute(store, root, id)? {
+        store.set_hashes(id, version, blocks).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Block hashes of a file and the data version they describe.
+pub type Hashes = (Seq, Vec<[u8; 32]>);
+
+/// The block hashes of `id` with its stale ones recomputed, and the data
+/// version they describe; `None` if nothing is stale.
+pub fn compute(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<Option<Hashes>, String> {
     let row = store.object(id).map_err(|e| e.to_string())?;
     if row.kind != FileKind::File || row.stale.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let fd = sys::open_by_handle(root, &row.handle, libc::O_RDONLY).map_err(|e| e.to_string())?;
     let mut blocks = store.hashes(id).map_err(|e| e.to_string())?;
@@ -34,6 +46,5 @@ pub fn rehash(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<(), Strin
             _ => *blake3::hash(&zeros[..(end - start) as usize]).as_bytes(),
         };
     }
-    store.set_hashes(id, row.versions.data, blocks).map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(Some((row.versions.data, blocks)))
 }

@@ -121,17 +121,18 @@ impl Server {
             dirty.insert(id, Instant::now());
         }
         let checkpointed = Arc::new(std::sync::atomic::AtomicU64::new(store.checkpoint().unwrap_or(0)));
+        let (tx, rx) = mpsc::channel();
         let background = crate::background::Background {
             store: store.clone(),
             root: tree.root().try_clone_to_owned().map_err(|e| ServerError::io("dup export fd", e))?,
             counters: shared.counters.clone(),
             tuning: tuning.clone(),
             checkpointed: checkpointed.clone(),
+            results: cfg.capture.then(|| tx.clone()),
         }
         .spawn()
         .map_err(|e| ServerError::io("starting the background thread", e))?;
         let (background, background_join) = background;
-        let (tx, rx) = mpsc::channel();
         let mut local = crate::volume::Local::default();
         local.rescan = cfg.rescan;
         if cfg.capture {
@@ -174,6 +175,7 @@ impl Server {
             staged_ids: Vec::new(),
             replay_marked: replayed.marked,
             local,
+            skip_once: Default::default(),
         };
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::Builder::new()

@@ -31,6 +31,9 @@ pub struct TestHooks {
     /// `IZO_TEST_CAPTURE_STALL=<path>`: the capture reader reads nothing
     /// until this file exists, so a burst of changes overflows the kernel queue.
     pub capture_stall: Option<std::path::PathBuf>,
+    /// `IZO_TEST_APPLY_PAUSE_MS=<ms>`: wait this long between a commit and
+    /// its apply (a test changes the export in that window).
+    pub apply_pause_ms: u64,
 }
 
 impl TestHooks {
@@ -56,6 +59,14 @@ impl TestHooks {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             capture_stall: std::env::var_os("IZO_TEST_CAPTURE_STALL").map(Into::into),
+            apply_pause_ms: std::env::var("IZO_TEST_APPLY_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        }
+    }
+
+    /// Wait between a commit and its apply, if asked to.
+    pub fn maybe_pause_before_apply(&self) {
+        if self.apply_pause_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.apply_pause_ms));
         }
     }
 

@@ -362,6 +362,43 @@ impl Tree {
         Ok(n)
     }
 
+    /// An apply failed while capture is on: another program may have put
+    /// something where the op needs a name to be free (or to lead to the
+    /// inode it expects). Move that aside in the same directory, as
+    /// `NAME.izo-local-SEQ`, and return where it went (to be journaled as a
+    /// local change); the op is then retried and nothing is lost.
+    pub fn move_aside(&mut self, rec: &StoredRecord) -> Result<Vec<(ObjectId, Vec<u8>)>, ApplyError> {
+        let r = &rec.record;
+        let (dir, name, want) = match &r.op {
+            Op::Create { parent, name, id, .. }
+            | Op::Mkdir { parent, name, id, .. }
+            | Op::Symlink { parent, name, id, .. }
+            | Op::Mknod { parent, name, id, .. }
+            | Op::Link { parent, name, id } => (*parent, name, *id),
+            Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => (*parent, name, expect.id),
+            Op::Rename { new_parent, new_name, expect, .. } => (*new_parent, new_name, expect.id),
+            _ => return Ok(Vec::new()),
+        };
+        let want = self.handle(rec, want)?.clone();
+        let p = self.dir(rec, dir)?;
+        let expected_target = match &r.op {
+            Op::Rename { target: Some(t), .. } => Some(self.handle(rec, t.id)?.clone()),
+            _ => None,
+        };
+        match self.handle_at(p.as_fd(), name)? {
+            Some(cur) if cur != want && Some(&cur) != expected_target.as_ref() => {
+                let mut aside = name.clone();
+                let suffix = format!(".izo-local-{}", r.seq).into_bytes();
+                aside.truncate(255 - suffix.len());
+                aside.extend_from_slice(&suffix);
+                sys::renameat2(p.as_fd(), name, p.as_fd(), &aside, libc::RENAME_NOREPLACE)
+                    .map_err(io_err("moving a local change aside"))?;
+                Ok(vec![(dir, aside)])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     fn handle<'r>(&self, rec: &'r StoredRecord, id: ObjectId) -> Result<&'r Handle, ApplyError> {
         rec.handle(id).filter(|h| !h.is_empty()).ok_or_else(|| ApplyError::Inconsistent {
             seq: rec.record.seq,

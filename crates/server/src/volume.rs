@@ -48,6 +48,8 @@ pub enum Work {
     Mutate(Mutation),
     /// Changes other programs made in the export.
     Local(Vec<crate::capture::Event>),
+    /// Block hashes recomputed off the actor, for data version `version`.
+    Hashes { id: ObjectId, version: Seq, blocks: Vec<[u8; 32]> },
 }
 
 /// Retention and checkpoint settings.
@@ -118,6 +120,9 @@ pub(crate) struct Actor {
     pub checkpointed: Arc<std::sync::atomic::AtomicU64>,
     /// Out-of-band capture.
     pub local: local::Local,
+    /// Records not to apply when next met (a data op on a file another
+    /// program removed).
+    pub skip_once: std::collections::HashSet<Seq>,
 }
 
 fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
@@ -134,6 +139,9 @@ impl Actor {
             // after the last checkpoint's settled time are reread.
             let since = if self.local.rescan { i64::MIN } else { self.store.settled().unwrap_or(0) };
             self.scan(since);
+        } else if self.capturing() {
+            // replay left records to retry: scan once they are applied
+            self.local.overflow = true;
         }
         while !self.shared.stop.load(Ordering::Acquire) {
             let wait = match self.local.next_due() {
@@ -144,6 +152,10 @@ impl Actor {
                 Ok(Work::Mutate(m)) => Some(m),
                 Ok(Work::Local(events)) => {
                     self.take_events(events);
+                    None
+                }
+                Ok(Work::Hashes { id, version, blocks }) => {
+                    self.store_hashes(id, version, blocks);
                     None
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -165,6 +177,7 @@ impl Actor {
                             batch.push(m);
                         }
                         Some(Work::Local(events)) => self.take_events(events),
+                        Some(Work::Hashes { id, version, blocks }) => self.store_hashes(id, version, blocks),
                         None => break,
                     }
                 }
@@ -173,6 +186,16 @@ impl Actor {
             }
             self.reconcile_due();
             self.housekeeping();
+        }
+        // Blocks written by clients and not rehashed yet: hash them now, so
+        // the next start-up scan can tell an edit made while stopped (kept
+        // only if no local change of the file is queued, as while running).
+        for id in std::mem::take(&mut self.dirty).into_keys() {
+            match crate::hash::compute(&self.store, self.tree.root(), id) {
+                Ok(Some((version, blocks))) => self.store_hashes(id, version, blocks),
+                Ok(None) => {}
+                Err(e) => tracing::debug!("rehash of {id} at stop failed: {e}"),
+            }
         }
         self.capture_stop(&rx);
         self.final_checkpoint();
@@ -223,9 +246,13 @@ impl Actor {
         }
         match recorded {
             Ok((records, outs)) => {
+                if !self.staged_ids.is_empty() {
+                    self.handles_added();
+                }
                 let kinds: Vec<&str> = records.iter().map(|r| r.record.op.kind()).collect();
                 self.hooks.maybe_crash(true, &kinds);
                 self.hooks.maybe_kill_after_commit();
+                self.hooks.maybe_pause_before_apply();
                 self.apply_all(records);
                 self.hooks.maybe_crash(false, &kinds);
                 self.applied_tx.send_replace(self.hint.seq());

@@ -80,18 +80,18 @@ impl Batch<'_> {
     pub(super) fn exec_op(&mut self, cx: &Cx, op: &Op) -> R<Out> {
         match op {
             Op::Create { parent, name, id, mode, uid, gid } => {
-                let row = new_row(FileKind::File, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                let row = new_row(FileKind::File, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Mkdir { parent, name, id, mode, uid, gid } => {
-                let row = new_row(FileKind::Dir, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                let row = new_row(FileKind::Dir, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Symlink { parent, name, id, target, uid, gid } => {
                 if target.is_empty() || target.len() > 4095 || target.contains(&0) {
                     return Err(OpError::Invalid("symlink target must be 1–4095 bytes without NUL".into()));
                 }
-                let mut row = new_row(FileKind::Symlink, 0o777, *uid, *gid, cx.time, cx.who, cx.seq);
+                let mut row = new_row(FileKind::Symlink, 0o777, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 row.size = target.len() as u64;
                 row.target = Some(target.clone());
                 self.create_common(cx, *parent, name, *id, row)
@@ -100,7 +100,7 @@ impl Batch<'_> {
                 if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
                     return Err(OpError::Invalid("mknod makes only fifos and sockets".into()));
                 }
-                let row = new_row(*kind, *mode, *uid, *gid, cx.time, cx.who, cx.seq);
+                let row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Link { id, parent, name } => self.link(cx, *id, *parent, name),
@@ -241,7 +241,7 @@ impl Batch<'_> {
             self.take_space(space)?;
         }
         f(&mut row);
-        row.mtime = cx.time;
+        row.mtime = cx.obj_mtime();
         bump_data(&mut row, cx);
         self.put_row(id, &row)?;
         Ok((Some(row.attr(id)), vec![(id, row.handle)]))

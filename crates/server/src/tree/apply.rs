@@ -27,6 +27,12 @@ impl Tree {
     pub fn apply(&mut self, rec: &StoredRecord, mode: Mode) -> Result<Outcome, ApplyError> {
         // A change found in the export is journaled after it happened there.
         if rec.record.origin == Origin::Local {
+            // cached fds would keep a removed inode (and its space) alive
+            if matches!(rec.record.op, Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. }) {
+                for (_, h) in &rec.handles {
+                    self.forget(h);
+                }
+            }
             return Ok(Outcome::Skipped);
         }
         match self.apply_inner(rec, mode) {

@@ -17,7 +17,9 @@ impl Actor {
             // A link, unlink, rmdir or rename can undo the post-state of the
             // records before it, and its own replay needs the marker: mark
             // before and after it. Other records are marked per batch.
+            // (a local record describes the tree as it is: nothing to replay)
             let ambiguous = !redo
+                && rec.record.origin != Origin::Local
                 && matches!(rec.record.op, Op::Link { .. } | Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. });
             if ambiguous && !self.hint.flush() {
                 self.pending.push_front(rec);
@@ -31,7 +33,12 @@ impl Actor {
             } else {
                 Mode::Normal
             };
-            match self.tree.apply(&rec, mode) {
+            let result = if self.skip_once.remove(&seq) {
+                Ok(crate::tree::Outcome::Skipped)
+            } else {
+                self.tree.apply(&rec, mode)
+            };
+            match result {
                 Ok(_) => {
                     Counters::add(&self.shared.counters.ops_applied, 1);
                     self.note_dirty(&rec);
@@ -41,6 +48,13 @@ impl Actor {
                         return;
                     }
                     self.hint.note(seq);
+                }
+                Err(e) if self.capturing() && !redo && self.local_change_in_the_way(&rec, &e) => {
+                    // retried in Exact mode, after what another program did
+                    // was moved aside (or was a removal the op cannot undo)
+                    self.pending.push_front(rec);
+                    self.apply_all(Vec::new());
+                    return;
                 }
                 Err(e) => {
                     tracing::error!("apply of seq {seq} failed: {e}; volume read-only until it succeeds");
@@ -53,6 +67,39 @@ impl Actor {
         }
         let marked = self.hint.flush();
         self.shared.readonly.store(!marked, Ordering::Release);
+    }
+
+    /// An apply failed: was another program's change in the way? Moves an
+    /// entry it put where the op needs a name aside (journaled later as a
+    /// local change); a data op on a file it removed is left undone (the
+    /// removal is journaled after it). Returns true if the op can be retried.
+    fn local_change_in_the_way(&mut self, rec: &StoredRecord, e: &crate::tree::ApplyError) -> bool {
+        if let crate::tree::ApplyError::Io { err, .. } = e {
+            if err.raw_os_error() == Some(libc::ESTALE) && rec.record.op.data_target().is_some() {
+                tracing::warn!(
+                    "seq {}: the file was removed by another program before the {} applied; the removal wins",
+                    rec.record.seq,
+                    rec.record.op.kind()
+                );
+                self.skip_once.insert(rec.record.seq);
+                return true;
+            }
+        }
+        match self.tree.move_aside(rec) {
+            Ok(moved) if !moved.is_empty() => {
+                for (dir, name) in moved {
+                    tracing::warn!(
+                        "seq {}: another program's entry was in the way of a {}; kept as {:?}",
+                        rec.record.seq,
+                        rec.record.op.kind(),
+                        String::from_utf8_lossy(&name)
+                    );
+                    self.local_moved_aside(dir, name);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     pub(super) fn note_dirty(&mut self, rec: &StoredRecord) {

@@ -54,13 +54,15 @@ const MAX_SETTLE: Duration = Duration::from_secs(5);
 const SETTLED_MARGIN: i64 = 5;
 /// Records per commit while reconciling.
 const CHUNK: usize = 1024;
+/// Most handles remembered as outside the export.
+const UNKNOWN_MAX: usize = 4096;
 
 /// State of out-of-band capture on the actor.
 #[derive(Default)]
 pub(crate) struct Local {
     order: VecDeque<Item>,
     pending: HashMap<Item, Pending>,
-    overflow: bool,
+    pub(super) overflow: bool,
     /// The fanotify group and its reader thread.
     pub capture: Option<Capture>,
     /// The export root, for opening by handle.
@@ -69,6 +71,9 @@ pub(crate) struct Local {
     pub rescan: bool,
     /// Buffer for reading events on the actor.
     buf: Vec<u8>,
+    /// Handles found in no object (outside the export); forgotten whenever
+    /// objects are created (a handle becomes known only then).
+    unknown: std::collections::HashSet<Handle>,
     /// Capture ran (and, after a stop, was drained): the export's changes
     /// are journaled through the settled time.
     pub active: bool,
@@ -124,7 +129,23 @@ impl Actor {
     /// (handles the metadata does not know are outside the export, or inside
     /// a directory not journaled yet, which is scanned when it is).
     pub(super) fn take_events(&mut self, events: Vec<Event>) {
-        let known = |h: &Handle| self.store.by_handle(h).ok().flatten();
+        // The mark covers the whole file system: remember handles outside
+        // the export, so a busy neighbour costs a set lookup per event.
+        let store = self.store.clone();
+        let unknown = &mut self.local.unknown;
+        let mut known = |h: &Handle| {
+            if unknown.contains(h) {
+                return None;
+            }
+            let id = store.by_handle(h).ok().flatten();
+            if id.is_none() {
+                if unknown.len() >= UNKNOWN_MAX {
+                    unknown.clear();
+                }
+                unknown.insert(h.clone());
+            }
+            id
+        };
         let mut items = Vec::new();
         for e in events {
             if e.overflow() {
@@ -143,7 +164,7 @@ impl Actor {
                 continue;
             }
             let settle = e.mask & libc::FAN_MODIFY != 0 && !e.closed();
-            let object = if entry { None } else { e.object.as_ref().and_then(known) };
+            let object = if entry { None } else { e.object.as_ref().and_then(&mut known) };
             match object {
                 Some(x) => items.push((Item::Object(x), e.content(), settle)),
                 None => {
@@ -160,9 +181,48 @@ impl Actor {
         }
     }
 
+    /// New objects were recorded: their handles are no longer unknown.
+    pub(super) fn handles_added(&mut self) {
+        self.local.unknown.clear();
+    }
+
+    /// Store rehashed blocks unless a local change of the file is queued
+    /// (then the reconcile journals the blocks as changed instead).
+    pub(super) fn store_hashes(&mut self, id: ObjectId, version: Seq, blocks: Vec<[u8; 32]>) {
+        self.read_queued_events();
+        if self.local.pending.contains_key(&Item::Object(id)) {
+            return;
+        }
+        if let Err(e) = self.store.set_hashes(id, version, blocks) {
+            tracing::debug!("storing hashes of {id} failed: {e}");
+        }
+    }
+
+    /// Read events still in the kernel queue (the reader thread may not have run yet).
+    fn read_queued_events(&mut self) {
+        if let Some(fan) = self.local.capture.as_ref().map(|c| c.fan.clone()) {
+            let mut buf = std::mem::take(&mut self.local.buf);
+            buf.resize(64 << 10, 0);
+            while let Ok(Some(events)) = fan.read(&mut buf) {
+                self.take_events(events);
+            }
+            self.local.buf = buf;
+        }
+    }
+
+    /// An entry another program made was moved aside at apply: journal it
+    /// once the records in hand are applied.
+    pub(super) fn local_moved_aside(&mut self, dir: ObjectId, name: Vec<u8>) {
+        self.local.push(Item::Name(dir, name), true, false);
+    }
+
     /// Reconcile the items that are due.
     pub(super) fn reconcile_due(&mut self) {
-        if self.local.overflow && self.pending.is_empty() {
+        // Until every committed record is applied, tree and metadata disagree.
+        if !self.pending.is_empty() {
+            return;
+        }
+        if self.local.overflow {
             self.local.overflow = false;
             let since = self.store.settled().unwrap_or(0);
             tracing::warn!("fanotify queue overflowed: rescanning the export for changes since {since}");
@@ -182,15 +242,8 @@ impl Actor {
     pub(super) fn reconcile_for(&mut self, batch: &[Mutation]) {
         // Events of changes made before the batch arrived may still sit in
         // the kernel queue (the reader thread has not run yet): read them here.
-        if let Some(fan) = self.local.capture.as_ref().map(|c| c.fan.clone()) {
-            let mut buf = std::mem::take(&mut self.local.buf);
-            buf.resize(64 << 10, 0);
-            while let Ok(Some(events)) = fan.read(&mut buf) {
-                self.take_events(events);
-            }
-            self.local.buf = buf;
-        }
-        if self.local.order.is_empty() {
+        self.read_queued_events();
+        if self.local.order.is_empty() || !self.pending.is_empty() {
             return;
         }
         let mut ids = std::collections::HashSet::new();
@@ -233,8 +286,10 @@ impl Actor {
         while let Ok(Some(events)) = fan.read(&mut buf) {
             self.take_events(events);
         }
-        let items = self.local.take(|_, _| true);
-        self.run_items(items, i64::MAX);
+        if self.pending.is_empty() {
+            let items = self.local.take(|_, _| true);
+            self.run_items(items, i64::MAX);
+        }
     }
 
     /// A time before which every out-of-band change is journaled (seconds;
@@ -254,11 +309,10 @@ impl Actor {
     }
 
     fn run_items(&mut self, mut items: VecDeque<(Item, bool)>, since: i64) {
-        // Until every committed record is applied, tree and metadata disagree.
+        // Until every committed record is applied, tree and metadata
+        // disagree: compare later, with a scan.
         if !self.pending.is_empty() {
-            for (item, content) in items {
-                self.local.push(item, content, true);
-            }
+            self.local.overflow = true;
             return;
         }
         let Some(root) = self.local.root.clone() else { return };
@@ -275,8 +329,16 @@ impl Actor {
             let mut rc = Rc { b, root: root.as_fd(), since, deferred: Vec::new(), buf: Vec::new() };
             while rc.b.records().len() < CHUNK {
                 let Some((item, content)) = items.pop_front() else { break };
-                if let Err(e) = rc.item(&item, content, &mut items) {
-                    tracing::warn!("out-of-band change at {item:?} not journaled: {e}");
+                match rc.item(&item, content, &mut items) {
+                    Ok(()) => {}
+                    // gone from the metadata meanwhile (removed with its directory)
+                    Err(OpError::NotFound(_)) => {}
+                    Err(e) => {
+                        // Not journaled now: a rescan finds it (and the settled
+                        // time stays where it is until then).
+                        tracing::warn!("out-of-band change at {item:?} not journaled yet: {e}; will rescan");
+                        self.local.overflow = true;
+                    }
                 }
             }
             // (a later chunk sees them again, after what it has queued)
@@ -286,6 +348,9 @@ impl Actor {
             }
             match rc.b.commit(true) {
                 Ok(records) => {
+                    if records.iter().any(|r| r.record.op.new_object().is_some()) {
+                        self.local.unknown.clear();
+                    }
                     Counters::add(&self.shared.counters.fsyncs, 1);
                     Counters::add(&self.shared.counters.records, records.len() as u64);
                     Counters::add(&self.shared.counters.local_records, records.len() as u64);
@@ -337,6 +402,11 @@ type R<T> = Result<T, OpError>;
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> OpError + '_ {
     move |e| OpError::Transient(format!("{what}: {e}"))
+}
+
+/// The inode no longer exists (removed by another program).
+fn gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT))
 }
 
 fn mtime_of(st: &libc::stat) -> Timestamp {
@@ -419,8 +489,10 @@ impl Rc<'_, '_> {
         dfd.and_then(|fd| sys::fstatat(fd.as_fd(), b"").ok()).map(|st| mtime_of(&st)).unwrap_or_else(Timestamp::now)
     }
 
-    fn exec(&mut self, op: Op, time: Timestamp) -> R<Applied> {
-        self.b.execute(Origin::Local, &op, time)
+    /// Record a local op; `mtime` of the object it makes or writes, and
+    /// `dir` of the directories whose entries it changes, as the export shows.
+    fn exec(&mut self, op: Op, mtime: Option<Timestamp>, dir: Option<Timestamp>) -> R<Applied> {
+        self.b.execute_local(&op, Payload::Inline, mtime, dir)
     }
 
     /// Every entry of a directory, then the directory's own attributes.
@@ -484,7 +556,7 @@ impl Rc<'_, '_> {
                 self.object(x, &st, false)
             }
             (Some((st, h)), cur) => {
-                self.arrive(d, n, dfd, &st, h, cur, more)?;
+                self.arrive(d, n, dfd, &st, h, cur, scan, more)?;
                 // a new object's record carries its own mtime: the
                 // directory's follows (a scan does this once per directory)
                 if !scan {
@@ -520,6 +592,7 @@ impl Rc<'_, '_> {
         st: &libc::stat,
         h: Handle,
         cur: Option<ObjectId>,
+        scan: bool,
         more: &mut VecDeque<(Item, bool)>,
     ) -> R<()> {
         let time = self.dir_time(Some(dfd));
@@ -555,14 +628,24 @@ impl Rc<'_, '_> {
                     target,
                     mode: RenameMode::Replace,
                 };
-                self.exec(op, time)?;
+                self.exec(op, None, Some(time))?;
+                if scan && ykind == FileKind::Dir {
+                    // moved while nobody watched: what is inside may have changed too
+                    more.push_back((Item::Dir(y), false));
+                }
+                if p != d {
+                    if let Some(pfd) = self.dir_fd(p)? {
+                        let pst = sys::fstatat(pfd.as_fd(), b"").map_err(io("stat"))?;
+                        self.object(p, &pst, false)?;
+                    }
+                }
                 return self.object(y, st, false);
             }
             if ykind != FileKind::Dir {
                 if let Some(x) = cur {
                     self.remove(d, n, x, Some(dfd))?;
                 }
-                self.exec(Op::Link { id: y, parent: d, name: n.to_vec() }, time)?;
+                self.exec(Op::Link { id: y, parent: d, name: n.to_vec() }, None, Some(time))?;
                 return self.object(y, st, false);
             }
             return Ok(());
@@ -589,7 +672,7 @@ impl Rc<'_, '_> {
         } else {
             Op::Unlink { parent: d, name: n.to_vec(), expect }
         };
-        self.exec(op, time).map(drop)
+        self.exec(op, None, Some(time)).map(drop)
     }
 
     /// A new object in the export: journal its creation and content; a new
@@ -621,7 +704,7 @@ impl Rc<'_, '_> {
             }
         };
         let dir = matches!(op, Op::Mkdir { .. });
-        self.exec(op, mtime_of(st))?;
+        self.exec(op, Some(mtime_of(st)), Some(self.dir_time(Some(dfd))))?;
         self.b.set_handle(id, h)?;
         if dir {
             more.push_back((Item::Dir(id), false));
@@ -655,7 +738,7 @@ impl Rc<'_, '_> {
             a.mtime = Some(mtime);
         }
         if a != SetAttrs::default() {
-            self.exec(Op::SetAttr { id: x, base: row.versions.meta, attrs: a }, Timestamp::now())?;
+            self.exec(Op::SetAttr { id: x, base: row.versions.meta, attrs: a }, None, None)?;
         }
         // xattr changes show in the ctime (and in events while running)
         if matches!(row.kind, FileKind::File | FileKind::Dir) && (self.since == i64::MAX || st.st_ctime >= self.since) {
@@ -667,7 +750,11 @@ impl Rc<'_, '_> {
     /// Journal the replicated extended attributes that differ.
     fn xattrs(&mut self, x: ObjectId, kind: FileKind, handle: &[u8]) -> R<()> {
         let flags = if kind == FileKind::Dir { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY };
-        let Ok(fd) = sys::open_by_handle(self.root, handle, flags) else { return Ok(()) };
+        let fd = match sys::open_by_handle(self.root, handle, flags) {
+            Ok(fd) => fd,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(io("open")(e)),
+        };
         let trusted = self.b.trusted();
         let mut fs = std::collections::BTreeMap::new();
         for name in sys::flistxattr(fd.as_fd()).map_err(io("listxattr"))? {
@@ -681,12 +768,12 @@ impl Rc<'_, '_> {
             if cur.get(name) != Some(value) {
                 let base = self.b.object(x)?.versions.meta;
                 let op = Op::SetXattr { id: x, base, name: name.clone(), value: value.clone() };
-                self.exec(op, Timestamp::now())?;
+                self.exec(op, None, None)?;
             }
         }
         for name in cur.keys().filter(|n| !fs.contains_key(*n)) {
             let base = self.b.object(x)?.versions.meta;
-            self.exec(Op::RemoveXattr { id: x, base, name: name.clone() }, Timestamp::now())?;
+            self.exec(Op::RemoveXattr { id: x, base, name: name.clone() }, None, None)?;
         }
         Ok(())
     }
@@ -694,7 +781,11 @@ impl Rc<'_, '_> {
     /// Rehash a file and journal the blocks that differ from its hashes (a
     /// stale hash counts as different) and a size change.
     fn data(&mut self, x: ObjectId, row: &ObjectRow, st: &libc::stat) -> R<()> {
-        let Ok(fd) = sys::open_by_handle(self.root, &row.handle, libc::O_RDONLY) else { return Ok(()) };
+        let fd = match sys::open_by_handle(self.root, &row.handle, libc::O_RDONLY) {
+            Ok(fd) => fd,
+            Err(e) if gone(&e) => return Ok(()), // removed: its entry's event says so
+            Err(e) => return Err(io("open")(e)),
+        };
         let size = st.st_size as u64;
         let old = self.b.hashes(x)?;
         let mut blocks = Vec::new();
@@ -730,7 +821,7 @@ impl Rc<'_, '_> {
         let mut base = row.versions.data;
         // A write of the last block sets a grown size by itself.
         if size < row.size || (size > row.size && changed.last() != Some(&true)) {
-            base = self.exec(Op::Truncate { id: x, base, size }, time)?.seq;
+            base = self.exec(Op::Truncate { id: x, base, size }, Some(time), None)?.seq;
         }
         let mut i = 0;
         while i < changed.len() {
@@ -745,7 +836,7 @@ impl Rc<'_, '_> {
             let offset = first as u64 * BLOCK_SIZE;
             let len = (i as u64 * BLOCK_SIZE).min(size) - offset;
             let op = Op::Write { id: x, base, offset, data: Vec::new() };
-            base = self.b.execute_placed(Origin::Local, &op, time, Payload::Direct(len))?.seq;
+            base = self.b.execute_local(&op, Payload::Direct(len), Some(time), None)?.seq;
         }
         self.b.set_hashes(x, &blocks)
     }
