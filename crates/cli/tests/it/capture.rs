@@ -73,7 +73,6 @@ async fn converge(
             // records that trail the ones that made the views equal
             tokio::time::sleep(Duration::from_millis(100)).await;
             drain(rx, &mut got);
-            assert!(got.iter().all(|r| r.origin == Origin::Local), "{what}: only local records: {got:#?}");
             return got;
         }
         assert!(
@@ -84,7 +83,9 @@ async fn converge(
     }
 }
 
+/// Kinds of the records, which must all be local.
 fn kinds(recs: &[Record]) -> Vec<&'static str> {
+    assert!(recs.iter().all(|r| r.origin == Origin::Local), "only local records: {recs:#?}");
     recs.iter().map(|r| r.op.kind()).collect()
 }
 
@@ -120,6 +121,15 @@ async fn changes_by_other_processes_reach_a_subscriber_within_a_second() {
     let r = converge(&c, &mut rx, &ex, "rename", second).await;
     assert_eq!(kinds(&r), ["rename"]);
 
+    sh(&ex, "printf other > o && mv o b");
+    converge(&c, &mut rx, &ex, "a new file", second).await;
+    sh(&ex, "printf older > b2 && mv b2 b");
+    let r = converge(&c, &mut rx, &ex, "rename over an existing name", second).await;
+    assert!(
+        r.iter().any(|r| matches!(&r.op, Op::Rename { target: Some(_), .. }) || r.op.kind() == "unlink"),
+        "the old b is replaced: {r:#?}"
+    );
+
     sh(&ex, "ln b c");
     let r = converge(&c, &mut rx, &ex, "hard link", second).await;
     assert_eq!(kinds(&r), ["link"]);
@@ -152,6 +162,18 @@ async fn changes_by_other_processes_reach_a_subscriber_within_a_second() {
     assert_eq!(kinds(&r), ["unlink"]);
     sh(&ex, "mv ../outside back");
     converge(&c, &mut rx, &ex, "move into the export", second).await;
+
+    // a client writes a block, and another program edits that block before
+    // the server has rehashed it: the edit is journaled, not absorbed
+    let w = ObjectId::new();
+    c.mutate(create_in_root(w, "w")).await.expect("create");
+    c.mutate(Op::Write { id: w, base: 0, offset: 0, data: vec![1; 100_000] }).await.expect("write");
+    sh(&ex, "printf 2 | dd of=w bs=1 seek=500 conv=notrunc status=none");
+    let r = converge(&c, &mut rx, &ex, "a local edit of a block a client just wrote", Duration::from_secs(3)).await;
+    assert!(r.iter().any(|r| r.op.data_target() == Some(w)), "{r:#?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the background rehash
+    drain(&mut rx, &mut Vec::new());
+    assert_eq!(Some(izo_testkit::tree_digest(&ex).expect("digest")), server_digest(&c).await);
 
     // the server's own changes are not journaled twice
     let before = stat(&c, "local_records").await;
@@ -213,7 +235,8 @@ async fn changes_made_while_the_server_is_stopped_are_journaled_at_start() {
     sh(
         &ex,
         "printf y | dd of=big bs=1 seek=2097152 conv=notrunc status=none && mv a b && ln b c && rm d/x \
-         && printf new > n && mkdir e && printf z > e/z && chmod 700 d",
+         && printf new > n && mkdir e && printf z > e/z && chmod 700 d && mv d d2 && printf in > d2/new \
+         && printf was > r1 && printf over > r2",
     );
     let p = Proc::start(&dirs, &p.addr, &[]);
     let c = Client::connect(p.client_config(&token)).await.expect("client");
@@ -227,6 +250,71 @@ async fn changes_made_while_the_server_is_stopped_are_journaled_at_start() {
     let writes: Vec<&Record> = r.iter().filter(|r| r.op.data_target() == Some(big)).collect();
     assert_eq!(writes.len(), 1, "only the changed block of big: {writes:#?}");
     assert_eq!(writes[0].elided, BLOCK_SIZE);
+    assert!(
+        r.iter().any(|r| matches!(&r.op, Op::Rename { new_name, .. } if new_name.as_slice() == b"d2")),
+        "a directory renamed while stopped is a rename: {r:#?}"
+    );
+
+    // a client writes, the server stops at once (before its background
+    // rehash), and the written block is edited while it is stopped
+    let head = r.last().expect("records").seq;
+    let f = ObjectId::new();
+    c.mutate(create_in_root(f, "fresh")).await.expect("create");
+    c.mutate(Op::Write { id: f, base: 0, offset: 0, data: vec![3; 70_000] }).await.expect("write");
+    c.close();
+    let addr = p.addr.clone();
+    let mut p = p;
+    p.sigterm();
+    sh(&ex, "printf 9 | dd of=fresh bs=1 seek=10 conv=notrunc status=none && mv r2 r1");
+    let p = Proc::start(&dirs, &addr, &[]);
+    let c = Client::connect(p.client_config(&token)).await.expect("client");
+    let mut rx = c.subscribe(head).await.expect("subscribe");
+    let r = converge(&c, &mut rx, &ex, "an offline edit of freshly written blocks", Duration::from_secs(5)).await;
+    let r: Vec<Record> = r.into_iter().filter(|r| r.origin == Origin::Local).collect();
+    assert!(r.iter().any(|r| r.op.data_target() == Some(f)), "the offline edit is journaled: {r:#?}");
+    assert!(r.iter().any(|r| matches!(&r.op, Op::Rename { target: Some(_), .. })), "rename over r1: {r:#?}");
+
+    // journaled changes survive a SIGKILL, and later ones are still found
+    c.close();
+    let mut p = p;
+    p.sigkill();
+    sh(&ex, "printf after-kill > k && rm -r e");
+    let p = Proc::start(&dirs, &addr, &[]);
+    let c = Client::connect(p.client_config(&token)).await.expect("client");
+    let mut rx = c.subscribe(0).await.expect("subscribe");
+    converge(&c, &mut rx, &ex, "after a SIGKILL", Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_programs_change_in_the_way_of_an_apply_is_kept_aside() {
+    let dirs = Dirs::new();
+    let token = dirs.token(izo_server::auth::Rights::Rw);
+    let ex = dirs.export.clone();
+    // the test changes the export between a commit and its apply
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[("IZO_TEST_APPLY_PAUSE_MS", "400")]);
+    let c = Client::connect(p.client_config(&token)).await.expect("client");
+    let x = ObjectId::new();
+    let pending = c.submit(create_in_root(x, "x")).await.expect("submit");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sh(&ex, "printf local > x");
+    pending.wait().await.expect("the create was acked");
+    let g = ObjectId::new();
+    c.mutate(create_in_root(g, "g")).await.expect("create g");
+    let pending = c.submit(Op::Write { id: g, base: 0, offset: 0, data: b"client".to_vec() }).await.expect("submit");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sh(&ex, "rm g");
+    pending.wait().await.expect("the write was acked");
+    let mut rx = c.subscribe(0).await.expect("subscribe");
+    converge(&c, &mut rx, &ex, "after the races", Duration::from_secs(5)).await;
+    let aside: Vec<String> = std::fs::read_dir(&ex)
+        .expect("readdir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("x.izo-local-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the local x is kept aside: {aside:?}");
+    assert_eq!(std::fs::read(ex.join(&aside[0])).expect("read"), b"local");
+    assert!(ex.join("x").exists() && !ex.join("g").exists(), "the client's x is in place; the removal of g won");
+    c.mutate(create_in_root(ObjectId::new(), "later")).await.expect("the volume stays writable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
