@@ -83,6 +83,23 @@ impl Fanotify {
         Ok(Fanotify { fd })
     }
 
+    /// Ask the kernel not to report events in (and of the entries of)
+    /// directory `dir`: the server's staging directory, whose only writer
+    /// is the server, so its events would be read only to be dropped.
+    pub fn ignore(&self, dir: BorrowedFd) -> io::Result<()> {
+        // SAFETY: a null path with a dir fd marks the object of the fd.
+        cvt(unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORE_SURV,
+                MASK | libc::FAN_EVENT_ON_CHILD,
+                dir.as_raw_fd(),
+                std::ptr::null(),
+            )
+        })
+        .map(drop)
+    }
+
     /// Read what is queued without blocking; `None` when nothing is.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<Vec<Event>>> {
         // SAFETY: buf is valid for writes of its length.

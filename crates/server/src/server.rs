@@ -137,6 +137,9 @@ impl Server {
         local.rescan = cfg.rescan;
         if cfg.capture {
             let started = crate::capture::Fanotify::new(tree.root()).and_then(|fan| {
+                if let Err(e) = fan.ignore(tree.stage()) {
+                    tracing::debug!("fanotify ignore mark on the stage directory: {e}");
+                }
                 let sink = tx.clone();
                 let stall = hooks.capture_stall.clone();
                 crate::capture::spawn(Arc::new(fan), stall, move |events| sink.send(Work::Local(events)).is_ok())
