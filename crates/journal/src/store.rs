@@ -143,25 +143,27 @@ impl Store {
     }
 
     /// Record a durable checkpoint. Call only after `syncfs` on the export.
-    /// `settled` is a time before which every out-of-band change of the
-    /// export is known to be journaled: the next start-up scan rereads only
-    /// files whose ctime is later.
-    pub fn set_checkpoint(&self, seq: Seq, settled: Timestamp) -> Result<(), StoreError> {
+    /// `settled` (nanoseconds since the epoch) is a time before which every
+    /// out-of-band change of the export is known to be journaled: the next
+    /// start-up scan rereads only files whose ctime is later.
+    pub fn set_checkpoint(&self, seq: Seq, settled: i64) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         {
             let mut m = tx.open_table(META).map_err(db)?;
             m.insert("checkpoint", seq.to_be_bytes().as_slice()).map_err(db)?;
-            m.insert("settled", (settled.secs.max(0) as u64).to_be_bytes().as_slice()).map_err(db)?;
+            m.insert("settled", (settled.max(0) as u64).to_be_bytes().as_slice()).map_err(db)?;
         }
         tx.commit().map_err(db)?;
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Seconds since the epoch before which every out-of-band change is
+    /// Nanoseconds since the epoch before which every out-of-band change is
     /// journaled (0: none known, every file is a candidate).
     pub fn settled(&self) -> Result<i64, StoreError> {
-        Ok(self.meta_u64("settled")? as i64)
+        let v = self.meta_u64("settled")? as i64;
+        // (stores of the first capture build kept seconds)
+        Ok(if v < 1_000_000_000_000 { v.saturating_mul(1_000_000_000) } else { v })
     }
 
     /// The object whose server file handle is `handle`.

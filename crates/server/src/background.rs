@@ -13,8 +13,8 @@ use std::sync::{mpsc, Arc};
 /// A job for the background thread.
 pub(crate) enum Job {
     /// Make everything applied through this seq durable and mark it, with
-    /// the time before which every out-of-band change is journaled.
-    Checkpoint(Seq, Timestamp),
+    /// the time (ns) before which every out-of-band change is journaled.
+    Checkpoint(Seq, i64),
     /// Recompute stale block hashes of a file.
     Rehash(ObjectId),
 }
@@ -61,7 +61,7 @@ impl Background {
         }
     }
 
-    fn checkpoint(&self, seq: Seq, settled: Timestamp) {
+    fn checkpoint(&self, seq: Seq, settled: i64) {
         if seq <= self.checkpointed.load(Ordering::Acquire) {
             return;
         }

@@ -91,8 +91,7 @@ impl Server {
         let readonly = !replayed.left.is_empty();
         if !readonly {
             sys::syncfs(tree.root()).map_err(|e| ServerError::io("syncfs after replay", e))?;
-            let settled = Timestamp { secs: store.settled()?, nsec: 0 };
-            store.set_checkpoint(store.head(), settled)?;
+            store.set_checkpoint(store.head(), store.settled()?)?;
             tree.clear_stage().map_err(|e| ServerError::io("clearing the stage directory", e))?;
         }
         hint.set(replayed.applied);

@@ -211,7 +211,7 @@ impl Actor {
         // Everything queued was read and journaled just before: a second's
         // margin covers the file system's clock granularity.
         let settled = self.settled_within(1);
-        if seq <= self.checkpointed.load(Ordering::Acquire) && settled.secs <= self.store.settled().unwrap_or(0) {
+        if seq <= self.checkpointed.load(Ordering::Acquire) && settled <= self.store.settled().unwrap_or(0) {
             return;
         }
         let done = sys::syncfs(self.tree.root())

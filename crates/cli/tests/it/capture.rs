@@ -339,6 +339,36 @@ async fn a_queue_overflow_is_caught_up_by_a_rescan() {
     assert!(r.iter().filter(|r| r.op.kind() == "create").count() >= 20_000, "every file is journaled");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescan_rereads_every_file_and_a_normal_start_none() {
+    let dirs = Dirs::new();
+    let token = dirs.token(izo_server::auth::Rights::Rw);
+    sh(&dirs.export, "for i in 1 2 3 4 5 6 7 8; do head -c 2097152 /dev/urandom > f$i; done");
+    let data = 8 * 2 * (1 << 20);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let c = Client::connect(p.client_config(&token)).await.expect("client");
+    wait_stat(&c, "scans", 1, Duration::from_secs(10)).await;
+    // a clean stop declares changes older than a second journaled
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.close();
+    let addr = p.addr.clone();
+    p.sigterm();
+    for (args, rereads) in [(&[][..], false), (&["--rescan"][..], true)] {
+        let mut p = Proc::start_args(&dirs, &addr, args);
+        let c = Client::connect(p.client_config(&token)).await.expect("client");
+        wait_stat(&c, "scans", 1, Duration::from_secs(10)).await;
+        let read = rchar(p.pid());
+        assert_eq!(stat(&c, "local_records").await, 0, "{args:?}: nothing changed");
+        if rereads {
+            assert!(read >= data, "--rescan reread every file: rchar {read} < {data}");
+        } else {
+            assert!(read < data / 4, "a normal start reads no file: rchar {read}");
+        }
+        c.close();
+        p.sigterm();
+    }
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     // fields after the parenthesised name: state is field 3; utime 14, stime 15

@@ -110,10 +110,15 @@ pub struct Proc {
 impl Proc {
     /// Start `izo serve` on `listen` with extra env; waits for its banner.
     pub fn start(dirs: &Dirs, listen: &str, env: &[(&str, &str)]) -> Proc {
-        Self::start_cmd(dirs, listen, env, None)
+        Self::start_cmd(dirs, listen, env, None, &[])
     }
 
-    pub fn start_cmd(dirs: &Dirs, listen: &str, env: &[(&str, &str)], wrap: Option<&[&str]>) -> Proc {
+    /// `izo serve` with extra arguments.
+    pub fn start_args(dirs: &Dirs, listen: &str, args: &[&str]) -> Proc {
+        Self::start_cmd(dirs, listen, &[], None, args)
+    }
+
+    pub fn start_cmd(dirs: &Dirs, listen: &str, env: &[(&str, &str)], wrap: Option<&[&str]>, args: &[&str]) -> Proc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut cmd = match wrap {
@@ -132,6 +137,7 @@ impl Proc {
                 .arg(listen)
                 .arg("--volume")
                 .arg("vol")
+                .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
             for (k, v) in env {

@@ -188,7 +188,7 @@ async fn a_thousand_pipelined_creates_use_at_most_50_server_fsyncs_counted_by_st
         ["strace", "-f", "--seccomp-bpf", "-qq", "-ttt", "-e", "trace=fsync,fdatasync,syncfs,sync_file_range,msync"];
     let mut wrap: Vec<&str> = wrap.to_vec();
     wrap.extend(["-o", &log_s]);
-    let mut p = Proc::start_cmd(&dirs, "127.0.0.1:0", &[], Some(&wrap));
+    let mut p = Proc::start_cmd(&dirs, "127.0.0.1:0", &[], Some(&wrap), &[]);
     let strace_pid = p.pid();
     let izo_pid = child_of(strace_pid);
     let c = Client::connect(p.client_config(&token)).await.expect("client connects to the traced server");

@@ -258,7 +258,7 @@ impl Actor {
     }
 
     /// Compare the whole export with the metadata; files whose ctime is at
-    /// or after `since` (seconds) have their content reread.
+    /// or after `since` (ns since the epoch) have their content reread.
     pub(super) fn scan(&mut self, since: i64) {
         let started = Instant::now();
         let before = self.store.head();
@@ -294,18 +294,18 @@ impl Actor {
 
     /// A time before which every out-of-band change is journaled (seconds;
     /// 0 when capture is off: nothing is known).
-    pub(super) fn settled(&self) -> Timestamp {
+    pub(super) fn settled(&self) -> i64 {
         self.settled_within(SETTLED_MARGIN)
     }
 
     /// Like [`Actor::settled`], with the margin given (seconds).
-    pub(super) fn settled_within(&self, margin: i64) -> Timestamp {
+    pub(super) fn settled_within(&self, margin: i64) -> i64 {
         if !self.local.active || self.local.overflow {
-            return Timestamp { secs: self.store.settled().unwrap_or(0), nsec: 0 };
+            return self.store.settled().unwrap_or(0);
         }
-        let oldest = self.local.pending.values().map(|p| p.first_wall.secs).min();
-        let now = Timestamp::now().secs;
-        Timestamp { secs: (oldest.unwrap_or(now).min(now) - margin).max(0), nsec: 0 }
+        let now = nanos(Timestamp::now());
+        let oldest = self.local.pending.values().map(|p| nanos(p.first_wall)).min().unwrap_or(now);
+        (oldest.min(now) - margin * 1_000_000_000).max(0)
     }
 
     fn run_items(&mut self, mut items: VecDeque<(Item, bool)>, since: i64) {
@@ -409,6 +409,15 @@ fn gone(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT))
 }
 
+/// A time in nanoseconds since the epoch.
+fn nanos(t: Timestamp) -> i64 {
+    t.secs.saturating_mul(1_000_000_000).saturating_add(t.nsec as i64)
+}
+
+fn ctime_ns(st: &libc::stat) -> i64 {
+    nanos(Timestamp { secs: st.st_ctime, nsec: st.st_ctime_nsec as u32 })
+}
+
 fn mtime_of(st: &libc::stat) -> Timestamp {
     Timestamp { secs: st.st_mtime, nsec: st.st_mtime_nsec as u32 }
 }
@@ -417,7 +426,8 @@ fn mtime_of(st: &libc::stat) -> Timestamp {
 struct Rc<'s, 'f> {
     b: Batch<'s>,
     root: BorrowedFd<'f>,
-    /// Files whose ctime is at or after this (seconds) have their content reread.
+    /// Files whose ctime is at or after this (ns since the epoch) have their
+    /// content reread; `i64::MAX` while running (events say what changed).
     since: i64,
     /// Entries whose object lives on elsewhere, to compare last.
     deferred: Vec<(ObjectId, Vec<u8>)>,
@@ -719,7 +729,7 @@ impl Rc<'_, '_> {
         let row = self.b.object(x)?;
         let mtime = mtime_of(st);
         if row.kind == FileKind::File
-            && (content || st.st_size as u64 != row.size || mtime != row.mtime || st.st_ctime >= self.since)
+            && (content || st.st_size as u64 != row.size || mtime != row.mtime || ctime_ns(st) >= self.since)
         {
             self.data(x, &row, st)?;
         }
@@ -741,7 +751,8 @@ impl Rc<'_, '_> {
             self.exec(Op::SetAttr { id: x, base: row.versions.meta, attrs: a }, None, None)?;
         }
         // xattr changes show in the ctime (and in events while running)
-        if matches!(row.kind, FileKind::File | FileKind::Dir) && (self.since == i64::MAX || st.st_ctime >= self.since) {
+        if matches!(row.kind, FileKind::File | FileKind::Dir) && (self.since == i64::MAX || ctime_ns(st) >= self.since)
+        {
             self.xattrs(x, row.kind, &row.handle)?;
         }
         Ok(())
