@@ -3,6 +3,7 @@
 mod config;
 mod demo;
 mod log;
+mod mount;
 mod serve;
 
 use anyhow::Result;
@@ -28,6 +29,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Print journal records of a stopped server.
     Log(log::LogArgs),
+    /// Mount a volume (replicate mode: a full local replica that follows the server).
+    Mount(mount::MountArgs),
     /// Check a config file.
     Config {
         #[command(subcommand)]
@@ -62,6 +65,7 @@ fn main() {
         Cmd::Token { cmd } => serve::token(cmd),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Log(a) => log::run(a),
+        Cmd::Mount(a) => mount::run(a),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => config::check(file),
     };
     if let Err(e) = r {

@@ -3,9 +3,11 @@
 //! streamed reads and the record stream. This crate holds the cache manager
 //! as it grows; it must never know fuser types.
 
+pub mod cache;
 pub mod config;
 mod conn;
 mod query;
+pub mod replica;
 pub mod tls;
 
 use izo_proto::*;

@@ -1,0 +1,109 @@
+//! `izo mount`: a replicate-mode client — replicate the volume into a local
+//! cache, mount it with FUSE, follow the server's record stream.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use izo_client::cache::Cache;
+use izo_client::replica::{Progress, Replica};
+use izo_client::{Client, ClientConfig};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The volume: HOST[:PORT]/VOLUME (port 7227 by default).
+    volume: String,
+    /// Where to mount it.
+    mountpoint: PathBuf,
+    /// Cache mode: `replicate` keeps a full local replica.
+    #[arg(long, default_value = "replicate")]
+    mode: String,
+    /// Access token (`izo token create` on the server).
+    #[arg(long)]
+    token: String,
+    /// The server's certificate fingerprint (SHA256:…), as `izo serve` prints it.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Cache directory (default: /var/cache/izo/<volume> as root,
+    /// ~/.cache/izo/<volume> otherwise).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+fn parse_volume(v: &str) -> Result<(String, String)> {
+    let Some((host, volume)) = v.rsplit_once('/') else {
+        bail!("{v:?}: give the volume as HOST[:PORT]/VOLUME, e.g. 127.0.0.1:7227/home");
+    };
+    if volume.is_empty() || host.is_empty() {
+        bail!("{v:?}: give the volume as HOST[:PORT]/VOLUME");
+    }
+    let addr = if host.contains(':') { host.to_string() } else { format!("{host}:7227") };
+    Ok((addr, volume.to_string()))
+}
+
+fn default_cache(volume: &str) -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/izo").join(volume);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/izo").join(volume)
+}
+
+fn show(p: &Progress, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(0.001);
+    let rate = p.bytes_done as f64 / secs;
+    let left = p.bytes.saturating_sub(p.bytes_done) as f64;
+    let eta = if rate > 0.0 { format!("{:.0}s", left / rate) } else { "?".into() };
+    eprint!(
+        "\rizo: replicating: {}/{} files, {:.1}/{:.1} MB, {:.1} MB/s, ETA {eta}   ",
+        p.files_done,
+        p.files,
+        p.bytes_done as f64 / 1e6,
+        p.bytes as f64 / 1e6,
+        rate / 1e6
+    );
+}
+
+pub fn run(args: MountArgs) -> Result<()> {
+    if args.mode != "replicate" {
+        bail!("--mode {}: only `replicate` is built so far (on-demand mode is not)", args.mode);
+    }
+    let (addr, volume) = parse_volume(&args.volume)?;
+    let cache_dir = args.cache.clone().unwrap_or_else(|| default_cache(&volume));
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut cfg = ClientConfig::new(addr.clone(), volume.clone(), args.token.clone());
+    cfg.fingerprint = args.fingerprint.clone();
+    let client = rt.block_on(Client::connect(cfg)).with_context(|| {
+        format!("connecting to {addr} for volume {volume:?} (check the address, token and fingerprint)")
+    })?;
+    let cache = Cache::open(&cache_dir).with_context(|| format!("opening the cache in {}", cache_dir.display()))?;
+    let replica = Replica::new(client, cache, rt.handle().clone());
+    let start = Instant::now();
+    rt.block_on(replica.initial_sync(|p| show(p, start))).context("initial replication")?;
+    eprintln!();
+    let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint)
+        .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", args.mountpoint.display()))?;
+    let follower = rt.spawn(replica.clone().follow());
+    println!("izo: mounted {volume} from {addr} at {} (cache {})", args.mountpoint.display(), cache_dir.display());
+    let _ = std::io::stdout().flush();
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            r = follower => {
+                if let Ok(Err(e)) = r {
+                    eprintln!("izo: the record stream stopped: {e}; unmounting");
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .context("waiting for a signal")?;
+    eprintln!("izo: unmounting {}", args.mountpoint.display());
+    mounted.unmount().with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! A full replica of a volume (replicate mode): the cache filled from a
+//! snapshot, then kept current by the record stream; the file-system API
+//! the FUSE adapter calls (by inode number, never by path).
+//!
+//! This first version writes through: a mutation returns once the server
+//! acked it (so it is durable there), then the cache takes the reply. The
+//! client modification log (write-back, offline work, reintegration) that
+//! DESIGN describes is not built yet.
+
+use crate::cache::{Cache, CacheError, Cached, Edit, ROOT_INO};
+use crate::{Client, ClientError, Segment, StreamEvent};
+use izo_proto::*;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// Errors of replica operations, mapped to errno by the mount.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// No such inode or name.
+    #[error("not found")]
+    NotFound,
+    /// The name exists.
+    #[error("exists")]
+    Exists,
+    /// Directory not empty.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// Malformed request.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// Not allowed.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// Someone else changed the object first.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The server did not answer in time or the connection is gone.
+    #[error("server unreachable: {0}")]
+    Unreachable(String),
+    /// The server could not do it now (space, I/O).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl From<ClientError> for ReplicaError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Op(OpError::NotFound(_)) => ReplicaError::NotFound,
+            ClientError::Op(OpError::NotEmpty) => ReplicaError::NotEmpty,
+            ClientError::Op(OpError::Invalid(m)) => ReplicaError::Invalid(m),
+            ClientError::Op(OpError::Denied(m)) | ClientError::Op(OpError::ReadOnly(m)) => ReplicaError::Denied(m),
+            ClientError::Op(OpError::Conflict { reason, .. }) if reason == "name exists" => ReplicaError::Exists,
+            ClientError::Op(OpError::Conflict { reason, .. }) => ReplicaError::Conflict(reason),
+            ClientError::Op(OpError::Transient(m)) => ReplicaError::Transient(m),
+            other => ReplicaError::Unreachable(other.to_string()),
+        }
+    }
+}
+
+type R<T> = Result<T, ReplicaError>;
+
+/// A kernel cache entry to drop after a remote change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// An inode's attributes and data.
+    Inode(u64),
+    /// A name in a directory (by the directory's inode).
+    Entry(u64, Vec<u8>),
+}
+
+/// Progress of the initial replication.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Objects in the snapshot.
+    pub objects: u64,
+    /// Files whose data is fetched.
+    pub files_done: u64,
+    /// Files to fetch.
+    pub files: u64,
+    /// Bytes fetched.
+    pub bytes_done: u64,
+    /// Bytes to fetch.
+    pub bytes: u64,
+}
+
+/// How long a request to the server may take before the caller gets EIO.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A replica: cache + connection.
+pub struct Replica {
+    /// The connection.
+    pub client: Client,
+    /// The cache.
+    pub cache: Cache,
+    rt: tokio::runtime::Handle,
+    /// Serialises changes to the cache (stream and local replies).
+    apply: Mutex<()>,
+    inval: Mutex<Option<mpsc::Sender<Inval>>>,
+}
+
+fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
+    move |err| ReplicaError::Cache(CacheError::Io { path: path.to_path_buf(), err })
+}
+
+impl Replica {
+    /// A replica over `client` and `cache`; blocking calls run on `rt`.
+    pub fn new(client: Client, cache: Cache, rt: tokio::runtime::Handle) -> Arc<Replica> {
+        Arc::new(Replica { client, cache, rt, apply: Mutex::new(()), inval: Mutex::new(None) })
+    }
+
+    /// Where kernel invalidations go (one notifier thread drains it).
+    pub fn set_invalidator(&self, tx: mpsc::Sender<Inval>) {
+        *self.inval.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    fn invalidate(&self, what: Vec<Inval>) {
+        if let Some(tx) = self.inval.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            for w in what {
+                let _ = tx.send(w);
+            }
+        }
+    }
+
+    /// Fill an empty cache from a snapshot (nothing to do if it already
+    /// follows the stream).
+    pub async fn initial_sync(&self, mut progress: impl FnMut(&Progress)) -> R<()> {
+        if self.cache.seq()? > 0 {
+            return Ok(());
+        }
+        let (entries, seq) = self.client.snapshot().await?;
+        let mut p = Progress { objects: entries.len() as u64, ..Progress::default() };
+        let mut edits = Vec::with_capacity(entries.len() * 2);
+        let mut files = Vec::new();
+        for e in &entries {
+            edits.push(Edit::Put { attr: e.attr.clone(), target: e.target.clone(), xattrs: Some(e.xattrs.clone()) });
+            for (parent, name) in &e.links {
+                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: e.attr.id });
+            }
+            if e.attr.kind == FileKind::File {
+                files.push((e.attr.id, e.attr.size));
+                p.files += 1;
+                p.bytes += e.attr.size;
+            }
+        }
+        self.cache.change(&edits)?;
+        progress(&p);
+        for (id, size) in files {
+            self.fetch(id, 0, size, Some(size)).await?;
+            p.files_done += 1;
+            p.bytes_done += size;
+            progress(&p);
+        }
+        self.cache.change(&[Edit::Seq(seq)])?;
+        Ok(())
+    }
+
+    /// Copy `offset..offset+len` of a file from the server into its data
+    /// file, then set the file's size to `size` if given.
+    async fn fetch(&self, id: ObjectId, offset: u64, len: u64, size: Option<u64>) -> R<()> {
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        if len > 0 {
+            let mut failed = None;
+            let r = self
+                .client
+                .read_with(id, offset, len, |seg| {
+                    if let Segment::Data(at, bytes) = seg {
+                        if let Err(e) = f.write_all_at(&bytes, at) {
+                            failed = Some(e);
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(()) => {}
+                // gone or changed meanwhile: a later record says what happened
+                Err(ClientError::Op(OpError::NotFound(_))) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(e) = failed {
+                return Err(io(&path)(e));
+            }
+        }
+        if let Some(size) = size {
+            f.set_len(size).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Follow the record stream from the cache's position, forever (returns
+    /// when the connection is gone for good).
+    pub async fn follow(self: Arc<Self>) -> R<()> {
+        let from = self.cache.seq()?;
+        let mut rx = self.client.subscribe(from).await?;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StreamEvent::Record(r) => {
+                    if let Err(e) = self.apply_record(*r).await {
+                        tracing::warn!("applying a record to the cache failed: {e}");
+                    }
+                }
+                StreamEvent::SnapshotRequired { oldest } => {
+                    return Err(ReplicaError::Unreachable(format!(
+                        "the server no longer holds the records after {from} (oldest {oldest}); resync needed"
+                    )))
+                }
+            }
+        }
+        Err(ReplicaError::Unreachable("the record stream ended".into()))
+    }
+
+    fn newer(&self, attr: &Attr) -> R<bool> {
+        Ok(match self.cache.get(attr.id)? {
+            Some(c) => attr.versions.data >= c.attr.versions.data && attr.versions.meta >= c.attr.versions.meta,
+            None => true,
+        })
+    }
+
+    fn ino(&self, id: ObjectId) -> R<Option<u64>> {
+        Ok(self.cache.get(id)?.map(|c| c.ino))
+    }
+
+    /// Apply one record of the stream to the cache.
+    async fn apply_record(&self, r: Record) -> R<()> {
+        let own = matches!(r.origin, Origin::Replica(id, _) if id == self.client.replica());
+        let mut edits = Vec::new();
+        let mut inval = Vec::new();
+        let mut refresh = Vec::new(); // directories whose attributes changed
+        match &r.op {
+            Op::Create { parent, name, id, .. }
+            | Op::Mkdir { parent, name, id, .. }
+            | Op::Symlink { parent, name, id, .. }
+            | Op::Mknod { parent, name, id, .. } => {
+                let target = match &r.op {
+                    Op::Symlink { target, .. } => Some(target.clone()),
+                    _ => None,
+                };
+                if let Some(a) = &r.attr {
+                    edits.push(Edit::Put { attr: a.clone(), target, xattrs: Some(Vec::new()) });
+                }
+                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: *id });
+                refresh.push(*parent);
+                if let Some(p) = self.ino(*parent)? {
+                    inval.push(Inval::Entry(p, name.clone()));
+                }
+            }
+            Op::Link { id, parent, name } => {
+                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: *id });
+                refresh.push(*parent);
+                if let Some(p) = self.ino(*parent)? {
+                    inval.push(Inval::Entry(p, name.clone()));
+                }
+                if let Some(i) = self.ino(*id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+            Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => {
+                edits.push(Edit::Unlink { parent: *parent, name: name.clone() });
+                if r.attr.is_none() {
+                    edits.push(Edit::Forget { id: expect.id });
+                }
+                refresh.push(*parent);
+                if let Some(p) = self.ino(*parent)? {
+                    inval.push(Inval::Entry(p, name.clone()));
+                }
+                if let Some(i) = self.ino(expect.id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+            Op::Rename { parent, name, expect, new_parent, new_name, target, mode } => {
+                match mode {
+                    RenameMode::Exchange => {
+                        if let Some(t) = target {
+                            edits.push(Edit::Link { parent: *parent, name: name.clone(), id: t.id });
+                        }
+                    }
+                    _ => edits.push(Edit::Unlink { parent: *parent, name: name.clone() }),
+                }
+                edits.push(Edit::Link { parent: *new_parent, name: new_name.clone(), id: expect.id });
+                refresh.extend([*parent, *new_parent]);
+                if let (Some(t), false) = (target, *mode == RenameMode::Exchange) {
+                    // the replaced object may be gone
+                    refresh.push(t.id);
+                }
+                for (d, n) in [(*parent, name), (*new_parent, new_name)] {
+                    if let Some(p) = self.ino(d)? {
+                        inval.push(Inval::Entry(p, n.clone()));
+                    }
+                }
+            }
+            Op::Write { id, offset, data, .. } => {
+                if !own {
+                    let path = self.cache.data_path(*id);
+                    if !data.is_empty() {
+                        let f = OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path)
+                            .map_err(io(&path))?;
+                        f.write_all_at(data, *offset).map_err(io(&path))?;
+                    } else {
+                        self.fetch(*id, *offset, r.elided, None).await?;
+                    }
+                }
+                if let Some(i) = self.ino(*id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+            Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
+                if !own {
+                    if let Op::PunchHole { offset, len, .. } = &r.op {
+                        self.fetch(*id, *offset, *len, None).await?;
+                    }
+                }
+                if let Some(i) = self.ino(*id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+            Op::SetAttr { id, .. } => {
+                if let Some(i) = self.ino(*id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+            Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => {
+                if let Ok(x) = self.client.xattrs(*id).await {
+                    if let Some(a) = &r.attr {
+                        edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
+                    }
+                }
+                if let Some(i) = self.ino(*id)? {
+                    inval.push(Inval::Inode(i));
+                }
+            }
+        }
+        if let Some(a) = &r.attr {
+            if self.newer(a)? {
+                // keep the data file's length with the size
+                if a.kind == FileKind::File && !own {
+                    let path = self.cache.data_path(a.id);
+                    if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
+                        let _ = f.set_len(a.size);
+                    }
+                }
+                edits.push(Edit::attr(a.clone()));
+            }
+        }
+        // Directories' mtimes and replaced objects: ask the server.
+        for id in refresh {
+            match self.client.getattr(id).await {
+                Ok(a) => {
+                    if self.newer(&a)? {
+                        edits.push(Edit::attr(a));
+                    }
+                }
+                Err(ClientError::Op(OpError::NotFound(_))) => {
+                    if self.cache.get(id)?.is_some() {
+                        edits.push(Edit::Forget { id });
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(i) = self.ino(id)? {
+                inval.push(Inval::Inode(i));
+            }
+        }
+        edits.push(Edit::Seq(r.seq));
+        {
+            let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+            self.cache.change(&edits)?;
+        }
+        if !own {
+            self.invalidate(inval);
+        }
+        Ok(())
+    }
+
+    // ---- the file-system API (blocking; called from FUSE threads) ----
+
+    fn block<T>(&self, f: impl std::future::Future<Output = Result<T, ClientError>>) -> R<T> {
+        match self.rt.block_on(async { tokio::time::timeout(DEADLINE, f).await }) {
+            Ok(r) => r.map_err(ReplicaError::from),
+            Err(_) => Err(ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}"))),
+        }
+    }
+
+    fn mutate(&self, op: Op) -> R<Applied> {
+        self.block(self.client.mutate(op))
+    }
+
+    /// The object behind an inode.
+    pub fn get(&self, ino: u64) -> R<(ObjectId, Cached)> {
+        self.cache.by_ino(ino)?.ok_or(ReplicaError::NotFound)
+    }
+
+    /// Look a name up.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Cached> {
+        let (pid, _) = self.get(parent)?;
+        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+        self.cache.get(id)?.ok_or(ReplicaError::NotFound)
+    }
+
+    /// Entries of a directory with their objects.
+    pub fn readdir(&self, ino: u64) -> R<Vec<(Vec<u8>, Cached)>> {
+        let (id, c) = self.get(ino)?;
+        if c.attr.kind != FileKind::Dir {
+            return Err(ReplicaError::Invalid("not a directory".into()));
+        }
+        let mut out = Vec::new();
+        for (name, child) in self.cache.children(id)? {
+            if let Some(c) = self.cache.get(child)? {
+                out.push((name, c));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Open the data file of a regular file.
+    pub fn data_file(&self, ino: u64) -> R<File> {
+        let (id, _) = self.get(ino)?;
+        let path = self.cache.data_path(id);
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))
+    }
+
+    fn put(&self, edits: &[Edit]) -> R<()> {
+        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+        self.cache.change(edits)?;
+        Ok(())
+    }
+
+    fn put_reply(&self, a: &Applied, extra: Vec<Edit>) -> R<Cached> {
+        let mut edits = extra;
+        let attr = a.attr.clone().ok_or(ReplicaError::NotFound)?;
+        edits.insert(0, Edit::attr(attr.clone()));
+        self.put(&edits)?;
+        self.cache.get(attr.id)?.ok_or(ReplicaError::NotFound)
+    }
+
+    /// Write bytes (durable at the server when this returns).
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<usize> {
+        let (id, c) = self.get(ino)?;
+        let mut done = 0usize;
+        let mut base = c.attr.versions.data;
+        for chunk in data.chunks(MAX_DATA) {
+            let at = offset + done as u64;
+            let a = self.mutate(Op::Write { id, base, offset: at, data: chunk.to_vec() })?;
+            let path = self.cache.data_path(id);
+            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+            f.write_all_at(chunk, at).map_err(io(&path))?;
+            let c = self.put_reply(&a, Vec::new())?;
+            base = c.attr.versions.data;
+            done += chunk.len();
+        }
+        Ok(done)
+    }
+
+    /// Create a file, directory, symlink, fifo or socket.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<&[u8]>,
+    ) -> R<Cached> {
+        let (pid, _) = self.get(parent)?;
+        let id = ObjectId::new();
+        let name = name.to_vec();
+        let op = match kind {
+            FileKind::File => Op::Create { parent: pid, name: name.clone(), id, mode, uid, gid },
+            FileKind::Dir => Op::Mkdir { parent: pid, name: name.clone(), id, mode, uid, gid },
+            FileKind::Symlink => {
+                let target = target.unwrap_or_default().to_vec();
+                Op::Symlink { parent: pid, name: name.clone(), id, target, uid, gid }
+            }
+            k => Op::Mknod { parent: pid, name: name.clone(), id, kind: k, mode, uid, gid },
+        };
+        let a = self.mutate(op)?;
+        if kind == FileKind::File {
+            let path = self.cache.data_path(id);
+            File::create(&path).map_err(io(&path))?;
+        }
+        let attr = a.attr.clone().ok_or(ReplicaError::NotFound)?;
+        let edits = vec![
+            Edit::Put { attr, target: target.map(<[u8]>::to_vec), xattrs: Some(Vec::new()) },
+            Edit::Link { parent: pid, name, id },
+        ];
+        self.put(&edits)?;
+        self.refresh_dir(pid);
+        self.cache.get(id)?.ok_or(ReplicaError::NotFound)
+    }
+
+    /// A directory's attributes after an entry change (mtime, nlink).
+    fn refresh_dir(&self, dir: ObjectId) {
+        if let Ok(a) = self.block(self.client.getattr(dir)) {
+            if self.newer(&a).unwrap_or(false) {
+                let _ = self.put(&[Edit::attr(a)]);
+            }
+        }
+    }
+
+    /// Remove a name (a directory with `dir`).
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
+        let (pid, _) = self.get(parent)?;
+        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+        let c = self.cache.get(id)?.ok_or(ReplicaError::NotFound)?;
+        if dir != (c.attr.kind == FileKind::Dir) {
+            return Err(ReplicaError::Invalid(if dir { "not a directory" } else { "is a directory" }.into()));
+        }
+        let expect = Expect { id, base: c.attr.versions };
+        let name = name.to_vec();
+        let op = if dir {
+            Op::Rmdir { parent: pid, name: name.clone(), expect }
+        } else {
+            Op::Unlink { parent: pid, name: name.clone(), expect }
+        };
+        let a = self.mutate(op)?;
+        let mut edits = vec![Edit::Unlink { parent: pid, name }];
+        match a.attr {
+            Some(attr) => edits.push(Edit::attr(attr)),
+            // (the data file stays until the next start: open files keep working)
+            None => edits.push(Edit::Forget { id }),
+        }
+        self.put(&edits)?;
+        self.refresh_dir(pid);
+        Ok(())
+    }
+
+    /// Rename (`mode`: replace, no-replace or exchange).
+    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], mode: RenameMode) -> R<()> {
+        let (pid, _) = self.get(parent)?;
+        let (npid, _) = self.get(new_parent)?;
+        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+        let c = self.cache.get(id)?.ok_or(ReplicaError::NotFound)?;
+        let target = match self.cache.lookup(npid, new_name)? {
+            Some(t) => {
+                let tc = self.cache.get(t)?.ok_or(ReplicaError::NotFound)?;
+                Some(Expect { id: t, base: tc.attr.versions })
+            }
+            None => None,
+        };
+        if mode == RenameMode::Exchange && target.is_none() {
+            return Err(ReplicaError::NotFound);
+        }
+        if mode == RenameMode::NoReplace && target.is_some() {
+            return Err(ReplicaError::Exists);
+        }
+        let op = Op::Rename {
+            parent: pid,
+            name: name.to_vec(),
+            expect: Expect { id, base: c.attr.versions },
+            new_parent: npid,
+            new_name: new_name.to_vec(),
+            target,
+            mode,
+        };
+        self.mutate(op)?;
+        let mut edits = Vec::new();
+        match (mode, target) {
+            (RenameMode::Exchange, Some(t)) => edits.push(Edit::Link { parent: pid, name: name.to_vec(), id: t.id }),
+            _ => edits.push(Edit::Unlink { parent: pid, name: name.to_vec() }),
+        }
+        edits.push(Edit::Link { parent: npid, name: new_name.to_vec(), id });
+        self.put(&edits)?;
+        if let (Some(t), false) = (target, mode == RenameMode::Exchange) {
+            match self.block(self.client.getattr(t.id)) {
+                Ok(a) => self.put(&[Edit::attr(a)])?,
+                Err(ReplicaError::NotFound) => self.put(&[Edit::Forget { id: t.id }])?,
+                Err(_) => {}
+            }
+        }
+        self.refresh_dir(pid);
+        if npid != pid {
+            self.refresh_dir(npid);
+        }
+        Ok(())
+    }
+
+    /// A new name for a non-directory.
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Cached> {
+        let (id, _) = self.get(ino)?;
+        let (npid, _) = self.get(new_parent)?;
+        let a = self.mutate(Op::Link { id, parent: npid, name: new_name.to_vec() })?;
+        let c = self.put_reply(&a, vec![Edit::Link { parent: npid, name: new_name.to_vec(), id }])?;
+        self.refresh_dir(npid);
+        Ok(c)
+    }
+
+    /// Change attributes; `size` truncates.
+    pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
+        let (id, mut c) = self.get(ino)?;
+        if let Some(size) = size {
+            let a = self.mutate(Op::Truncate { id, base: c.attr.versions.data, size })?;
+            let path = self.cache.data_path(id);
+            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+            f.set_len(size).map_err(io(&path))?;
+            c = self.put_reply(&a, Vec::new())?;
+        }
+        if attrs != SetAttrs::default() {
+            let a = self.mutate(Op::SetAttr { id, base: c.attr.versions.meta, attrs })?;
+            c = self.put_reply(&a, Vec::new())?;
+        }
+        Ok(c)
+    }
+
+    /// Set or remove an extended attribute.
+    pub fn set_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> R<()> {
+        let (id, c) = self.get(ino)?;
+        let base = c.attr.versions.meta;
+        let op = match value {
+            Some(v) => Op::SetXattr { id, base, name: name.to_vec(), value: v.to_vec() },
+            None => {
+                if !c.xattrs.iter().any(|(n, _)| n == name) {
+                    return Err(ReplicaError::NotFound);
+                }
+                Op::RemoveXattr { id, base, name: name.to_vec() }
+            }
+        };
+        let a = self.mutate(op)?;
+        let mut x = c.xattrs.clone();
+        x.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            x.push((name.to_vec(), v.to_vec()));
+            x.sort();
+        }
+        let attr = a.attr.ok_or(ReplicaError::NotFound)?;
+        self.put(&[Edit::Put { attr, target: None, xattrs: Some(x) }])
+    }
+
+    /// Inode number of the root.
+    pub fn root_ino(&self) -> u64 {
+        ROOT_INO
+    }
+}

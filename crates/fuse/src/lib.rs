@@ -1,0 +1,448 @@
+//! The FUSE mount: a thin adapter from fuser callbacks to the client's
+//! replica API (by inode number), errno mapping, and the one thread that
+//! sends kernel cache invalidations (never from inside a request, never
+//! holding a lock).
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use izo_client::cache::Cached;
+use izo_client::replica::{Inval, Replica, ReplicaError};
+use izo_proto::{FileKind, RenameMode, SetAttrs, Timestamp};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may keep attributes and entries (remote changes
+/// invalidate them sooner).
+const TTL: Duration = Duration::from_secs(1);
+
+/// The file system the kernel talks to.
+pub struct IzoFs {
+    r: Arc<Replica>,
+}
+
+fn errno(e: &ReplicaError) -> Errno {
+    match e {
+        ReplicaError::NotFound => Errno::ENOENT,
+        ReplicaError::Exists => Errno::EEXIST,
+        ReplicaError::NotEmpty => Errno::ENOTEMPTY,
+        ReplicaError::Invalid(m) if m.contains("not a directory") => Errno::ENOTDIR,
+        ReplicaError::Invalid(m) if m.contains("is a directory") => Errno::EISDIR,
+        ReplicaError::Invalid(_) => Errno::EINVAL,
+        ReplicaError::Denied(_) => Errno::EACCES,
+        ReplicaError::Transient(m) if m.contains("full") => Errno::ENOSPC,
+        ReplicaError::Conflict(_) | ReplicaError::Unreachable(_) | ReplicaError::Transient(_) => Errno::EIO,
+        ReplicaError::Cache(_) => Errno::EIO,
+    }
+}
+
+fn time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+    }
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn attr(c: &Cached) -> FileAttr {
+    let a = &c.attr;
+    let mtime = time(a.mtime);
+    FileAttr {
+        ino: INodeNo(c.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: kind(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+const GEN: Generation = Generation(0);
+
+impl IzoFs {
+    fn entry(&self, r: Result<Cached, ReplicaError>, reply: ReplyEntry) {
+        match r {
+            Ok(c) => reply.entry(&TTL, &attr(&c), GEN),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn stamp(t: TimeOrNow) -> Timestamp {
+    let st = match t {
+        TimeOrNow::SpecificTime(s) => s,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match st.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp { secs: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Err(e) => {
+            let d = e.duration();
+            Timestamp { secs: -(d.as_secs() as i64), nsec: 0 }
+        }
+    }
+}
+
+impl Filesystem for IzoFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.r.lookup(parent.0, name.as_bytes()), reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.r.get(ino.0) {
+            Ok((_, c)) => reply.attr(&TTL, &attr(&c)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let attrs = SetAttrs { mode: mode.map(|m| m & 0o7777), uid, gid, mtime: mtime.map(stamp) };
+        match self.r.setattr(ino.0, size, attrs) {
+            Ok(c) => reply.attr(&TTL, &attr(&c)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.r.get(ino.0) {
+            Ok((_, c)) => match c.target {
+                Some(t) => reply.data(&t),
+                None => reply.error(Errno::EINVAL),
+            },
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let k = match mode & libc::S_IFMT {
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFREG => FileKind::File,
+            _ => return reply.error(Errno::EPERM), // device nodes are not replicated
+        };
+        let perm = mode & 0o7777 & !umask;
+        self.entry(self.r.create(parent.0, name.as_bytes(), k, perm, req.uid(), req.gid(), None), reply)
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let perm = mode & 0o7777 & !umask;
+        self.entry(self.r.create(parent.0, name.as_bytes(), FileKind::Dir, perm, req.uid(), req.gid(), None), reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.r.remove(parent.0, name.as_bytes(), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.r.remove(parent.0, name.as_bytes(), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let t = target.as_os_str().as_bytes();
+        let r = self.r.create(parent.0, link_name.as_bytes(), FileKind::Symlink, 0o777, req.uid(), req.gid(), Some(t));
+        self.entry(r, reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.is_empty() {
+            RenameMode::Replace
+        } else if flags == RenameFlags::RENAME_NOREPLACE {
+            RenameMode::NoReplace
+        } else if flags == RenameFlags::RENAME_EXCHANGE {
+            RenameMode::Exchange
+        } else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.r.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.r.link(ino.0, newparent.0, newname.as_bytes()), reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.r.get(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let f = match self.r.data_file(ino.0) {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(Errno::from(e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.r.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok(); // writes are acked by the server before they return
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok(); // (same)
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.r.readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // offsets: 1 = ".", 2 = "..", 3.. = entries in name order (each
+        // entry's offset is where the next listing resumes)
+        let mut all: Vec<(u64, FileType, Vec<u8>)> =
+            vec![(ino.0, FileType::Directory, b".".to_vec()), (ino.0, FileType::Directory, b"..".to_vec())];
+        all.extend(entries.into_iter().map(|(n, c)| (c.ino, kind(c.attr.kind), n)));
+        for (i, (e_ino, k, name)) in all.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e_ino), i as u64 + 1, k, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // local numbers only: statfs must never wait for the network
+        // SAFETY: statvfs is plain data; zeroes are a valid value.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        let dir = std::ffi::CString::new(self.r.cache.data_dir().as_os_str().as_bytes()).unwrap_or_default();
+        // SAFETY: dir is NUL-terminated and s a valid out-pointer.
+        if unsafe { libc::statvfs(dir.as_ptr(), &mut s) } != 0 {
+            return reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+        }
+        reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, 255, s.f_frsize as u32)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.r.set_xattr(ino.0, name.as_bytes(), Some(value)) {
+            Ok(()) => reply.ok(),
+            Err(ReplicaError::Invalid(_)) => reply.error(Errno::ENOTSUP),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let c = match self.r.get(ino.0) {
+            Ok((_, c)) => c,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match c.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+            None => reply.error(Errno::NO_XATTR),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let c = match self.r.get(ino.0) {
+            Ok((_, c)) => c,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut list = Vec::new();
+        for (n, _) in &c.xattrs {
+            list.extend_from_slice(n);
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if list.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.r.set_xattr(ino.0, name.as_bytes(), None) {
+            Ok(()) => reply.ok(),
+            Err(ReplicaError::NotFound) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let perm = mode & 0o7777 & !umask;
+        match self.r.create(parent.0, name.as_bytes(), FileKind::File, perm, req.uid(), req.gid(), None) {
+            Ok(c) => reply.created(&TTL, &attr(&c), GEN, FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// A mounted replica.
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+}
+
+impl Mounted {
+    /// Unmount and wait for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Mount `replica` at `mountpoint` (allow_other, default_permissions,
+/// nosuid, nodev) and start the invalidation thread.
+pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounted> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("izo".into()),
+        MountOption::CUSTOM("subtype=izo".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(4);
+    cfg.clone_fd = true;
+    let (tx, rx) = mpsc::channel::<Inval>();
+    replica.set_invalidator(tx);
+    let fs = IzoFs { r: replica };
+    let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+    let notifier = session.notifier();
+    std::thread::Builder::new().name("izo-invalidate".into()).spawn(move || {
+        // one thread, no locks held, never inside a request
+        while let Ok(w) = rx.recv() {
+            let r = match &w {
+                Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+            };
+            if let Err(e) = r {
+                tracing::debug!("invalidating {w:?}: {e}");
+            }
+        }
+    })?;
+    Ok(Mounted { session: Some(session) })
+}
