@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct MountArgs {
-    /// The volume: HOST[:PORT]/VOLUME (port 7227 by default).
+    /// The volume: `HOST[:PORT]/VOLUME` (port 7227 by default).
     volume: String,
     /// Where to mount it.
     mountpoint: PathBuf,
