@@ -25,8 +25,8 @@ pub struct MountArgs {
     /// The server's certificate fingerprint (SHA256:…), as `izo serve` prints it.
     #[arg(long)]
     fingerprint: Option<String>,
-    /// Cache directory (default: /var/cache/izo/<volume> as root,
-    /// ~/.cache/izo/<volume> otherwise).
+    /// Cache directory (default: `/var/cache/izo/VOLUME` as root,
+    /// `~/.cache/izo/VOLUME` otherwise).
     #[arg(long)]
     cache: Option<PathBuf>,
 }
