@@ -98,9 +98,11 @@ pub struct Replica {
     /// The cache.
     pub cache: Cache,
     rt: tokio::runtime::Handle,
-    /// Serialises changes to the cache (stream and local replies).
+    /// Serialises changes to the cache.
     apply: Mutex<()>,
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
+    /// Seq of the last record applied to the cache.
+    applied: tokio::sync::watch::Sender<Seq>,
 }
 
 fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
@@ -110,7 +112,9 @@ fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
 impl Replica {
     /// A replica over `client` and `cache`; blocking calls run on `rt`.
     pub fn new(client: Client, cache: Cache, rt: tokio::runtime::Handle) -> Arc<Replica> {
-        Arc::new(Replica { client, cache, rt, apply: Mutex::new(()), inval: Mutex::new(None) })
+        let seq = cache.seq().unwrap_or(0);
+        let applied = tokio::sync::watch::Sender::new(seq);
+        Arc::new(Replica { client, cache, rt, apply: Mutex::new(()), inval: Mutex::new(None), applied })
     }
 
     /// Where kernel invalidations go (one notifier thread drains it).
@@ -156,6 +160,7 @@ impl Replica {
             progress(&p);
         }
         self.cache.change(&[Edit::Seq(seq)])?;
+        self.applied.send_replace(seq);
         Ok(())
     }
 
@@ -229,6 +234,7 @@ impl Replica {
     /// Apply one record of the stream to the cache.
     async fn apply_record(&self, r: Record) -> R<()> {
         let own = matches!(r.origin, Origin::Replica(id, _) if id == self.client.replica());
+        tracing::debug!("apply seq {} own {own}: {:?}", r.seq, r.op);
         let mut edits = Vec::new();
         let mut inval = Vec::new();
         let mut refresh = Vec::new(); // directories whose attributes changed
@@ -295,19 +301,15 @@ impl Replica {
                 }
             }
             Op::Write { id, offset, data, .. } => {
-                if !own {
-                    let path = self.cache.data_path(*id);
-                    if !data.is_empty() {
-                        let f = OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&path)
-                            .map_err(io(&path))?;
-                        f.write_all_at(data, *offset).map_err(io(&path))?;
-                    } else {
-                        self.fetch(*id, *offset, r.elided, None).await?;
-                    }
+                // (an own write whose bytes the record leaves out is written
+                // by the caller once the stream has reached it)
+                let path = self.cache.data_path(*id);
+                if !data.is_empty() {
+                    let f =
+                        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+                    f.write_all_at(data, *offset).map_err(io(&path))?;
+                } else if !own {
+                    self.fetch(*id, *offset, r.elided, None).await?;
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -342,7 +344,7 @@ impl Replica {
         if let Some(a) = &r.attr {
             if self.newer(a)? {
                 // keep the data file's length with the size
-                if a.kind == FileKind::File && !own {
+                if a.kind == FileKind::File {
                     let path = self.cache.data_path(a.id);
                     if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
                         let _ = f.set_len(a.size);
@@ -375,6 +377,7 @@ impl Replica {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
             self.cache.change(&edits)?;
         }
+        self.applied.send_replace(r.seq);
         if !own {
             self.invalidate(inval);
         }
@@ -390,8 +393,22 @@ impl Replica {
         }
     }
 
+    /// Send a mutation and wait until the record stream has brought the
+    /// cache to it: the cache applies every change in the server's order
+    /// (its own included), so a reply never overtakes an earlier record.
     fn mutate(&self, op: Op) -> R<Applied> {
-        self.block(self.client.mutate(op))
+        let a = self.block(self.client.mutate(op))?;
+        let mut rx = self.applied.subscribe();
+        let reached = self
+            .rt
+            .block_on(async { tokio::time::timeout(DEADLINE, rx.wait_for(|s| *s >= a.seq)).await.map(|r| r.is_ok()) });
+        if reached != Ok(true) {
+            return Err(ReplicaError::Unreachable(format!(
+                "seq {} was acked but the record stream did not bring it within {DEADLINE:?}",
+                a.seq
+            )));
+        }
+        Ok(a)
     }
 
     /// The object behind an inode.
@@ -402,8 +419,9 @@ impl Replica {
     /// Look a name up.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Cached> {
         let (pid, _) = self.get(parent)?;
-        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
-        self.cache.get(id)?.ok_or(ReplicaError::NotFound)
+        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound);
+        tracing::debug!("lookup {parent} {:?} -> {id:?}", String::from_utf8_lossy(name));
+        self.cache.get(id?)?.ok_or(ReplicaError::NotFound)
     }
 
     /// Entries of a directory with their objects.
@@ -428,18 +446,8 @@ impl Replica {
         OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))
     }
 
-    fn put(&self, edits: &[Edit]) -> R<()> {
-        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-        self.cache.change(edits)?;
-        Ok(())
-    }
-
-    fn put_reply(&self, a: &Applied, extra: Vec<Edit>) -> R<Cached> {
-        let mut edits = extra;
-        let attr = a.attr.clone().ok_or(ReplicaError::NotFound)?;
-        edits.insert(0, Edit::attr(attr.clone()));
-        self.put(&edits)?;
-        self.cache.get(attr.id)?.ok_or(ReplicaError::NotFound)
+    fn cached(&self, id: ObjectId) -> R<Cached> {
+        self.cache.get(id)?.ok_or(ReplicaError::NotFound)
     }
 
     /// Write bytes (durable at the server when this returns).
@@ -447,14 +455,15 @@ impl Replica {
         let (id, c) = self.get(ino)?;
         let mut done = 0usize;
         let mut base = c.attr.versions.data;
+        let path = self.cache.data_path(id);
         for chunk in data.chunks(MAX_DATA) {
             let at = offset + done as u64;
             let a = self.mutate(Op::Write { id, base, offset: at, data: chunk.to_vec() })?;
-            let path = self.cache.data_path(id);
+            // the stream has applied it (and anything before it): now the
+            // bytes, which its record may leave out
             let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
             f.write_all_at(chunk, at).map_err(io(&path))?;
-            let c = self.put_reply(&a, Vec::new())?;
-            base = c.attr.versions.data;
+            base = a.attr.map(|a| a.versions.data).unwrap_or(base);
             done += chunk.len();
         }
         Ok(done)
@@ -476,63 +485,30 @@ impl Replica {
         let id = ObjectId::new();
         let name = name.to_vec();
         let op = match kind {
-            FileKind::File => Op::Create { parent: pid, name: name.clone(), id, mode, uid, gid },
-            FileKind::Dir => Op::Mkdir { parent: pid, name: name.clone(), id, mode, uid, gid },
+            FileKind::File => Op::Create { parent: pid, name, id, mode, uid, gid },
+            FileKind::Dir => Op::Mkdir { parent: pid, name, id, mode, uid, gid },
             FileKind::Symlink => {
                 let target = target.unwrap_or_default().to_vec();
-                Op::Symlink { parent: pid, name: name.clone(), id, target, uid, gid }
+                Op::Symlink { parent: pid, name, id, target, uid, gid }
             }
-            k => Op::Mknod { parent: pid, name: name.clone(), id, kind: k, mode, uid, gid },
+            k => Op::Mknod { parent: pid, name, id, kind: k, mode, uid, gid },
         };
-        let a = self.mutate(op)?;
-        if kind == FileKind::File {
-            let path = self.cache.data_path(id);
-            File::create(&path).map_err(io(&path))?;
-        }
-        let attr = a.attr.clone().ok_or(ReplicaError::NotFound)?;
-        let edits = vec![
-            Edit::Put { attr, target: target.map(<[u8]>::to_vec), xattrs: Some(Vec::new()) },
-            Edit::Link { parent: pid, name, id },
-        ];
-        self.put(&edits)?;
-        self.refresh_dir(pid);
-        self.cache.get(id)?.ok_or(ReplicaError::NotFound)
-    }
-
-    /// A directory's attributes after an entry change (mtime, nlink).
-    fn refresh_dir(&self, dir: ObjectId) {
-        if let Ok(a) = self.block(self.client.getattr(dir)) {
-            if self.newer(&a).unwrap_or(false) {
-                let _ = self.put(&[Edit::attr(a)]);
-            }
-        }
+        self.mutate(op)?;
+        self.cached(id)
     }
 
     /// Remove a name (a directory with `dir`).
     pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
         let (pid, _) = self.get(parent)?;
         let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
-        let c = self.cache.get(id)?.ok_or(ReplicaError::NotFound)?;
+        let c = self.cached(id)?;
         if dir != (c.attr.kind == FileKind::Dir) {
             return Err(ReplicaError::Invalid(if dir { "not a directory" } else { "is a directory" }.into()));
         }
         let expect = Expect { id, base: c.attr.versions };
         let name = name.to_vec();
-        let op = if dir {
-            Op::Rmdir { parent: pid, name: name.clone(), expect }
-        } else {
-            Op::Unlink { parent: pid, name: name.clone(), expect }
-        };
-        let a = self.mutate(op)?;
-        let mut edits = vec![Edit::Unlink { parent: pid, name }];
-        match a.attr {
-            Some(attr) => edits.push(Edit::attr(attr)),
-            // (the data file stays until the next start: open files keep working)
-            None => edits.push(Edit::Forget { id }),
-        }
-        self.put(&edits)?;
-        self.refresh_dir(pid);
-        Ok(())
+        let op = if dir { Op::Rmdir { parent: pid, name, expect } } else { Op::Unlink { parent: pid, name, expect } };
+        self.mutate(op).map(drop)
     }
 
     /// Rename (`mode`: replace, no-replace or exchange).
@@ -540,12 +516,9 @@ impl Replica {
         let (pid, _) = self.get(parent)?;
         let (npid, _) = self.get(new_parent)?;
         let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
-        let c = self.cache.get(id)?.ok_or(ReplicaError::NotFound)?;
+        let c = self.cached(id)?;
         let target = match self.cache.lookup(npid, new_name)? {
-            Some(t) => {
-                let tc = self.cache.get(t)?.ok_or(ReplicaError::NotFound)?;
-                Some(Expect { id: t, base: tc.attr.versions })
-            }
+            Some(t) => Some(Expect { id: t, base: self.cached(t)?.attr.versions }),
             None => None,
         };
         if mode == RenameMode::Exchange && target.is_none() {
@@ -553,6 +526,18 @@ impl Replica {
         }
         if mode == RenameMode::NoReplace && target.is_some() {
             return Err(ReplicaError::Exists);
+        }
+        if let (Some(t), RenameMode::Replace) = (&target, mode) {
+            if t.id == id {
+                return Ok(()); // two names of one object: rename(2) does nothing
+            }
+            let tk = self.cached(t.id)?.attr.kind;
+            if tk == FileKind::Dir && c.attr.kind != FileKind::Dir {
+                return Err(ReplicaError::Invalid("is a directory".into()));
+            }
+            if tk != FileKind::Dir && c.attr.kind == FileKind::Dir {
+                return Err(ReplicaError::Invalid("not a directory".into()));
+            }
         }
         let op = Op::Rename {
             parent: pid,
@@ -563,53 +548,31 @@ impl Replica {
             target,
             mode,
         };
-        self.mutate(op)?;
-        let mut edits = Vec::new();
-        match (mode, target) {
-            (RenameMode::Exchange, Some(t)) => edits.push(Edit::Link { parent: pid, name: name.to_vec(), id: t.id }),
-            _ => edits.push(Edit::Unlink { parent: pid, name: name.to_vec() }),
-        }
-        edits.push(Edit::Link { parent: npid, name: new_name.to_vec(), id });
-        self.put(&edits)?;
-        if let (Some(t), false) = (target, mode == RenameMode::Exchange) {
-            match self.block(self.client.getattr(t.id)) {
-                Ok(a) => self.put(&[Edit::attr(a)])?,
-                Err(ReplicaError::NotFound) => self.put(&[Edit::Forget { id: t.id }])?,
-                Err(_) => {}
-            }
-        }
-        self.refresh_dir(pid);
-        if npid != pid {
-            self.refresh_dir(npid);
-        }
-        Ok(())
+        self.mutate(op).map(drop)
     }
 
     /// A new name for a non-directory.
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Cached> {
         let (id, _) = self.get(ino)?;
         let (npid, _) = self.get(new_parent)?;
-        let a = self.mutate(Op::Link { id, parent: npid, name: new_name.to_vec() })?;
-        let c = self.put_reply(&a, vec![Edit::Link { parent: npid, name: new_name.to_vec(), id }])?;
-        self.refresh_dir(npid);
-        Ok(c)
+        self.mutate(Op::Link { id, parent: npid, name: new_name.to_vec() })?;
+        self.cached(id)
     }
 
     /// Change attributes; `size` truncates.
     pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
-        let (id, mut c) = self.get(ino)?;
+        let (id, c) = self.get(ino)?;
         if let Some(size) = size {
-            let a = self.mutate(Op::Truncate { id, base: c.attr.versions.data, size })?;
-            let path = self.cache.data_path(id);
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-            f.set_len(size).map_err(io(&path))?;
-            c = self.put_reply(&a, Vec::new())?;
+            if c.attr.kind != FileKind::File {
+                return Err(ReplicaError::Invalid("is a directory".into()));
+            }
+            self.mutate(Op::Truncate { id, base: c.attr.versions.data, size })?;
         }
         if attrs != SetAttrs::default() {
-            let a = self.mutate(Op::SetAttr { id, base: c.attr.versions.meta, attrs })?;
-            c = self.put_reply(&a, Vec::new())?;
+            let base = self.cached(id)?.attr.versions.meta;
+            self.mutate(Op::SetAttr { id, base, attrs })?;
         }
-        Ok(c)
+        self.cached(id)
     }
 
     /// Set or remove an extended attribute.
@@ -625,15 +588,7 @@ impl Replica {
                 Op::RemoveXattr { id, base, name: name.to_vec() }
             }
         };
-        let a = self.mutate(op)?;
-        let mut x = c.xattrs.clone();
-        x.retain(|(n, _)| n != name);
-        if let Some(v) = value {
-            x.push((name.to_vec(), v.to_vec()));
-            x.sort();
-        }
-        let attr = a.attr.ok_or(ReplicaError::NotFound)?;
-        self.put(&[Edit::Put { attr, target: None, xattrs: Some(x) }])
+        self.mutate(op).map(drop)
     }
 
     /// Inode number of the root.

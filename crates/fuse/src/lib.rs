@@ -418,7 +418,8 @@ impl Mounted {
 pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounted> {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
-        MountOption::FSName("izo".into()),
+        // the daemon's pid in the source tells a stale mount from a live one
+        MountOption::FSName(format!("izo:{}", std::process::id())),
         MountOption::CUSTOM("subtype=izo".into()),
         MountOption::DefaultPermissions,
         MountOption::NoSuid,

@@ -395,3 +395,86 @@ pub async fn server_digest(c: &Client) -> Option<izo_testkit::Digest> {
     }
     Some(d)
 }
+
+/// An `izo mount` child process on a temporary mount point.
+pub struct MountProc {
+    pub child: Child,
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Unmount leftovers of earlier runs: intermezzo mounts whose daemon (its
+/// pid is in the mount source, `izo:PID`) is gone. Live mounts of tests
+/// running beside this one are left alone; no mount point is touched.
+pub fn sweep_mounts() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    for line in info.lines() {
+        let mp = line.split(' ').nth(4).unwrap_or_default();
+        let Some((_, after)) = line.split_once(" - fuse.izo ") else { continue };
+        let pid = after.split(' ').next().and_then(|src| src.strip_prefix("izo:"));
+        let dead = pid.is_some_and(|p| !Path::new("/proc").join(p).exists());
+        if dead && mp.contains("izo-mnt-") {
+            let _ = Command::new("umount").arg("-l").arg(mp).status();
+        }
+    }
+}
+
+impl MountProc {
+    /// Mount the volume of `server` (address, fingerprint, token) with a
+    /// fresh cache.
+    pub fn start(addr: &str, fingerprint: &str, token: &str) -> MountProc {
+        let dir = tempfile::Builder::new().prefix("izo-mnt-").tempdir().expect("temp dir");
+        let cache = dir.path().join("cache");
+        let mut m = Self::start_at(addr, fingerprint, token, &dir.path().join("mnt"), &cache);
+        m._dir = Some(dir);
+        m
+    }
+
+    /// Mount with a given mount point and cache (a remount).
+    pub fn start_at(addr: &str, fingerprint: &str, token: &str, mnt: &Path, cache: &Path) -> MountProc {
+        std::fs::create_dir_all(mnt).expect("mount point");
+        let mut child = Command::new(izo_bin())
+            .arg("mount")
+            .arg(format!("{addr}/vol"))
+            .arg(mnt)
+            .args(["--token", token, "--fingerprint", fingerprint, "--cache"])
+            .arg(cache)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn izo mount");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mounted = lines.by_ref().map_while(Result::ok).any(|l| l.starts_with("izo: mounted"));
+        std::thread::spawn(move || for _ in lines {});
+        if !mounted {
+            let _ = child.kill();
+            panic!("izo mount did not mount {}: {:?}", mnt.display(), child.wait());
+        }
+        MountProc { child, mnt: mnt.to_path_buf(), cache: cache.to_path_buf(), _dir: None }
+    }
+
+    /// Unmount (SIGTERM) and wait; lazy-unmount if the daemon is stuck.
+    pub fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod confine;
 mod crash;
 mod harness;
 mod hostile;
+mod mount;
 mod ops;
 mod owners;
 mod replay;

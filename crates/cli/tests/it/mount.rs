@@ -1,0 +1,289 @@
+//! Replicate mode through real FUSE mounts: a server and two `izo mount`
+//! clients. What one client does is seen on the other and in the export;
+//! hard links keep one inode number; inode numbers survive a remount; a
+//! random sequence of file-system calls behaves on the mount as on a local
+//! directory.
+
+use crate::harness::*;
+use izo_testkit::{tree_digest, Digest};
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn digest(p: &Path) -> Digest {
+    tree_digest(p).unwrap_or_else(|e| panic!("digest of {}: {e:#}", p.display()))
+}
+
+/// Wait until every tree has the digest of the first (a tree changing
+/// under the walk counts as not there yet).
+fn converge(trees: &[&Path], what: &str) {
+    let start = Instant::now();
+    loop {
+        let want = digest(trees[0]);
+        let diffs: Vec<Vec<String>> = trees[1..]
+            .iter()
+            .map(|t| match tree_digest(t) {
+                Ok(d) => want.diff(&d),
+                Err(e) => vec![format!("{}: {e:#}", t.display())],
+            })
+            .collect();
+        if diffs.iter().all(|d| d.is_empty()) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: trees differ after 5 s: {diffs:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn renameat2(dir: &Path, a: &str, b: &str, flags: u32) -> std::io::Result<()> {
+    let ca = CString::new(dir.join(a).as_os_str().as_bytes()).expect("path");
+    let cb = CString::new(dir.join(b).as_os_str().as_bytes()).expect("path");
+    // SAFETY: both paths are NUL-terminated.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
+    let cn = CString::new(name).expect("name");
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::setxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+async fn server_with(files: &[(&str, &[u8])]) -> InProc {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    for (n, data) in files {
+        std::fs::write(dirs.export.join(n), data).expect("write");
+    }
+    InProc::start_with(dirs, |_| {}).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_follow_each_other_through_the_server() {
+    let s = server_with(&[("pre", b"existing file")]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        assert_eq!(std::fs::read(ma.join("pre")).expect("pre"), b"existing file", "initial replication");
+
+        std::fs::write(ma.join("a"), b"alpha").expect("write");
+        std::fs::create_dir(ma.join("d")).expect("mkdir");
+        std::fs::write(ma.join("d/f"), vec![7u8; 300_000]).expect("write big");
+        std::fs::hard_link(ma.join("d/f"), ma.join("h")).expect("link");
+        std::os::unix::fs::symlink("a", ma.join("s")).expect("symlink");
+        std::fs::rename(ma.join("a"), ma.join("a2")).expect("rename");
+        std::fs::write(ma.join("x"), b"x").expect("write x");
+        renameat2(&ma, "x", "a2", libc::RENAME_EXCHANGE).expect("exchange");
+        assert_eq!(
+            renameat2(&ma, "x", "a2", libc::RENAME_NOREPLACE).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EEXIST)),
+            "no-replace onto an existing name"
+        );
+        std::fs::set_permissions(ma.join("a2"), std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        std::fs::OpenOptions::new().write(true).open(ma.join("d/f")).and_then(|f| f.set_len(1000)).expect("truncate");
+        setxattr(&ma.join("pre"), "user.colour", b"green").expect("setxattr");
+        std::fs::write(ma.join(OsStr::from_bytes(b"caf\xe9")), b"latin-1 name").expect("non-UTF-8 name");
+        std::fs::remove_file(ma.join("s")).expect("unlink");
+
+        let f = std::fs::metadata(ma.join("d/f")).expect("stat f");
+        let h = std::fs::metadata(ma.join("h")).expect("stat h");
+        assert_eq!((f.ino(), f.nlink()), (h.ino(), 2), "one inode, two names");
+        assert_eq!(std::fs::read(ma.join("a2")).expect("read a2"), b"x", "exchanged");
+        assert_eq!(std::fs::read(ma.join("x")).expect("read x"), b"alpha", "exchanged");
+
+        converge(&[&ma, &mb, &ex], "after changes on A");
+        let hb = std::fs::metadata(mb.join("h")).expect("stat h on B");
+        let fb = std::fs::metadata(mb.join("d/f")).expect("stat f on B");
+        assert_eq!((fb.ino(), hb.nlink()), (hb.ino(), 2), "hard link on B");
+        assert_eq!(std::fs::read(mb.join(OsStr::from_bytes(b"caf\xe9"))).expect("read"), b"latin-1 name");
+
+        // and the other way, with a removal of a tree
+        std::fs::remove_file(mb.join("d/f")).expect("unlink on B");
+        std::fs::remove_dir(mb.join("d")).expect("rmdir on B");
+        std::fs::write(mb.join("from-b"), b"b").expect("write on B");
+        converge(&[&mb, &ma, &ex], "after changes on B");
+        assert_eq!(std::fs::metadata(ma.join("h")).expect("h").nlink(), 1, "nlink follows on A");
+    })
+    .await
+    .expect("mount test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inode_numbers_and_the_stream_position_survive_a_remount() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        for i in 0..20 {
+            std::fs::write(ma.join(format!("f{i}")), format!("{i}")).expect("write");
+        }
+        std::fs::hard_link(ma.join("f3"), ma.join("link")).expect("link");
+        let inos: Vec<u64> =
+            (0..20).map(|i| std::fs::metadata(ma.join(format!("f{i}"))).expect("stat").ino()).collect();
+        a.stop();
+        // changed while A is unmounted: A catches up from its stream position
+        std::fs::write(mb.join("while-away"), b"new").expect("write on B");
+        std::fs::remove_file(mb.join("f0")).expect("unlink on B");
+        let cache = a.cache.clone();
+        let a2 = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        converge(&[&mb, &a2.mnt], "after the remount");
+        for (i, ino) in inos.iter().enumerate().skip(1) {
+            let now = std::fs::metadata(ma.join(format!("f{i}"))).expect("stat").ino();
+            assert_eq!(now, *ino, "f{i} keeps its inode number across the remount");
+        }
+        assert_eq!(std::fs::metadata(ma.join("link")).expect("link").ino(), inos[3]);
+    })
+    .await
+    .expect("remount test");
+}
+
+/// A tiny deterministic generator (the sequence is printed on failure).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a>(&mut self, from: &'a [&'a str]) -> &'a str {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// One random call, done the same way under `root`; its result as text.
+fn step(root: &Path, op: &str, a: &str, b: &str, n: u64) -> String {
+    use std::io::{Seek, SeekFrom, Write};
+    let p = |x: &str| root.join(x);
+    let r: std::io::Result<String> = (|| {
+        Ok(match op {
+            "write" => {
+                let data: Vec<u8> = (0..(n % 5000)).map(|i| (i * 7 + n) as u8).collect();
+                std::fs::write(p(a), data)?;
+                String::new()
+            }
+            "append" => {
+                let mut f = std::fs::OpenOptions::new().append(true).open(p(a))?;
+                f.write_all(&vec![n as u8; (n % 3000) as usize])?;
+                String::new()
+            }
+            "patch" => {
+                let mut f = std::fs::OpenOptions::new().write(true).open(p(a))?;
+                f.seek(SeekFrom::Start(n % 4000))?;
+                f.write_all(b"patch")?;
+                String::new()
+            }
+            "truncate" => {
+                std::fs::OpenOptions::new().write(true).open(p(a))?.set_len(n % 6000)?;
+                String::new()
+            }
+            "read" => format!("{:?}", blake3_of(&std::fs::read(p(a))?)),
+            "mkdir" => {
+                std::fs::create_dir(p(a))?;
+                String::new()
+            }
+            "rmdir" => {
+                std::fs::remove_dir(p(a))?;
+                String::new()
+            }
+            "unlink" => {
+                std::fs::remove_file(p(a))?;
+                String::new()
+            }
+            "rename" => {
+                std::fs::rename(p(a), p(b))?;
+                String::new()
+            }
+            "link" => {
+                std::fs::hard_link(p(a), p(b))?;
+                String::new()
+            }
+            "symlink" => {
+                std::os::unix::fs::symlink(b, p(a))?;
+                String::new()
+            }
+            "chmod" => {
+                std::fs::set_permissions(p(a), std::fs::Permissions::from_mode(0o600 | (n as u32 & 0o077)))?;
+                String::new()
+            }
+            "list" => {
+                let mut names: Vec<String> = std::fs::read_dir(p(a))?
+                    .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect::<Result<_, _>>()?;
+                names.sort();
+                names.join(",")
+            }
+            _ => unreachable!(),
+        })
+    })();
+    match r {
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("err {:?}", e.raw_os_error()),
+    }
+}
+
+fn blake3_of(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_calls_on_the_mount_behave_as_on_a_local_directory() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let local = tempfile::tempdir().expect("local dir");
+        let root_mode = std::fs::metadata(&a.mnt).expect("stat mount").permissions();
+        std::fs::set_permissions(local.path(), root_mode).expect("chmod local root");
+        let seed = std::env::var("IZO_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_u64);
+        let mut rng = Rng(seed);
+        let ops = [
+            "write", "write", "append", "patch", "truncate", "read", "mkdir", "rmdir", "unlink", "rename", "link",
+            "symlink", "chmod", "list",
+        ];
+        let names = ["a", "b", "c", "d", "d/a", "d/b", "e", "e/x", "d/e"];
+        let mut log = Vec::new();
+        for i in 0..300 {
+            let (op, x, y, n) = (rng.pick(&ops), rng.pick(&names), rng.pick(&names), rng.next());
+            let want = step(local.path(), op, x, y, n);
+            let got = step(&a.mnt, op, x, y, n);
+            log.push(format!("{i}: {op} {x} {y} {n} -> {want}"));
+            assert_eq!(
+                got,
+                want,
+                "step {i} ({op} {x} {y}) differs on the mount; seed {seed}; steps:\n{}",
+                log.join("\n")
+            );
+            if i % 25 == 24 {
+                let (l, m) = (digest(local.path()), digest(&a.mnt));
+                let d = l.without_mtimes().diff(&m.without_mtimes());
+                assert!(d.is_empty(), "after step {i}, seed {seed}: {d:#?}\nsteps:\n{}", log.join("\n"));
+            }
+        }
+        converge(&[&a.mnt, &b.mnt], "the second replica after the random calls");
+    })
+    .await
+    .expect("differential test");
+}
