@@ -1,28 +1,55 @@
-//! `izo demo`: a server on a temporary export and a short client session
-//! that lists and changes the volume over real TLS. Until the FUSE mount
-//! lands this is the one-command tour of the system.
+//! `izo demo`: the whole system on this machine with no configuration — a
+//! server on a fresh export and a replicate-mode client mounted with FUSE,
+//! both in this process, over real TLS on loopback. It serves until
+//! Ctrl-C (or, with `--once`, walks through a few file operations on the
+//! mount, checks them in the export, and stops).
 
 use anyhow::{Context, Result};
 use clap::Args;
+use izo_client::cache::Cache;
+use izo_client::replica::Replica;
 use izo_client::{Client, ClientConfig};
-use izo_proto::*;
 use izo_server::auth::{Rights, Tokens};
 use izo_server::{Server, ServerConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Keep the export here instead of a temporary directory.
+    /// Keep everything here instead of a temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Walk through a few operations on the mount, check them, and stop.
+    #[arg(long)]
+    once: bool,
+}
+
+fn walk_through(mnt: &Path, export: &Path) -> Result<()> {
+    std::fs::create_dir(mnt.join("notes")).context("mkdir on the mount")?;
+    let text = b"hello from intermezzo\n";
+    std::fs::write(mnt.join("notes/hello.txt"), text).context("write on the mount")?;
+    std::fs::rename(mnt.join("notes/hello.txt"), mnt.join("notes/greeting.txt")).context("rename on the mount")?;
+    std::fs::hard_link(mnt.join("notes/greeting.txt"), mnt.join("greeting-link")).context("link on the mount")?;
+    println!("mount: mkdir notes, wrote notes/hello.txt, renamed it to notes/greeting.txt, linked it as greeting-link");
+    for e in std::fs::read_dir(mnt.join("notes")).context("ls on the mount")? {
+        let e = e?;
+        println!("mount: ls notes/ -> {:?} {} bytes", e.file_name(), e.metadata()?.len());
+    }
+    let back = std::fs::read(mnt.join("greeting-link")).context("read on the mount")?;
+    println!("mount: cat greeting-link -> {:?}", String::from_utf8_lossy(&back));
+    let on_disk = std::fs::read(export.join("notes/greeting.txt")).context("reading the export")?;
+    println!("server: {}/notes/greeting.txt holds {:?}", export.display(), String::from_utf8_lossy(&on_disk));
+    anyhow::ensure!(on_disk == text && back == text, "the export or the mount differs from what was written");
+    Ok(())
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("izo-demo-{}", std::process::id()));
     let base = args.dir.unwrap_or(tmp);
-    let export = base.join("export");
-    let state = base.join("state");
-    std::fs::create_dir_all(&export).with_context(|| format!("creating {}", export.display()))?;
+    let (export, state, mnt) = (base.join("export"), base.join("state"), base.join("mnt"));
+    for d in [&export, &mnt] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let cfg = ServerConfig {
         export: export.clone(),
         state_dir: Some(state.clone()),
@@ -30,7 +57,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async move {
+    let (server, replica) = rt.block_on(async {
         let server = Server::open(&cfg).context("opening the demo volume")?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen).await.context("binding loopback")?;
         let addr = listener.local_addr()?.to_string();
@@ -43,45 +70,40 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let mut cc = ClientConfig::new(addr, volume, token);
         cc.fingerprint = Some(fp);
         let c = Client::connect(cc).await.context("connecting")?;
-        println!("client: connected as replica {:?}", c.replica());
-        let dir = ObjectId::new();
-        c.mutate(Op::Mkdir { parent: ObjectId::ROOT, name: b"notes".to_vec(), id: dir, mode: 0o755, uid: 0, gid: 0 })
-            .await?;
-        let f = ObjectId::new();
-        c.mutate(Op::Create { parent: dir, name: b"hello.txt".to_vec(), id: f, mode: 0o644, uid: 0, gid: 0 }).await?;
-        let text = b"hello from intermezzo\n".to_vec();
-        c.mutate(Op::Write { id: f, base: 0, offset: 0, data: text.clone() }).await?;
-        let e = Expect { id: f, base: Versions::default() };
-        c.mutate(Op::Rename {
-            parent: dir,
-            name: b"hello.txt".to_vec(),
-            expect: e,
-            new_parent: dir,
-            new_name: b"greeting.txt".to_vec(),
-            target: None,
-            mode: RenameMode::Replace,
+        let cache = Cache::open(&base.join("cache")).context("opening the cache")?;
+        Ok::<_, anyhow::Error>((server, Replica::new(c, cache, tokio::runtime::Handle::current())))
+    })?;
+    rt.block_on(replica.initial_sync(|_| {})).context("initial replication")?;
+    let mounted = izo_fuse::mount(replica.clone(), &mnt)
+        .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;
+    let follower = rt.spawn(replica.clone().follow());
+    println!("client: replicate mode, mounted at {}", mnt.display());
+    let result = if args.once {
+        walk_through(&mnt, &export)
+    } else {
+        println!(
+            "ready: use {} like any directory (changes reach {} and every other client);\n       \
+             files put in the export by other programs show up on the mount. Ctrl-C stops.",
+            mnt.display(),
+            export.display()
+        );
+        rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            Ok::<_, std::io::Error>(())
         })
-        .await?;
-        println!("client: made notes/, wrote notes/hello.txt, renamed it to notes/greeting.txt");
-        for entry in c.readdir(dir).await? {
-            let a = &entry.attr;
-            println!(
-                "client: ls notes/ -> {:?} {:?} {} bytes, data version {}",
-                String::from_utf8_lossy(&entry.name),
-                a.kind,
-                a.size,
-                a.versions.data
-            );
-        }
-        let back = c.read(f, 0, 1 << 20).await?;
-        println!("client: read back {:?}", String::from_utf8_lossy(&back));
-        let on_disk = std::fs::read(export.join("notes/greeting.txt")).context("reading the export")?;
-        println!("server: {}/notes/greeting.txt holds {:?}", export.display(), String::from_utf8_lossy(&on_disk));
-        anyhow::ensure!(on_disk == text, "export content differs from what the client wrote");
-        let stats = c.server_stats().await?;
-        let show: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("server counters: {}", show.join(" "));
-        println!("demo ok; files left in {}", base.display());
-        Ok(())
-    })
+        .context("waiting for Ctrl-C")
+    };
+    follower.abort();
+    mounted.unmount().with_context(|| format!("unmounting {}", mnt.display()))?;
+    if !server.shutdown(Duration::from_secs(10)) {
+        eprintln!("izo: the demo volume did not stop in time; its next start replays the journal");
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
+    println!("demo stopped; files left in {}", base.display());
+    Ok(())
 }

@@ -287,3 +287,20 @@ async fn random_calls_on_the_mount_behave_as_on_a_local_directory() {
     .await
     .expect("differential test");
 }
+
+#[test]
+fn the_demo_mounts_a_client_and_its_changes_reach_the_export() {
+    sweep_mounts();
+    let dir = tempfile::Builder::new().prefix("izo-mnt-demo-").tempdir().expect("temp dir");
+    let out = std::process::Command::new(izo_bin())
+        .args(["demo", "--once", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run izo demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "izo demo --once failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("mounted at"), "{text}");
+    assert_eq!(std::fs::read(dir.path().join("export/notes/greeting.txt")).expect("export"), b"hello from intermezzo\n");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!info.contains(&*dir.path().join("mnt").to_string_lossy()), "unmounted at the end");
+}
