@@ -21,6 +21,8 @@ const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 const INOS: TableDefinition<u64, &[u8]> = TableDefinition::new("inos");
 /// Parent id ‖ name → child id.
 const DENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dentries");
+/// Objects whose last name is gone, dropped at the next start.
+const ORPHANS: TableDefinition<&[u8], ()> = TableDefinition::new("orphans");
 
 /// Inode number of the volume root.
 pub const ROOT_INO: u64 = 1;
@@ -86,13 +88,29 @@ impl Cache {
         let path = dir.join("cache.redb");
         let db = Database::create(&path).map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
         let c = Cache { db, path, data };
-        c.write(|tx| {
+        // Orphans of the last run are no longer open anywhere: drop them.
+        let dropped = c.write(|tx| {
             tx.open_table(META)?;
-            tx.open_table(OBJECTS)?;
-            tx.open_table(INOS)?;
             tx.open_table(DENTRIES)?;
-            Ok(())
+            let mut objs = tx.open_table(OBJECTS)?;
+            let mut inos = tx.open_table(INOS)?;
+            let mut orphans = tx.open_table(ORPHANS)?;
+            let mut dropped = Vec::new();
+            for row in orphans.iter()? {
+                dropped.push(id_of(row?.0.value()));
+            }
+            for id in &dropped {
+                let old = objs.remove(id.to_bytes().as_slice())?.map(|v| v.value().to_vec());
+                if let Some(c) = old.as_deref().and_then(|v| postcard::from_bytes::<Cached>(v).ok()) {
+                    inos.remove(c.ino)?;
+                }
+            }
+            orphans.retain(|_, _| false)?;
+            Ok(dropped)
         })?;
+        for id in dropped {
+            let _ = std::fs::remove_file(c.data_path(id));
+        }
         Ok(c)
     }
 
@@ -215,9 +233,16 @@ impl Cache {
                         dents.remove(key(*parent, name).as_slice())?;
                     }
                     Edit::Forget { id } => {
-                        let old = objs.remove(id.to_bytes().as_slice())?.map(|v| v.value().to_vec());
-                        if let Some(c) = old.as_deref().and_then(|v| postcard::from_bytes::<Cached>(v).ok()) {
-                            inos.remove(c.ino)?;
+                        // Kept as an orphan (no names, nlink 0) until the next
+                        // start: files still open keep working (unlink is not
+                        // forget), and the kernel may still ask about the inode.
+                        let old: Option<Cached> =
+                            objs.get(id.to_bytes().as_slice())?.and_then(|v| postcard::from_bytes(v.value()).ok());
+                        if let Some(mut c) = old {
+                            c.attr.nlink = 0;
+                            let row = postcard::to_allocvec(&c).unwrap_or_default();
+                            objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
+                            tx.open_table(ORPHANS)?.insert(id.to_bytes().as_slice(), ())?;
                         }
                     }
                     Edit::Seq(s) => {

@@ -453,6 +453,9 @@ impl Replica {
     /// Write bytes (durable at the server when this returns).
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<usize> {
         let (id, c) = self.get(ino)?;
+        if c.attr.nlink == 0 && c.attr.kind == FileKind::File {
+            return self.write_orphan(id, c, offset, data);
+        }
         let mut done = 0usize;
         let mut base = c.attr.versions.data;
         let path = self.cache.data_path(id);
@@ -467,6 +470,17 @@ impl Replica {
             done += chunk.len();
         }
         Ok(done)
+    }
+
+    /// A file removed while open: it has no name anywhere, so its bytes
+    /// stay with those who hold it open (local only, as on any file system).
+    fn write_orphan(&self, id: ObjectId, mut c: Cached, offset: u64, data: &[u8]) -> R<usize> {
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        f.write_all_at(data, offset).map_err(io(&path))?;
+        c.attr.size = c.attr.size.max(offset + data.len() as u64);
+        self.cache.change(&[Edit::attr(c.attr)])?;
+        Ok(data.len())
     }
 
     /// Create a file, directory, symlink, fifo or socket.
@@ -562,6 +576,18 @@ impl Replica {
     /// Change attributes; `size` truncates.
     pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
         let (id, c) = self.get(ino)?;
+        if c.attr.nlink == 0 && c.attr.kind == FileKind::File {
+            // open but removed: local only
+            if let Some(size) = size {
+                let path = self.cache.data_path(id);
+                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                f.set_len(size).map_err(io(&path))?;
+                let mut a = c.attr.clone();
+                a.size = size;
+                self.cache.change(&[Edit::attr(a)])?;
+            }
+            return self.cached(id);
+        }
         if let Some(size) = size {
             if c.attr.kind != FileKind::File {
                 return Err(ReplicaError::Invalid("is a directory".into()));

@@ -113,6 +113,22 @@ async fn two_replicas_follow_each_other_through_the_server() {
         assert_eq!((fb.ino(), hb.nlink()), (hb.ino(), 2), "hard link on B");
         assert_eq!(std::fs::read(mb.join(OsStr::from_bytes(b"caf\xe9"))).expect("read"), b"latin-1 name");
 
+        // a file removed while open keeps working through its descriptor
+        {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            std::fs::write(ma.join("open"), b"12345").expect("write open");
+            let mut fd = std::fs::OpenOptions::new().read(true).write(true).open(ma.join("open")).expect("open");
+            std::fs::remove_file(ma.join("open")).expect("unlink while open");
+            fd.seek(SeekFrom::End(0)).expect("seek");
+            fd.write_all(b"678").expect("write to an unlinked file");
+            fd.seek(SeekFrom::Start(0)).expect("seek");
+            let mut back = String::new();
+            fd.read_to_string(&mut back).expect("read an unlinked file");
+            assert_eq!(back, "12345678");
+            assert_eq!(fd.metadata().expect("fstat").len(), 8);
+            assert!(!ma.join("open").exists());
+        }
+
         // and the other way, with a removal of a tree
         std::fs::remove_file(mb.join("d/f")).expect("unlink on B");
         std::fs::remove_dir(mb.join("d")).expect("rmdir on B");
@@ -300,7 +316,10 @@ fn the_demo_mounts_a_client_and_its_changes_reach_the_export() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "izo demo --once failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("mounted at"), "{text}");
-    assert_eq!(std::fs::read(dir.path().join("export/notes/greeting.txt")).expect("export"), b"hello from intermezzo\n");
+    assert_eq!(
+        std::fs::read(dir.path().join("export/notes/greeting.txt")).expect("export"),
+        b"hello from intermezzo\n"
+    );
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!info.contains(&*dir.path().join("mnt").to_string_lossy()), "unmounted at the end");
 }
