@@ -39,6 +39,12 @@ pub enum ReplicaError {
     /// The server did not answer in time or the connection is gone.
     #[error("server unreachable: {0}")]
     Unreachable(String),
+    /// Not supported by this file system.
+    #[error("not supported")]
+    Unsupported,
+    /// No data (or hole) at or after the offset (SEEK_DATA/SEEK_HOLE).
+    #[error("no data past the offset")]
+    NoData,
     /// The server could not do it now (space, I/O).
     #[error("transient: {0}")]
     Transient(String),
@@ -103,6 +109,22 @@ pub struct Replica {
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
     /// Seq of the last record applied to the cache.
     applied: tokio::sync::watch::Sender<Seq>,
+}
+
+/// Deallocate a range of an open data file (reads as zeros after).
+fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: plain syscall on an open fd.
+    if unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn punch(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
+    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))?;
+    punch_fd(&f, offset, len).map_err(io(path))
 }
 
 fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
@@ -174,10 +196,12 @@ impl Replica {
             let r = self
                 .client
                 .read_with(id, offset, len, |seg| {
-                    if let Segment::Data(at, bytes) = seg {
-                        if let Err(e) = f.write_all_at(&bytes, at) {
-                            failed = Some(e);
-                        }
+                    let r = match seg {
+                        Segment::Data(at, bytes) => f.write_all_at(&bytes, at),
+                        Segment::Hole(at, n) => punch_fd(&f, at, n),
+                    };
+                    if let Err(e) = r {
+                        failed = Some(e);
                     }
                     Ok(())
                 })
@@ -318,7 +342,7 @@ impl Replica {
             Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
                 if !own {
                     if let Op::PunchHole { offset, len, .. } = &r.op {
-                        self.fetch(*id, *offset, *len, None).await?;
+                        punch(&self.cache.data_path(*id), *offset, *len)?;
                     }
                 }
                 if let Some(i) = self.ino(*id)? {
@@ -481,6 +505,46 @@ impl Replica {
         c.attr.size = c.attr.size.max(offset + data.len() as u64);
         self.cache.change(&[Edit::attr(c.attr)])?;
         Ok(data.len())
+    }
+
+    /// fallocate(2): mode 0 allocates (and may grow the file), punch-hole
+    /// with keep-size deallocates; other modes are not supported.
+    pub fn allocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> R<()> {
+        let (id, c) = self.get(ino)?;
+        let base = c.attr.versions.data;
+        let op = match mode {
+            0 => Op::Allocate { id, base, offset, len },
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => Op::PunchHole { id, base, offset, len },
+            _ => return Err(ReplicaError::Unsupported),
+        };
+        self.mutate(op)?;
+        // the record carries no bytes: do the same to the data file
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open fd.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r != 0 {
+            return Err(io(&path)(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// lseek(2) with SEEK_DATA or SEEK_HOLE, answered from the data file
+    /// (which keeps the file's holes).
+    pub fn seek(&self, ino: u64, offset: i64, whence: i32) -> R<i64> {
+        let f = self.data_file(ino)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open fd.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENXIO) => ReplicaError::NoData,
+                _ => ReplicaError::Invalid(e.to_string()),
+            });
+        }
+        Ok(r)
     }
 
     /// Create a file, directory, symlink, fifo or socket.

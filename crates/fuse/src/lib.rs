@@ -39,6 +39,8 @@ fn errno(e: &ReplicaError) -> Errno {
         ReplicaError::Transient(m) if m.contains("full") => Errno::ENOSPC,
         ReplicaError::Conflict(_) | ReplicaError::Unreachable(_) | ReplicaError::Transient(_) => Errno::EIO,
         ReplicaError::Cache(_) => Errno::EIO,
+        ReplicaError::Unsupported => Errno::EOPNOTSUPP,
+        ReplicaError::NoData => Errno::ENXIO,
     }
 }
 
@@ -376,6 +378,29 @@ impl Filesystem for IzoFs {
         match self.r.set_xattr(ino.0, name.as_bytes(), None) {
             Ok(()) => reply.ok(),
             Err(ReplicaError::NotFound) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.r.allocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
+        match self.r.seek(ino.0, offset, whence) {
+            Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e)),
         }
     }

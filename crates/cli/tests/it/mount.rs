@@ -129,6 +129,23 @@ async fn two_replicas_follow_each_other_through_the_server() {
             assert!(!ma.join("open").exists());
         }
 
+        // fallocate: a punched hole shows on both replicas and to SEEK_HOLE
+        {
+            use std::os::fd::AsRawFd;
+            std::fs::write(ma.join("sparse"), vec![9u8; 3 << 20]).expect("write sparse");
+            let f = std::fs::OpenOptions::new().write(true).open(ma.join("sparse")).expect("open");
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: plain syscalls on an open fd.
+            unsafe {
+                assert_eq!(libc::fallocate(f.as_raw_fd(), mode, 1 << 20, 1 << 20), 0, "punch a hole");
+                assert_eq!(libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE), 1 << 20, "SEEK_HOLE finds it");
+                assert_eq!(libc::lseek(f.as_raw_fd(), 1 << 20, libc::SEEK_DATA), 2 << 20, "SEEK_DATA after it");
+                assert_eq!(libc::fallocate(f.as_raw_fd(), 0, 0, 4 << 20), 0, "allocate grows the file");
+            }
+            assert_eq!(f.metadata().expect("fstat").len(), 4 << 20);
+        }
+        converge(&[&ma, &mb, &ex], "after fallocate");
+
         // and the other way, with a removal of a tree
         std::fs::remove_file(mb.join("d/f")).expect("unlink on B");
         std::fs::remove_dir(mb.join("d")).expect("rmdir on B");
