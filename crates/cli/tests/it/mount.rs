@@ -340,3 +340,71 @@ fn the_demo_mounts_a_client_and_its_changes_reach_the_export() {
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!info.contains(&*dir.path().join("mnt").to_string_lossy()), "unmounted at the end");
 }
+
+fn run(dir: &Path, cmd: &str) {
+    let out = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` in {} failed: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// W1 (../shared/bench/w1.sh; scripts/test builds it when missing).
+fn w1() -> std::path::PathBuf {
+    let dir = std::env::var("IZO_WORKLOADS").unwrap_or_else(|_| "/var/tmp/izo-workloads".into());
+    let p = Path::new(&dir).join("w1.tar");
+    assert!(p.exists(), "W1 is missing at {}: run ../shared/bench/w1.sh (scripts/test does)", p.display());
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untar_rsync_git_and_a_rust_build_work_in_the_mount() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        let native = tempfile::tempdir().expect("native dir");
+        let w1 = w1();
+        let w1 = w1.display();
+        // the kernel/ subtree of W1 (~600 entries), in the mount and natively
+        std::fs::create_dir(ma.join("untar")).expect("mkdir");
+        std::fs::create_dir(native.path().join("untar")).expect("mkdir");
+        run(&ma.join("untar"), &format!("tar xf {w1} ./kernel"));
+        run(&native.path().join("untar"), &format!("tar xf {w1} ./kernel"));
+        let (m, n) = (digest(&ma.join("untar/kernel")), digest(&native.path().join("untar/kernel")));
+        assert!(m.diff(&n).is_empty(), "untar in the mount differs from native: {:#?}", m.diff(&n));
+
+        // rsync -a in and out
+        run(&ma, &format!("rsync -a {}/untar/kernel/ rsync-in/", native.path().display()));
+        let out = tempfile::tempdir().expect("rsync out");
+        run(&ma, &format!("rsync -a rsync-in/ {}/", out.path().display()));
+        let (i, o) = (digest(&ma.join("rsync-in")), digest(out.path()));
+        let k = digest(&native.path().join("untar/kernel"));
+        assert!(i.diff(&k).is_empty() && o.diff(&k).is_empty(), "rsync: {:#?} {:#?}", i.diff(&k), o.diff(&k));
+
+        // git
+        run(
+            &ma,
+            "git init -q repo && cp -r rsync-in/sched repo/ && cd repo && git add -A \
+             && git -c user.email=t@example.org -c user.name=t commit -qm import \
+             && echo change >> sched/core.c && git status --short | grep -q core.c \
+             && git -c user.email=t@example.org -c user.name=t commit -qam change && git gc -q && git fsck --strict",
+        );
+
+        // a Rust crate: rustc and the linker write (and mmap) their output here
+        run(&ma, "cargo new -q --vcs none hello && cd hello && CARGO_TARGET_DIR=target cargo build -q --offline");
+        let out = std::process::Command::new(ma.join("hello/target/debug/hello")).output().expect("run the binary");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello, world!\n");
+
+        converge(&[&ma, &mb, &ex], "the other replica and the export after the workloads");
+    })
+    .await
+    .expect("workload test");
+}
