@@ -1,6 +1,7 @@
 //! `izo`: the intermezzo command line. Glue over the library crates.
 
 mod config;
+mod control;
 mod demo;
 mod log;
 mod mount;
@@ -31,6 +32,10 @@ enum Cmd {
     Log(log::LogArgs),
     /// Mount a volume (replicate mode: a full local replica that follows the server).
     Mount(mount::MountArgs),
+    /// Wait until the mount holding PATH has everything the server acked.
+    Sync(control::PathArg),
+    /// Connection, stream position and lag, pending work and cache of a mount.
+    Status(control::PathArg),
     /// Check a config file.
     Config {
         #[command(subcommand)]
@@ -66,6 +71,8 @@ fn main() {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Log(a) => log::run(a),
         Cmd::Mount(a) => mount::run(a),
+        Cmd::Sync(a) => control::ask(&a.path, "sync"),
+        Cmd::Status(a) => control::ask(&a.path, "status"),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => config::check(file),
     };
     if let Err(e) = r {

@@ -86,6 +86,21 @@ pub fn run(args: MountArgs) -> Result<()> {
     let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint)
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", args.mountpoint.display()))?;
     let follower = rt.spawn(replica.clone().follow());
+    let sock = crate::control::socket_path(std::process::id());
+    let info = std::sync::Arc::new(crate::control::Info {
+        volume: volume.clone(),
+        addr: addr.clone(),
+        cache: cache_dir.clone(),
+        mountpoint: args.mountpoint.clone(),
+    });
+    let listener = std::fs::create_dir_all("/run/izo")
+        .and_then(|_| {
+            let _ = std::fs::remove_file(&sock);
+            let _g = rt.enter();
+            tokio::net::UnixListener::bind(&sock)
+        })
+        .with_context(|| format!("control socket {} (for izo sync and izo status)", sock.display()))?;
+    rt.spawn(crate::control::serve(listener, replica.clone(), info));
     println!("izo: mounted {volume} from {addr} at {} (cache {})", args.mountpoint.display(), cache_dir.display());
     let _ = std::io::stdout().flush();
     rt.block_on(async {
@@ -103,6 +118,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     })
     .context("waiting for a signal")?;
     eprintln!("izo: unmounting {}", args.mountpoint.display());
+    let _ = std::fs::remove_file(&sock);
     mounted.unmount().with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())

@@ -109,6 +109,8 @@ pub struct Replica {
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
     /// Seq of the last record applied to the cache.
     applied: tokio::sync::watch::Sender<Seq>,
+    /// Server time of the last record applied.
+    last_time: Mutex<Option<Timestamp>>,
 }
 
 /// Deallocate a range of an open data file (reads as zeros after).
@@ -136,7 +138,15 @@ impl Replica {
     pub fn new(client: Client, cache: Cache, rt: tokio::runtime::Handle) -> Arc<Replica> {
         let seq = cache.seq().unwrap_or(0);
         let applied = tokio::sync::watch::Sender::new(seq);
-        Arc::new(Replica { client, cache, rt, apply: Mutex::new(()), inval: Mutex::new(None), applied })
+        Arc::new(Replica {
+            client,
+            cache,
+            rt,
+            apply: Mutex::new(()),
+            inval: Mutex::new(None),
+            applied,
+            last_time: Mutex::new(None),
+        })
     }
 
     /// Where kernel invalidations go (one notifier thread drains it).
@@ -402,6 +412,7 @@ impl Replica {
             self.cache.change(&edits)?;
         }
         self.applied.send_replace(r.seq);
+        *self.last_time.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.time);
         if !own {
             self.invalidate(inval);
         }
@@ -679,6 +690,31 @@ impl Replica {
             }
         };
         self.mutate(op).map(drop)
+    }
+
+    /// Wait until this replica has applied everything the server had
+    /// applied when called (the barrier of `izo sync`). Returns that seq.
+    pub async fn sync(&self) -> R<Seq> {
+        let stats = tokio::time::timeout(DEADLINE, self.client.server_stats())
+            .await
+            .map_err(|_| ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}")))??;
+        let head = stats.iter().find(|(k, _)| k == "applied_seq").map(|(_, v)| *v).unwrap_or(0);
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(DEADLINE, rx.wait_for(|s| *s >= head))
+            .await
+            .map_err(|_| ReplicaError::Unreachable(format!("the stream did not reach seq {head} within {DEADLINE:?}")))?
+            .map_err(|_| ReplicaError::Unreachable("the stream stopped".into()))?;
+        Ok(head)
+    }
+
+    /// Server time of the last record applied to the cache.
+    pub fn applied_time(&self) -> Option<Timestamp> {
+        *self.last_time.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seq of the last record applied to the cache.
+    pub fn applied_seq(&self) -> Seq {
+        *self.applied.borrow()
     }
 
     /// Inode number of the root.

@@ -71,7 +71,12 @@ impl Server {
                     }
                 }
             }
-            Query::Stats => QueryReply::Stats(self.counters()),
+            Query::Stats => {
+                let mut c = self.counters();
+                // where the stream is: a client waits for this in `izo sync`
+                c.push(("applied_seq".into(), *self.shared.applied.borrow()));
+                QueryReply::Stats(c)
+            }
             Query::Read { id, offset, len } => {
                 self.read_stream(id, offset, len, &stream)?;
                 QueryReply::End { seq: *self.shared.applied.borrow() }

@@ -408,3 +408,40 @@ async fn untar_rsync_git_and_a_rust_build_work_in_the_mount() {
     .await
     .expect("workload test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn izo_sync_is_a_barrier_and_izo_status_reports_the_mount() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        let izo = |args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
+            assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        for round in 0..5 {
+            for i in 0..20 {
+                std::fs::write(ma.join(format!("r{round}-{i}")), format!("{round} {i}")).expect("write on A");
+            }
+            // after `izo sync` on B, B has everything A's writes were acked for: no waiting
+            let out = izo(&["sync".as_ref(), mb.as_os_str()]);
+            assert!(out.contains("synced"), "{out}");
+            let (da, db) = (digest(&ma), digest(&mb));
+            assert!(da.diff(&db).is_empty(), "round {round}: B differs right after izo sync: {:#?}", da.diff(&db));
+        }
+        let st = izo(&["status".as_ref(), ma.join("r0-1").as_os_str()]);
+        for want in ["connected", "applied through seq", "up to date", "cache:", "unanswered"] {
+            assert!(st.contains(want), "status lacks {want:?}: {st}");
+        }
+        // outside any mount: a clear error
+        let out = std::process::Command::new(izo_bin()).args(["sync", "/"]).output().expect("run izo");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not inside an intermezzo mount"));
+    })
+    .await
+    .expect("sync test");
+}
