@@ -50,12 +50,14 @@ async fn status(r: &Replica, info: &Info) -> String {
          connection: {conn}\n\
          stream: applied through seq {at}; {lag}\n\
          pending: {} mutations unanswered (writes wait for the server's ack)\n\
+         fetched: {} bytes from the server since start\n\
          cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n",
         info.volume,
         info.addr,
         info.mountpoint.display(),
         r.client.replica(),
         r.client.unanswered(),
+        r.fetched(),
         info.cache.display(),
         data as f64 / 1e6,
         db as f64 / 1e6,

@@ -111,6 +111,11 @@ pub struct Replica {
     applied: tokio::sync::watch::Sender<Seq>,
     /// Server time of the last record applied.
     last_time: Mutex<Option<Timestamp>>,
+    /// Bytes of own writes in flight, by client seq: their records may
+    /// leave the bytes out, and the stream applies them from here.
+    own_writes: Mutex<std::collections::HashMap<u64, (u64, Vec<u8>)>>,
+    /// Bytes fetched from the server since start.
+    fetched: std::sync::atomic::AtomicU64,
 }
 
 /// Deallocate a range of an open data file (reads as zeros after).
@@ -146,6 +151,8 @@ impl Replica {
             inval: Mutex::new(None),
             applied,
             last_time: Mutex::new(None),
+            own_writes: Mutex::new(Default::default()),
+            fetched: Default::default(),
         })
     }
 
@@ -207,7 +214,10 @@ impl Replica {
                 .client
                 .read_with(id, offset, len, |seg| {
                     let r = match seg {
-                        Segment::Data(at, bytes) => f.write_all_at(&bytes, at),
+                        Segment::Data(at, bytes) => {
+                            self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            f.write_all_at(&bytes, at)
+                        }
                         Segment::Hole(at, n) => punch_fd(&f, at, n),
                     };
                     if let Err(e) = r {
@@ -335,15 +345,29 @@ impl Replica {
                 }
             }
             Op::Write { id, offset, data, .. } => {
-                // (an own write whose bytes the record leaves out is written
-                // by the caller once the stream has reached it)
+                // An own write's bytes come from the caller (kept by client
+                // seq) when the record leaves them out; after a restart they
+                // are fetched like anyone else's.
                 let path = self.cache.data_path(*id);
-                if !data.is_empty() {
-                    let f =
-                        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-                    f.write_all_at(data, *offset).map_err(io(&path))?;
-                } else if !own {
-                    self.fetch(*id, *offset, r.elided, None).await?;
+                let mine = match r.origin {
+                    Origin::Replica(_, cseq) if own => {
+                        self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq)
+                    }
+                    _ => None,
+                };
+                let bytes = if !data.is_empty() { Some((*offset, data.as_slice())) } else { None };
+                let bytes = bytes.or(mine.as_ref().map(|(o, b)| (*o, b.as_slice())));
+                match bytes {
+                    Some((at, b)) => {
+                        let f = OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path)
+                            .map_err(io(&path))?;
+                        f.write_all_at(b, at).map_err(io(&path))?;
+                    }
+                    None => self.fetch(*id, *offset, r.elided, None).await?,
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -433,6 +457,11 @@ impl Replica {
     /// (its own included), so a reply never overtakes an earlier record.
     fn mutate(&self, op: Op) -> R<Applied> {
         let a = self.block(self.client.mutate(op))?;
+        self.reach(a)
+    }
+
+    /// Wait until the stream has applied `a`'s record.
+    fn reach(&self, a: Applied) -> R<Applied> {
         let mut rx = self.applied.subscribe();
         let reached = self
             .rt
@@ -493,14 +522,22 @@ impl Replica {
         }
         let mut done = 0usize;
         let mut base = c.attr.versions.data;
-        let path = self.cache.data_path(id);
         for chunk in data.chunks(MAX_DATA) {
             let at = offset + done as u64;
-            let a = self.mutate(Op::Write { id, base, offset: at, data: chunk.to_vec() })?;
-            // the stream has applied it (and anything before it): now the
-            // bytes, which its record may leave out
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-            f.write_all_at(chunk, at).map_err(io(&path))?;
+            let p = self.block(self.client.submit(Op::Write { id, base, offset: at, data: chunk.to_vec() }))?;
+            // (a record that beats this insert to the stream fetches its bytes)
+            self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).insert(p.cseq, (at, chunk.to_vec()));
+            let cseq = p.cseq;
+            let a = match self.block(p.wait()) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq);
+                    return Err(e);
+                }
+            };
+            let a = self.reach(a)?;
+            // (an inline record already wrote the bytes: drop the copy)
+            self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq);
             base = a.attr.map(|a| a.versions.data).unwrap_or(base);
             done += chunk.len();
         }
@@ -710,6 +747,11 @@ impl Replica {
     /// Server time of the last record applied to the cache.
     pub fn applied_time(&self) -> Option<Timestamp> {
         *self.last_time.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes fetched from the server since start.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Seq of the last record applied to the cache.

@@ -455,6 +455,13 @@ impl MountProc {
         MountProc { child, mnt: mnt.to_path_buf(), cache: cache.to_path_buf(), _dir: None }
     }
 
+    /// SIGKILL the daemon and clear its dead mount.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
+    }
+
     /// Unmount (SIGTERM) and wait; lazy-unmount if the daemon is stuck.
     pub fn stop(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -445,3 +445,56 @@ async fn izo_sync_is_a_barrier_and_izo_status_reports_the_mount() {
     .await
     .expect("sync test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_of_the_client_every_returned_write_is_there_and_little_is_refetched() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let ma = a.mnt.clone();
+        let content = |i: usize| -> Vec<u8> { (0..100_000).map(|j| (i * 31 + j / 7) as u8).collect() };
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let (ma, done) = (ma.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..100_000 {
+                    // a write that returned is recorded; the first failure ends the run
+                    if std::fs::write(ma.join(format!("w{i}")), content(i)).is_err() {
+                        return;
+                    }
+                    done.lock().expect("lock").push(i);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(1500));
+        a.kill();
+        writer.join().expect("writer");
+        let done = done.lock().expect("lock").clone();
+        assert!(done.len() > 5, "the writer got going before the kill ({} files)", done.len());
+        let written = done.len() as u64 * 100_000;
+        let cache = a.cache.clone();
+        let a = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        let out = std::process::Command::new(izo_bin()).arg("sync").arg(&a.mnt).output().expect("izo sync");
+        assert!(out.status.success(), "izo sync: {}", String::from_utf8_lossy(&out.stderr));
+        for i in &done {
+            let want = content(*i);
+            assert_eq!(std::fs::read(ma.join(format!("w{i}"))).expect("read after remount"), want, "w{i} on the mount");
+            assert_eq!(std::fs::read(ex.join(format!("w{i}"))).expect("read export"), want, "w{i} on the server");
+        }
+        converge(&[&ex, &ma], "the remounted replica and the export");
+        let st = std::process::Command::new(izo_bin()).arg("status").arg(&ma).output().expect("izo status");
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        let fetched: u64 = st
+            .lines()
+            .find_map(|l| l.strip_prefix("fetched: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no fetched line in {st}"));
+        assert!(fetched < written / 4, "after the restart {fetched} bytes were fetched of {written} written: {st}");
+    })
+    .await
+    .expect("crash test");
+}
