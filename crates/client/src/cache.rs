@@ -197,6 +197,17 @@ impl Cache {
         })
     }
 
+    /// Every object id in the cache.
+    pub fn ids(&self) -> Result<Vec<ObjectId>, CacheError> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for row in tx.open_table(OBJECTS)?.iter()? {
+                out.push(id_of(row?.0.value()));
+            }
+            Ok(out)
+        })
+    }
+
     /// Apply a change to the namespace in one transaction.
     pub fn change(&self, edits: &[Edit]) -> Result<(), CacheError> {
         self.write(|tx| {
@@ -248,6 +259,9 @@ impl Cache {
                     Edit::Seq(s) => {
                         meta.insert("seq", *s)?;
                     }
+                    Edit::ClearEntries => {
+                        dents.retain(|_, _| false)?;
+                    }
                 }
             }
             Ok(())
@@ -291,6 +305,8 @@ pub enum Edit {
     },
     /// The stream position.
     Seq(Seq),
+    /// Drop every entry (a resync from a snapshot lists them all again).
+    ClearEntries,
 }
 
 impl Edit {

@@ -245,23 +245,93 @@ impl Replica {
     /// Follow the record stream from the cache's position, forever (returns
     /// when the connection is gone for good).
     pub async fn follow(self: Arc<Self>) -> R<()> {
-        let from = self.cache.seq()?;
-        let mut rx = self.client.subscribe(from).await?;
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                StreamEvent::Record(r) => {
-                    if let Err(e) = self.apply_record(*r).await {
-                        tracing::warn!("applying a record to the cache failed: {e}");
+        loop {
+            let from = self.cache.seq()?;
+            let mut rx = self.client.subscribe(from).await?;
+            loop {
+                match rx.recv().await {
+                    Some(StreamEvent::Record(r)) => {
+                        if let Err(e) = self.apply_record(*r).await {
+                            tracing::warn!("applying a record to the cache failed: {e}");
+                        }
                     }
-                }
-                StreamEvent::SnapshotRequired { oldest } => {
-                    return Err(ReplicaError::Unreachable(format!(
-                        "the server no longer holds the records after {from} (oldest {oldest}); resync needed"
-                    )))
+                    Some(StreamEvent::SnapshotRequired { oldest }) => {
+                        tracing::warn!(
+                            "the server no longer holds the records after {from} (oldest {oldest}): resyncing from a snapshot"
+                        );
+                        self.resync().await?;
+                        break;
+                    }
+                    None => return Err(ReplicaError::Unreachable("the record stream ended".into())),
                 }
             }
         }
-        Err(ReplicaError::Unreachable("the record stream ended".into()))
+    }
+
+    /// Bring the cache to a snapshot of the volume: the namespace as it is
+    /// now (inode numbers kept), and of each file only the 1 MiB blocks whose
+    /// hash differs from the cached content.
+    pub async fn resync(&self) -> R<()> {
+        let (entries, seq) = self.client.snapshot().await?;
+        let mut edits = vec![Edit::ClearEntries];
+        let mut keep = std::collections::HashSet::new();
+        for e in &entries {
+            keep.insert(e.attr.id);
+            edits.push(Edit::Put { attr: e.attr.clone(), target: e.target.clone(), xattrs: Some(e.xattrs.clone()) });
+            for (parent, name) in &e.links {
+                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: e.attr.id });
+            }
+        }
+        let mut inval = Vec::new();
+        for id in self.cache.ids()? {
+            if let Some(i) = self.ino(id)? {
+                inval.push(Inval::Inode(i));
+            }
+            if !keep.contains(&id) {
+                edits.push(Edit::Forget { id });
+            }
+        }
+        for e in entries.iter().filter(|e| e.attr.kind == FileKind::File) {
+            self.fetch_changed(e.attr.id, e.attr.size, &e.blocks).await?;
+        }
+        edits.push(Edit::Seq(seq));
+        {
+            let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+            self.cache.change(&edits)?;
+        }
+        self.applied.send_replace(seq);
+        self.invalidate(inval);
+        Ok(())
+    }
+
+    /// Fetch the blocks of a file whose hash differs from the data file's.
+    async fn fetch_changed(&self, id: ObjectId, size: u64, blocks: &[[u8; 32]]) -> R<()> {
+        let nblocks = size.div_ceil(BLOCK_SIZE);
+        if blocks.len() as u64 != nblocks {
+            return self.fetch(id, 0, size, Some(size)).await;
+        }
+        let path = self.cache.data_path(id);
+        let f =
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io(&path))?;
+        f.set_len(size).map_err(io(&path))?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (i, want) in blocks.iter().enumerate() {
+            let start = i as u64 * BLOCK_SIZE;
+            let len = (size - start).min(BLOCK_SIZE) as usize;
+            let mut got = 0;
+            while got < len {
+                match f.read_at(&mut buf[got..len], start + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) => return Err(io(&path)(e)),
+                }
+            }
+            buf[got..len].fill(0);
+            if blake3::hash(&buf[..len]).as_bytes() != want {
+                self.fetch(id, start, len as u64, None).await?;
+            }
+        }
+        Ok(())
     }
 
     fn newer(&self, attr: &Attr) -> R<bool> {

@@ -155,7 +155,9 @@ impl Store {
                 links: names,
                 target: row.target.clone(),
                 xattrs: xattrs_in(&xattrs, id)?,
-                blocks: hashes_in(&hashes, id)?,
+                // stale hashes would describe old content: send none, and
+                // the receiver fetches the whole file
+                blocks: if row.stale.is_empty() { hashes_in(&hashes, id)? } else { Vec::new() },
             };
             f(entry)?;
         }

@@ -498,3 +498,57 @@ async fn after_a_sigkill_of_the_client_every_returned_write_is_there_and_little_
     .await
     .expect("crash test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_retention_resyncs_from_a_snapshot_fetching_only_changed_blocks() {
+    sweep_mounts();
+    let s = InProc::start_with(Dirs::new(), |c| {
+        c.retain_records = 20;
+        c.checkpoint_ms = 100;
+    })
+    .await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let mut b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        let big: Vec<u8> = (0..(4u32 << 20)).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+        std::fs::write(ma.join("big"), &big).expect("big");
+        for i in 0..10 {
+            std::fs::write(ma.join(format!("s{i}")), format!("small {i}")).expect("small");
+        }
+        converge(&[&ma, &mb], "before B stops");
+        b.stop();
+        // while B is away: one block of big changes, many small changes
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(ma.join("big")).expect("open big");
+            f.seek(SeekFrom::Start((2 << 20) + 100)).expect("seek");
+            f.write_all(b"changed while B was away").expect("write");
+        }
+        for i in 0..60 {
+            std::fs::write(ma.join(format!("n{i}")), format!("new {i}")).expect("new");
+        }
+        std::fs::remove_file(ma.join("s0")).expect("rm");
+        std::fs::rename(ma.join("s1"), ma.join("s1-renamed")).expect("mv");
+        // retention drops the records B would need (checkpoints every 100 ms)
+        std::thread::sleep(Duration::from_millis(1500));
+        let cache = b.cache.clone();
+        let b = MountProc::start_at(&addr, &fp, &tok, &mb, &cache);
+        converge(&[&ma, &b.mnt, &ex], "B after the resync");
+        let st = std::process::Command::new(izo_bin()).arg("status").arg(&b.mnt).output().expect("izo status");
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        let fetched: u64 = st
+            .lines()
+            .find_map(|l| l.strip_prefix("fetched: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no fetched line in {st}"));
+        assert!(fetched <= (1 << 20) + 4096, "only the changed block of big and the small files: fetched {fetched}");
+        assert!(fetched >= 1 << 20, "the changed block was fetched: {fetched}");
+    })
+    .await
+    .expect("resync test");
+}
