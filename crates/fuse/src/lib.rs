@@ -22,9 +22,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// invalidate them sooner).
 const TTL: Duration = Duration::from_secs(1);
 
+/// A listing taken at opendir: (inode, kind, name) of ".", "..", entries.
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
 /// The file system the kernel talks to.
 pub struct IzoFs {
     r: Arc<Replica>,
+    /// Directory listings by handle: offsets index a snapshot taken at
+    /// opendir, so a directory changing mid-listing (the stream applies
+    /// changes at any time) never skips or repeats an entry, and seekdir
+    /// back to an earlier offset works.
+    dirs: std::sync::Mutex<std::collections::HashMap<u64, Arc<Listing>>>,
+    next_fh: std::sync::atomic::AtomicU64,
 }
 
 fn errno(e: &ReplicaError) -> Errno {
@@ -295,18 +304,31 @@ impl Filesystem for IzoFs {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let entries = match self.r.readdir(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        // offsets: 1 = ".", 2 = "..", 3.. = entries in name order (each
-        // entry's offset is where the next listing resumes)
-        let mut all: Vec<(u64, FileType, Vec<u8>)> =
+        let mut all: Listing =
             vec![(ino.0, FileType::Directory, b".".to_vec()), (ino.0, FileType::Directory, b"..".to_vec())];
         all.extend(entries.into_iter().map(|(n, c)| (c.ino, kind(c.attr.kind), n)));
-        for (i, (e_ino, k, name)) in all.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e_ino), i as u64 + 1, k, OsStr::from_bytes(&name)) {
+        let fh = self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(all));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(all) = self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        // each entry's offset is where the next listing resumes
+        for (i, (e_ino, k, name)) in all.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*e_ino), i as u64 + 1, *k, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -455,7 +477,7 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
     cfg.clone_fd = true;
     let (tx, rx) = mpsc::channel::<Inval>();
     replica.set_invalidator(tx);
-    let fs = IzoFs { r: replica };
+    let fs = IzoFs { r: replica, dirs: Default::default(), next_fh: std::sync::atomic::AtomicU64::new(1) };
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     let notifier = session.notifier();
     std::thread::Builder::new().name("izo-invalidate".into()).spawn(move || {

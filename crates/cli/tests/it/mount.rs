@@ -552,3 +552,91 @@ async fn a_client_behind_retention_resyncs_from_a_snapshot_fetching_only_changed
     .await
     .expect("resync test");
 }
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_stay_whole_while_the_directory_changes_and_the_remaining_ops_replicate() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        std::fs::create_dir(ma.join("big")).expect("mkdir");
+        for i in 0..1500 {
+            std::fs::write(ma.join(format!("big/keep{i:04}")), b"").expect("create");
+        }
+        converge(&[&ma, &mb], "the directory on B");
+        // B adds and removes names while A lists the directory, many times
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (mb, stop) = (mb.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let p = mb.join(format!("big/churn{}", i % 50));
+                    let _ = if i % 2 == 0 { std::fs::write(&p, b"x") } else { std::fs::remove_file(&p) };
+                    i += 1;
+                }
+            })
+        };
+        for round in 0..10 {
+            let mut keep: Vec<String> = std::fs::read_dir(ma.join("big"))
+                .expect("readdir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("keep"))
+                .collect();
+            let n = keep.len();
+            keep.sort();
+            keep.dedup();
+            assert_eq!((n, keep.len()), (1500, 1500), "round {round}: every entry exactly once");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().expect("churn");
+
+        // fifo, chown, utimens with UTIME_OMIT / UTIME_NOW, xattr get/list/remove
+        assert_eq!(unsafe { libc::mkfifo(cstr(&ma.join("fifo")).as_ptr(), 0o640) }, 0, "mkfifo");
+        std::fs::write(ma.join("t"), b"t").expect("write t");
+        std::os::unix::fs::chown(ma.join("t"), Some(1234), Some(4321)).expect("chown");
+        let times = [
+            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 5 },
+        ];
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, cstr(&ma.join("t")).as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(r, 0, "utimensat");
+        assert_eq!(std::fs::metadata(ma.join("t")).expect("stat").mtime(), 1_000_000_000);
+        setxattr(&ma.join("t"), "user.a", b"1").expect("setxattr a");
+        setxattr(&ma.join("t"), "user.b", b"22").expect("setxattr b");
+        let mut buf = [0u8; 64];
+        let n =
+            unsafe { libc::getxattr(cstr(&ma.join("t")).as_ptr(), c"user.b".as_ptr(), buf.as_mut_ptr().cast(), 64) };
+        assert_eq!(&buf[..n as usize], b"22", "getxattr");
+        let n = unsafe { libc::listxattr(cstr(&ma.join("t")).as_ptr(), buf.as_mut_ptr().cast(), 64) };
+        assert_eq!(&buf[..n as usize], b"user.a\0user.b\0", "listxattr");
+        assert_eq!(unsafe { libc::removexattr(cstr(&ma.join("t")).as_ptr(), c"user.a".as_ptr()) }, 0);
+        let missing = unsafe { libc::removexattr(cstr(&ma.join("t")).as_ptr(), c"user.a".as_ptr()) };
+        assert_eq!((missing, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
+        let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }; 2];
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, cstr(&ma.join("t")).as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(r, 0, "utimensat now");
+        let age = std::time::SystemTime::now()
+            .duration_since(std::fs::metadata(ma.join("t")).expect("stat").modified().expect("mtime"))
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(5), "UTIME_NOW sets the mtime to now");
+        assert_eq!(
+            std::fs::remove_dir(ma.join("big")).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOTEMPTY)),
+            "rmdir of a non-empty directory"
+        );
+        converge(&[&ma, &mb, &ex], "after the remaining ops");
+        let m = std::fs::metadata(mb.join("t")).expect("stat on B");
+        assert_eq!((m.uid(), m.gid()), (1234, 4321), "owner on B");
+    })
+    .await
+    .expect("listing test");
+}
