@@ -197,6 +197,18 @@ impl Cache {
         })
     }
 
+    /// Remove an object (row, inode number, orphan mark) for good.
+    pub fn purge(&self, id: ObjectId) -> Result<(), CacheError> {
+        self.write(|tx| {
+            let old = tx.open_table(OBJECTS)?.remove(id.to_bytes().as_slice())?.map(|v| v.value().to_vec());
+            if let Some(c) = old.as_deref().and_then(|v| postcard::from_bytes::<Cached>(v).ok()) {
+                tx.open_table(INOS)?.remove(c.ino)?;
+            }
+            tx.open_table(ORPHANS)?.remove(id.to_bytes().as_slice())?;
+            Ok(())
+        })
+    }
+
     /// Every object id in the cache.
     pub fn ids(&self) -> Result<Vec<ObjectId>, CacheError> {
         self.read(|tx| {

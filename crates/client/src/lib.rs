@@ -208,7 +208,12 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The server's handshake answer.
+    /// Whether a connection to the server is up now.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.state).conn.is_some()
+    }
+
+    /// The handshake answer of the current connection.
     pub fn welcome(&self) -> Option<Welcome> {
         lock(&self.inner.welcome).clone()
     }

@@ -33,6 +33,9 @@ pub enum ReplicaError {
     /// Not allowed.
     #[error("denied: {0}")]
     Denied(String),
+    /// The volume is read-only.
+    #[error("read-only volume: {0}")]
+    ReadOnly(String),
     /// Someone else changed the object first.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -59,7 +62,8 @@ impl From<ClientError> for ReplicaError {
             ClientError::Op(OpError::NotFound(_)) => ReplicaError::NotFound,
             ClientError::Op(OpError::NotEmpty) => ReplicaError::NotEmpty,
             ClientError::Op(OpError::Invalid(m)) => ReplicaError::Invalid(m),
-            ClientError::Op(OpError::Denied(m)) | ClientError::Op(OpError::ReadOnly(m)) => ReplicaError::Denied(m),
+            ClientError::Op(OpError::Denied(m)) => ReplicaError::Denied(m),
+            ClientError::Op(OpError::ReadOnly(m)) => ReplicaError::ReadOnly(m),
             ClientError::Op(OpError::Conflict { reason, .. }) if reason == "name exists" => ReplicaError::Exists,
             ClientError::Op(OpError::Conflict { reason, .. }) => ReplicaError::Conflict(reason),
             ClientError::Op(OpError::Transient(m)) => ReplicaError::Transient(m),
@@ -97,6 +101,9 @@ pub struct Progress {
 /// How long a request to the server may take before the caller gets EIO.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a mutation waits for the stream to bring its record.
+const REACH: Duration = Duration::from_secs(2);
+
 /// A replica: cache + connection.
 pub struct Replica {
     /// The connection.
@@ -116,6 +123,8 @@ pub struct Replica {
     own_writes: Mutex<std::collections::HashMap<u64, (u64, Vec<u8>)>>,
     /// Bytes fetched from the server since start.
     fetched: std::sync::atomic::AtomicU64,
+    /// Open file handles per inode: an orphan is dropped at its last close.
+    open: Mutex<std::collections::HashMap<u64, u32>>,
 }
 
 /// Deallocate a range of an open data file (reads as zeros after).
@@ -125,6 +134,16 @@ fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on an open fd.
     if unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) } != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn allocate(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))?;
+    // SAFETY: plain syscall on an open fd.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) } != 0 {
+        return Err(io(path)(std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -153,6 +172,7 @@ impl Replica {
             last_time: Mutex::new(None),
             own_writes: Mutex::new(Default::default()),
             fetched: Default::default(),
+            open: Mutex::new(Default::default()),
         })
     }
 
@@ -177,7 +197,15 @@ impl Replica {
         }
         let (entries, seq) = self.client.snapshot().await?;
         let mut p = Progress { objects: entries.len() as u64, ..Progress::default() };
-        let mut edits = Vec::with_capacity(entries.len() * 2);
+        // (an earlier initial sync may have been cut short: start clean)
+        let mut edits = Vec::with_capacity(entries.len() * 2 + 1);
+        edits.push(Edit::ClearEntries);
+        let present: std::collections::HashSet<ObjectId> = entries.iter().map(|e| e.attr.id).collect();
+        for id in self.cache.ids()? {
+            if !present.contains(&id) {
+                edits.push(Edit::Forget { id });
+            }
+        }
         let mut files = Vec::new();
         for e in &entries {
             edits.push(Edit::Put { attr: e.attr.clone(), target: e.target.clone(), xattrs: Some(e.xattrs.clone()) });
@@ -251,15 +279,25 @@ impl Replica {
             loop {
                 match rx.recv().await {
                     Some(StreamEvent::Record(r)) => {
-                        if let Err(e) = self.apply_record(*r).await {
-                            tracing::warn!("applying a record to the cache failed: {e}");
+                        // Never past a record that did not apply: retry it,
+                        // backing off (the stream waits; `izo status` shows the lag).
+                        let mut pause = Duration::from_millis(50);
+                        while let Err(e) = self.apply_record((*r).clone()).await {
+                            tracing::warn!("applying record {} to the cache failed: {e}; retrying", r.seq);
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(5));
                         }
                     }
                     Some(StreamEvent::SnapshotRequired { oldest }) => {
                         tracing::warn!(
                             "the server no longer holds the records after {from} (oldest {oldest}): resyncing from a snapshot"
                         );
-                        self.resync().await?;
+                        let mut pause = Duration::from_millis(100);
+                        while let Err(e) = self.resync().await {
+                            tracing::warn!("resync from a snapshot failed: {e}; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                        }
                         break;
                     }
                     None => return Err(ReplicaError::Unreachable("the record stream ended".into())),
@@ -444,10 +482,11 @@ impl Replica {
                 }
             }
             Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-                if !own {
-                    if let Op::PunchHole { offset, len, .. } = &r.op {
-                        punch(&self.cache.data_path(*id), *offset, *len)?;
-                    }
+                // in stream order, own ones too (a later write may follow)
+                match &r.op {
+                    Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len)?,
+                    Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len)?,
+                    _ => {}
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -459,10 +498,14 @@ impl Replica {
                 }
             }
             Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => {
-                if let Ok(x) = self.client.xattrs(*id).await {
-                    if let Some(a) = &r.attr {
-                        edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
+                match self.client.xattrs(*id).await {
+                    Ok(x) => {
+                        if let Some(a) = &r.attr {
+                            edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
+                        }
                     }
+                    Err(ClientError::Op(OpError::NotFound(_))) => {} // removed later
+                    Err(e) => return Err(e.into()),
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -501,9 +544,18 @@ impl Replica {
             }
         }
         edits.push(Edit::Seq(r.seq));
+        let forgotten: Vec<ObjectId> =
+            edits.iter().filter_map(|e| if let Edit::Forget { id } = e { Some(*id) } else { None }).collect();
+        let inos: Vec<(ObjectId, Option<u64>)> =
+            forgotten.iter().map(|id| Ok((*id, self.ino(*id)?))).collect::<R<_>>()?;
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
             self.cache.change(&edits)?;
+        }
+        for (id, ino) in inos {
+            if !ino.is_some_and(|i| self.is_open(i)) {
+                self.purge(id)?;
+            }
         }
         self.applied.send_replace(r.seq);
         *self.last_time.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.time);
@@ -514,6 +566,17 @@ impl Replica {
     }
 
     // ---- the file-system API (blocking; called from FUSE threads) ----
+
+    /// Send a mutation only while connected: an op once sent is never
+    /// cancelled, so queueing it while the server is away would make a
+    /// call that failed (after the deadline) happen later.
+    fn connected(&self) -> R<()> {
+        if self.client.is_connected() {
+            Ok(())
+        } else {
+            Err(ReplicaError::Unreachable("not connected to the server".into()))
+        }
+    }
 
     fn block<T>(&self, f: impl std::future::Future<Output = Result<T, ClientError>>) -> R<T> {
         match self.rt.block_on(async { tokio::time::timeout(DEADLINE, f).await }) {
@@ -526,21 +589,28 @@ impl Replica {
     /// cache to it: the cache applies every change in the server's order
     /// (its own included), so a reply never overtakes an earlier record.
     fn mutate(&self, op: Op) -> R<Applied> {
+        self.connected()?;
         let a = self.block(self.client.mutate(op))?;
         self.reach(a)
     }
 
-    /// Wait until the stream has applied `a`'s record.
+    /// Wait (briefly) until the stream has applied `a`'s record. The op is
+    /// applied at the server either way: a stream that lags is no error
+    /// (the cache catches up; `izo sync` waits for it).
     fn reach(&self, a: Applied) -> R<Applied> {
         let mut rx = self.applied.subscribe();
         let reached = self
             .rt
-            .block_on(async { tokio::time::timeout(DEADLINE, rx.wait_for(|s| *s >= a.seq)).await.map(|r| r.is_ok()) });
+            .block_on(async { tokio::time::timeout(REACH, rx.wait_for(|s| *s >= a.seq)).await.map(|r| r.is_ok()) });
         if reached != Ok(true) {
-            return Err(ReplicaError::Unreachable(format!(
-                "seq {} was acked but the record stream did not bring it within {DEADLINE:?}",
-                a.seq
-            )));
+            tracing::debug!("seq {} acked; the stream has not brought it yet", a.seq);
+            if let Some(attr) = a.attr.clone() {
+                // at least the object's own attributes (and an inode number)
+                if self.cache.get(attr.id)?.is_none() || self.newer(&attr)? {
+                    let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+                    self.cache.change(&[Edit::attr(attr)])?;
+                }
+            }
         }
         Ok(a)
     }
@@ -594,6 +664,7 @@ impl Replica {
         let mut base = c.attr.versions.data;
         for chunk in data.chunks(MAX_DATA) {
             let at = offset + done as u64;
+            self.connected()?;
             let p = self.block(self.client.submit(Op::Write { id, base, offset: at, data: chunk.to_vec() }))?;
             // (a record that beats this insert to the stream fetches its bytes)
             self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).insert(p.cseq, (at, chunk.to_vec()));
@@ -635,17 +706,8 @@ impl Replica {
             m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => Op::PunchHole { id, base, offset, len },
             _ => return Err(ReplicaError::Unsupported),
         };
-        self.mutate(op)?;
-        // the record carries no bytes: do the same to the data file
-        let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on an open fd.
-        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r != 0 {
-            return Err(io(&path)(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        // (the stream does the same to the data file, in order)
+        self.mutate(op).map(drop)
     }
 
     /// lseek(2) with SEEK_DATA or SEEK_HOLE, answered from the data file
@@ -797,6 +859,65 @@ impl Replica {
             }
         };
         self.mutate(op).map(drop)
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).is_some_and(|n| *n > 0)
+    }
+
+    /// Drop an object without names, and its data.
+    fn purge(&self, id: ObjectId) -> R<()> {
+        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+        if self.cache.get(id)?.is_some_and(|c| c.attr.nlink == 0) {
+            self.cache.purge(id)?;
+            let _ = std::fs::remove_file(self.cache.data_path(id));
+        }
+        Ok(())
+    }
+
+    /// A file handle was opened on `ino`.
+    pub fn opened(&self, ino: u64) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()).entry(ino).or_default() += 1;
+    }
+
+    /// A file handle on `ino` was released: the last close of a file that
+    /// lost its names frees it.
+    pub fn released(&self, ino: u64) {
+        let last = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let n = open.entry(ino).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&ino);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            if let Ok(Some((id, c))) = self.cache.by_ino(ino) {
+                if c.attr.nlink == 0 {
+                    let _ = self.purge(id);
+                }
+            }
+        }
+    }
+
+    /// Append `data` at the end of the file as this replica knows it (the
+    /// kernel's idea of the size may be stale after another replica's
+    /// append). The write's base version makes the server refuse it if the
+    /// file changed meanwhile: then catch up and try again.
+    pub fn append(&self, ino: u64, data: &[u8]) -> R<usize> {
+        for _ in 0..5 {
+            let (_, c) = self.get(ino)?;
+            match self.write(ino, c.attr.size, data) {
+                Err(ReplicaError::Conflict(_)) => {
+                    self.rt.block_on(self.sync())?;
+                }
+                other => return other,
+            }
+        }
+        Err(ReplicaError::Conflict("the file kept changing under the append".into()))
     }
 
     /// Wait until this replica has applied everything the server had

@@ -33,6 +33,9 @@ pub struct IzoFs {
     /// changes at any time) never skips or repeats an entry, and seekdir
     /// back to an earlier offset works.
     dirs: std::sync::Mutex<std::collections::HashMap<u64, Arc<Listing>>>,
+    /// File handles opened with O_APPEND (their writes go to the end the
+    /// replica knows, not the kernel's possibly stale size).
+    append: std::sync::Mutex<std::collections::HashSet<u64>>,
     next_fh: std::sync::atomic::AtomicU64,
 }
 
@@ -45,6 +48,8 @@ fn errno(e: &ReplicaError) -> Errno {
         ReplicaError::Invalid(m) if m.contains("is a directory") => Errno::EISDIR,
         ReplicaError::Invalid(_) => Errno::EINVAL,
         ReplicaError::Denied(_) => Errno::EACCES,
+        ReplicaError::ReadOnly(_) => Errno::EROFS,
+        ReplicaError::Unreachable(m) if m.contains("not connected") => Errno::ENOTCONN,
         ReplicaError::Transient(m) if m.contains("full") => Errno::ENOSPC,
         ReplicaError::Conflict(_) | ReplicaError::Unreachable(_) | ReplicaError::Transient(_) => Errno::EIO,
         ReplicaError::Cache(_) => Errno::EIO,
@@ -96,6 +101,16 @@ fn attr(c: &Cached) -> FileAttr {
 const GEN: Generation = Generation(0);
 
 impl IzoFs {
+    /// A new file handle on `ino` (counted open; O_APPEND remembered).
+    fn handle(&self, ino: u64, flags: i32) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if flags & libc::O_APPEND != 0 {
+            self.append.lock().unwrap_or_else(|p| p.into_inner()).insert(fh);
+        }
+        self.r.opened(ino);
+        FileHandle(fh)
+    }
+
     fn entry(&self, r: Result<Cached, ReplicaError>, reply: ReplyEntry) {
         match r {
             Ok(c) => reply.entry(&TTL, &attr(&c), GEN),
@@ -239,11 +254,26 @@ impl Filesystem for IzoFs {
         self.entry(self.r.link(ino.0, newparent.0, newname.as_bytes()), reply)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.r.get(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.opened(self.handle(ino.0, flags.0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.append.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        self.r.released(ino.0);
+        reply.ok();
     }
 
     fn read(
@@ -278,7 +308,7 @@ impl Filesystem for IzoFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -286,7 +316,9 @@ impl Filesystem for IzoFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.r.write(ino.0, offset, data) {
+        let append = self.append.lock().unwrap_or_else(|p| p.into_inner()).contains(&fh.0);
+        let r = if append { self.r.append(ino.0, data) } else { self.r.write(ino.0, offset, data) };
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -353,10 +385,20 @@ impl Filesystem for IzoFs {
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
-        _flags: i32,
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let exists = match self.r.get(ino.0) {
+            Ok((_, c)) => c.xattrs.iter().any(|(n, _)| n.as_slice() == name.as_bytes()),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return reply.error(Errno::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return reply.error(Errno::NO_XATTR);
+        }
         match self.r.set_xattr(ino.0, name.as_bytes(), Some(value)) {
             Ok(()) => reply.ok(),
             Err(ReplicaError::Invalid(_)) => reply.error(Errno::ENOTSUP),
@@ -434,12 +476,12 @@ impl Filesystem for IzoFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let perm = mode & 0o7777 & !umask;
         match self.r.create(parent.0, name.as_bytes(), FileKind::File, perm, req.uid(), req.gid(), None) {
-            Ok(c) => reply.created(&TTL, &attr(&c), GEN, FileHandle(0), FopenFlags::empty()),
+            Ok(c) => reply.created(&TTL, &attr(&c), GEN, self.handle(c.ino, flags), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -448,15 +490,40 @@ impl Filesystem for IzoFs {
 /// A mounted replica.
 pub struct Mounted {
     session: Option<BackgroundSession>,
+    mountpoint: std::path::PathBuf,
 }
 
 impl Mounted {
-    /// Unmount and wait for the session to end.
+    /// Unmount and wait for the session to end. A mount still in use
+    /// (a shell's cwd, an open file) is retried, then detached lazily and
+    /// served until its last user leaves: never left dead (ENOTCONN).
     pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        let Some(session) = self.session.take() else { return Ok(()) };
+        let mp = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut done = false;
+        for _ in 0..5 {
+            // SAFETY: mp is a valid C string.
+            if unsafe { libc::umount2(mp.as_ptr(), 0) } == 0 {
+                done = true;
+                break;
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
+        if !done {
+            tracing::warn!(
+                "{} is busy: detaching it; it is served until its last user leaves",
+                self.mountpoint.display()
+            );
+            // SAFETY: mp is a valid C string.
+            if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        session.join()
     }
 }
 
@@ -477,7 +544,12 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
     cfg.clone_fd = true;
     let (tx, rx) = mpsc::channel::<Inval>();
     replica.set_invalidator(tx);
-    let fs = IzoFs { r: replica, dirs: Default::default(), next_fh: std::sync::atomic::AtomicU64::new(1) };
+    let fs = IzoFs {
+        r: replica,
+        dirs: Default::default(),
+        append: Default::default(),
+        next_fh: std::sync::atomic::AtomicU64::new(1),
+    };
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     let notifier = session.notifier();
     std::thread::Builder::new().name("izo-invalidate".into()).spawn(move || {
@@ -492,5 +564,5 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
             }
         }
     })?;
-    Ok(Mounted { session: Some(session) })
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
 }

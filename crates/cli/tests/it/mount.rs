@@ -640,3 +640,81 @@ async fn listings_stay_whole_while_the_directory_changes_and_the_remaining_ops_r
     .await
     .expect("listing test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_from_two_replicas_interleave_and_a_stopped_server_fails_calls_fast() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp, pid) = (p.addr.clone(), p.fingerprint.clone(), p.pid());
+    let ex = dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        let izo_sync = |m: &Path| {
+            let out = std::process::Command::new(izo_bin()).arg("sync").arg(m).output().expect("izo sync");
+            assert!(out.status.success(), "izo sync: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // O_APPEND: A's second append lands after B's, not over it
+        {
+            use std::io::Write;
+            let mut fa = std::fs::OpenOptions::new().create(true).append(true).open(ma.join("log")).expect("open A");
+            fa.write_all(b"A1\n").expect("A1");
+            izo_sync(&mb);
+            let mut fb = std::fs::OpenOptions::new().append(true).open(mb.join("log")).expect("open B");
+            fb.write_all(b"B1\n").expect("B1");
+            drop(fb);
+            izo_sync(&ma);
+            fa.write_all(b"A2\n").expect("A2");
+        }
+        assert_eq!(std::fs::read(ex.join("log")).expect("export"), b"A1\nB1\nA2\n");
+        converge(&[&ex, &ma, &mb], "after the appends");
+
+        // a removed file's cache data goes at once, or at its last close
+        std::fs::write(ma.join("gone"), vec![1u8; 3 << 20]).expect("write");
+        let held = std::fs::File::open(ma.join("gone")).expect("open");
+        std::fs::remove_file(ma.join("gone")).expect("rm");
+        let data_bytes = |m: &MountProc| -> u64 {
+            std::fs::read_dir(m.cache.join("data"))
+                .expect("data dir")
+                .map(|e| e.expect("e").metadata().expect("m").len())
+                .sum()
+        };
+        assert!(data_bytes(&a) >= 3 << 20, "kept while open");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(data_bytes(&a) < 1 << 20, "freed at the last close");
+        izo_sync(&mb);
+        assert!(data_bytes(&b) < 1 << 20, "freed on the other replica, where it was not open");
+
+        // xattr flags
+        setxattr(&ma.join("log"), "user.k", b"v").expect("set");
+        let c = cstr(&ma.join("log"));
+        let r = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"w".as_ptr().cast(), 1, libc::XATTR_CREATE) };
+        assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
+        let r = unsafe { libc::setxattr(c.as_ptr(), c"user.n".as_ptr(), b"w".as_ptr().cast(), 1, libc::XATTR_REPLACE) };
+        assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
+
+        // the server stops answering: calls fail fast, cached reads work, and
+        // a call that failed does not happen later
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(1500)); // the clients notice the silence
+        let t = std::time::Instant::now();
+        let r = std::fs::create_dir(ma.join("while-down"));
+        assert!(r.is_err(), "mkdir with the server stopped");
+        assert!(t.elapsed() < Duration::from_secs(1), "failed fast: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        assert_eq!(std::fs::read(ma.join("log")).expect("cached read"), b"A1\nB1\nA2\n");
+        assert!(t.elapsed() < Duration::from_secs(1), "cached read fast: {:?}", t.elapsed());
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(1500));
+        izo_sync(&ma);
+        assert!(!ex.join("while-down").exists(), "the failed mkdir never happened");
+        std::fs::write(ma.join("after"), b"back").expect("works again after the server resumes");
+    })
+    .await
+    .expect("append test");
+}
