@@ -73,6 +73,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let cache = Cache::open(&base.join("cache")).context("opening the cache")?;
         Ok::<_, anyhow::Error>((server, Replica::new(c, cache, tokio::runtime::Handle::current())))
     })?;
+    replica.check_incarnation().context("checking the volume's incarnation")?;
     rt.block_on(replica.initial_sync(|_| {})).context("initial replication")?;
     let mounted = izo_fuse::mount(replica.clone(), &mnt)
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;

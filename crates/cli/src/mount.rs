@@ -73,13 +73,18 @@ pub fn run(args: MountArgs) -> Result<()> {
     let (addr, volume) = parse_volume(&args.volume)?;
     let cache_dir = args.cache.clone().unwrap_or_else(|| default_cache(&volume));
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let cache = Cache::open(&cache_dir).with_context(|| format!("opening the cache in {}", cache_dir.display()))?;
     let mut cfg = ClientConfig::new(addr.clone(), volume.clone(), args.token.clone());
     cfg.fingerprint = args.fingerprint.clone();
+    // a remount speaks as the same replica
+    if let Some(r) = cache.meta128("replica").context("reading the cache")? {
+        cfg.replica = izo_proto::ReplicaId(r);
+    }
     let client = rt.block_on(Client::connect(cfg)).with_context(|| {
         format!("connecting to {addr} for volume {volume:?} (check the address, token and fingerprint)")
     })?;
-    let cache = Cache::open(&cache_dir).with_context(|| format!("opening the cache in {}", cache_dir.display()))?;
     let replica = Replica::new(client, cache, rt.handle().clone());
+    replica.check_incarnation().context("checking the volume's incarnation against the cache")?;
     let start = Instant::now();
     rt.block_on(replica.initial_sync(|p| show(p, start))).context("initial replication")?;
     eprintln!();

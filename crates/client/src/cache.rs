@@ -143,6 +143,18 @@ impl Cache {
         })
     }
 
+    /// A stored 128-bit value (replica id, incarnation), if any.
+    pub fn meta128(&self, k: &str) -> Result<Option<u128>, CacheError> {
+        let (hi, lo) = (self.meta(&format!("{k}.hi"))?, self.meta(&format!("{k}.lo"))?);
+        Ok(if hi == 0 && lo == 0 { None } else { Some(((hi as u128) << 64) | lo as u128) })
+    }
+
+    /// Store a 128-bit value.
+    pub fn set_meta128(&self, k: &str, v: u128) -> Result<(), CacheError> {
+        self.set_meta(&format!("{k}.hi"), (v >> 64) as u64)?;
+        self.set_meta(&format!("{k}.lo"), v as u64)
+    }
+
     /// Seq of the last record applied to the cache.
     pub fn seq(&self) -> Result<Seq, CacheError> {
         self.meta("seq")

@@ -189,6 +189,28 @@ impl Replica {
         }
     }
 
+    /// Check the volume's incarnation against the cache's: a server whose
+    /// state was replaced (restored, recreated) voids every saved seq and
+    /// id, so the cache starts over from a snapshot (objects it had become
+    /// orphans; inode numbers of objects that exist again are kept).
+    /// Also remembers this cache's replica id, so a remount speaks as the
+    /// same replica.
+    pub fn check_incarnation(&self) -> R<()> {
+        let Some(w) = self.client.welcome() else { return Ok(()) };
+        match self.cache.meta128("incarnation")? {
+            Some(i) if i == w.incarnation => {}
+            Some(_) => {
+                tracing::warn!("the volume has a new incarnation (its server state was replaced): resyncing the cache");
+                self.cache.change(&[Edit::Seq(0)])?;
+                self.applied.send_replace(0);
+                self.cache.set_meta128("incarnation", w.incarnation)?;
+            }
+            None => self.cache.set_meta128("incarnation", w.incarnation)?,
+        }
+        self.cache.set_meta128("replica", self.client.replica().0)?;
+        Ok(())
+    }
+
     /// Fill an empty cache from a snapshot (nothing to do if it already
     /// follows the stream).
     pub async fn initial_sync(&self, mut progress: impl FnMut(&Progress)) -> R<()> {

@@ -75,6 +75,17 @@ impl Hint {
         self.set(self.applied)
     }
 
+    /// A marker past the journal's head belongs to other state (a state dir
+    /// replaced or recreated over the same export): move it back to `head`.
+    pub fn reset(&mut self, head: Seq) -> io::Result<()> {
+        if self.marked > head {
+            sys::renameat2(self.stage.as_fd(), &marker(self.marked), self.stage.as_fd(), &marker(head), 0)?;
+            self.marked = head;
+        }
+        self.applied = self.applied.min(head);
+        Ok(())
+    }
+
     /// Record that `seq` is applied and move the marker there (it never
     /// moves back); false if the rename failed.
     pub fn set(&mut self, seq: Seq) -> bool {

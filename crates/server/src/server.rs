@@ -78,6 +78,15 @@ impl Server {
         let counters = Arc::new(Counters::default());
         let (mut hint, marked) =
             Hint::open(tree.stage()).map_err(|e| ServerError::io("reading the applied marker", e))?;
+        if marked > store.head() {
+            tracing::warn!(
+                "the export's applied marker ({marked}) is past this journal's head ({}): it belongs to other \
+                 server state; starting from the journal",
+                store.head()
+            );
+            hint.reset(store.head()).map_err(|e| ServerError::io("resetting the applied marker", e))?;
+        }
+        let marked = marked.min(store.head());
         // Appends written before a commit that never happened are cut off.
         for id in tree.intents().map_err(|e| ServerError::io("reading the stage directory", e))? {
             if let Ok(row) = store.object(id) {

@@ -718,3 +718,43 @@ async fn appends_from_two_replicas_interleave_and_a_stopped_server_fails_calls_f
     .await
     .expect("append test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_replaced_state_is_a_new_incarnation_and_the_cache_resyncs() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let ex = dirs.export.clone();
+    let state = dirs.state.clone();
+    let dirs = tokio::task::spawn_blocking(move || {
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let ma = a.mnt.clone();
+        for i in 0..30 {
+            std::fs::write(ma.join(format!("f{i}")), format!("{i}")).expect("write");
+        }
+        a.stop();
+        p.sigterm();
+        // the server's state dir is recreated over the same export
+        std::fs::remove_dir_all(&state).expect("rm state");
+        let tok = dirs.token(izo_server::auth::Rights::Rw);
+        let p = Proc::start(&dirs, &addr, &[]);
+        let a = MountProc::start_at(&addr, &p.fingerprint, &tok, &ma, &a.cache);
+        converge(&[&ex, &ma], "the cache after the new incarnation");
+        std::fs::write(ma.join("new"), b"after").expect("write after the resync");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(ma.join("f3"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"+"))
+            .expect("append to a file of the new incarnation");
+        converge(&[&ex, &ma], "after writes");
+        assert_eq!(std::fs::read(ex.join("f3")).expect("f3"), b"3+");
+        drop(a);
+        drop(p);
+        dirs
+    })
+    .await
+    .expect("incarnation test");
+    drop(dirs);
+}
