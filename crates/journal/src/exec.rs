@@ -275,23 +275,13 @@ impl Batch<'_> {
 
     /// Extended attributes of an object as this batch sees them, by name.
     pub fn xattrs(&self, id: ObjectId) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
-        let t = self.tx.open_table(XATTRS).map_err(db)?;
-        let (lo, hi) = prefix_range(id);
-        let mut out = Vec::new();
-        for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            out.push((k.value()[16..].to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+        crate::query::xattrs_in(&self.tx.open_table(XATTRS).map_err(db)?, id)
     }
 
     /// Block hashes of a file as this batch sees them (some may be stale:
     /// see `ObjectRow::stale`).
     pub fn hashes(&self, id: ObjectId) -> R<Vec<[u8; 32]>> {
-        let t = self.tx.open_table(HASHES).map_err(db)?;
-        let v = t.get(id.to_bytes().as_slice()).map_err(db)?;
-        let flat = v.map(|v| v.value().to_vec()).unwrap_or_default();
-        Ok(flat.chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect())
+        crate::query::hashes_in(&self.tx.open_table(HASHES).map_err(db)?, id)
     }
 
     /// Store block hashes computed from the file as it is now, for its

@@ -165,13 +165,16 @@ impl Store {
     }
 }
 
-fn hashes_in(t: &ReadOnlyTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<[u8; 32]>> {
+pub(crate) fn hashes_in(t: &impl ReadableTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<[u8; 32]>> {
     let v = t.get(id.to_bytes().as_slice()).map_err(db)?;
     let Some(v) = v else { return Ok(Vec::new()) };
     Ok(v.value().chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect())
 }
 
-fn xattrs_in(t: &ReadOnlyTable<&'static [u8], &'static [u8]>, id: ObjectId) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) fn xattrs_in(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    id: ObjectId,
+) -> R<Vec<(Vec<u8>, Vec<u8>)>> {
     let (lo, hi) = prefix_range(id);
     let mut out = Vec::new();
     for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {

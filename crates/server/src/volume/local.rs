@@ -54,6 +54,8 @@ const MAX_SETTLE: Duration = Duration::from_secs(5);
 const SETTLED_MARGIN: i64 = 5;
 /// Records per commit while reconciling.
 const CHUNK: usize = 1024;
+/// Longest a reconcile keeps one write transaction open.
+const TXN_TIME: Duration = Duration::from_millis(50);
 /// Most handles remembered as outside the export.
 const UNKNOWN_MAX: usize = 4096;
 
@@ -327,7 +329,10 @@ impl Actor {
                 }
             };
             let mut rc = Rc { b, root: root.as_fd(), since, deferred: Vec::new(), buf: Vec::new() };
-            while rc.b.records().len() < CHUNK {
+            // A write transaction is held meanwhile (handshakes and other
+            // writers wait for it): keep each one short.
+            let started = Instant::now();
+            while rc.b.records().len() < CHUNK && started.elapsed() < TXN_TIME {
                 let Some((item, content)) = items.pop_front() else { break };
                 match rc.item(&item, content, &mut items) {
                     Ok(()) => {}
