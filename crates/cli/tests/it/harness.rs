@@ -402,6 +402,36 @@ pub struct MountProc {
     pub mnt: PathBuf,
     pub cache: PathBuf,
     _dir: Option<tempfile::TempDir>,
+    /// Cleared when the mount is gone; the watchdog aborts it otherwise.
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Longest a test may keep a mount: after that the watchdog aborts the
+/// FUSE connection, so a hung request fails the test instead of hanging
+/// the suite (FUSE-PITFALLS 37, 38).
+const MOUNT_WATCHDOG: Duration = Duration::from_secs(240);
+
+/// The FUSE connection number (the minor of `0:N` in mountinfo) of the
+/// mount at `mnt`, if mounted.
+fn fuse_connection(mnt: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4).map(Path::new) == Some(mnt) && l.contains(" - fuse.izo "))
+            .then(|| f.get(2).and_then(|d| d.split_once(':')).map(|(_, minor)| minor.to_string()))?
+    })
+}
+
+/// Abort the FUSE connection of `mnt` (every request fails with ENOTCONN),
+/// then detach it. Never touches the mount point itself.
+pub fn abort_mount(mnt: &Path) {
+    let Some(conn) = fuse_connection(mnt) else { return };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(&conn).exists() {
+        let _ = Command::new("mount").args(["-t", "fusectl", "none"]).arg(ctl).stderr(Stdio::null()).status();
+    }
+    let _ = std::fs::write(ctl.join(&conn).join("abort"), b"1");
+    let _ = Command::new("umount").arg("-l").arg(mnt).stderr(Stdio::null()).status();
 }
 
 /// Unmount leftovers of earlier runs: intermezzo mounts whose daemon (its
@@ -452,14 +482,28 @@ impl MountProc {
             let _ = child.kill();
             panic!("izo mount did not mount {}: {:?}", mnt.display(), child.wait());
         }
-        MountProc { child, mnt: mnt.to_path_buf(), cache: cache.to_path_buf(), _dir: None }
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (watch, at) = (alive.clone(), mnt.to_path_buf());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while watch.load(std::sync::atomic::Ordering::Relaxed) {
+                if start.elapsed() > MOUNT_WATCHDOG {
+                    eprintln!("watchdog: aborting the mount at {} after {MOUNT_WATCHDOG:?}", at.display());
+                    abort_mount(&at);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        MountProc { child, mnt: mnt.to_path_buf(), cache: cache.to_path_buf(), _dir: None, alive }
     }
 
     /// SIGKILL the daemon and clear its dead mount.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
+        abort_mount(&self.mnt);
+        self.alive.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Unmount (SIGTERM) and wait; lazy-unmount if the daemon is stuck.
@@ -474,7 +518,12 @@ impl MountProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
+        // a daemon that did not unmount leaves a mount to abort
+        abort_mount(&self.mnt);
+        self.alive.store(false, std::sync::atomic::Ordering::Relaxed);
+        if fuse_connection(&self.mnt).is_some() {
+            eprintln!("warning: {} is still mounted after teardown", self.mnt.display());
+        }
     }
 }
 
