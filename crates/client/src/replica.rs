@@ -101,6 +101,15 @@ pub struct Progress {
 /// How long a request to the server may take before the caller gets EIO.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Most records applied to the cache in one transaction.
+const BATCH: usize = 256;
+
+/// What one record changes in the cache, and the kernel caches to drop.
+struct Prepared {
+    edits: Vec<Edit>,
+    inval: Vec<Inval>,
+}
+
 /// How long a mutation waits for the stream to bring its record.
 const REACH: Duration = Duration::from_secs(2);
 
@@ -301,13 +310,39 @@ impl Replica {
             loop {
                 match rx.recv().await {
                     Some(StreamEvent::Record(r)) => {
-                        // Never past a record that did not apply: retry it,
+                        // What else has arrived goes into the same cache
+                        // transaction (one commit for many records).
+                        let mut recs = vec![*r];
+                        let mut behind = None;
+                        while recs.len() < BATCH {
+                            match rx.try_recv() {
+                                Ok(StreamEvent::Record(r)) => recs.push(*r),
+                                Ok(StreamEvent::SnapshotRequired { oldest }) => {
+                                    behind = Some(oldest);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        // Never past a record that did not apply: retry,
                         // backing off (the stream waits; `izo status` shows the lag).
                         let mut pause = Duration::from_millis(50);
-                        while let Err(e) = self.apply_record((*r).clone()).await {
-                            tracing::warn!("applying record {} to the cache failed: {e}; retrying", r.seq);
+                        while let Err(e) = self.apply_batch(&recs).await {
+                            tracing::warn!("applying records {}.. to the cache failed: {e}; retrying", recs[0].seq);
                             tokio::time::sleep(pause).await;
                             pause = (pause * 2).min(Duration::from_secs(5));
+                        }
+                        if let Some(oldest) = behind {
+                            tracing::warn!(
+                                "the server no longer holds the records needed (oldest {oldest}): resyncing"
+                            );
+                            let mut pause = Duration::from_millis(100);
+                            while let Err(e) = self.resync().await {
+                                tracing::warn!("resync from a snapshot failed: {e}; retrying");
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(Duration::from_secs(5));
+                            }
+                            break;
                         }
                     }
                     Some(StreamEvent::SnapshotRequired { oldest }) => {
@@ -406,7 +441,7 @@ impl Replica {
     }
 
     /// Apply one record of the stream to the cache.
-    async fn apply_record(&self, r: Record) -> R<()> {
+    async fn prepare(&self, r: Record) -> R<Prepared> {
         let own = matches!(r.origin, Origin::Replica(id, _) if id == self.client.replica());
         tracing::debug!("apply seq {} own {own}: {:?}", r.seq, r.op);
         let mut edits = Vec::new();
@@ -565,7 +600,21 @@ impl Replica {
                 inval.push(Inval::Inode(i));
             }
         }
-        edits.push(Edit::Seq(r.seq));
+        Ok(Prepared { edits, inval: if own { Vec::new() } else { inval } })
+    }
+
+    /// Apply records (in order) to the cache in one transaction: their
+    /// edits, then the stream position of the last.
+    async fn apply_batch(&self, recs: &[Record]) -> R<()> {
+        let Some(last) = recs.last() else { return Ok(()) };
+        let mut edits = Vec::new();
+        let mut inval = Vec::new();
+        for r in recs {
+            let p = self.prepare(r.clone()).await?;
+            edits.extend(p.edits);
+            inval.extend(p.inval);
+        }
+        edits.push(Edit::Seq(last.seq));
         let forgotten: Vec<ObjectId> =
             edits.iter().filter_map(|e| if let Edit::Forget { id } = e { Some(*id) } else { None }).collect();
         let inos: Vec<(ObjectId, Option<u64>)> =
@@ -579,11 +628,9 @@ impl Replica {
                 self.purge(id)?;
             }
         }
-        self.applied.send_replace(r.seq);
-        *self.last_time.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.time);
-        if !own {
-            self.invalidate(inval);
-        }
+        self.applied.send_replace(last.seq);
+        *self.last_time.lock().unwrap_or_else(|p| p.into_inner()) = Some(last.time);
+        self.invalidate(inval);
         Ok(())
     }
 
