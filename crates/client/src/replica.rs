@@ -581,8 +581,18 @@ impl Replica {
                 edits.push(Edit::attr(a.clone()));
             }
         }
-        // Directories' mtimes and replaced objects: ask the server.
+        // Directories' attributes come with the record; a replaced object
+        // (and a record from an older server): ask the server.
         for id in refresh {
+            if let Some(a) = r.dirs.iter().find(|a| a.id == id) {
+                if self.newer(a)? {
+                    edits.push(Edit::attr(a.clone()));
+                }
+                if let Some(i) = self.ino(id)? {
+                    inval.push(Inval::Inode(i));
+                }
+                continue;
+            }
             match self.client.getattr(id).await {
                 Ok(a) => {
                     if self.newer(&a)? {

@@ -16,6 +16,8 @@ pub struct Batch<'s> {
     seq: Seq,
     cookie: u64,
     records: Vec<StoredRecord>,
+    /// Directories the op being executed touched, with their new attributes.
+    dirs: Vec<Attr>,
 }
 
 type R<T> = Result<T, OpError>;
@@ -52,6 +54,7 @@ impl Store {
             seq: self.head(),
             cookie: self.cookie.load(Ordering::Acquire),
             records: Vec::new(),
+            dirs: Vec::new(),
         })
     }
 }
@@ -343,6 +346,7 @@ impl Batch<'_> {
             Origin::Local => None,
         };
         let seq = self.seq + 1;
+        self.dirs.clear();
         // A write whose bytes are already in the file may leave them out of the op.
         let data_len = match (op, place) {
             (Op::Write { data, .. }, Payload::Direct(n)) if data.is_empty() => Some(n),
@@ -361,7 +365,8 @@ impl Batch<'_> {
             Payload::Staged(n) | Payload::Direct(n) => n,
             Payload::Inline => 0,
         };
-        let record = Record { seq, origin, time, op, attr: attr.clone(), elided };
+        let dirs = std::mem::take(&mut self.dirs);
+        let record = Record { seq, origin, time, op, attr: attr.clone(), elided, dirs };
         self.records.push(StoredRecord { record, handles, payload: place });
         self.seq = seq;
         Ok(Applied { seq, time, attr })
@@ -391,6 +396,8 @@ impl Batch<'_> {
         bump_data(&mut row, cx);
         row.nlink = (row.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_row(id, &row)?;
+        self.dirs.retain(|a| a.id != id);
+        self.dirs.push(row.attr(id));
         Ok(row.handle)
     }
 

@@ -169,7 +169,8 @@ pub fn dec_record(b: &[u8]) -> Option<StoredRecord> {
                 Payload::Inline => 0,
             };
             let r = old.record;
-            let record = Record { seq: r.seq, origin: r.origin, time: r.time, op: r.op, attr: r.attr, elided };
+            let record =
+                Record { seq: r.seq, origin: r.origin, time: r.time, op: r.op, attr: r.attr, elided, dirs: Vec::new() };
             Some(StoredRecord { record, handles: old.handles, payload: old.payload })
         }
         _ => None,

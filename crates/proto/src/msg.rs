@@ -162,6 +162,9 @@ pub struct Record {
     /// or made in the export by another program) gives their length here:
     /// the range `offset..offset + elided` is fetched. 0 otherwise.
     pub elided: u64,
+    /// Attributes after the op of the directories whose entries it changed
+    /// (their mtime, nlink and versions), so followers need not ask.
+    pub dirs: Vec<Attr>,
 }
 
 /// Messages from the server to a client.
