@@ -136,6 +136,19 @@ pub struct Replica {
     open: Mutex<std::collections::HashMap<u64, u32>>,
 }
 
+/// Run `f` until it succeeds, backing off from `pause` to 5 s between tries.
+async fn retrying<F, Fut>(what: &str, mut pause: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = R<()>>,
+{
+    while let Err(e) = f().await {
+        tracing::warn!("{what} failed: {e}; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Deallocate a range of an open data file (reads as zeros after).
 fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -307,59 +320,35 @@ impl Replica {
         loop {
             let from = self.cache.seq()?;
             let mut rx = self.client.subscribe(from).await?;
-            loop {
-                match rx.recv().await {
-                    Some(StreamEvent::Record(r)) => {
-                        // What else has arrived goes into the same cache
-                        // transaction (one commit for many records).
-                        let mut recs = vec![*r];
-                        let mut behind = None;
-                        while recs.len() < BATCH {
-                            match rx.try_recv() {
-                                Ok(StreamEvent::Record(r)) => recs.push(*r),
-                                Ok(StreamEvent::SnapshotRequired { oldest }) => {
-                                    behind = Some(oldest);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        // Never past a record that did not apply: retry,
-                        // backing off (the stream waits; `izo status` shows the lag).
-                        let mut pause = Duration::from_millis(50);
-                        while let Err(e) = self.apply_batch(&recs).await {
-                            tracing::warn!("applying records {}.. to the cache failed: {e}; retrying", recs[0].seq);
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(5));
-                        }
-                        if let Some(oldest) = behind {
-                            tracing::warn!(
-                                "the server no longer holds the records needed (oldest {oldest}): resyncing"
-                            );
-                            let mut pause = Duration::from_millis(100);
-                            while let Err(e) = self.resync().await {
-                                tracing::warn!("resync from a snapshot failed: {e}; retrying");
-                                tokio::time::sleep(pause).await;
-                                pause = (pause * 2).min(Duration::from_secs(5));
-                            }
+            let oldest = loop {
+                let Some(first) = rx.recv().await else {
+                    return Err(ReplicaError::Unreachable("the record stream ended".into()));
+                };
+                // What else has arrived goes into the same cache
+                // transaction (one commit for many records).
+                let (mut recs, mut behind, mut next) = (Vec::new(), None, Some(first));
+                while let Some(ev) = next {
+                    match ev {
+                        StreamEvent::Record(r) => recs.push(*r),
+                        StreamEvent::SnapshotRequired { oldest } => {
+                            behind = Some(oldest);
                             break;
                         }
                     }
-                    Some(StreamEvent::SnapshotRequired { oldest }) => {
-                        tracing::warn!(
-                            "the server no longer holds the records after {from} (oldest {oldest}): resyncing from a snapshot"
-                        );
-                        let mut pause = Duration::from_millis(100);
-                        while let Err(e) = self.resync().await {
-                            tracing::warn!("resync from a snapshot failed: {e}; retrying");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(5));
-                        }
-                        break;
-                    }
-                    None => return Err(ReplicaError::Unreachable("the record stream ended".into())),
+                    next = if recs.len() < BATCH { rx.try_recv().ok() } else { None };
                 }
-            }
+                if !recs.is_empty() {
+                    // Never past a record that did not apply (the stream
+                    // waits; `izo status` shows the lag).
+                    let what = format!("applying records {}.. to the cache", recs[0].seq);
+                    retrying(&what, Duration::from_millis(50), || self.apply_batch(&recs)).await;
+                }
+                if let Some(oldest) = behind {
+                    break oldest;
+                }
+            };
+            tracing::warn!("the server no longer holds the records after {from} (oldest {oldest}): resyncing");
+            retrying("resyncing from a snapshot", Duration::from_millis(100), || self.resync()).await;
         }
     }
 

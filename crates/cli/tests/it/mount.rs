@@ -275,6 +275,17 @@ fn step(root: &Path, op: &str, a: &str, b: &str, n: u64) -> String {
     }
 }
 
+/// Bytes the mount at `m` fetched from the server since it started (`izo status`).
+fn fetched_bytes(m: &Path) -> u64 {
+    let st = std::process::Command::new(izo_bin()).arg("status").arg(m).output().expect("izo status");
+    let st = String::from_utf8_lossy(&st.stdout).into_owned();
+    st.lines()
+        .find_map(|l| l.strip_prefix("fetched: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fetched line in {st}"))
+}
+
 fn blake3_of(b: &[u8]) -> String {
     blake3::hash(b).to_hex().to_string()
 }
@@ -485,15 +496,8 @@ async fn after_a_sigkill_of_the_client_every_returned_write_is_there_and_little_
             assert_eq!(std::fs::read(ex.join(format!("w{i}"))).expect("read export"), want, "w{i} on the server");
         }
         converge(&[&ex, &ma], "the remounted replica and the export");
-        let st = std::process::Command::new(izo_bin()).arg("status").arg(&ma).output().expect("izo status");
-        let st = String::from_utf8_lossy(&st.stdout).into_owned();
-        let fetched: u64 = st
-            .lines()
-            .find_map(|l| l.strip_prefix("fetched: "))
-            .and_then(|l| l.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no fetched line in {st}"));
-        assert!(fetched < written / 4, "after the restart {fetched} bytes were fetched of {written} written: {st}");
+        let fetched = fetched_bytes(&ma);
+        assert!(fetched < written / 4, "after the restart {fetched} bytes were fetched of {written} written");
     })
     .await
     .expect("crash test");
@@ -538,14 +542,7 @@ async fn a_client_behind_retention_resyncs_from_a_snapshot_fetching_only_changed
         let cache = b.cache.clone();
         let b = MountProc::start_at(&addr, &fp, &tok, &mb, &cache);
         converge(&[&ma, &b.mnt, &ex], "B after the resync");
-        let st = std::process::Command::new(izo_bin()).arg("status").arg(&b.mnt).output().expect("izo status");
-        let st = String::from_utf8_lossy(&st.stdout).into_owned();
-        let fetched: u64 = st
-            .lines()
-            .find_map(|l| l.strip_prefix("fetched: "))
-            .and_then(|l| l.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no fetched line in {st}"));
+        let fetched = fetched_bytes(&b.mnt);
         assert!(fetched <= (1 << 20) + 4096, "only the changed block of big and the small files: fetched {fetched}");
         assert!(fetched >= 1 << 20, "the changed block was fetched: {fetched}");
     })
