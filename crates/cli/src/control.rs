@@ -43,20 +43,26 @@ async fn status(r: &Replica, info: &Info) -> String {
         Some(h) => format!("server at {h}: up to date (0 records, 0 s behind)"),
         None => "server position unknown".into(),
     };
+    let (pend, sent, parked, retried) = r.cml_stats();
     let db = std::fs::metadata(info.cache.join("cache.redb")).map(|m| m.len()).unwrap_or(0);
     let data = dir_size(&info.cache.join("data"));
     format!(
         "volume: {} from {} mounted at {} (replicate mode, replica {:?})\n\
          connection: {conn}\n\
          stream: applied through seq {at}; {lag}\n\
-         pending: {} mutations unanswered (writes wait for the server's ack)\n\
+         pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
+         (parked) since start\n\
          fetched: {} bytes from the server since start\n\
          cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n",
         info.volume,
         info.addr,
         info.mountpoint.display(),
         r.client.replica(),
-        r.client.unanswered(),
+        pend.0,
+        pend.1,
+        sent,
+        retried,
+        parked,
         r.fetched(),
         info.cache.display(),
         data as f64 / 1e6,

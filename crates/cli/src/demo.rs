@@ -24,7 +24,7 @@ pub struct DemoArgs {
     once: bool,
 }
 
-fn walk_through(mnt: &Path, export: &Path) -> Result<()> {
+fn walk_through(mnt: &Path, export: &Path, sync: &dyn Fn() -> Result<()>) -> Result<()> {
     std::fs::create_dir(mnt.join("notes")).context("mkdir on the mount")?;
     let text = b"hello from intermezzo\n";
     std::fs::write(mnt.join("notes/hello.txt"), text).context("write on the mount")?;
@@ -37,6 +37,9 @@ fn walk_through(mnt: &Path, export: &Path) -> Result<()> {
     }
     let back = std::fs::read(mnt.join("greeting-link")).context("read on the mount")?;
     println!("mount: cat greeting-link -> {:?}", String::from_utf8_lossy(&back));
+    // changes are sent in the background; `izo sync` waits for the server
+    sync().context("izo sync")?;
+    println!("mount: izo sync -> the server has every change made on the mount");
     let on_disk = std::fs::read(export.join("notes/greeting.txt")).context("reading the export")?;
     println!("server: {}/notes/greeting.txt holds {:?}", export.display(), String::from_utf8_lossy(&on_disk));
     anyhow::ensure!(on_disk == text && back == text, "the export or the mount differs from what was written");
@@ -71,16 +74,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
         cc.fingerprint = Some(fp);
         let c = Client::connect(cc).await.context("connecting")?;
         let cache = Cache::open(&base.join("cache")).context("opening the cache")?;
-        Ok::<_, anyhow::Error>((server, Replica::new(c, cache, tokio::runtime::Handle::current())))
+        let replica = Replica::new(c, cache, tokio::runtime::Handle::current()).context("loading the cache")?;
+        Ok::<_, anyhow::Error>((server, replica))
     })?;
     replica.check_incarnation().context("checking the volume's incarnation")?;
     rt.block_on(replica.initial_sync(|_| {})).context("initial replication")?;
     let mounted = izo_fuse::mount(replica.clone(), &mnt)
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;
     let follower = rt.spawn(replica.clone().follow());
+    let sender = rt.spawn(replica.clone().send());
     println!("client: replicate mode, mounted at {}", mnt.display());
     let result = if args.once {
-        walk_through(&mnt, &export)
+        walk_through(&mnt, &export, &|| rt.block_on(replica.sync()).map(drop).map_err(anyhow::Error::from))
     } else {
         println!(
             "ready: use {} like any directory (changes reach {} and every other client);\n       \
@@ -98,8 +103,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         })
         .context("waiting for Ctrl-C")
     };
-    follower.abort();
     mounted.unmount().with_context(|| format!("unmounting {}", mnt.display()))?;
+    crate::mount::finish(&rt, &replica);
+    follower.abort();
+    sender.abort();
     if !server.shutdown(Duration::from_secs(10)) {
         eprintln!("izo: the demo volume did not stop in time; its next start replays the journal");
     }

@@ -29,6 +29,10 @@ pub struct MountArgs {
     /// `~/.cache/izo/VOLUME` otherwise).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// close(2) waits until the server has the file's changes (NFS-like
+    /// close-to-open), as fsync does; by default close does not wait.
+    #[arg(long)]
+    sync_close: bool,
 }
 
 fn parse_volume(v: &str) -> Result<(String, String)> {
@@ -66,6 +70,20 @@ fn show(p: &Progress, start: Instant) {
     );
 }
 
+/// Before stopping: what was changed here is made durable and, if the
+/// server answers within 2 s, sent (what is left goes at the next mount).
+pub fn finish(rt: &tokio::runtime::Runtime, replica: &Replica) {
+    if let Err(e) = replica.fold() {
+        eprintln!("izo: making local changes durable: {e}");
+    }
+    let (left, _, _, _) = replica.cml_stats();
+    if left.0 > 0 && rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), replica.sync()).await }).is_err()
+    {
+        let ((ops, bytes), _, _, _) = replica.cml_stats();
+        eprintln!("izo: {ops} changes ({bytes} bytes) are kept in the cache and sent at the next mount");
+    }
+}
+
 pub fn run(args: MountArgs) -> Result<()> {
     if args.mode != "replicate" {
         bail!("--mode {}: only `replicate` is built so far (on-demand mode is not)", args.mode);
@@ -83,7 +101,9 @@ pub fn run(args: MountArgs) -> Result<()> {
     let client = rt.block_on(Client::connect(cfg)).with_context(|| {
         format!("connecting to {addr} for volume {volume:?} (check the address, token and fingerprint)")
     })?;
-    let replica = Replica::new(client, cache, rt.handle().clone());
+    let replica = Replica::new(client, cache, rt.handle().clone())
+        .with_context(|| format!("loading the changes queued in {}", cache_dir.display()))?;
+    replica.sync_close.store(args.sync_close, std::sync::atomic::Ordering::Relaxed);
     replica.check_incarnation().context("checking the volume's incarnation against the cache")?;
     let start = Instant::now();
     rt.block_on(replica.initial_sync(|p| show(p, start))).context("initial replication")?;
@@ -91,6 +111,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint)
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", args.mountpoint.display()))?;
     let follower = rt.spawn(replica.clone().follow());
+    rt.spawn(replica.clone().send());
     let sock = crate::control::socket_path(std::process::id());
     let info = std::sync::Arc::new(crate::control::Info {
         volume: volume.clone(),
@@ -125,6 +146,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     eprintln!("izo: unmounting {}", args.mountpoint.display());
     let _ = std::fs::remove_file(&sock);
     mounted.unmount().with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+    finish(&rt, &replica);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

@@ -9,10 +9,13 @@
 // redb's error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
-use izo_proto::{Attr, FileKind, ObjectId, Seq};
-use redb::{Database, ReadableTable, TableDefinition};
+use izo_proto::{Attr, FileKind, ObjectId, Op, Seq, Versions};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Object id → [`Cached`].
@@ -23,6 +26,41 @@ const INOS: TableDefinition<u64, &[u8]> = TableDefinition::new("inos");
 const DENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dentries");
 /// Objects whose last name is gone, dropped at the next start.
 const ORPHANS: TableDefinition<&[u8], ()> = TableDefinition::new("orphans");
+/// Directory id → its parent's id (for the rename cycle check).
+const PARENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parents");
+/// Client modification log: client seq → [`CmlEntry`] not yet answered.
+const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
+/// Ops the server refused for good: client seq → [`Parked`].
+const PARKED: TableDefinition<u64, &[u8]> = TableDefinition::new("parked");
+
+/// One op of the client modification log. Writes are stored as a range
+/// (`len`) whose bytes are read from the data file when sent; bases are
+/// filled in from the cached versions when sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmlEntry {
+    /// The op (a `Write` has no bytes here).
+    pub op: Op,
+    /// Bytes of a write.
+    pub len: u64,
+}
+
+/// An op the server refused, kept with what it carried.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Parked {
+    /// The op, bytes included.
+    pub op: Op,
+    /// Why the server refused it.
+    pub reason: String,
+}
+
+/// What the append-only log holds (see [`Cache::local`]).
+#[derive(Serialize, Deserialize)]
+enum LogRec {
+    /// A local change.
+    Edits(Vec<Edit>),
+    /// Bytes written to a data file, not yet in a CML entry.
+    Dirty(ObjectId, u64, u64),
+}
 
 /// Inode number of the volume root.
 pub const ROOT_INO: u64 = 1;
@@ -66,7 +104,13 @@ pub struct Cache {
     db: Database,
     path: PathBuf,
     data: PathBuf,
+    /// The append-only log of local changes since the last durable commit.
+    log: Mutex<std::fs::File>,
+    log_path: PathBuf,
 }
+
+/// Unsealed write ranges per object, as found in the log at open.
+pub type DirtyRanges = BTreeMap<ObjectId, Vec<(u64, u64)>>;
 
 fn key(parent: ObjectId, name: &[u8]) -> Vec<u8> {
     let mut k = parent.to_bytes().to_vec();
@@ -87,11 +131,21 @@ impl Cache {
         std::fs::create_dir_all(&data).map_err(|err| CacheError::Io { path: data.clone(), err })?;
         let path = dir.join("cache.redb");
         let db = Database::create(&path).map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
-        let c = Cache { db, path, data };
+        let log_path = dir.join("cml.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|err| CacheError::Io { path: log_path.clone(), err })?;
+        let c = Cache { db, path, data, log: Mutex::new(log), log_path };
         // Orphans of the last run are no longer open anywhere: drop them.
         let dropped = c.write(|tx| {
             tx.open_table(META)?;
             tx.open_table(DENTRIES)?;
+            tx.open_table(PARENTS)?;
+            tx.open_table(CML)?;
+            tx.open_table(PARKED)?;
             let mut objs = tx.open_table(OBJECTS)?;
             let mut inos = tx.open_table(INOS)?;
             let mut orphans = tx.open_table(ORPHANS)?;
@@ -106,6 +160,22 @@ impl Cache {
                 }
             }
             orphans.retain(|_, _| false)?;
+            // (a cache from before directories' parents were kept)
+            let mut parents = tx.open_table(PARENTS)?;
+            if parents.first()?.is_none() {
+                let dents = tx.open_table(DENTRIES)?;
+                for row in dents.iter()? {
+                    let (k, v) = row?;
+                    let child = id_of(v.value());
+                    let is_dir = objs
+                        .get(child.to_bytes().as_slice())?
+                        .and_then(|v| postcard::from_bytes::<Cached>(v.value()).ok())
+                        .is_some_and(|c| c.attr.kind == FileKind::Dir);
+                    if is_dir {
+                        parents.insert(child.to_bytes().as_slice(), &k.value()[..16])?;
+                    }
+                }
+            }
             Ok(dropped)
         })?;
         for id in dropped {
@@ -114,12 +184,168 @@ impl Cache {
         Ok(c)
     }
 
+    /// Fold the log of local changes into the database: what a SIGKILL
+    /// left there is applied again (every edit sets state, so applying one
+    /// twice is harmless), then committed durably and the log emptied.
+    /// Returns the write ranges not yet in a CML entry, and the objects
+    /// whose attributes the replay set (their echoes may have come before
+    /// the SIGKILL: ask the server again once their ops are answered).
+    pub fn replay_log(&self) -> Result<(DirtyRanges, Vec<ObjectId>), CacheError> {
+        let mut buf = Vec::new();
+        {
+            let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = std::fs::File::open(&self.log_path).map_err(|err| self.io(err))?;
+            r.read_to_end(&mut buf).map_err(|err| self.io(err))?;
+            drop(std::mem::replace(&mut *f, self.reopen_log()?));
+        }
+        let mut dirty = DirtyRanges::new();
+        let mut touched = std::collections::BTreeSet::new();
+        let mut at = 0usize;
+        let mut n = 0u64;
+        while at + 8 <= buf.len() {
+            let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            let sum = &buf[at + 4..at + 8];
+            let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
+            if &blake3::hash(body).as_bytes()[..4] != sum {
+                break; // torn by a machine crash: what follows never returned
+            }
+            match postcard::from_bytes::<LogRec>(body) {
+                Ok(LogRec::Edits(edits)) => {
+                    for e in &edits {
+                        match e {
+                            Edit::Sealed { id } => {
+                                dirty.remove(id);
+                            }
+                            Edit::Put { attr, .. } => {
+                                touched.insert(attr.id);
+                            }
+                            _ => {}
+                        }
+                    }
+                    self.commit(&edits, Durability::None)?;
+                }
+                Ok(LogRec::Dirty(id, off, len)) => dirty.entry(id).or_default().push((off, len)),
+                Err(_) => break,
+            }
+            n += 1;
+            at += 8 + len;
+        }
+        if n > 0 {
+            tracing::info!("replayed {n} local changes from {}", self.log_path.display());
+        }
+        self.fold(&dirty)?;
+        Ok((dirty, touched.into_iter().collect()))
+    }
+
+    fn io(&self, err: std::io::Error) -> CacheError {
+        CacheError::Io { path: self.log_path.clone(), err }
+    }
+
+    fn reopen_log(&self) -> Result<std::fs::File, CacheError> {
+        std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.log_path).map_err(|e| self.io(e))
+    }
+
+    fn append(&self, rec: &LogRec) -> Result<(), CacheError> {
+        let body = postcard::to_allocvec(rec).map_err(|e| self.err(e))?;
+        let mut frame = Vec::with_capacity(body.len() + 8);
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&blake3::hash(&body).as_bytes()[..4]);
+        frame.extend_from_slice(&body);
+        let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        f.write_all(&frame).map_err(|e| self.io(e))
+    }
+
+    /// A local change: logged (one `write(2)`, so it survives a SIGKILL of
+    /// the daemon) and committed without waiting for the disk.
+    pub fn local(&self, edits: &[Edit]) -> Result<(), CacheError> {
+        self.append(&LogRec::Edits(edits.to_vec()))?;
+        self.commit(edits, Durability::None)
+    }
+
+    /// A change that need not survive a crash (answers to sent ops: sent
+    /// again after a restart, the server answers from its reply cache).
+    pub fn local_quiet(&self, edits: &[Edit]) -> Result<(), CacheError> {
+        if edits.is_empty() {
+            return Ok(());
+        }
+        self.commit(edits, Durability::None)
+    }
+
+    /// Bytes written to a data file (the write itself is in the file).
+    pub fn log_dirty(&self, id: ObjectId, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.append(&LogRec::Dirty(id, offset, len))
+    }
+
+    /// Bytes in the log.
+    pub fn log_len(&self) -> u64 {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Make every local change durable: one durable commit, then an empty
+    /// log holding only the write ranges still unsealed. The caller keeps
+    /// local changes out meanwhile.
+    pub fn fold(&self, dirty: &DirtyRanges) -> Result<(), CacheError> {
+        self.commit(&[], Durability::Immediate)?;
+        {
+            let f = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            f.set_len(0).map_err(|e| self.io(e))?;
+        }
+        for (id, ranges) in dirty {
+            for (off, len) in ranges {
+                self.log_dirty(*id, *off, *len)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The client modification log, in client-seq order.
+    pub fn cml(&self) -> Result<Vec<(u64, CmlEntry)>, CacheError> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for row in tx.open_table(CML)?.iter()? {
+                let (k, v) = row?;
+                if let Ok(e) = postcard::from_bytes(v.value()) {
+                    out.push((k.value(), e));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Ops the server refused for good.
+    pub fn parked(&self) -> Result<Vec<(u64, Parked)>, CacheError> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for row in tx.open_table(PARKED)?.iter()? {
+                let (k, v) = row?;
+                if let Ok(e) = postcard::from_bytes(v.value()) {
+                    out.push((k.value(), e));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The parent of a directory, as far as the cache knows.
+    pub fn parent_of(&self, dir: ObjectId) -> Result<Option<ObjectId>, CacheError> {
+        self.read(|tx| Ok(tx.open_table(PARENTS)?.get(dir.to_bytes().as_slice())?.map(|v| id_of(v.value()))))
+    }
+
     fn err(&self, e: impl std::fmt::Display) -> CacheError {
         CacheError::Db { path: self.path.clone(), why: e.to_string() }
     }
 
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, CacheError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.write_with(Durability::Immediate, f)
+    }
+
+    fn write_with<T>(
+        &self,
+        d: Durability,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, CacheError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(d);
         let out = f(&tx).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(out)
@@ -232,13 +458,19 @@ impl Cache {
         })
     }
 
-    /// Apply a change to the namespace in one transaction.
+    /// Apply a change to the namespace in one durable transaction.
     pub fn change(&self, edits: &[Edit]) -> Result<(), CacheError> {
-        self.write(|tx| {
+        self.commit(edits, Durability::Immediate)
+    }
+
+    fn commit(&self, edits: &[Edit], d: Durability) -> Result<(), CacheError> {
+        self.write_with(d, |tx| {
             let mut objs = tx.open_table(OBJECTS)?;
             let mut inos = tx.open_table(INOS)?;
             let mut dents = tx.open_table(DENTRIES)?;
             let mut meta = tx.open_table(META)?;
+            let mut parents = tx.open_table(PARENTS)?;
+            let mut cml = tx.open_table(CML)?;
             for e in edits {
                 match e {
                     Edit::Put { attr, target, xattrs } => {
@@ -263,10 +495,49 @@ impl Cache {
                     }
                     Edit::Link { parent, name, id } => {
                         dents.insert(key(*parent, name).as_slice(), id.to_bytes().as_slice())?;
+                        let kind = objs
+                            .get(id.to_bytes().as_slice())?
+                            .and_then(|v| postcard::from_bytes::<Cached>(v.value()).ok())
+                            .map(|c| c.attr.kind);
+                        if kind == Some(FileKind::Dir) {
+                            parents.insert(id.to_bytes().as_slice(), parent.to_bytes().as_slice())?;
+                        }
                     }
                     Edit::Unlink { parent, name } => {
                         dents.remove(key(*parent, name).as_slice())?;
                     }
+                    Edit::UnlinkIf { parent, name, id } => {
+                        let k = key(*parent, name);
+                        let cur = dents.get(k.as_slice())?.map(|v| id_of(v.value()));
+                        if cur == Some(*id) {
+                            dents.remove(k.as_slice())?;
+                        }
+                    }
+                    Edit::Versions { id, versions } => {
+                        let old: Option<Cached> =
+                            objs.get(id.to_bytes().as_slice())?.and_then(|v| postcard::from_bytes(v.value()).ok());
+                        if let Some(mut c) = old {
+                            c.attr.versions = *versions;
+                            let row = postcard::to_allocvec(&c).unwrap_or_default();
+                            objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
+                        }
+                    }
+                    Edit::Cml(lsn, entry) => {
+                        let row = postcard::to_allocvec(entry).unwrap_or_default();
+                        cml.insert(*lsn, row.as_slice())?;
+                    }
+                    Edit::CmlDone(lsn) => {
+                        cml.remove(*lsn)?;
+                    }
+                    Edit::Park(lsn, p) => {
+                        cml.remove(*lsn)?;
+                        let row = postcard::to_allocvec(p).unwrap_or_default();
+                        tx.open_table(PARKED)?.insert(*lsn, row.as_slice())?;
+                    }
+                    Edit::Meta(k, v) => {
+                        meta.insert(k.as_str(), *v)?;
+                    }
+                    Edit::Sealed { .. } => {}
                     Edit::Forget { id } => {
                         // Kept as an orphan (no names, nlink 0) until the next
                         // start: files still open keep working (unlink is not
@@ -285,6 +556,7 @@ impl Cache {
                     }
                     Edit::ClearEntries => {
                         dents.retain(|_, _| false)?;
+                        parents.retain(|_, _| false)?;
                     }
                 }
             }
@@ -293,8 +565,9 @@ impl Cache {
     }
 }
 
-/// One change to the cached namespace.
-#[derive(Clone, Debug)]
+/// One change to the cached namespace. Each sets state (applying one twice
+/// is harmless), which the log replay relies on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Edit {
     /// Store an object's attributes (keeping its inode number, target and
     /// xattrs unless given).
@@ -331,6 +604,35 @@ pub enum Edit {
     Seq(Seq),
     /// Drop every entry (a resync from a snapshot lists them all again).
     ClearEntries,
+    /// Remove an entry if it still leads to `id`.
+    UnlinkIf {
+        /// Directory.
+        parent: ObjectId,
+        /// Entry name.
+        name: Vec<u8>,
+        /// Object it must lead to.
+        id: ObjectId,
+    },
+    /// Set an object's versions only (an own op's record came back).
+    Versions {
+        /// The object.
+        id: ObjectId,
+        /// Its versions at the server.
+        versions: Versions,
+    },
+    /// Queue an op in the client modification log.
+    Cml(u64, CmlEntry),
+    /// An op of the log is answered.
+    CmlDone(u64),
+    /// An op of the log was refused for good: kept aside.
+    Park(u64, Parked),
+    /// Store a number.
+    Meta(String, u64),
+    /// An object's write ranges are in CML entries now (for the log replay).
+    Sealed {
+        /// The object.
+        id: ObjectId,
+    },
 }
 
 impl Edit {

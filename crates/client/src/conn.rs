@@ -72,6 +72,12 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
         .map_err(cerr)?;
     match msg {
         ServerMsg::Welcome(w) => {
+            // never reuse a seq the server already applied (a remount
+            // starts from the seq it last saw answered)
+            {
+                let mut st = lock(&inner.state);
+                st.next_cseq = st.next_cseq.max(w.last_applied + 1);
+            }
             let mut prev = lock(&inner.welcome);
             if let Some(p) = prev.as_ref() {
                 if p.incarnation != w.incarnation {

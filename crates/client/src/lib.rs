@@ -4,8 +4,10 @@
 //! as it grows; it must never know fuser types.
 
 pub mod cache;
+mod cml;
 pub mod config;
 mod conn;
+mod local;
 mod query;
 pub mod replica;
 pub mod tls;
@@ -253,6 +255,24 @@ impl Client {
     /// Send a mutation without waiting for its reply (pipelining). At most
     /// [`MAX_UNANSWERED`] may be outstanding; further calls wait.
     pub async fn submit(&self, op: Op) -> Result<Pending, ClientError> {
+        self.submit_as(None, op).await
+    }
+
+    /// Send a mutation under a client seq chosen by the caller (a
+    /// modification log numbers its ops when it queues them, so an op
+    /// resent after a restart keeps its seq and the server answers it from
+    /// its reply cache instead of applying it twice). Seqs must increase;
+    /// gaps are allowed.
+    pub async fn submit_at(&self, cseq: u64, op: Op) -> Result<Pending, ClientError> {
+        self.submit_as(Some(cseq), op).await
+    }
+
+    /// The next client seq this client would use.
+    pub fn next_cseq(&self) -> u64 {
+        lock(&self.inner.state).next_cseq
+    }
+
+    async fn submit_as(&self, at: Option<u64>, op: Op) -> Result<Pending, ClientError> {
         let permit = self.inner.window.acquire().await.map_err(|_| ClientError::Disconnected)?;
         permit.forget();
         let (tx, rx) = oneshot::channel();
@@ -261,8 +281,13 @@ impl Client {
             self.inner.window.add_permits(1);
             return Err(e.clone());
         }
-        let cseq = st.next_cseq;
-        st.next_cseq += 1;
+        let cseq = match at {
+            // (below next: a resend after a restart, answered from the
+            // server's reply cache)
+            Some(c) => c,
+            None => st.next_cseq,
+        };
+        st.next_cseq = st.next_cseq.max(cseq + 1);
         if let Some(conn) = &st.conn {
             let frame = conn::mutate_frame(cseq, st.answered_through, &op);
             self.inner.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);

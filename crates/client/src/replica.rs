@@ -2,12 +2,14 @@
 //! snapshot, then kept current by the record stream; the file-system API
 //! the FUSE adapter calls (by inode number, never by path).
 //!
-//! This first version writes through: a mutation returns once the server
-//! acked it (so it is durable there), then the cache takes the reply. The
-//! client modification log (write-back, offline work, reintegration) that
-//! DESIGN describes is not built yet.
+//! Mutations are applied to the cache at once and sent later through the
+//! client modification log (`local.rs`, `cml.rs`); the stream brings their
+//! records back ("echoes"), which only advance the objects' server
+//! versions, and everyone else's changes, which are applied unless they
+//! would overwrite a local change the server has not seen yet.
 
 use crate::cache::{Cache, CacheError, Cached, Edit, ROOT_INO};
+use crate::cml::Cml;
 use crate::{Client, ClientError, Segment, StreamEvent};
 use izo_proto::*;
 use std::fs::{File, OpenOptions};
@@ -24,6 +26,15 @@ pub enum ReplicaError {
     /// The name exists.
     #[error("exists")]
     Exists,
+    /// Not a directory.
+    #[error("not a directory")]
+    NotDir,
+    /// Is a directory.
+    #[error("is a directory")]
+    IsDir,
+    /// The operation is not permitted on this object.
+    #[error("operation not permitted")]
+    NotPermitted,
     /// Directory not empty.
     #[error("directory not empty")]
     NotEmpty,
@@ -110,26 +121,31 @@ struct Prepared {
     inval: Vec<Inval>,
 }
 
-/// How long a mutation waits for the stream to bring its record.
-const REACH: Duration = Duration::from_secs(2);
-
 /// A replica: cache + connection.
 pub struct Replica {
     /// The connection.
     pub client: Client,
     /// The cache.
     pub cache: Cache,
-    rt: tokio::runtime::Handle,
-    /// Serialises changes to the cache.
-    apply: Mutex<()>,
+    pub(crate) rt: tokio::runtime::Handle,
+    /// Serialises changes to the cache (taken before `cml`).
+    pub(crate) apply: Mutex<()>,
+    /// The client modification log.
+    pub(crate) cml: Mutex<Cml>,
+    /// Wakes the sender.
+    pub(crate) cml_wake: tokio::sync::Notify,
+    /// Bumped whenever an entry is answered.
+    pub(crate) cml_answered: tokio::sync::watch::Sender<u64>,
+    /// Callers waiting for the answer to an entry.
+    #[allow(clippy::type_complexity)]
+    pub(crate) waiting: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<Applied, OpError>>>>,
+    /// Close waits for the server like fsync (`--sync-close`).
+    pub sync_close: std::sync::atomic::AtomicBool,
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
     /// Seq of the last record applied to the cache.
     applied: tokio::sync::watch::Sender<Seq>,
     /// Server time of the last record applied.
     last_time: Mutex<Option<Timestamp>>,
-    /// Bytes of own writes in flight, by client seq: their records may
-    /// leave the bytes out, and the stream applies them from here.
-    own_writes: Mutex<std::collections::HashMap<u64, (u64, Vec<u8>)>>,
     /// Bytes fetched from the server since start.
     fetched: std::sync::atomic::AtomicU64,
     /// Open file handles per inode: an orphan is dropped at its last close.
@@ -150,7 +166,7 @@ where
 }
 
 /// Deallocate a range of an open data file (reads as zeros after).
-fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     // SAFETY: plain syscall on an open fd.
@@ -175,27 +191,34 @@ fn punch(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
     punch_fd(&f, offset, len).map_err(io(path))
 }
 
-fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
+pub(crate) fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
     move |err| ReplicaError::Cache(CacheError::Io { path: path.to_path_buf(), err })
 }
 
 impl Replica {
     /// A replica over `client` and `cache`; blocking calls run on `rt`.
-    pub fn new(client: Client, cache: Cache, rt: tokio::runtime::Handle) -> Arc<Replica> {
-        let seq = cache.seq().unwrap_or(0);
+    /// Changes an earlier run left unsent are queued again.
+    pub fn new(client: Client, cache: Cache, rt: tokio::runtime::Handle) -> R<Arc<Replica>> {
+        let seq = cache.seq()?;
         let applied = tokio::sync::watch::Sender::new(seq);
-        Arc::new(Replica {
+        let r = Arc::new(Replica {
             client,
             cache,
             rt,
             apply: Mutex::new(()),
+            cml: Mutex::new(Cml::default()),
+            cml_wake: tokio::sync::Notify::new(),
+            cml_answered: tokio::sync::watch::Sender::new(0),
+            waiting: Mutex::new(Default::default()),
+            sync_close: Default::default(),
             inval: Mutex::new(None),
             applied,
             last_time: Mutex::new(None),
-            own_writes: Mutex::new(Default::default()),
             fetched: Default::default(),
             open: Mutex::new(Default::default()),
-        })
+        });
+        r.recover_cml()?;
+        Ok(r)
     }
 
     /// Where kernel invalidations go (one notifier thread drains it).
@@ -321,8 +344,13 @@ impl Replica {
             let from = self.cache.seq()?;
             let mut rx = self.client.subscribe(from).await?;
             let oldest = loop {
-                let Some(first) = rx.recv().await else {
-                    return Err(ReplicaError::Unreachable("the record stream ended".into()));
+                let first = match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                    Ok(Some(first)) => first,
+                    Ok(None) => return Err(ReplicaError::Unreachable("the record stream ended".into())),
+                    Err(_) => {
+                        self.housekeep().await;
+                        continue;
+                    }
                 };
                 // What else has arrived goes into the same cache
                 // transaction (one commit for many records).
@@ -346,16 +374,70 @@ impl Replica {
                 if let Some(oldest) = behind {
                     break oldest;
                 }
+                self.housekeep().await;
             };
             tracing::warn!("the server no longer holds the records after {from} (oldest {oldest}): resyncing");
             retrying("resyncing from a snapshot", Duration::from_millis(100), || self.resync()).await;
         }
     }
 
+    /// Between batches of the stream: a refused local change left the cache
+    /// ahead of the server, so once nothing local is on the way, start over
+    /// from a snapshot (the refused op is parked, not lost); attributes a
+    /// log replay set are asked for again.
+    async fn housekeep(&self) {
+        let (redo, refresh) = {
+            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+            let idle = c.idle();
+            (c.resync && idle, if idle { std::mem::take(&mut c.refresh) } else { Vec::new() })
+        };
+        if !refresh.is_empty() {
+            self.refresh(refresh).await;
+        }
+        if redo {
+            tracing::warn!("resyncing from a snapshot after a refused change");
+            retrying("resyncing from a snapshot", Duration::from_millis(100), || self.resync()).await;
+        }
+    }
+
+    /// Take the server's attributes of objects that have no local change
+    /// on the way (after a log replay: the replay set local values).
+    async fn refresh(&self, ids: Vec<ObjectId>) {
+        for id in ids {
+            match self.client.getattr(id).await {
+                Ok(a) => {
+                    let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+                    let c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+                    let cur = self.cache.get(id).ok().flatten();
+                    let fresh = cur.is_some_and(|c| {
+                        a.versions.data >= c.attr.versions.data && a.versions.meta >= c.attr.versions.meta
+                    });
+                    if fresh && !c.busy(id) {
+                        if let Err(e) = self.cache.change(&[Edit::attr(a)]) {
+                            tracing::warn!("refreshing {id}: {e}");
+                        }
+                    }
+                }
+                Err(ClientError::Op(OpError::NotFound(_))) => {}
+                Err(e) => tracing::warn!("refreshing {id} from the server: {e}"),
+            }
+        }
+    }
+
     /// Bring the cache to a snapshot of the volume: the namespace as it is
     /// now (inode numbers kept), and of each file only the 1 MiB blocks whose
     /// hash differs from the cached content.
+    /// Local changes on the way are sent and echoed first (a snapshot knows
+    /// nothing of them).
     pub async fn resync(&self) -> R<()> {
+        let mut waited = std::time::Instant::now();
+        while !self.cml.lock().unwrap_or_else(|p| p.into_inner()).idle() {
+            if waited.elapsed() > Duration::from_secs(10) {
+                tracing::warn!("the resync waits for local changes to reach the server");
+                waited = std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (entries, seq) = self.client.snapshot().await?;
         let mut edits = vec![Edit::ClearEntries];
         let mut keep = std::collections::HashSet::new();
@@ -381,7 +463,13 @@ impl Replica {
         edits.push(Edit::Seq(seq));
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+            if !c.idle() {
+                return Err(ReplicaError::Transient("local changes were made during the resync".into()));
+            }
             self.cache.change(&edits)?;
+            c.resync = false;
+            c.acked_at.clear();
         }
         self.applied.send_replace(seq);
         self.invalidate(inval);
@@ -429,13 +517,17 @@ impl Replica {
         Ok(self.cache.get(id)?.map(|c| c.ino))
     }
 
-    /// Apply one record of the stream to the cache.
-    async fn prepare(&self, r: Record) -> R<Prepared> {
-        let own = matches!(r.origin, Origin::Replica(id, _) if id == self.client.replica());
+    /// What one record of the stream changes in the cache. Data effects
+    /// happen here (into data files); namespace and attribute edits are
+    /// filtered against local changes when committed ([`Replica::filter`]).
+    /// An own record's effects are already in the cache.
+    async fn prepare(&self, r: &Record, own: bool) -> R<Prepared> {
         tracing::debug!("apply seq {} own {own}: {:?}", r.seq, r.op);
         let mut edits = Vec::new();
         let mut inval = Vec::new();
         let mut refresh = Vec::new(); // directories whose attributes changed
+                                      // a data effect lands only on an object without local changes
+        let data_ok = |id: ObjectId| !own && !self.busy(id);
         match &r.op {
             Op::Create { parent, name, id, .. }
             | Op::Mkdir { parent, name, id, .. }
@@ -465,7 +557,7 @@ impl Replica {
                 }
             }
             Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => {
-                edits.push(Edit::Unlink { parent: *parent, name: name.clone() });
+                edits.push(Edit::UnlinkIf { parent: *parent, name: name.clone(), id: expect.id });
                 if r.attr.is_none() {
                     edits.push(Edit::Forget { id: expect.id });
                 }
@@ -484,7 +576,7 @@ impl Replica {
                             edits.push(Edit::Link { parent: *parent, name: name.clone(), id: t.id });
                         }
                     }
-                    _ => edits.push(Edit::Unlink { parent: *parent, name: name.clone() }),
+                    _ => edits.push(Edit::UnlinkIf { parent: *parent, name: name.clone(), id: expect.id }),
                 }
                 edits.push(Edit::Link { parent: *new_parent, name: new_name.clone(), id: expect.id });
                 refresh.extend([*parent, *new_parent]);
@@ -499,40 +591,31 @@ impl Replica {
                 }
             }
             Op::Write { id, offset, data, .. } => {
-                // An own write's bytes come from the caller (kept by client
-                // seq) when the record leaves them out; after a restart they
-                // are fetched like anyone else's.
-                let path = self.cache.data_path(*id);
-                let mine = match r.origin {
-                    Origin::Replica(_, cseq) if own => {
-                        self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq)
-                    }
-                    _ => None,
-                };
-                let bytes = if !data.is_empty() { Some((*offset, data.as_slice())) } else { None };
-                let bytes = bytes.or(mine.as_ref().map(|(o, b)| (*o, b.as_slice())));
-                match bytes {
-                    Some((at, b)) => {
+                if data_ok(*id) {
+                    if !data.is_empty() {
+                        let path = self.cache.data_path(*id);
                         let f = OpenOptions::new()
                             .create(true)
                             .truncate(false)
                             .write(true)
                             .open(&path)
                             .map_err(io(&path))?;
-                        f.write_all_at(b, at).map_err(io(&path))?;
+                        f.write_all_at(data, *offset).map_err(io(&path))?;
+                    } else {
+                        self.fetch(*id, *offset, r.elided, None).await?;
                     }
-                    None => self.fetch(*id, *offset, r.elided, None).await?,
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
                 }
             }
             Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-                // in stream order, own ones too (a later write may follow)
-                match &r.op {
-                    Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len)?,
-                    Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len)?,
-                    _ => {}
+                if data_ok(*id) {
+                    match &r.op {
+                        Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len)?,
+                        Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len)?,
+                        _ => {}
+                    }
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -544,14 +627,16 @@ impl Replica {
                 }
             }
             Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => {
-                match self.client.xattrs(*id).await {
-                    Ok(x) => {
-                        if let Some(a) = &r.attr {
-                            edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
+                if !own {
+                    match self.client.xattrs(*id).await {
+                        Ok(x) => {
+                            if let Some(a) = &r.attr {
+                                edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
+                            }
                         }
+                        Err(ClientError::Op(OpError::NotFound(_))) => {} // removed later
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(ClientError::Op(OpError::NotFound(_))) => {} // removed later
-                    Err(e) => return Err(e.into()),
                 }
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
@@ -561,7 +646,7 @@ impl Replica {
         if let Some(a) = &r.attr {
             if self.newer(a)? {
                 // keep the data file's length with the size
-                if a.kind == FileKind::File {
+                if a.kind == FileKind::File && data_ok(a.id) {
                     let path = self.cache.data_path(a.id);
                     if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
                         let _ = f.set_len(a.size);
@@ -602,27 +687,72 @@ impl Replica {
         Ok(Prepared { edits, inval: if own { Vec::new() } else { inval } })
     }
 
+    /// An edit of a record, as it may land on the cache now (called with
+    /// the cache locked). An own record's namespace edits are already
+    /// applied; its attributes only advance versions while the object has
+    /// more local changes on the way. Someone else's never overwrite a
+    /// local change the server has not seen.
+    fn filter(&self, e: Edit, own: bool, c: &Cml) -> R<Option<Edit>> {
+        Ok(match e {
+            Edit::Link { .. } | Edit::Unlink { .. } | Edit::UnlinkIf { .. } | Edit::Forget { .. } if own => None,
+            Edit::Put { attr, target, xattrs } if own => match self.cache.get(attr.id)? {
+                None => None, // removed here since
+                Some(_) if c.busy(attr.id) => Some(Edit::Versions { id: attr.id, versions: attr.versions }),
+                Some(_) => Some(Edit::Put { attr, target, xattrs }),
+            },
+            Edit::Put { attr, .. } if c.busy(attr.id) => None,
+            Edit::Forget { id } if c.busy(id) => None,
+            Edit::Link { parent, name, id } => match self.cache.lookup(parent, &name)? {
+                Some(o) if o != id && c.busy(o) => None,
+                _ => Some(Edit::Link { parent, name, id }),
+            },
+            e => Some(e),
+        })
+    }
+
     /// Apply records (in order) to the cache in one transaction: their
     /// edits, then the stream position of the last.
     async fn apply_batch(&self, recs: &[Record]) -> R<()> {
         let Some(last) = recs.last() else { return Ok(()) };
+        let me = self.client.replica();
+        let mut prepared = Vec::with_capacity(recs.len());
+        for r in recs {
+            let own = match r.origin {
+                Origin::Replica(id, cseq) if id == me => Some(cseq),
+                _ => None,
+            };
+            prepared.push((own, self.prepare(r, own.is_some()).await?));
+        }
         let mut edits = Vec::new();
         let mut inval = Vec::new();
-        for r in recs {
-            let p = self.prepare(r.clone()).await?;
-            edits.extend(p.edits);
-            inval.extend(p.inval);
-        }
-        edits.push(Edit::Seq(last.seq));
-        let forgotten: Vec<ObjectId> =
-            edits.iter().filter_map(|e| if let Edit::Forget { id } = e { Some(*id) } else { None }).collect();
-        let inos: Vec<(ObjectId, Option<u64>)> =
-            forgotten.iter().map(|id| Ok((*id, self.ino(*id)?))).collect::<R<_>>()?;
+        let mut forgotten = Vec::new();
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+            for (own, p) in prepared {
+                if let Some(lsn) = own {
+                    c.release(lsn); // its echo is here
+                }
+                for e in p.edits {
+                    if let Some(e) = self.filter(e, own.is_some(), &c)? {
+                        if let Edit::Forget { id } = &e {
+                            forgotten.push((*id, self.ino(*id)?));
+                        }
+                        edits.push(e);
+                    }
+                }
+                inval.extend(p.inval);
+            }
+            edits.push(Edit::Seq(last.seq));
             self.cache.change(&edits)?;
+            // answered ops whose records this batch covers
+            let done: Vec<u64> = c.acked_at.iter().filter(|(s, _)| *s <= last.seq).map(|(_, l)| *l).collect();
+            c.acked_at.retain(|(s, _)| *s > last.seq);
+            for l in done {
+                c.release(l);
+            }
         }
-        for (id, ino) in inos {
+        for (id, ino) in forgotten {
             if !ino.is_some_and(|i| self.is_open(i)) {
                 self.purge(id)?;
             }
@@ -634,54 +764,6 @@ impl Replica {
     }
 
     // ---- the file-system API (blocking; called from FUSE threads) ----
-
-    /// Send a mutation only while connected: an op once sent is never
-    /// cancelled, so queueing it while the server is away would make a
-    /// call that failed (after the deadline) happen later.
-    fn connected(&self) -> R<()> {
-        if self.client.is_connected() {
-            Ok(())
-        } else {
-            Err(ReplicaError::Unreachable("not connected to the server".into()))
-        }
-    }
-
-    fn block<T>(&self, f: impl std::future::Future<Output = Result<T, ClientError>>) -> R<T> {
-        match self.rt.block_on(async { tokio::time::timeout(DEADLINE, f).await }) {
-            Ok(r) => r.map_err(ReplicaError::from),
-            Err(_) => Err(ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}"))),
-        }
-    }
-
-    /// Send a mutation and wait until the record stream has brought the
-    /// cache to it: the cache applies every change in the server's order
-    /// (its own included), so a reply never overtakes an earlier record.
-    fn mutate(&self, op: Op) -> R<Applied> {
-        self.connected()?;
-        let a = self.block(self.client.mutate(op))?;
-        self.reach(a)
-    }
-
-    /// Wait (briefly) until the stream has applied `a`'s record. The op is
-    /// applied at the server either way: a stream that lags is no error
-    /// (the cache catches up; `izo sync` waits for it).
-    fn reach(&self, a: Applied) -> R<Applied> {
-        let mut rx = self.applied.subscribe();
-        let reached = self
-            .rt
-            .block_on(async { tokio::time::timeout(REACH, rx.wait_for(|s| *s >= a.seq)).await.map(|r| r.is_ok()) });
-        if reached != Ok(true) {
-            tracing::debug!("seq {} acked; the stream has not brought it yet", a.seq);
-            if let Some(attr) = a.attr.clone() {
-                // at least the object's own attributes (and an inode number)
-                if self.cache.get(attr.id)?.is_none() || self.newer(&attr)? {
-                    let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-                    self.cache.change(&[Edit::attr(attr)])?;
-                }
-            }
-        }
-        Ok(a)
-    }
 
     /// The object behind an inode.
     pub fn get(&self, ino: u64) -> R<(ObjectId, Cached)> {
@@ -718,64 +800,8 @@ impl Replica {
         OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))
     }
 
-    fn cached(&self, id: ObjectId) -> R<Cached> {
+    pub(crate) fn cached(&self, id: ObjectId) -> R<Cached> {
         self.cache.get(id)?.ok_or(ReplicaError::NotFound)
-    }
-
-    /// Write bytes (durable at the server when this returns).
-    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<usize> {
-        let (id, c) = self.get(ino)?;
-        if c.attr.nlink == 0 && c.attr.kind == FileKind::File {
-            return self.write_orphan(id, c, offset, data);
-        }
-        let mut done = 0usize;
-        let mut base = c.attr.versions.data;
-        for chunk in data.chunks(MAX_DATA) {
-            let at = offset + done as u64;
-            self.connected()?;
-            let p = self.block(self.client.submit(Op::Write { id, base, offset: at, data: chunk.to_vec() }))?;
-            // (a record that beats this insert to the stream fetches its bytes)
-            self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).insert(p.cseq, (at, chunk.to_vec()));
-            let cseq = p.cseq;
-            let a = match self.block(p.wait()) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq);
-                    return Err(e);
-                }
-            };
-            let a = self.reach(a)?;
-            // (an inline record already wrote the bytes: drop the copy)
-            self.own_writes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cseq);
-            base = a.attr.map(|a| a.versions.data).unwrap_or(base);
-            done += chunk.len();
-        }
-        Ok(done)
-    }
-
-    /// A file removed while open: it has no name anywhere, so its bytes
-    /// stay with those who hold it open (local only, as on any file system).
-    fn write_orphan(&self, id: ObjectId, mut c: Cached, offset: u64, data: &[u8]) -> R<usize> {
-        let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        f.write_all_at(data, offset).map_err(io(&path))?;
-        c.attr.size = c.attr.size.max(offset + data.len() as u64);
-        self.cache.change(&[Edit::attr(c.attr)])?;
-        Ok(data.len())
-    }
-
-    /// fallocate(2): mode 0 allocates (and may grow the file), punch-hole
-    /// with keep-size deallocates; other modes are not supported.
-    pub fn allocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> R<()> {
-        let (id, c) = self.get(ino)?;
-        let base = c.attr.versions.data;
-        let op = match mode {
-            0 => Op::Allocate { id, base, offset, len },
-            m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => Op::PunchHole { id, base, offset, len },
-            _ => return Err(ReplicaError::Unsupported),
-        };
-        // (the stream does the same to the data file, in order)
-        self.mutate(op).map(drop)
     }
 
     /// lseek(2) with SEEK_DATA or SEEK_HOLE, answered from the data file
@@ -795,146 +821,12 @@ impl Replica {
         Ok(r)
     }
 
-    /// Create a file, directory, symlink, fifo or socket.
-    #[allow(clippy::too_many_arguments)]
-    pub fn create(
-        &self,
-        parent: u64,
-        name: &[u8],
-        kind: FileKind,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        target: Option<&[u8]>,
-    ) -> R<Cached> {
-        let (pid, _) = self.get(parent)?;
-        let id = ObjectId::new();
-        let name = name.to_vec();
-        let op = match kind {
-            FileKind::File => Op::Create { parent: pid, name, id, mode, uid, gid },
-            FileKind::Dir => Op::Mkdir { parent: pid, name, id, mode, uid, gid },
-            FileKind::Symlink => {
-                let target = target.unwrap_or_default().to_vec();
-                Op::Symlink { parent: pid, name, id, target, uid, gid }
-            }
-            k => Op::Mknod { parent: pid, name, id, kind: k, mode, uid, gid },
-        };
-        self.mutate(op)?;
-        self.cached(id)
-    }
-
-    /// Remove a name (a directory with `dir`).
-    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
-        let (pid, _) = self.get(parent)?;
-        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
-        let c = self.cached(id)?;
-        if dir != (c.attr.kind == FileKind::Dir) {
-            return Err(ReplicaError::Invalid(if dir { "not a directory" } else { "is a directory" }.into()));
-        }
-        let expect = Expect { id, base: c.attr.versions };
-        let name = name.to_vec();
-        let op = if dir { Op::Rmdir { parent: pid, name, expect } } else { Op::Unlink { parent: pid, name, expect } };
-        self.mutate(op).map(drop)
-    }
-
-    /// Rename (`mode`: replace, no-replace or exchange).
-    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], mode: RenameMode) -> R<()> {
-        let (pid, _) = self.get(parent)?;
-        let (npid, _) = self.get(new_parent)?;
-        let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
-        let c = self.cached(id)?;
-        let target = match self.cache.lookup(npid, new_name)? {
-            Some(t) => Some(Expect { id: t, base: self.cached(t)?.attr.versions }),
-            None => None,
-        };
-        if mode == RenameMode::Exchange && target.is_none() {
-            return Err(ReplicaError::NotFound);
-        }
-        if mode == RenameMode::NoReplace && target.is_some() {
-            return Err(ReplicaError::Exists);
-        }
-        if let (Some(t), RenameMode::Replace) = (&target, mode) {
-            if t.id == id {
-                return Ok(()); // two names of one object: rename(2) does nothing
-            }
-            let tk = self.cached(t.id)?.attr.kind;
-            if tk == FileKind::Dir && c.attr.kind != FileKind::Dir {
-                return Err(ReplicaError::Invalid("is a directory".into()));
-            }
-            if tk != FileKind::Dir && c.attr.kind == FileKind::Dir {
-                return Err(ReplicaError::Invalid("not a directory".into()));
-            }
-        }
-        let op = Op::Rename {
-            parent: pid,
-            name: name.to_vec(),
-            expect: Expect { id, base: c.attr.versions },
-            new_parent: npid,
-            new_name: new_name.to_vec(),
-            target,
-            mode,
-        };
-        self.mutate(op).map(drop)
-    }
-
-    /// A new name for a non-directory.
-    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Cached> {
-        let (id, _) = self.get(ino)?;
-        let (npid, _) = self.get(new_parent)?;
-        self.mutate(Op::Link { id, parent: npid, name: new_name.to_vec() })?;
-        self.cached(id)
-    }
-
-    /// Change attributes; `size` truncates.
-    pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
-        let (id, c) = self.get(ino)?;
-        if c.attr.nlink == 0 && c.attr.kind == FileKind::File {
-            // open but removed: local only
-            if let Some(size) = size {
-                let path = self.cache.data_path(id);
-                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
-                f.set_len(size).map_err(io(&path))?;
-                let mut a = c.attr.clone();
-                a.size = size;
-                self.cache.change(&[Edit::attr(a)])?;
-            }
-            return self.cached(id);
-        }
-        if let Some(size) = size {
-            if c.attr.kind != FileKind::File {
-                return Err(ReplicaError::Invalid("is a directory".into()));
-            }
-            self.mutate(Op::Truncate { id, base: c.attr.versions.data, size })?;
-        }
-        if attrs != SetAttrs::default() {
-            let base = self.cached(id)?.attr.versions.meta;
-            self.mutate(Op::SetAttr { id, base, attrs })?;
-        }
-        self.cached(id)
-    }
-
-    /// Set or remove an extended attribute.
-    pub fn set_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> R<()> {
-        let (id, c) = self.get(ino)?;
-        let base = c.attr.versions.meta;
-        let op = match value {
-            Some(v) => Op::SetXattr { id, base, name: name.to_vec(), value: v.to_vec() },
-            None => {
-                if !c.xattrs.iter().any(|(n, _)| n == name) {
-                    return Err(ReplicaError::NotFound);
-                }
-                Op::RemoveXattr { id, base, name: name.to_vec() }
-            }
-        };
-        self.mutate(op).map(drop)
-    }
-
-    fn is_open(&self, ino: u64) -> bool {
+    pub(crate) fn is_open(&self, ino: u64) -> bool {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).is_some_and(|n| *n > 0)
     }
 
     /// Drop an object without names, and its data.
-    fn purge(&self, id: ObjectId) -> R<()> {
+    pub(crate) fn purge(&self, id: ObjectId) -> R<()> {
         let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
         if self.cache.get(id)?.is_some_and(|c| c.attr.nlink == 0) {
             self.cache.purge(id)?;
@@ -969,28 +861,23 @@ impl Replica {
                 }
             }
         }
-    }
-
-    /// Append `data` at the end of the file as this replica knows it (the
-    /// kernel's idea of the size may be stale after another replica's
-    /// append). The write's base version makes the server refuse it if the
-    /// file changed meanwhile: then catch up and try again.
-    pub fn append(&self, ino: u64, data: &[u8]) -> R<usize> {
-        for _ in 0..5 {
-            let (_, c) = self.get(ino)?;
-            match self.write(ino, c.attr.size, data) {
-                Err(ReplicaError::Conflict(_)) => {
-                    self.rt.block_on(self.sync())?;
-                }
-                other => return other,
-            }
+        if let Err(e) = self.flush(ino) {
+            tracing::warn!("sealing the writes of inode {ino} at close: {e}");
         }
-        Err(ReplicaError::Conflict("the file kept changing under the append".into()))
     }
 
     /// Wait until this replica has applied everything the server had
     /// applied when called (the barrier of `izo sync`). Returns that seq.
+    /// Changes made here are sent and answered first.
     pub async fn sync(&self) -> R<Seq> {
+        self.seal_all()?;
+        let upto = self.cml.lock().unwrap_or_else(|p| p.into_inner()).next_lsn;
+        if !self.answered_before(upto, DEADLINE).await {
+            let (ops, bytes) = self.cml.lock().unwrap_or_else(|p| p.into_inner()).backlog();
+            return Err(ReplicaError::Unreachable(format!(
+                "{ops} changes made here ({bytes} bytes) are not answered by the server after {DEADLINE:?}"
+            )));
+        }
         let stats = tokio::time::timeout(DEADLINE, self.client.server_stats())
             .await
             .map_err(|_| ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}")))??;

@@ -44,6 +44,9 @@ fn errno(e: &ReplicaError) -> Errno {
         ReplicaError::NotFound => Errno::ENOENT,
         ReplicaError::Exists => Errno::EEXIST,
         ReplicaError::NotEmpty => Errno::ENOTEMPTY,
+        ReplicaError::NotDir => Errno::ENOTDIR,
+        ReplicaError::IsDir => Errno::EISDIR,
+        ReplicaError::NotPermitted => Errno::EPERM,
         ReplicaError::Invalid(m) if m.contains("not a directory") => Errno::ENOTDIR,
         ReplicaError::Invalid(m) if m.contains("is a directory") => Errno::EISDIR,
         ReplicaError::Invalid(_) => Errno::EINVAL,
@@ -324,16 +327,25 @@ impl Filesystem for IzoFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok(); // writes are acked by the server before they return
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+        match self.r.flush(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok(); // (same)
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.r.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.r.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -61,6 +61,15 @@ fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     }
 }
 
+fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
+    let cn = CString::new(name).expect("name");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
 async fn server_with(files: &[(&str, &[u8])]) -> InProc {
     sweep_mounts();
     let dirs = Dirs::new();
@@ -438,14 +447,17 @@ async fn izo_sync_is_a_barrier_and_izo_status_reports_the_mount() {
             for i in 0..20 {
                 std::fs::write(ma.join(format!("r{round}-{i}")), format!("{round} {i}")).expect("write on A");
             }
-            // after `izo sync` on B, B has everything A's writes were acked for: no waiting
+            // `izo sync` on A returns once the server has A's writes; after
+            // `izo sync` on B, B has them: no waiting
+            let out = izo(&["sync".as_ref(), ma.as_os_str()]);
+            assert!(out.contains("synced"), "{out}");
             let out = izo(&["sync".as_ref(), mb.as_os_str()]);
             assert!(out.contains("synced"), "{out}");
             let (da, db) = (digest(&ma), digest(&mb));
             assert!(da.diff(&db).is_empty(), "round {round}: B differs right after izo sync: {:#?}", da.diff(&db));
         }
         let st = izo(&["status".as_ref(), ma.join("r0-1").as_os_str()]);
-        for want in ["connected", "applied through seq", "up to date", "cache:", "unanswered"] {
+        for want in ["connected", "applied through seq", "up to date", "cache:", "not answered yet"] {
             assert!(st.contains(want), "status lacks {want:?}: {st}");
         }
         // outside any mount: a clear error
@@ -639,7 +651,7 @@ async fn listings_stay_whole_while_the_directory_changes_and_the_remaining_ops_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_from_two_replicas_interleave_and_a_stopped_server_fails_calls_fast() {
+async fn appends_from_two_replicas_interleave_and_a_stopped_server_queues_changes() {
     sweep_mounts();
     let dirs = Dirs::new();
     let tok = dirs.token(izo_server::auth::Rights::Rw);
@@ -695,13 +707,18 @@ async fn appends_from_two_replicas_interleave_and_a_stopped_server_fails_calls_f
         let r = unsafe { libc::setxattr(c.as_ptr(), c"user.n".as_ptr(), b"w".as_ptr().cast(), 1, libc::XATTR_REPLACE) };
         assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
 
-        // the server stops answering: calls fail fast, cached reads work, and
-        // a call that failed does not happen later
+        // the server stops answering: changes are made here at once and
+        // sent when it answers again; cached reads work; a call that needs
+        // the server's answer (xattrs) fails fast and never happens later
         unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
         std::thread::sleep(Duration::from_millis(1500)); // the clients notice the silence
         let t = std::time::Instant::now();
-        let r = std::fs::create_dir(ma.join("while-down"));
-        assert!(r.is_err(), "mkdir with the server stopped");
+        std::fs::create_dir(ma.join("while-down")).expect("mkdir with the server stopped");
+        std::fs::write(ma.join("while-down/f"), b"written offline").expect("write with the server stopped");
+        assert!(t.elapsed() < Duration::from_secs(1), "local changes are fast: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let r = setxattr(&ma.join("log"), "user.offline", b"x");
+        assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::ENOTCONN)), "setxattr with the server stopped");
         assert!(t.elapsed() < Duration::from_secs(1), "failed fast: {:?}", t.elapsed());
         let t = std::time::Instant::now();
         assert_eq!(std::fs::read(ma.join("log")).expect("cached read"), b"A1\nB1\nA2\n");
@@ -709,7 +726,8 @@ async fn appends_from_two_replicas_interleave_and_a_stopped_server_fails_calls_f
         unsafe { libc::kill(pid as i32, libc::SIGCONT) };
         std::thread::sleep(Duration::from_millis(1500));
         izo_sync(&ma);
-        assert!(!ex.join("while-down").exists(), "the failed mkdir never happened");
+        assert_eq!(std::fs::read(ex.join("while-down/f")).expect("sent after the server resumed"), b"written offline");
+        assert!(xattr_get(&ex.join("log"), "user.offline").is_none(), "the failed setxattr never happened");
         std::fs::write(ma.join("after"), b"back").expect("works again after the server resumes");
     })
     .await

@@ -1,0 +1,246 @@
+//! The client modification log (CML): local changes waiting for the server.
+//!
+//! A mutation is applied to the cache first and queued here under a client
+//! seq (its "lsn") chosen when it is queued, so an op resent after a restart
+//! keeps its seq and the server's reply cache keeps it exactly-once. Writes
+//! are not queued one per `write(2)`: their ranges collect per object
+//! ("dirty") and are sealed into entries at flush, fsync, close or a short
+//! timer. A create…unlink of a file none of whose ops were sent cancels
+//! them all.
+//!
+//! While an object has ops that the server has not echoed back in the
+//! record stream it is "busy": foreign records do not overwrite it (its
+//! next op carries the old base, so the server refuses it as a conflict,
+//! and the refused op is parked with its bytes, never dropped).
+
+use crate::cache::{CmlEntry, DirtyRanges};
+use izo_proto::{ObjectId, Op, RenameMode, Seq};
+use std::collections::{BTreeMap, HashMap};
+
+/// The in-memory side of the log (the database holds the entries).
+#[derive(Default)]
+pub(crate) struct Cml {
+    /// Queued entries by lsn, with whether they were sent.
+    pub q: BTreeMap<u64, (CmlEntry, bool)>,
+    /// The next lsn to hand out.
+    pub next_lsn: u64,
+    /// Ops per object not yet echoed by the stream.
+    pub pending: HashMap<ObjectId, u32>,
+    /// Objects each un-echoed op holds.
+    pub objs_of: HashMap<u64, Vec<ObjectId>>,
+    /// Answered ops whose records were not seen yet: (record seq, lsn).
+    pub acked_at: Vec<(Seq, u64)>,
+    /// Write ranges not sealed into entries yet.
+    pub dirty: DirtyRanges,
+    /// Ops answered since start.
+    pub sent: u64,
+    /// Ops refused for good since start.
+    pub parked: u64,
+    /// Ops retried after a transient refusal.
+    pub retried: u64,
+    /// A refused op left the cache ahead of the server: resync once idle.
+    pub resync: bool,
+    /// Objects whose attributes to ask the server for once idle (set by
+    /// the replay of a log that a SIGKILL left).
+    pub refresh: Vec<ObjectId>,
+}
+
+impl Cml {
+    /// Queue an entry: a new lsn, its objects held.
+    pub fn push(&mut self, e: CmlEntry) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        self.hold(lsn, objs(&e.op));
+        self.q.insert(lsn, (e, false));
+        lsn
+    }
+
+    /// Hold objects for an lsn (until its record comes back or it fails).
+    pub fn hold(&mut self, lsn: u64, objs: Vec<ObjectId>) {
+        for o in &objs {
+            *self.pending.entry(*o).or_default() += 1;
+        }
+        self.objs_of.insert(lsn, objs);
+    }
+
+    /// Release what an lsn holds.
+    pub fn release(&mut self, lsn: u64) {
+        for o in self.objs_of.remove(&lsn).unwrap_or_default() {
+            if let Some(n) = self.pending.get_mut(&o) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(&o);
+                }
+            }
+        }
+    }
+
+    /// Does the object have local changes the server has not echoed?
+    pub fn busy(&self, id: ObjectId) -> bool {
+        self.pending.contains_key(&id) || self.dirty.contains_key(&id)
+    }
+
+    /// Nothing queued, unsealed or un-echoed.
+    pub fn idle(&self) -> bool {
+        self.q.is_empty() && self.dirty.is_empty() && self.pending.is_empty()
+    }
+
+    /// Entries and bytes not answered yet (sealed or not).
+    pub fn backlog(&self) -> (u64, u64) {
+        let sealed: u64 = self.q.values().map(|(e, _)| e.len).sum();
+        let dirty: u64 = self.dirty.values().flatten().map(|(_, l)| l).sum();
+        (self.q.len() as u64, sealed + dirty)
+    }
+
+    /// Note bytes written at `offset`.
+    pub fn dirty(&mut self, id: ObjectId, offset: u64, len: u64) {
+        add_range(self.dirty.entry(id).or_default(), offset, len);
+    }
+
+    /// Lsns of queued entries touching `id` if all are unsent and one of
+    /// them created it with no other name or replaced object involved: a
+    /// later unlink can cancel them all.
+    pub fn cancellable(&self, id: ObjectId) -> Option<Vec<u64>> {
+        let mut lsns = Vec::new();
+        let mut created = false;
+        for (lsn, (e, sent)) in &self.q {
+            let touches = match &e.op {
+                Op::Create { id: i, .. } | Op::Symlink { id: i, .. } | Op::Mknod { id: i, .. } if *i == id => {
+                    created = true;
+                    true
+                }
+                Op::Rename { expect, target, mode, .. } => {
+                    if target.as_ref().is_some_and(|t| t.id == id) {
+                        return None;
+                    }
+                    if expect.id == id && (target.is_some() || *mode == RenameMode::Exchange) {
+                        return None;
+                    }
+                    expect.id == id
+                }
+                Op::Link { id: i, .. } if *i == id => return None,
+                op => op_id(op) == Some(id),
+            };
+            if touches {
+                if *sent {
+                    return None;
+                }
+                lsns.push(*lsn);
+            }
+        }
+        (created && self.objs_of.keys().all(|l| self.q.contains_key(l) || !held(self, *l, id))).then_some(lsns)
+    }
+}
+
+fn held(c: &Cml, lsn: u64, id: ObjectId) -> bool {
+    c.objs_of.get(&lsn).is_some_and(|v| v.contains(&id))
+}
+
+/// The object a data or attribute op changes.
+pub(crate) fn op_id(op: &Op) -> Option<ObjectId> {
+    match op {
+        Op::Write { id, .. }
+        | Op::Truncate { id, .. }
+        | Op::Allocate { id, .. }
+        | Op::PunchHole { id, .. }
+        | Op::SetAttr { id, .. }
+        | Op::SetXattr { id, .. }
+        | Op::RemoveXattr { id, .. } => Some(*id),
+        _ => None,
+    }
+}
+
+/// Every object an op changes (directories whose entries change included).
+pub(crate) fn objs(op: &Op) -> Vec<ObjectId> {
+    match op {
+        Op::Create { parent, id, .. }
+        | Op::Mkdir { parent, id, .. }
+        | Op::Symlink { parent, id, .. }
+        | Op::Mknod { parent, id, .. }
+        | Op::Link { parent, id, .. } => vec![*parent, *id],
+        Op::Unlink { parent, expect, .. } | Op::Rmdir { parent, expect, .. } => vec![*parent, expect.id],
+        Op::Rename { parent, expect, new_parent, target, .. } => {
+            let mut v = vec![*parent, expect.id];
+            if new_parent != parent {
+                v.push(*new_parent);
+            }
+            if let Some(t) = target {
+                v.push(t.id);
+            }
+            v
+        }
+        op => op_id(op).into_iter().collect(),
+    }
+}
+
+/// Add `offset..offset+len` to a sorted set of disjoint ranges, merging
+/// what overlaps or touches.
+pub(crate) fn add_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let (mut lo, mut hi) = (offset, offset + len);
+    let mut out = Vec::with_capacity(v.len() + 1);
+    let mut placed = false;
+    for &(o, l) in v.iter() {
+        let (a, b) = (o, o + l);
+        if b < lo {
+            out.push((a, b - a));
+        } else if a > hi {
+            if !placed {
+                out.push((lo, hi - lo));
+                placed = true;
+            }
+            out.push((a, b - a));
+        } else {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    if !placed {
+        out.push((lo, hi - lo));
+    }
+    *v = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The range set against a byte map, on random inserts.
+    #[test]
+    fn ranges_match_a_bitmap() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut v = Vec::new();
+            let mut bits = [false; 300];
+            for _ in 0..rnd(20) {
+                let (o, l) = (rnd(250), rnd(40));
+                add_range(&mut v, o, l);
+                for b in bits.iter_mut().skip(o as usize).take(l as usize) {
+                    *b = true;
+                }
+            }
+            let mut want = Vec::new();
+            let mut i = 0;
+            while i < bits.len() {
+                if bits[i] {
+                    let s = i;
+                    while i < bits.len() && bits[i] {
+                        i += 1;
+                    }
+                    want.push((s as u64, (i - s) as u64));
+                } else {
+                    i += 1;
+                }
+            }
+            assert_eq!(v, want);
+        }
+    }
+}

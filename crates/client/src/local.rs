@@ -1,0 +1,881 @@
+//! Mutations through the mount: applied to the cache at once and queued in
+//! the client modification log (see `cml.rs`), then sent in order by one
+//! sender task, pipelined. A `write(2)` returns once its bytes are in the
+//! data file and its range in the append-only log (durable against a
+//! SIGKILL of the daemon); `fsync` and `izo sync` wait for the server.
+
+use crate::cache::{Cached, CmlEntry, Edit, Parked, ROOT_INO};
+use crate::cml::{objs, op_id, Cml};
+use crate::replica::{io, punch_fd, Replica, ReplicaError, DEADLINE};
+use crate::{ClientError, Pending};
+use izo_proto::*;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+type R<T> = Result<T, ReplicaError>;
+
+/// How long `fsync` waits for the server's ack while connected.
+const FSYNC_WAIT: Duration = Duration::from_secs(1);
+/// Unsealed writes are sealed into log entries this often.
+const SEAL_EVERY: Duration = Duration::from_millis(500);
+/// The log of local changes is folded into a durable commit this often.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn valid(name: &[u8]) -> R<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ReplicaError::Invalid(format!("bad name {:?}", String::from_utf8_lossy(name))))
+    }
+}
+
+impl Replica {
+    /// Load the modification log left by an earlier run (a SIGKILL's log
+    /// replayed, unsealed writes sealed) and number new ops after it.
+    pub(crate) fn recover_cml(&self) -> R<()> {
+        let (dirty, touched) = self.cache.replay_log()?;
+        let entries = self.cache.cml()?;
+        let _g = lock(&self.apply);
+        let mut c = lock(&self.cml);
+        c.next_lsn = self.client.next_cseq().max(entries.last().map(|(l, _)| l + 1).unwrap_or(0)).max(1);
+        for (lsn, e) in entries {
+            c.hold(lsn, objs(&e.op));
+            c.q.insert(lsn, (e, false));
+        }
+        c.dirty = dirty;
+        c.refresh = touched;
+        let ids: Vec<ObjectId> = c.dirty.keys().copied().collect();
+        let mut edits = Vec::new();
+        for id in ids {
+            self.seal_into(&mut c, id, &mut edits);
+        }
+        if !edits.is_empty() {
+            self.cache.local(&edits)?;
+        }
+        if !c.q.is_empty() {
+            tracing::info!("{} changes made before the restart are still to be sent", c.q.len());
+        }
+        Ok(())
+    }
+
+    /// Turn an object's unsealed write ranges into log entries (each at
+    /// most [`MAX_DATA`] bytes), in `edits`.
+    fn seal_into(&self, c: &mut Cml, id: ObjectId, edits: &mut Vec<Edit>) {
+        let Some(ranges) = c.dirty.remove(&id) else { return };
+        for (off, len) in ranges {
+            let mut at = off;
+            while at < off + len {
+                let n = (off + len - at).min(MAX_DATA as u64);
+                let e = CmlEntry { op: Op::Write { id, base: 0, offset: at, data: Vec::new() }, len: n };
+                let lsn = c.push(e.clone());
+                edits.push(Edit::Cml(lsn, e));
+                at += n;
+            }
+        }
+        edits.push(Edit::Sealed { id });
+    }
+
+    /// Apply `edits` locally and queue `op` after them (if any).
+    fn commit_local(&self, c: &mut Cml, mut edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
+        let lsn = op.map(|op| {
+            let e = CmlEntry { op, len: 0 };
+            let lsn = c.push(e.clone());
+            edits.push(Edit::Cml(lsn, e));
+            lsn
+        });
+        if let Err(e) = self.cache.local(&edits) {
+            // not applied: forget the queued op too
+            if let Some(l) = lsn {
+                c.q.remove(&l);
+                c.release(l);
+            }
+            return Err(e.into());
+        }
+        self.cml_wake.notify_one();
+        Ok(lsn)
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+
+    fn touch(&self, dir: ObjectId, nlink: i32) -> R<Edit> {
+        let mut a = self.cached(dir)?.attr;
+        a.mtime = self.now();
+        a.nlink = (a.nlink as i64 + nlink as i64).max(0) as u32;
+        Ok(Edit::attr(a))
+    }
+
+    fn dir(&self, ino: u64) -> R<(ObjectId, Cached)> {
+        let (id, c) = self.get(ino)?;
+        if c.attr.kind != FileKind::Dir {
+            return Err(ReplicaError::NotDir);
+        }
+        Ok((id, c))
+    }
+
+    /// Create a file, directory, symlink, fifo or socket.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<&[u8]>,
+    ) -> R<Cached> {
+        valid(name)?;
+        let _g = lock(&self.apply);
+        let (pid, _) = self.dir(parent)?;
+        if self.cache.lookup(pid, name)?.is_some() {
+            return Err(ReplicaError::Exists);
+        }
+        let id = ObjectId::new();
+        let name = name.to_vec();
+        let target = target.map(|t| t.to_vec());
+        let attr = Attr {
+            id,
+            kind,
+            mode: if kind == FileKind::Symlink { 0o777 } else { mode & 0o7777 },
+            uid,
+            gid,
+            size: target.as_ref().map(|t| t.len() as u64).unwrap_or(0),
+            mtime: self.now(),
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            versions: Versions::default(),
+        };
+        let op = match kind {
+            FileKind::File => Op::Create { parent: pid, name: name.clone(), id, mode, uid, gid },
+            FileKind::Dir => Op::Mkdir { parent: pid, name: name.clone(), id, mode, uid, gid },
+            FileKind::Symlink => Op::Symlink {
+                parent: pid,
+                name: name.clone(),
+                id,
+                target: target.clone().unwrap_or_default(),
+                uid,
+                gid,
+            },
+            k => Op::Mknod { parent: pid, name: name.clone(), id, kind: k, mode, uid, gid },
+        };
+        if kind == FileKind::File {
+            let path = self.cache.data_path(id);
+            File::create(&path).map_err(io(&path))?;
+        }
+        let edits = vec![
+            Edit::Put { attr, target, xattrs: Some(Vec::new()) },
+            Edit::Link { parent: pid, name, id },
+            self.touch(pid, if kind == FileKind::Dir { 1 } else { 0 })?,
+        ];
+        let mut c = lock(&self.cml);
+        self.commit_local(&mut c, edits, Some(op))?;
+        drop(c);
+        self.cached(id)
+    }
+
+    /// Remove a name (a directory with `dir`).
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
+        let gone = {
+            let _g = lock(&self.apply);
+            let (pid, _) = self.dir(parent)?;
+            let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+            let obj = self.cached(id)?;
+            if dir != (obj.attr.kind == FileKind::Dir) {
+                return Err(if dir { ReplicaError::NotDir } else { ReplicaError::IsDir });
+            }
+            if dir && !self.cache.children(id)?.is_empty() {
+                return Err(ReplicaError::NotEmpty);
+            }
+            let name = name.to_vec();
+            let mut edits = vec![Edit::UnlinkIf { parent: pid, name: name.clone(), id }];
+            let mut a = obj.attr.clone();
+            a.nlink = if dir { 0 } else { a.nlink.saturating_sub(1) };
+            let last = a.nlink == 0;
+            edits.push(Edit::attr(a));
+            if last {
+                edits.push(Edit::Forget { id });
+            }
+            edits.push(self.touch(pid, if dir { -1 } else { 0 })?);
+            let mut c = lock(&self.cml);
+            // a file whose every op is still unsent goes without a trace
+            let cancel = if last && !dir { c.cancellable(id) } else { None };
+            let op = match cancel {
+                Some(lsns) => {
+                    for l in lsns {
+                        c.q.remove(&l);
+                        c.release(l);
+                        edits.push(Edit::CmlDone(l));
+                    }
+                    None
+                }
+                None => {
+                    let expect = Expect { id, base: Versions::default() };
+                    Some(if dir {
+                        Op::Rmdir { parent: pid, name, expect }
+                    } else {
+                        Op::Unlink { parent: pid, name, expect }
+                    })
+                }
+            };
+            if last && c.dirty.remove(&id).is_some() {
+                edits.push(Edit::Sealed { id }); // nobody will read those bytes
+            }
+            self.commit_local(&mut c, edits, op)?;
+            last.then_some((id, obj.ino))
+        };
+        if let Some((id, ino)) = gone {
+            if !self.is_open(ino) {
+                self.purge(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rename (`mode`: replace, no-replace or exchange).
+    pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], mode: RenameMode) -> R<()> {
+        valid(new_name)?;
+        let gone = {
+            let _g = lock(&self.apply);
+            let (pid, _) = self.dir(parent)?;
+            let (npid, _) = self.dir(new_parent)?;
+            let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+            let obj = self.cached(id)?;
+            let target = self.cache.lookup(npid, new_name)?;
+            if mode == RenameMode::Exchange && target.is_none() {
+                return Err(ReplicaError::NotFound);
+            }
+            if mode == RenameMode::NoReplace && target.is_some() {
+                return Err(ReplicaError::Exists);
+            }
+            if target == Some(id) {
+                return Ok(()); // two names of one object: rename(2) does nothing
+            }
+            let tobj = match target {
+                Some(t) => Some(self.cached(t)?),
+                None => None,
+            };
+            let is_dir = obj.attr.kind == FileKind::Dir;
+            if let (Some(t), RenameMode::Replace | RenameMode::NoReplace) = (&tobj, mode) {
+                let tdir = t.attr.kind == FileKind::Dir;
+                if tdir && !is_dir {
+                    return Err(ReplicaError::IsDir);
+                }
+                if !tdir && is_dir {
+                    return Err(ReplicaError::NotDir);
+                }
+                if tdir && !self.cache.children(t.attr.id)?.is_empty() {
+                    return Err(ReplicaError::NotEmpty);
+                }
+            }
+            // a directory never moves under itself (nor, exchanged, does
+            // the other one)
+            let mut moved = vec![(id, npid)];
+            if let (Some(t), RenameMode::Exchange) = (&tobj, mode) {
+                moved.push((t.attr.id, pid));
+            }
+            for (d, into) in moved {
+                let mut at = Some(into);
+                let mut steps = 0;
+                while let Some(p) = at {
+                    if p == d {
+                        return Err(ReplicaError::Invalid("a directory cannot move under itself".into()));
+                    }
+                    if p == ObjectId::ROOT || steps > 4096 {
+                        break;
+                    }
+                    at = self.cache.parent_of(p)?;
+                    steps += 1;
+                }
+            }
+            let (name, new_name) = (name.to_vec(), new_name.to_vec());
+            let mut edits = Vec::new();
+            let mut last = None;
+            let mut dn: i32 = 0; // subdirectory count change of the old parent
+            let mut ndn: i32 = 0; // and of the new one
+            match (&tobj, mode) {
+                (Some(t), RenameMode::Exchange) => {
+                    edits.push(Edit::Link { parent: pid, name: name.clone(), id: t.attr.id });
+                    let tdir = t.attr.kind == FileKind::Dir;
+                    if tdir != is_dir && pid != npid {
+                        let d = if is_dir { 1 } else { -1 };
+                        dn -= d;
+                        ndn += d;
+                    }
+                }
+                _ => {
+                    edits.push(Edit::UnlinkIf { parent: pid, name: name.clone(), id });
+                    if is_dir && pid != npid {
+                        dn -= 1;
+                        ndn += 1;
+                    }
+                    if let Some(t) = &tobj {
+                        let mut a = t.attr.clone();
+                        a.nlink = if a.kind == FileKind::Dir { 0 } else { a.nlink.saturating_sub(1) };
+                        if a.kind == FileKind::Dir {
+                            ndn -= 1;
+                        }
+                        if a.nlink == 0 {
+                            last = Some((a.id, t.ino));
+                        }
+                        edits.push(Edit::attr(a));
+                        if let Some((tid, _)) = last {
+                            edits.push(Edit::Forget { id: tid });
+                        }
+                    }
+                }
+            }
+            edits.push(Edit::Link { parent: npid, name: new_name.clone(), id });
+            if pid == npid {
+                edits.push(self.touch(pid, dn + ndn)?);
+            } else {
+                edits.push(self.touch(pid, dn)?);
+                edits.push(self.touch(npid, ndn)?);
+            }
+            let op = Op::Rename {
+                parent: pid,
+                name,
+                expect: Expect { id, base: Versions::default() },
+                new_parent: npid,
+                new_name,
+                target: target.map(|t| Expect { id: t, base: Versions::default() }),
+                mode,
+            };
+            let mut c = lock(&self.cml);
+            if let Some((tid, _)) = last {
+                if c.dirty.remove(&tid).is_some() {
+                    edits.push(Edit::Sealed { id: tid });
+                }
+            }
+            self.commit_local(&mut c, edits, Some(op))?;
+            last
+        };
+        if let Some((id, ino)) = gone {
+            if !self.is_open(ino) {
+                self.purge(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new name for a non-directory.
+    pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Cached> {
+        valid(new_name)?;
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        let (npid, _) = self.dir(new_parent)?;
+        if obj.attr.kind == FileKind::Dir {
+            return Err(ReplicaError::NotPermitted);
+        }
+        if obj.attr.nlink == 0 {
+            return Err(ReplicaError::NotFound);
+        }
+        if self.cache.lookup(npid, new_name)?.is_some() {
+            return Err(ReplicaError::Exists);
+        }
+        let mut a = obj.attr.clone();
+        a.nlink += 1;
+        let edits = vec![Edit::attr(a), Edit::Link { parent: npid, name: new_name.to_vec(), id }, self.touch(npid, 0)?];
+        let op = Op::Link { id, parent: npid, name: new_name.to_vec() };
+        let mut c = lock(&self.cml);
+        self.commit_local(&mut c, edits, Some(op))?;
+        drop(c);
+        self.cached(id)
+    }
+
+    /// Write bytes: into the data file and the log; sent later.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<usize> {
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        if obj.attr.kind != FileKind::File {
+            return Err(ReplicaError::IsDir);
+        }
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        f.write_all_at(data, offset).map_err(io(&path))?;
+        let mut a = obj.attr.clone();
+        a.size = a.size.max(offset + data.len() as u64);
+        a.mtime = self.now();
+        if obj.attr.nlink == 0 {
+            // removed while open: nobody else will see these bytes
+            self.cache.local(&[Edit::attr(a)])?;
+            return Ok(data.len());
+        }
+        let mut c = lock(&self.cml);
+        self.cache.log_dirty(id, offset, data.len() as u64)?;
+        c.dirty(id, offset, data.len() as u64);
+        self.commit_local(&mut c, vec![Edit::attr(a)], None)?;
+        Ok(data.len())
+    }
+
+    /// Append at the end of the file as the server has it: sent at once
+    /// (after what is queued before it) and answered before returning; if
+    /// another replica appended first, catch up and try again.
+    pub fn append(&self, ino: u64, data: &[u8]) -> R<usize> {
+        for _ in 0..5 {
+            let (id, obj) = self.get(ino)?;
+            if obj.attr.nlink == 0 {
+                return self.write(ino, obj.attr.size, data);
+            }
+            let mut done = 0;
+            let mut refused = None;
+            for chunk in data.chunks(MAX_DATA) {
+                let at = self.cached(id)?.attr.size;
+                let op = Op::Write { id, base: 0, offset: at, data: chunk.to_vec() };
+                match self.queue_and_wait(op) {
+                    Ok(applied) => {
+                        let _g = lock(&self.apply);
+                        let path = self.cache.data_path(id);
+                        let f = OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path)
+                            .map_err(io(&path))?;
+                        f.write_all_at(chunk, at).map_err(io(&path))?;
+                        // the server's attributes (its mtime), unless the
+                        // stream already brought newer ones
+                        let mut a = self.cached(id)?.attr;
+                        match applied.attr {
+                            Some(s) if s.versions.data >= a.versions.data => a = s,
+                            _ => a.size = a.size.max(at + chunk.len() as u64),
+                        }
+                        self.cache.local(&[Edit::attr(a)])?;
+                        done += chunk.len();
+                    }
+                    Err(ReplicaError::Conflict(m)) => {
+                        refused = Some(m);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match refused {
+                None => return Ok(done),
+                Some(_) if done > 0 => return Ok(done),
+                Some(_) => {
+                    self.rt.block_on(self.sync())?;
+                }
+            }
+        }
+        Err(ReplicaError::Conflict("the file kept changing under the append".into()))
+    }
+
+    /// Queue an op behind everything queued and wait for its answer (ops
+    /// whose result the caller needs). Fails at once when disconnected, so
+    /// a failed call never happens later.
+    fn queue_and_wait(&self, op: Op) -> R<Applied> {
+        if !self.client.is_connected() {
+            return Err(ReplicaError::Unreachable("not connected to the server".into()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let _g = lock(&self.apply);
+            let mut c = lock(&self.cml);
+            let lsn = c.next_lsn;
+            lock(&self.waiting).insert(lsn, tx);
+            if let Err(e) = self.commit_local(&mut c, Vec::new(), Some(op)) {
+                lock(&self.waiting).remove(&lsn);
+                return Err(e);
+            }
+        }
+        match self.rt.block_on(async { tokio::time::timeout(DEADLINE, rx).await }) {
+            Ok(Ok(r)) => r.map_err(|e| ReplicaError::from(ClientError::Op(e))),
+            Ok(Err(_)) => Err(ReplicaError::Unreachable("the connection closed".into())),
+            Err(_) => Err(ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}"))),
+        }
+    }
+
+    /// fallocate(2): mode 0 allocates (and may grow the file), punch-hole
+    /// with keep-size deallocates; other modes are not supported.
+    pub fn allocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> R<()> {
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let mut a = obj.attr.clone();
+        let op = match mode {
+            0 => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: plain syscall on an open fd.
+                if unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) } != 0 {
+                    return Err(io(&path)(std::io::Error::last_os_error()));
+                }
+                a.size = a.size.max(offset + len);
+                Op::Allocate { id, base: 0, offset, len }
+            }
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => {
+                punch_fd(&f, offset, len).map_err(io(&path))?;
+                Op::PunchHole { id, base: 0, offset, len }
+            }
+            _ => return Err(ReplicaError::Unsupported),
+        };
+        a.mtime = self.now();
+        let mut edits = Vec::new();
+        let mut c = lock(&self.cml);
+        self.seal_into(&mut c, id, &mut edits);
+        edits.push(Edit::attr(a));
+        let op = (obj.attr.nlink > 0).then_some(op);
+        self.commit_local(&mut c, edits, op).map(drop)
+    }
+
+    /// Change attributes; `size` truncates.
+    pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        let mut a = obj.attr.clone();
+        let mut ops = Vec::new();
+        if let Some(size) = size {
+            if a.kind != FileKind::File {
+                return Err(ReplicaError::IsDir);
+            }
+            let path = self.cache.data_path(id);
+            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+            f.set_len(size).map_err(io(&path))?;
+            a.size = size;
+            a.mtime = self.now();
+            ops.push(Op::Truncate { id, base: 0, size });
+        }
+        if attrs != SetAttrs::default() {
+            if let Some(m) = attrs.mode {
+                a.mode = m & 0o7777;
+            }
+            if let Some(u) = attrs.uid {
+                a.uid = u;
+            }
+            if let Some(g) = attrs.gid {
+                a.gid = g;
+            }
+            if let Some(t) = attrs.mtime {
+                a.mtime = t;
+            }
+            ops.push(Op::SetAttr { id, base: 0, attrs });
+        }
+        let mut edits = Vec::new();
+        let mut c = lock(&self.cml);
+        // writes before this reach the server before it (an explicit mtime
+        // after a write must stay, as tar and rsync set it)
+        self.seal_into(&mut c, id, &mut edits);
+        edits.push(Edit::attr(a));
+        if obj.attr.nlink == 0 && obj.attr.kind == FileKind::File {
+            ops.clear(); // open but removed: local only
+        }
+        let last = ops.pop();
+        for op in ops {
+            let e = CmlEntry { op, len: 0 };
+            let lsn = c.push(e.clone());
+            edits.push(Edit::Cml(lsn, e));
+        }
+        self.commit_local(&mut c, edits, last)?;
+        drop(c);
+        self.cached(id)
+    }
+
+    /// Set or remove an extended attribute (answered by the server before
+    /// it returns: the server decides which names a volume replicates).
+    pub fn set_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> R<()> {
+        let (id, obj) = self.get(ino)?;
+        let op = match value {
+            Some(v) => Op::SetXattr { id, base: 0, name: name.to_vec(), value: v.to_vec() },
+            None => {
+                if !obj.xattrs.iter().any(|(n, _)| n == name) {
+                    return Err(ReplicaError::NotFound);
+                }
+                Op::RemoveXattr { id, base: 0, name: name.to_vec() }
+            }
+        };
+        self.queue_and_wait(op)?;
+        let _g = lock(&self.apply);
+        let obj = self.cached(id)?;
+        let mut x = obj.xattrs.clone();
+        x.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            x.push((name.to_vec(), v.to_vec()));
+            x.sort();
+        }
+        self.cache.local(&[Edit::Put { attr: obj.attr, target: None, xattrs: Some(x) }])?;
+        Ok(())
+    }
+
+    /// A handle was flushed or released: seal the file's writes (with
+    /// `--sync-close`, also wait for the server as fsync does).
+    pub fn flush(&self, ino: u64) -> R<()> {
+        if self.sync_close.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.fsync(ino);
+        }
+        self.seal(ino)
+    }
+
+    fn seal(&self, ino: u64) -> R<()> {
+        let _g = lock(&self.apply);
+        let Some((id, _)) = self.cache.by_ino(ino)? else { return Ok(()) };
+        let mut c = lock(&self.cml);
+        if !c.dirty.contains_key(&id) {
+            return Ok(());
+        }
+        let mut edits = Vec::new();
+        self.seal_into(&mut c, id, &mut edits);
+        self.commit_local(&mut c, edits, None).map(drop)
+    }
+
+    /// fsync(2): durable here always; while connected, also waits (up to
+    /// 1 s) until the server answered everything queued so far.
+    pub fn fsync(&self, ino: u64) -> R<()> {
+        self.seal(ino)?;
+        if let Ok((id, _)) = self.get(ino) {
+            let path = self.cache.data_path(id);
+            if let Ok(f) = File::open(&path) {
+                f.sync_data().map_err(io(&path))?;
+            }
+        }
+        self.fold()?;
+        if self.client.is_connected() {
+            let upto = lock(&self.cml).next_lsn;
+            let _ = self.rt.block_on(self.answered_before(upto, FSYNC_WAIT));
+        }
+        Ok(())
+    }
+
+    /// Make every local change durable (one commit; the log emptied).
+    pub fn fold(&self) -> R<()> {
+        let _g = lock(&self.apply);
+        let c = lock(&self.cml);
+        self.cache.fold(&c.dirty)?;
+        Ok(())
+    }
+
+    /// Seal every unsealed write.
+    pub(crate) fn seal_all(&self) -> R<()> {
+        let _g = lock(&self.apply);
+        let mut c = lock(&self.cml);
+        let ids: Vec<ObjectId> = c.dirty.keys().copied().collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut edits = Vec::new();
+        for id in ids {
+            self.seal_into(&mut c, id, &mut edits);
+        }
+        self.commit_local(&mut c, edits, None).map(drop)
+    }
+
+    /// Wait until no entry below `upto` is queued (or `limit` passes).
+    pub(crate) async fn answered_before(&self, upto: u64, limit: Duration) -> bool {
+        let mut rx = self.cml_answered.subscribe();
+        let done = |c: &Cml| c.q.range(..upto).next().is_none();
+        let wait = async {
+            loop {
+                if done(&lock(&self.cml)) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    /// Changes made here and not answered yet: (ops, bytes), and ops
+    /// answered / refused for good / retried since start.
+    pub fn cml_stats(&self) -> ((u64, u64), u64, u64, u64) {
+        let c = lock(&self.cml);
+        (c.backlog(), c.sent, c.parked, c.retried)
+    }
+
+    /// The op as sent: bytes of a write read from the data file now (the
+    /// newest; `None` if nothing is left to send), bases from the versions
+    /// the cache has from the server.
+    fn build(&self, e: CmlEntry) -> Option<Op> {
+        let base = |id: ObjectId| self.cache.get(id).ok().flatten().map(|c| c.attr.versions).unwrap_or_default();
+        let mut op = e.op;
+        match &mut op {
+            Op::Write { id, base: b, offset, data } => {
+                *b = base(*id).data;
+                if e.len > 0 {
+                    let f = File::open(self.cache.data_path(*id)).ok()?;
+                    let size = f.metadata().ok()?.len();
+                    let n = e.len.min(size.saturating_sub(*offset)) as usize;
+                    if n == 0 {
+                        return None;
+                    }
+                    let mut buf = vec![0u8; n];
+                    f.read_exact_at(&mut buf, *offset).ok()?;
+                    *data = buf;
+                }
+            }
+            Op::Truncate { id, base: b, .. } | Op::Allocate { id, base: b, .. } | Op::PunchHole { id, base: b, .. } => {
+                *b = base(*id).data
+            }
+            Op::SetAttr { id, base: b, .. }
+            | Op::SetXattr { id, base: b, .. }
+            | Op::RemoveXattr { id, base: b, .. } => *b = base(*id).meta,
+            Op::Unlink { expect, .. } | Op::Rmdir { expect, .. } => expect.base = base(expect.id),
+            Op::Rename { expect, target, .. } => {
+                expect.base = base(expect.id);
+                if let Some(t) = target {
+                    t.base = base(t.id);
+                }
+            }
+            _ => {}
+        }
+        Some(op)
+    }
+
+    /// Send the log's entries in order, pipelined, forever; seal writes and
+    /// fold the log on a timer.
+    pub async fn send(self: Arc<Self>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Pending)>();
+        tokio::spawn(self.clone().replies(rx));
+        let mut cursor = 0u64;
+        let mut sealed = Instant::now();
+        let mut folded = Instant::now();
+        loop {
+            if sealed.elapsed() >= SEAL_EVERY {
+                sealed = Instant::now();
+                if let Err(e) = self.seal_all() {
+                    tracing::warn!("sealing writes: {e}");
+                }
+            }
+            if folded.elapsed() >= FOLD_EVERY {
+                folded = Instant::now();
+                if self.cache.log_len() > 0 {
+                    if let Err(e) = self.fold() {
+                        tracing::warn!("folding the log of local changes: {e}");
+                    }
+                }
+            }
+            let next = {
+                let mut c = lock(&self.cml);
+                let n = c.q.range_mut(cursor + 1..).next().map(|(l, (e, sent))| {
+                    *sent = true;
+                    (*l, e.clone())
+                });
+                n
+            };
+            let Some((lsn, e)) = next else {
+                tokio::select! {
+                    _ = self.cml_wake.notified() => {}
+                    _ = tokio::time::sleep(SEAL_EVERY) => {}
+                }
+                continue;
+            };
+            cursor = lsn;
+            match self.build(e) {
+                None => self.answered(lsn, Ok(None)),
+                Some(op) => match self.client.submit_at(lsn, op).await {
+                    Ok(p) => {
+                        let _ = tx.send((lsn, p));
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "the connection is closed; {lsn} and later changes wait for the next start: {e}"
+                        );
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn replies(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(u64, Pending)>) {
+        while let Some((lsn, p)) = rx.recv().await {
+            match p.wait().await {
+                Ok(a) => self.answered(lsn, Ok(Some(a))),
+                Err(ClientError::Op(e)) => self.answered(lsn, Err(e)),
+                Err(e) => {
+                    tracing::warn!("change {lsn} has no answer ({e}); it is sent again at the next start");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The server answered entry `lsn` (`Ok(None)`: nothing was left to send).
+    fn answered(&self, lsn: u64, r: Result<Option<Applied>, OpError>) {
+        let waiter = lock(&self.waiting).remove(&lsn);
+        let mut edits = Vec::new();
+        {
+            let mut c = lock(&self.cml);
+            let Some((e, _)) = c.q.remove(&lsn) else { return };
+            match &r {
+                Ok(Some(a)) => {
+                    c.sent += 1;
+                    if a.seq <= self.applied_seq() {
+                        c.release(lsn);
+                    } else {
+                        c.acked_at.push((a.seq, lsn));
+                    }
+                    edits.push(Edit::CmlDone(lsn));
+                }
+                Ok(None) | Err(OpError::ReplyExpired(_)) => {
+                    // (expired: applied in an earlier run, its record seen or coming)
+                    c.release(lsn);
+                    edits.push(Edit::CmlDone(lsn));
+                }
+                Err(err) if waiter.is_some() => {
+                    tracing::debug!("change {lsn} refused: {err}");
+                    c.release(lsn);
+                    edits.push(Edit::CmlDone(lsn));
+                }
+                Err(OpError::Transient(why)) => {
+                    // not applied: again, as a new op after the others
+                    tracing::warn!("the server could not apply a change now ({why}); retrying it");
+                    c.retried += 1;
+                    c.release(lsn);
+                    edits.push(Edit::CmlDone(lsn));
+                    let again = c.push(e.clone());
+                    edits.push(Edit::Cml(again, e.clone()));
+                    self.cml_wake.notify_one();
+                }
+                Err(err) => {
+                    let mut op = e.op.clone();
+                    if let (Op::Write { id, offset, data, .. }, true) = (&mut op, e.len > 0) {
+                        let mut buf = vec![0u8; e.len as usize];
+                        let f = File::open(self.cache.data_path(*id));
+                        let n = f.and_then(|f| f.read_at(&mut buf, *offset)).unwrap_or(0);
+                        buf.truncate(n);
+                        *data = buf;
+                    }
+                    tracing::error!(
+                        "the server refused a change made here ({err}): {:?} on {:?}; it is kept in the cache's \
+                         parked list (izo status) and this replica resyncs from the server",
+                        std::mem::discriminant(&e.op),
+                        op_id(&e.op).or_else(|| objs(&e.op).get(1).copied()),
+                    );
+                    c.parked += 1;
+                    c.resync = true;
+                    c.release(lsn);
+                    edits.push(Edit::Park(lsn, Parked { op, reason: err.to_string() }));
+                }
+            }
+        }
+        if let Err(e) = self.cache.local_quiet(&edits) {
+            tracing::warn!("recording the answer to change {lsn}: {e}");
+        }
+        if let Some(w) = waiter {
+            let _ = w.send(match r {
+                Ok(Some(a)) => Ok(a),
+                Ok(None) | Err(OpError::ReplyExpired(_)) => Ok(Applied { seq: 0, time: Timestamp::now(), attr: None }),
+                Err(e) => Err(e),
+            });
+        }
+        self.cml_answered.send_modify(|n| *n += 1);
+    }
+
+    /// Is the object changed here in ways the server has not echoed?
+    pub(crate) fn busy(&self, id: ObjectId) -> bool {
+        lock(&self.cml).busy(id)
+    }
+
+    /// The root's inode number (for callers that only know the API).
+    pub fn root(&self) -> u64 {
+        ROOT_INO
+    }
+}
