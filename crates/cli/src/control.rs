@@ -44,6 +44,12 @@ async fn status(r: &Replica, info: &Info) -> String {
         None => "server position unknown".into(),
     };
     let (pend, sent, parked, retried) = r.cml_stats();
+    let kept = r.parked().unwrap_or_default();
+    let kept = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("parked (refused by the server, kept in the cache):\n  {}\n", kept.join("\n  "))
+    };
     let db = std::fs::metadata(info.cache.join("cache.redb")).map(|m| m.len()).unwrap_or(0);
     let data = dir_size(&info.cache.join("data"));
     format!(
@@ -53,7 +59,7 @@ async fn status(r: &Replica, info: &Info) -> String {
          pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
          (parked) since start\n\
          fetched: {} bytes from the server since start\n\
-         cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n",
+         cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n{kept}",
         info.volume,
         info.addr,
         info.mountpoint.display(),

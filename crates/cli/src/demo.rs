@@ -83,6 +83,27 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;
     let follower = rt.spawn(replica.clone().follow());
     let sender = rt.spawn(replica.clone().send());
+    // `izo sync` and `izo status` work on the demo's mount too
+    let sock = crate::control::socket_path(std::process::id());
+    let info = std::sync::Arc::new(crate::control::Info {
+        volume: "export".into(),
+        addr: "this process".into(),
+        cache: base.join("cache"),
+        mountpoint: mnt.clone(),
+    });
+    match std::fs::create_dir_all("/run/izo").and_then(|_| {
+        let _ = std::fs::remove_file(&sock);
+        let _g = rt.enter();
+        tokio::net::UnixListener::bind(&sock)
+    }) {
+        Ok(l) => {
+            rt.spawn(crate::control::serve(l, replica.clone(), info));
+        }
+        Err(e) => eprintln!(
+            "izo: no control socket {} ({e}): izo sync and izo status will not find this mount",
+            sock.display()
+        ),
+    }
     println!("client: replicate mode, mounted at {}", mnt.display());
     let result = if args.once {
         walk_through(&mnt, &export, &|| rt.block_on(replica.sync()).map(drop).map_err(anyhow::Error::from))
@@ -103,6 +124,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         })
         .context("waiting for Ctrl-C")
     };
+    let _ = std::fs::remove_file(&sock);
     mounted.unmount().with_context(|| format!("unmounting {}", mnt.display()))?;
     crate::mount::finish(&rt, &replica);
     follower.abort();

@@ -107,6 +107,8 @@ pub struct Cache {
     /// The append-only log of local changes since the last durable commit.
     log: Mutex<std::fs::File>,
     log_path: PathBuf,
+    /// Commits not durable yet.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 /// Unsealed write ranges per object, as found in the log at open.
@@ -138,7 +140,7 @@ impl Cache {
             .append(true)
             .open(&log_path)
             .map_err(|err| CacheError::Io { path: log_path.clone(), err })?;
-        let c = Cache { db, path, data, log: Mutex::new(log), log_path };
+        let c = Cache { db, path, data, log: Mutex::new(log), log_path, unsynced: Default::default() };
         // Orphans of the last run are no longer open anywhere: drop them.
         let dropped = c.write(|tx| {
             tx.open_table(META)?;
@@ -276,15 +278,27 @@ impl Cache {
         self.append(&LogRec::Dirty(id, offset, len))
     }
 
-    /// Bytes in the log.
-    pub fn log_len(&self) -> u64 {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).metadata().map(|m| m.len()).unwrap_or(0)
+    /// Are there commits (or logged changes) not durable yet?
+    pub fn unsynced(&self) -> bool {
+        self.unsynced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Make every local change durable: one durable commit, then an empty
     /// log holding only the write ranges still unsealed. The caller keeps
     /// local changes out meanwhile.
     pub fn fold(&self, dirty: &DirtyRanges) -> Result<(), CacheError> {
+        self.unsynced.store(false, std::sync::atomic::Ordering::Relaxed);
+        // data files first: a durable commit must not claim bytes (a stream
+        // position, a sealed write) that a machine crash would lose
+        {
+            use std::os::fd::AsRawFd;
+            let d = std::fs::File::open(&self.data).map_err(|err| CacheError::Io { path: self.data.clone(), err })?;
+            // SAFETY: plain syscall on an open fd.
+            if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+                let err = std::io::Error::last_os_error();
+                return Err(CacheError::Io { path: self.data.clone(), err });
+            }
+        }
         self.commit(&[], Durability::Immediate)?;
         {
             let f = self.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -345,6 +359,9 @@ impl Cache {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, CacheError> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        if matches!(d, Durability::None) {
+            self.unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         tx.set_durability(d);
         let out = f(&tx).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;

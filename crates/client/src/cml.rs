@@ -40,6 +40,8 @@ pub(crate) struct Cml {
     pub retried: u64,
     /// A refused op left the cache ahead of the server: resync once idle.
     pub resync: bool,
+    /// Answered entries to drop from the database with the next commit.
+    pub done: Vec<u64>,
     /// Objects whose attributes to ask the server for once idle (set by
     /// the replay of a log that a SIGKILL left).
     pub refresh: Vec<ObjectId>,

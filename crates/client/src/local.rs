@@ -83,6 +83,8 @@ impl Replica {
 
     /// Apply `edits` locally and queue `op` after them (if any).
     fn commit_local(&self, c: &mut Cml, mut edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
+        // (answers ride along: they need not survive a crash)
+        edits.extend(c.done.drain(..).map(Edit::CmlDone));
         let lsn = op.map(|op| {
             let e = CmlEntry { op, len: 0 };
             let lsn = c.push(e.clone());
@@ -645,7 +647,9 @@ impl Replica {
     /// Make every local change durable (one commit; the log emptied).
     pub fn fold(&self) -> R<()> {
         let _g = lock(&self.apply);
-        let c = lock(&self.cml);
+        let mut c = lock(&self.cml);
+        let done: Vec<Edit> = c.done.drain(..).map(Edit::CmlDone).collect();
+        self.cache.local_quiet(&done)?;
         self.cache.fold(&c.dirty)?;
         Ok(())
     }
@@ -745,13 +749,17 @@ impl Replica {
             }
             if folded.elapsed() >= FOLD_EVERY {
                 folded = Instant::now();
-                if self.cache.log_len() > 0 {
+                if self.cache.unsynced() {
                     if let Err(e) = self.fold() {
                         tracing::warn!("folding the log of local changes: {e}");
                     }
                 }
             }
-            let next = {
+            // while disconnected nothing is handed over: an op once sent is
+            // never cancelled, and what waits here still coalesces
+            let next = if !self.client.is_connected() {
+                None
+            } else {
                 let mut c = lock(&self.cml);
                 let n = c.q.range_mut(cursor + 1..).next().map(|(l, (e, sent))| {
                     *sent = true;
@@ -760,9 +768,10 @@ impl Replica {
                 n
             };
             let Some((lsn, e)) = next else {
+                let pause = if self.client.is_connected() { SEAL_EVERY } else { Duration::from_millis(50) };
                 tokio::select! {
                     _ = self.cml_wake.notified() => {}
-                    _ = tokio::time::sleep(SEAL_EVERY) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
             };
@@ -856,8 +865,20 @@ impl Replica {
                 }
             }
         }
-        if let Err(e) = self.cache.local_quiet(&edits) {
-            tracing::warn!("recording the answer to change {lsn}: {e}");
+        // parked and retried entries are recorded now; plain answers ride
+        // with the next commit
+        let (now, later): (Vec<Edit>, Vec<Edit>) = edits.into_iter().partition(|e| !matches!(e, Edit::CmlDone(_)));
+        {
+            let mut c = lock(&self.cml);
+            c.done.extend(later.into_iter().filter_map(|e| if let Edit::CmlDone(l) = e { Some(l) } else { None }));
+        }
+        if !now.is_empty() {
+            let mut c = lock(&self.cml);
+            let mut now = now;
+            now.extend(c.done.drain(..).map(Edit::CmlDone));
+            if let Err(e) = self.cache.local_quiet(&now) {
+                tracing::warn!("recording the answer to change {lsn}: {e}");
+            }
         }
         if let Some(w) = waiter {
             let _ = w.send(match r {
@@ -867,6 +888,30 @@ impl Replica {
             });
         }
         self.cml_answered.send_modify(|n| *n += 1);
+    }
+
+    /// Changes the server refused for good, kept in the cache: one line
+    /// each (op, object, bytes kept, reason).
+    pub fn parked(&self) -> R<Vec<String>> {
+        Ok(self
+            .cache
+            .parked()?
+            .into_iter()
+            .map(|(lsn, p)| {
+                let bytes = match &p.op {
+                    Op::Write { data, .. } => data.len(),
+                    _ => 0,
+                };
+                let what = format!("{:?}", p.op);
+                let what = what.split([' ', '{']).next().unwrap_or("op").to_string();
+                let obj = op_id(&p.op).or_else(|| objs(&p.op).get(1).copied());
+                format!(
+                    "change {lsn}: {what} on {} ({bytes} bytes kept): {}",
+                    obj.map(|o| o.to_string()).unwrap_or_default(),
+                    p.reason
+                )
+            })
+            .collect())
     }
 
     /// Is the object changed here in ways the server has not echoed?

@@ -246,7 +246,7 @@ impl Replica {
             Some(i) if i == w.incarnation => {}
             Some(_) => {
                 tracing::warn!("the volume has a new incarnation (its server state was replaced): resyncing the cache");
-                self.cache.change(&[Edit::Seq(0)])?;
+                self.cache.change(&[Edit::Seq(0), Edit::Meta("synced".into(), 0)])?;
                 self.applied.send_replace(0);
                 self.cache.set_meta128("incarnation", w.incarnation)?;
             }
@@ -259,7 +259,8 @@ impl Replica {
     /// Fill an empty cache from a snapshot (nothing to do if it already
     /// follows the stream).
     pub async fn initial_sync(&self, mut progress: impl FnMut(&Progress)) -> R<()> {
-        if self.cache.seq()? > 0 {
+        // (an empty volume leaves the position at 0: the flag says done)
+        if self.cache.seq()? > 0 || self.cache.meta("synced")? == 1 {
             return Ok(());
         }
         let (entries, seq) = self.client.snapshot().await?;
@@ -293,7 +294,7 @@ impl Replica {
             p.bytes_done += size;
             progress(&p);
         }
-        self.cache.change(&[Edit::Seq(seq)])?;
+        self.cache.change(&[Edit::Seq(seq), Edit::Meta("synced".into(), 1)])?;
         self.applied.send_replace(seq);
         Ok(())
     }
@@ -364,6 +365,10 @@ impl Replica {
                         }
                     }
                     next = if recs.len() < BATCH { rx.try_recv().ok() } else { None };
+                    if next.is_none() && recs.len() < BATCH && recs.len() > 1 {
+                        // a burst: let it gather (one commit for many records)
+                        next = tokio::time::timeout(Duration::from_millis(2), rx.recv()).await.ok().flatten();
+                    }
                 }
                 if !recs.is_empty() {
                     // Never past a record that did not apply (the stream
@@ -743,8 +748,12 @@ impl Replica {
                 }
                 inval.extend(p.inval);
             }
+            edits.extend(c.done.drain(..).map(Edit::CmlDone));
             edits.push(Edit::Seq(last.seq));
-            self.cache.change(&edits)?;
+            // (not waiting for the disk: the sender folds every second; a
+            // crash before that makes the stream bring these records again,
+            // and applying a record twice sets the same state)
+            self.cache.local_quiet(&edits)?;
             // answered ops whose records this batch covers
             let done: Vec<u64> = c.acked_at.iter().filter(|(s, _)| *s <= last.seq).map(|(_, l)| *l).collect();
             c.acked_at.retain(|(s, _)| *s > last.seq);
@@ -791,6 +800,16 @@ impl Replica {
             }
         }
         Ok(out)
+    }
+
+    /// Inode number of a directory's parent (the root is its own).
+    pub fn parent_ino(&self, ino: u64) -> Option<u64> {
+        if ino == ROOT_INO {
+            return Some(ROOT_INO);
+        }
+        let (id, _) = self.get(ino).ok()?;
+        let p = self.cache.parent_of(id).ok()??;
+        self.cache.get(p).ok()?.map(|c| c.ino)
     }
 
     /// Open the data file of a regular file.

@@ -353,8 +353,9 @@ impl Filesystem for IzoFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
+        let up = self.r.parent_ino(ino.0).unwrap_or(ino.0);
         let mut all: Listing =
-            vec![(ino.0, FileType::Directory, b".".to_vec()), (ino.0, FileType::Directory, b"..".to_vec())];
+            vec![(ino.0, FileType::Directory, b".".to_vec()), (up, FileType::Directory, b"..".to_vec())];
         all.extend(entries.into_iter().map(|(n, c)| (c.ino, kind(c.attr.kind), n)));
         let fh = self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(all));

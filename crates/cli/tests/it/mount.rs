@@ -773,3 +773,129 @@ async fn a_server_with_replaced_state_is_a_new_incarnation_and_the_cache_resyncs
     .expect("incarnation test");
     drop(dirs);
 }
+
+fn izo_out(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
+    assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number before `word` in `izo status` output ("3 answered").
+fn status_count(status: &str, word: &str) -> u64 {
+    let at = status.find(word).unwrap_or_else(|| panic!("status lacks {word:?}: {status}"));
+    let n: String = status[..at]
+        .trim_end()
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .chars()
+        .rev()
+        .collect();
+    n.parse().unwrap_or_else(|_| panic!("no count before {word:?}: {status}"))
+}
+
+/// Changes made while the server is away wait in the client's modification
+/// log: a thousand small writes to one file go as one write, a file created
+/// and removed meanwhile never reaches the server, fsync returns with local
+/// durability, and a SIGKILL of the daemon loses none of it: the remount
+/// sends everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_changes_coalesce_cancel_and_survive_a_sigkill() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp, pid) = (p.addr.clone(), p.fingerprint.clone(), p.pid());
+    let ex = dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(1500)); // the clients notice the silence
+        let t = Instant::now();
+        let mut want = Vec::new();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(ma.join("big")).expect("create big");
+            for i in 0..1000u32 {
+                let chunk = format!("line {i:05} of a file written in small pieces\n");
+                f.write_all(chunk.as_bytes()).expect("write");
+                want.extend_from_slice(chunk.as_bytes());
+            }
+            let ts = Instant::now();
+            f.sync_all().expect("fsync while the server is away");
+            assert!(ts.elapsed() < Duration::from_millis(1500), "fsync waited {:?}", ts.elapsed());
+        }
+        std::fs::write(ma.join("scratch"), b"temporary").expect("create scratch");
+        std::fs::remove_file(ma.join("scratch")).expect("remove scratch");
+        std::fs::create_dir(ma.join("d")).expect("mkdir");
+        std::fs::write(ma.join("d/f"), b"moved while offline").expect("write d/f");
+        std::fs::rename(ma.join("d/f"), ma.join("d/g")).expect("rename");
+        assert!(t.elapsed() < Duration::from_secs(3), "offline changes took {:?}", t.elapsed());
+        // the daemon dies with all of it unsent
+        let cache = a.cache.clone();
+        a.kill();
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let a = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        izo_out(&["sync".as_ref(), a.mnt.as_os_str()]);
+        assert_eq!(std::fs::read(ex.join("big")).expect("big on the server"), want);
+        assert_eq!(std::fs::read(ex.join("d/g")).expect("d/g on the server"), b"moved while offline");
+        assert!(!ex.join("scratch").exists(), "the cancelled file reached the server");
+        assert!(!ex.join("d/f").exists(), "the old name reached the server");
+        let st = izo_out(&["status".as_ref(), a.mnt.as_os_str()]);
+        let sent = status_count(&st, "answered,");
+        // create + write of big, mkdir, create + write + rename in d (a
+        // truncate or mode change at most besides): never one per write(2)
+        assert!(sent <= 8, "{sent} ops sent for 1,000 writes and a cancelled file: {st}");
+        assert_eq!(status_count(&st, "refused"), 0, "nothing applied twice or refused: {st}");
+        izo_out(&["sync".as_ref(), mb.as_os_str()]);
+        converge(&[&ex, &ma, &mb], "after the remount sent the offline changes");
+    })
+    .await
+    .expect("offline test");
+}
+
+/// Both replicas change one file while the server is away: the first to
+/// reach it wins, the other's change is refused as a conflict, parked with
+/// its bytes (listed by `izo status`), and that replica resyncs to the
+/// winner; all three trees converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_offline_change_is_parked_with_its_bytes_and_the_replicas_converge() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    std::fs::write(dirs.export.join("shared"), b"original").expect("seed");
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp, pid) = (p.addr.clone(), p.fingerprint.clone(), p.pid());
+    let ex = dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(ma.join("shared"), b"version from A").expect("write on A");
+        std::fs::write(mb.join("shared"), b"version from B, longer").expect("write on B");
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        izo_out(&["sync".as_ref(), ma.as_os_str()]);
+        izo_out(&["sync".as_ref(), mb.as_os_str()]);
+        let on_server = std::fs::read(ex.join("shared")).expect("server copy");
+        let (loser, lost) = if on_server == b"version from A" {
+            (&mb, &b"version from B, longer"[..])
+        } else {
+            assert_eq!(on_server, b"version from B, longer", "the server has one of the two versions");
+            (&ma, &b"version from A"[..])
+        };
+        let st = izo_out(&["status".as_ref(), loser.as_os_str()]);
+        assert!(status_count(&st, "refused") >= 1, "the loser's change was refused: {st}");
+        let kept = format!("({} bytes kept)", lost.len());
+        assert!(st.contains("parked") && st.contains(&kept), "the refused write is kept with its bytes: {st}");
+        converge(&[&ex, &ma, &mb], "after the conflict");
+    })
+    .await
+    .expect("conflict test");
+}
