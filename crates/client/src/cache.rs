@@ -1,6 +1,13 @@
 //! The client's cache of a volume: a redb database with the namespace
 //! (inode numbers ⇄ object ids, entries, attributes and versions, the
-//! stream position) and one data file per regular file, named by its id.
+//! stream position, the modification log) and one data file per regular
+//! file, named by its id.
+//!
+//! Changes do not wait for the disk: each is appended to a log file (one
+//! `write(2)`, so it survives a SIGKILL of the daemon) and kept in memory
+//! over the database; a fold (every second, at fsync and `izo sync`)
+//! syncs the data files, writes the changes to the database in one durable
+//! commit and drops the log. A start replays what a killed daemon left.
 //!
 //! Inode numbers are allocated from a counter and stored per object, so
 //! `st_ino` stays the same across remounts and every name of a hard-linked
@@ -10,12 +17,12 @@
 #![allow(clippy::result_large_err)]
 
 use izo_proto::{Attr, FileKind, ObjectId, Op, Seq, Versions};
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Object id → [`Cached`].
@@ -104,11 +111,11 @@ pub struct Cache {
     db: Database,
     path: PathBuf,
     data: PathBuf,
-    /// The append-only log of local changes since the last durable commit.
-    log: Mutex<std::fs::File>,
-    log_path: PathBuf,
-    /// Commits not durable yet.
-    unsynced: std::sync::atomic::AtomicBool,
+    dir: PathBuf,
+    /// Changes not folded into the database yet (logged, in memory).
+    ov: RwLock<Overlay>,
+    /// One fold at a time.
+    fold_lock: Mutex<()>,
 }
 
 /// Unsealed write ranges per object, as found in the log at open.
@@ -126,22 +133,60 @@ fn id_of(b: &[u8]) -> ObjectId {
     ObjectId::from_bytes(a)
 }
 
+/// Changes not in the database yet, latest first: `None` marks a removal.
+#[derive(Default)]
+struct Maps {
+    objs: HashMap<ObjectId, Option<Cached>>,
+    inos: HashMap<u64, Option<ObjectId>>,
+    dents: BTreeMap<Vec<u8>, Option<ObjectId>>,
+    parents: HashMap<ObjectId, ObjectId>,
+    meta: HashMap<String, u64>,
+    cml: BTreeMap<u64, Option<CmlEntry>>,
+    parked: BTreeMap<u64, Parked>,
+    orphans: HashMap<ObjectId, bool>,
+    /// Every entry (and directory parent) below this layer is void.
+    cleared: bool,
+    /// Anything at all.
+    touched: bool,
+}
+
+/// The in-memory layers over the database: `live` takes changes; `frozen`
+/// is being written to the database by a fold (readers see both).
+#[derive(Default)]
+struct Overlay {
+    live: Maps,
+    frozen: Option<Arc<Maps>>,
+    /// Unsealed write ranges (logged again after each fold).
+    dirty: DirtyRanges,
+    /// The log file taking records, and its generation.
+    log: Option<std::fs::File>,
+    gen: u64,
+}
+
+impl Overlay {
+    fn layers(&self) -> impl Iterator<Item = &Maps> {
+        std::iter::once(&self.live).chain(self.frozen.as_deref())
+    }
+}
+
 impl Cache {
-    /// Open or create the cache in `dir`.
+    /// Open or create the cache in `dir`. Call [`Cache::replay_log`] before
+    /// use: it brings back what a killed daemon had not folded.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(|err| CacheError::Io { path: data.clone(), err })?;
         let path = dir.join("cache.redb");
         let db = Database::create(&path).map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
-        let log_path = dir.join("cml.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|err| CacheError::Io { path: log_path.clone(), err })?;
-        let c = Cache { db, path, data, log: Mutex::new(log), log_path, unsynced: Default::default() };
-        // Orphans of the last run are no longer open anywhere: drop them.
+        let c = Cache {
+            db,
+            path,
+            data,
+            dir: dir.to_path_buf(),
+            ov: RwLock::new(Overlay::default()),
+            fold_lock: Mutex::new(()),
+        };
+        // Orphans of the last run are no longer open anywhere: drop them
+        // (unless a log says otherwise: a replay puts them back).
         let dropped = c.write(|tx| {
             tx.open_table(META)?;
             tx.open_table(DENTRIES)?;
@@ -186,108 +231,163 @@ impl Cache {
         Ok(c)
     }
 
-    /// Fold the log of local changes into the database: what a SIGKILL
-    /// left there is applied again (every edit sets state, so applying one
-    /// twice is harmless), then committed durably and the log emptied.
-    /// Returns the write ranges not yet in a CML entry, and the objects
-    /// whose attributes the replay set (their echoes may have come before
-    /// the SIGKILL: ask the server again once their ops are answered).
+    fn ov(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
+        self.ov.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ov_mut(&self) -> std::sync::RwLockWriteGuard<'_, Overlay> {
+        self.ov.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn log_path(&self, gen: u64) -> PathBuf {
+        self.dir.join(format!("changes.{gen:020}.log"))
+    }
+
+    /// Log generations on disk, oldest first.
+    fn log_gens(&self) -> Result<Vec<u64>, CacheError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|err| CacheError::Io { path: self.dir.clone(), err })?;
+        let mut gens: Vec<u64> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("changes.")?.strip_suffix(".log")?.parse().ok()
+            })
+            .collect();
+        gens.sort();
+        Ok(gens)
+    }
+
+    /// Bring back what a killed daemon had not folded: every change since
+    /// the last fold is in the log (one `write(2)` each, so a SIGKILL loses
+    /// none that returned), applied again in order, then folded. Returns
+    /// the write ranges not yet in a CML entry, and the objects whose
+    /// attributes the log set (ask the server for them again once their
+    /// ops are answered: their echoes may have been among the lost).
     pub fn replay_log(&self) -> Result<(DirtyRanges, Vec<ObjectId>), CacheError> {
-        let mut buf = Vec::new();
-        {
-            let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            let mut r = std::fs::File::open(&self.log_path).map_err(|err| self.io(err))?;
-            r.read_to_end(&mut buf).map_err(|err| self.io(err))?;
-            drop(std::mem::replace(&mut *f, self.reopen_log()?));
-        }
-        let mut dirty = DirtyRanges::new();
+        let gens = self.log_gens()?;
         let mut touched = std::collections::BTreeSet::new();
-        let mut at = 0usize;
         let mut n = 0u64;
-        while at + 8 <= buf.len() {
-            let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-            let sum = &buf[at + 4..at + 8];
-            let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
-            if &blake3::hash(body).as_bytes()[..4] != sum {
-                break; // torn by a machine crash: what follows never returned
-            }
-            match postcard::from_bytes::<LogRec>(body) {
-                Ok(LogRec::Edits(edits)) => {
-                    for e in &edits {
-                        match e {
-                            Edit::Sealed { id } => {
-                                dirty.remove(id);
-                            }
-                            Edit::Put { attr, .. } => {
-                                touched.insert(attr.id);
-                            }
-                            _ => {}
-                        }
+        {
+            let mut ov = self.ov_mut();
+            ov.gen = gens.last().copied().unwrap_or(0);
+            for g in &gens {
+                let path = self.log_path(*g);
+                let mut buf = Vec::new();
+                std::fs::File::open(&path)
+                    .and_then(|mut f| f.read_to_end(&mut buf))
+                    .map_err(|err| CacheError::Io { path: path.clone(), err })?;
+                let mut at = 0usize;
+                while at + 8 <= buf.len() {
+                    let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                    let sum = &buf[at + 4..at + 8];
+                    let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
+                    if &blake3::hash(body).as_bytes()[..4] != sum {
+                        break; // torn by a machine crash: what follows never returned
                     }
-                    self.commit(&edits, Durability::None)?;
+                    match postcard::from_bytes::<LogRec>(body) {
+                        Ok(LogRec::Edits(edits)) => {
+                            for e in &edits {
+                                if let Edit::Put { attr, .. } = e {
+                                    touched.insert(attr.id);
+                                }
+                            }
+                            self.apply(&mut ov, &edits)?;
+                        }
+                        Ok(LogRec::Dirty(id, off, len)) => {
+                            crate::cml::add_range(ov.dirty.entry(id).or_default(), off, len)
+                        }
+                        Err(_) => break,
+                    }
+                    n += 1;
+                    at += 8 + len;
                 }
-                Ok(LogRec::Dirty(id, off, len)) => dirty.entry(id).or_default().push((off, len)),
-                Err(_) => break,
             }
-            n += 1;
-            at += 8 + len;
         }
         if n > 0 {
-            tracing::info!("replayed {n} local changes from {}", self.log_path.display());
+            tracing::info!("replayed {n} changes from the log in {}", self.dir.display());
         }
-        self.fold(&dirty)?;
+        self.fold()?;
+        let dirty = self.ov().dirty.clone();
         Ok((dirty, touched.into_iter().collect()))
     }
 
-    fn io(&self, err: std::io::Error) -> CacheError {
-        CacheError::Io { path: self.log_path.clone(), err }
-    }
-
-    fn reopen_log(&self) -> Result<std::fs::File, CacheError> {
-        std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.log_path).map_err(|e| self.io(e))
-    }
-
-    fn append(&self, rec: &LogRec) -> Result<(), CacheError> {
+    fn append(&self, ov: &mut Overlay, rec: &LogRec) -> Result<(), CacheError> {
         let body = postcard::to_allocvec(rec).map_err(|e| self.err(e))?;
         let mut frame = Vec::with_capacity(body.len() + 8);
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&blake3::hash(&body).as_bytes()[..4]);
         frame.extend_from_slice(&body);
-        let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(&frame).map_err(|e| self.io(e))
+        if ov.log.is_none() {
+            let path = self.log_path(ov.gen);
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|err| CacheError::Io { path: path.clone(), err })?;
+            ov.log = Some(f);
+        }
+        let path = self.log_path(ov.gen);
+        let f = ov.log.as_mut().ok_or_else(|| self.err("no log"))?;
+        f.write_all(&frame).map_err(|err| CacheError::Io { path, err })
     }
 
-    /// A local change: logged (one `write(2)`, so it survives a SIGKILL of
-    /// the daemon) and committed without waiting for the disk.
+    /// A change: logged (one `write(2)`: it survives a SIGKILL of the
+    /// daemon), then visible to every reader; in the database at the next
+    /// fold.
     pub fn local(&self, edits: &[Edit]) -> Result<(), CacheError> {
-        self.append(&LogRec::Edits(edits.to_vec()))?;
-        self.commit(edits, Durability::None)
-    }
-
-    /// A change that need not survive a crash (answers to sent ops: sent
-    /// again after a restart, the server answers from its reply cache).
-    pub fn local_quiet(&self, edits: &[Edit]) -> Result<(), CacheError> {
         if edits.is_empty() {
             return Ok(());
         }
-        self.commit(edits, Durability::None)
+        let mut ov = self.ov_mut();
+        self.append(&mut ov, &LogRec::Edits(edits.to_vec()))?;
+        for e in edits {
+            if let Edit::Sealed { id } = e {
+                ov.dirty.remove(id);
+            }
+        }
+        self.apply(&mut ov, edits)
+    }
+
+    /// Same as [`Cache::local`] (kept for callers that mean "need not be
+    /// durable now").
+    pub fn local_quiet(&self, edits: &[Edit]) -> Result<(), CacheError> {
+        self.local(edits)
     }
 
     /// Bytes written to a data file (the write itself is in the file).
     pub fn log_dirty(&self, id: ObjectId, offset: u64, len: u64) -> Result<(), CacheError> {
-        self.append(&LogRec::Dirty(id, offset, len))
+        let mut ov = self.ov_mut();
+        self.append(&mut ov, &LogRec::Dirty(id, offset, len))?;
+        crate::cml::add_range(ov.dirty.entry(id).or_default(), offset, len);
+        Ok(())
     }
 
-    /// Are there commits (or logged changes) not durable yet?
+    /// Are there changes not in the database yet?
     pub fn unsynced(&self) -> bool {
-        self.unsynced.load(std::sync::atomic::Ordering::Relaxed)
+        self.ov().live.touched
     }
 
-    /// Make every local change durable: one durable commit, then an empty
-    /// log holding only the write ranges still unsealed. The caller keeps
-    /// local changes out meanwhile.
-    pub fn fold(&self, dirty: &DirtyRanges) -> Result<(), CacheError> {
-        self.unsynced.store(false, std::sync::atomic::Ordering::Relaxed);
+    /// Make every change so far durable: data files synced, then the
+    /// changes written to the database in one durable commit (readers keep
+    /// seeing them meanwhile), then the logs that held them removed.
+    pub fn fold(&self) -> Result<(), CacheError> {
+        let _one = self.fold_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (frozen, old_gen) = {
+            let mut ov = self.ov_mut();
+            let live = std::mem::take(&mut ov.live);
+            let frozen = Arc::new(live);
+            ov.frozen = Some(frozen.clone());
+            // a new log generation, starting with the unsealed ranges
+            let old_gen = ov.gen;
+            ov.gen += 1;
+            ov.log = None;
+            let dirty: Vec<(ObjectId, u64, u64)> =
+                ov.dirty.iter().flat_map(|(id, r)| r.iter().map(move |(o, l)| (*id, *o, *l))).collect();
+            for (id, o, l) in dirty {
+                self.append(&mut ov, &LogRec::Dirty(id, o, l))?;
+            }
+            (frozen, old_gen)
+        };
         // data files first: a durable commit must not claim bytes (a stream
         // position, a sealed write) that a machine crash would lose
         {
@@ -299,14 +399,76 @@ impl Cache {
                 return Err(CacheError::Io { path: self.data.clone(), err });
             }
         }
-        self.commit(&[], Durability::Immediate)?;
-        {
-            let f = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            f.set_len(0).map_err(|e| self.io(e))?;
+        if frozen.touched {
+            self.write(|tx| {
+                let mut objs = tx.open_table(OBJECTS)?;
+                let mut inos = tx.open_table(INOS)?;
+                let mut dents = tx.open_table(DENTRIES)?;
+                let mut meta = tx.open_table(META)?;
+                let mut parents = tx.open_table(PARENTS)?;
+                let mut cml = tx.open_table(CML)?;
+                let mut parked = tx.open_table(PARKED)?;
+                let mut orphans = tx.open_table(ORPHANS)?;
+                if frozen.cleared {
+                    dents.retain(|_, _| false)?;
+                    parents.retain(|_, _| false)?;
+                }
+                for (id, c) in &frozen.objs {
+                    match c {
+                        Some(c) => {
+                            let row = postcard::to_allocvec(c).unwrap_or_default();
+                            objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
+                        }
+                        None => {
+                            objs.remove(id.to_bytes().as_slice())?;
+                        }
+                    }
+                }
+                for (ino, id) in &frozen.inos {
+                    match id {
+                        Some(id) => inos.insert(*ino, id.to_bytes().as_slice())?,
+                        None => inos.remove(*ino)?,
+                    };
+                }
+                for (k, id) in &frozen.dents {
+                    match id {
+                        Some(id) => dents.insert(k.as_slice(), id.to_bytes().as_slice())?,
+                        None => dents.remove(k.as_slice())?,
+                    };
+                }
+                for (d, p) in &frozen.parents {
+                    parents.insert(d.to_bytes().as_slice(), p.to_bytes().as_slice())?;
+                }
+                for (k, v) in &frozen.meta {
+                    meta.insert(k.as_str(), *v)?;
+                }
+                for (l, e) in &frozen.cml {
+                    match e {
+                        Some(e) => {
+                            let row = postcard::to_allocvec(e).unwrap_or_default();
+                            cml.insert(*l, row.as_slice())?
+                        }
+                        None => cml.remove(*l)?,
+                    };
+                }
+                for (l, p) in &frozen.parked {
+                    let row = postcard::to_allocvec(p).unwrap_or_default();
+                    parked.insert(*l, row.as_slice())?;
+                }
+                for (id, on) in &frozen.orphans {
+                    if *on {
+                        orphans.insert(id.to_bytes().as_slice(), ())?;
+                    } else {
+                        orphans.remove(id.to_bytes().as_slice())?;
+                    }
+                }
+                Ok(())
+            })?;
         }
-        for (id, ranges) in dirty {
-            for (off, len) in ranges {
-                self.log_dirty(*id, *off, *len)?;
+        self.ov_mut().frozen = None;
+        for g in self.log_gens()? {
+            if g <= old_gen {
+                let _ = std::fs::remove_file(self.log_path(g));
             }
         }
         Ok(())
@@ -314,34 +476,59 @@ impl Cache {
 
     /// The client modification log, in client-seq order.
     pub fn cml(&self) -> Result<Vec<(u64, CmlEntry)>, CacheError> {
+        let mut out: BTreeMap<u64, Option<CmlEntry>> = BTreeMap::new();
         self.read(|tx| {
-            let mut out = Vec::new();
             for row in tx.open_table(CML)?.iter()? {
                 let (k, v) = row?;
                 if let Ok(e) = postcard::from_bytes(v.value()) {
-                    out.push((k.value(), e));
+                    out.insert(k.value(), Some(e));
                 }
             }
-            Ok(out)
-        })
+            Ok(())
+        })?;
+        let ov = self.ov();
+        let layers: Vec<&Maps> = ov.layers().collect();
+        for m in layers.iter().rev() {
+            for (l, e) in &m.cml {
+                out.insert(*l, e.clone());
+            }
+        }
+        Ok(out.into_iter().filter_map(|(l, e)| Some((l, e?))).collect())
     }
 
     /// Ops the server refused for good.
     pub fn parked(&self) -> Result<Vec<(u64, Parked)>, CacheError> {
+        let mut out: BTreeMap<u64, Parked> = BTreeMap::new();
         self.read(|tx| {
-            let mut out = Vec::new();
             for row in tx.open_table(PARKED)?.iter()? {
                 let (k, v) = row?;
                 if let Ok(e) = postcard::from_bytes(v.value()) {
-                    out.push((k.value(), e));
+                    out.insert(k.value(), e);
                 }
             }
-            Ok(out)
-        })
+            Ok(())
+        })?;
+        for m in self.ov().layers() {
+            for (l, p) in &m.parked {
+                out.insert(*l, p.clone());
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// The parent of a directory, as far as the cache knows.
     pub fn parent_of(&self, dir: ObjectId) -> Result<Option<ObjectId>, CacheError> {
+        {
+            let ov = self.ov();
+            for m in ov.layers() {
+                if let Some(p) = m.parents.get(&dir) {
+                    return Ok(Some(*p));
+                }
+                if m.cleared {
+                    return Ok(None);
+                }
+            }
+        }
         self.read(|tx| Ok(tx.open_table(PARENTS)?.get(dir.to_bytes().as_slice())?.map(|v| id_of(v.value()))))
     }
 
@@ -350,19 +537,7 @@ impl Cache {
     }
 
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, CacheError> {
-        self.write_with(Durability::Immediate, f)
-    }
-
-    fn write_with<T>(
-        &self,
-        d: Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
-    ) -> Result<T, CacheError> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        if matches!(d, Durability::None) {
-            self.unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        tx.set_durability(d);
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let out = f(&tx).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(out)
@@ -373,17 +548,23 @@ impl Cache {
         f(&tx).map_err(|e| self.err(e))
     }
 
-    /// A stored number (stream position, incarnation halves, ...).
-    pub fn meta(&self, k: &str) -> Result<u64, CacheError> {
+    fn meta_in(&self, ov: &Overlay, k: &str) -> Result<u64, CacheError> {
+        for m in ov.layers() {
+            if let Some(v) = m.meta.get(k) {
+                return Ok(*v);
+            }
+        }
         self.read(|tx| Ok(tx.open_table(META)?.get(k)?.map(|v| v.value()).unwrap_or(0)))
     }
 
-    /// Store a number.
+    /// A stored number (stream position, incarnation halves, ...).
+    pub fn meta(&self, k: &str) -> Result<u64, CacheError> {
+        self.meta_in(&self.ov(), k)
+    }
+
+    /// Store a number (durably).
     pub fn set_meta(&self, k: &str, v: u64) -> Result<(), CacheError> {
-        self.write(|tx| {
-            tx.open_table(META)?.insert(k, v)?;
-            Ok(())
-        })
+        self.change(&[Edit::Meta(k.to_string(), v)])
     }
 
     /// A stored 128-bit value (replica id, incarnation), if any.
@@ -392,10 +573,9 @@ impl Cache {
         Ok(if hi == 0 && lo == 0 { None } else { Some(((hi as u128) << 64) | lo as u128) })
     }
 
-    /// Store a 128-bit value.
+    /// Store a 128-bit value (durably).
     pub fn set_meta128(&self, k: &str, v: u128) -> Result<(), CacheError> {
-        self.set_meta(&format!("{k}.hi"), (v >> 64) as u64)?;
-        self.set_meta(&format!("{k}.lo"), v as u64)
+        self.change(&[Edit::Meta(format!("{k}.hi"), (v >> 64) as u64), Edit::Meta(format!("{k}.lo"), v as u64)])
     }
 
     /// Seq of the last record applied to the cache.
@@ -413,8 +593,12 @@ impl Cache {
         self.data.join(id.to_string())
     }
 
-    /// An object by id.
-    pub fn get(&self, id: ObjectId) -> Result<Option<Cached>, CacheError> {
+    fn obj_in(&self, ov: &Overlay, id: ObjectId) -> Result<Option<Cached>, CacheError> {
+        for m in ov.layers() {
+            if let Some(v) = m.objs.get(&id) {
+                return Ok(v.clone());
+            }
+        }
         self.read(|tx| {
             let t = tx.open_table(OBJECTS)?;
             let v = t.get(id.to_bytes().as_slice())?;
@@ -422,10 +606,41 @@ impl Cache {
         })
     }
 
+    fn dent_in(&self, ov: &Overlay, k: &[u8]) -> Result<Option<ObjectId>, CacheError> {
+        for m in ov.layers() {
+            if let Some(v) = m.dents.get(k) {
+                return Ok(*v);
+            }
+            if m.cleared {
+                return Ok(None);
+            }
+        }
+        self.read(|tx| Ok(tx.open_table(DENTRIES)?.get(k)?.map(|v| id_of(v.value()))))
+    }
+
+    /// An object by id.
+    pub fn get(&self, id: ObjectId) -> Result<Option<Cached>, CacheError> {
+        self.obj_in(&self.ov(), id)
+    }
+
     /// The object behind an inode number.
     pub fn by_ino(&self, ino: u64) -> Result<Option<(ObjectId, Cached)>, CacheError> {
-        let id = self.read(|tx| Ok(tx.open_table(INOS)?.get(ino)?.map(|v| id_of(v.value()))))?;
-        let id = if ino == ROOT_INO { Some(ObjectId::ROOT) } else { id };
+        let id = if ino == ROOT_INO {
+            Some(ObjectId::ROOT)
+        } else {
+            let ov = self.ov();
+            let mut found = None;
+            for m in ov.layers() {
+                if let Some(v) = m.inos.get(&ino) {
+                    found = Some(*v);
+                    break;
+                }
+            }
+            match found {
+                Some(v) => v,
+                None => self.read(|tx| Ok(tx.open_table(INOS)?.get(ino)?.map(|v| id_of(v.value()))))?,
+            }
+        };
         match id {
             Some(id) => Ok(self.get(id)?.map(|c| (id, c))),
             None => Ok(None),
@@ -434,151 +649,158 @@ impl Cache {
 
     /// The object `name` in `parent` leads to.
     pub fn lookup(&self, parent: ObjectId, name: &[u8]) -> Result<Option<ObjectId>, CacheError> {
-        self.read(|tx| Ok(tx.open_table(DENTRIES)?.get(key(parent, name).as_slice())?.map(|v| id_of(v.value()))))
+        self.dent_in(&self.ov(), &key(parent, name))
     }
 
     /// Entries of a directory in name order.
     pub fn children(&self, dir: ObjectId) -> Result<Vec<(Vec<u8>, ObjectId)>, CacheError> {
-        self.read(|tx| {
-            let t = tx.open_table(DENTRIES)?;
-            let lo = dir.to_bytes().to_vec();
-            let hi = ObjectId(dir.0.wrapping_add(1)).to_bytes().to_vec();
-            let mut out = Vec::new();
-            for row in t.range(lo.as_slice()..hi.as_slice())? {
-                let (k, v) = row?;
-                out.push((k.value()[16..].to_vec(), id_of(v.value())));
+        let lo = dir.to_bytes().to_vec();
+        let hi = ObjectId(dir.0.wrapping_add(1)).to_bytes().to_vec();
+        let ov = self.ov();
+        let layers: Vec<&Maps> = ov.layers().collect();
+        let mut out: BTreeMap<Vec<u8>, Option<ObjectId>> = BTreeMap::new();
+        if !layers.iter().any(|m| m.cleared) {
+            self.read(|tx| {
+                let t = tx.open_table(DENTRIES)?;
+                for row in t.range(lo.as_slice()..hi.as_slice())? {
+                    let (k, v) = row?;
+                    out.insert(k.value().to_vec(), Some(id_of(v.value())));
+                }
+                Ok(())
+            })?;
+        }
+        // oldest layer first, so newer ones win
+        let upto = layers.iter().position(|m| m.cleared).map(|i| i + 1).unwrap_or(layers.len());
+        for m in layers[..upto].iter().rev() {
+            for (k, v) in m.dents.range(lo.clone()..hi.clone()) {
+                out.insert(k.clone(), *v);
             }
-            Ok(out)
-        })
+        }
+        Ok(out.into_iter().filter_map(|(k, v)| Some((k[16..].to_vec(), v?))).collect())
     }
 
     /// Remove an object (row, inode number, orphan mark) for good.
     pub fn purge(&self, id: ObjectId) -> Result<(), CacheError> {
-        self.write(|tx| {
-            let old = tx.open_table(OBJECTS)?.remove(id.to_bytes().as_slice())?.map(|v| v.value().to_vec());
-            if let Some(c) = old.as_deref().and_then(|v| postcard::from_bytes::<Cached>(v).ok()) {
-                tx.open_table(INOS)?.remove(c.ino)?;
-            }
-            tx.open_table(ORPHANS)?.remove(id.to_bytes().as_slice())?;
-            Ok(())
-        })
+        self.local(&[Edit::Purge { id }])
     }
 
     /// Every object id in the cache.
     pub fn ids(&self) -> Result<Vec<ObjectId>, CacheError> {
+        let mut all = std::collections::BTreeSet::new();
         self.read(|tx| {
-            let mut out = Vec::new();
             for row in tx.open_table(OBJECTS)?.iter()? {
-                out.push(id_of(row?.0.value()));
-            }
-            Ok(out)
-        })
-    }
-
-    /// Apply a change to the namespace in one durable transaction.
-    pub fn change(&self, edits: &[Edit]) -> Result<(), CacheError> {
-        self.commit(edits, Durability::Immediate)
-    }
-
-    fn commit(&self, edits: &[Edit], d: Durability) -> Result<(), CacheError> {
-        self.write_with(d, |tx| {
-            let mut objs = tx.open_table(OBJECTS)?;
-            let mut inos = tx.open_table(INOS)?;
-            let mut dents = tx.open_table(DENTRIES)?;
-            let mut meta = tx.open_table(META)?;
-            let mut parents = tx.open_table(PARENTS)?;
-            let mut cml = tx.open_table(CML)?;
-            for e in edits {
-                match e {
-                    Edit::Put { attr, target, xattrs } => {
-                        let id = attr.id;
-                        let old: Option<Cached> =
-                            objs.get(id.to_bytes().as_slice())?.and_then(|v| postcard::from_bytes(v.value()).ok());
-                        let ino = match &old {
-                            Some(o) => o.ino,
-                            None if id == ObjectId::ROOT => ROOT_INO,
-                            None => {
-                                let next = meta.get("next_ino")?.map(|v| v.value()).unwrap_or(ROOT_INO + 1);
-                                meta.insert("next_ino", next + 1)?;
-                                inos.insert(next, id.to_bytes().as_slice())?;
-                                next
-                            }
-                        };
-                        let target = target.clone().or_else(|| old.as_ref().and_then(|o| o.target.clone()));
-                        let xattrs = xattrs.clone().or_else(|| old.map(|o| o.xattrs)).unwrap_or_default();
-                        let c = Cached { attr: attr.clone(), ino, target, xattrs };
-                        let row = postcard::to_allocvec(&c).unwrap_or_default();
-                        objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
-                    }
-                    Edit::Link { parent, name, id } => {
-                        dents.insert(key(*parent, name).as_slice(), id.to_bytes().as_slice())?;
-                        let kind = objs
-                            .get(id.to_bytes().as_slice())?
-                            .and_then(|v| postcard::from_bytes::<Cached>(v.value()).ok())
-                            .map(|c| c.attr.kind);
-                        if kind == Some(FileKind::Dir) {
-                            parents.insert(id.to_bytes().as_slice(), parent.to_bytes().as_slice())?;
-                        }
-                    }
-                    Edit::Unlink { parent, name } => {
-                        dents.remove(key(*parent, name).as_slice())?;
-                    }
-                    Edit::UnlinkIf { parent, name, id } => {
-                        let k = key(*parent, name);
-                        let cur = dents.get(k.as_slice())?.map(|v| id_of(v.value()));
-                        if cur == Some(*id) {
-                            dents.remove(k.as_slice())?;
-                        }
-                    }
-                    Edit::Versions { id, versions } => {
-                        let old: Option<Cached> =
-                            objs.get(id.to_bytes().as_slice())?.and_then(|v| postcard::from_bytes(v.value()).ok());
-                        if let Some(mut c) = old {
-                            c.attr.versions = *versions;
-                            let row = postcard::to_allocvec(&c).unwrap_or_default();
-                            objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
-                        }
-                    }
-                    Edit::Cml(lsn, entry) => {
-                        let row = postcard::to_allocvec(entry).unwrap_or_default();
-                        cml.insert(*lsn, row.as_slice())?;
-                    }
-                    Edit::CmlDone(lsn) => {
-                        cml.remove(*lsn)?;
-                    }
-                    Edit::Park(lsn, p) => {
-                        cml.remove(*lsn)?;
-                        let row = postcard::to_allocvec(p).unwrap_or_default();
-                        tx.open_table(PARKED)?.insert(*lsn, row.as_slice())?;
-                    }
-                    Edit::Meta(k, v) => {
-                        meta.insert(k.as_str(), *v)?;
-                    }
-                    Edit::Sealed { .. } => {}
-                    Edit::Forget { id } => {
-                        // Kept as an orphan (no names, nlink 0) until the next
-                        // start: files still open keep working (unlink is not
-                        // forget), and the kernel may still ask about the inode.
-                        let old: Option<Cached> =
-                            objs.get(id.to_bytes().as_slice())?.and_then(|v| postcard::from_bytes(v.value()).ok());
-                        if let Some(mut c) = old {
-                            c.attr.nlink = 0;
-                            let row = postcard::to_allocvec(&c).unwrap_or_default();
-                            objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
-                            tx.open_table(ORPHANS)?.insert(id.to_bytes().as_slice(), ())?;
-                        }
-                    }
-                    Edit::Seq(s) => {
-                        meta.insert("seq", *s)?;
-                    }
-                    Edit::ClearEntries => {
-                        dents.retain(|_, _| false)?;
-                        parents.retain(|_, _| false)?;
-                    }
-                }
+                all.insert(id_of(row?.0.value()));
             }
             Ok(())
-        })
+        })?;
+        let ov = self.ov();
+        let layers: Vec<&Maps> = ov.layers().collect();
+        for m in layers.iter().rev() {
+            for (id, c) in &m.objs {
+                if c.is_some() {
+                    all.insert(*id);
+                } else {
+                    all.remove(id);
+                }
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    /// Apply a change and make it durable at once (a fold).
+    pub fn change(&self, edits: &[Edit]) -> Result<(), CacheError> {
+        self.local(edits)?;
+        self.fold()
+    }
+
+    /// Apply edits to the live layer (the overlay write-locked).
+    fn apply(&self, ov: &mut Overlay, edits: &[Edit]) -> Result<(), CacheError> {
+        ov.live.touched = true;
+        for e in edits {
+            match e {
+                Edit::Put { attr, target, xattrs } => {
+                    let id = attr.id;
+                    let old = self.obj_in(ov, id)?;
+                    let ino = match &old {
+                        Some(o) => o.ino,
+                        None if id == ObjectId::ROOT => ROOT_INO,
+                        None => {
+                            let next = match self.meta_in(ov, "next_ino")? {
+                                0 => ROOT_INO + 1,
+                                n => n,
+                            };
+                            ov.live.meta.insert("next_ino".into(), next + 1);
+                            ov.live.inos.insert(next, Some(id));
+                            next
+                        }
+                    };
+                    let target = target.clone().or_else(|| old.as_ref().and_then(|o| o.target.clone()));
+                    let xattrs = xattrs.clone().or_else(|| old.map(|o| o.xattrs)).unwrap_or_default();
+                    ov.live.objs.insert(id, Some(Cached { attr: attr.clone(), ino, target, xattrs }));
+                }
+                Edit::Link { parent, name, id } => {
+                    ov.live.dents.insert(key(*parent, name), Some(*id));
+                    if self.obj_in(ov, *id)?.is_some_and(|c| c.attr.kind == FileKind::Dir) {
+                        ov.live.parents.insert(*id, *parent);
+                    }
+                }
+                Edit::Unlink { parent, name } => {
+                    ov.live.dents.insert(key(*parent, name), None);
+                }
+                Edit::UnlinkIf { parent, name, id } => {
+                    let k = key(*parent, name);
+                    if self.dent_in(ov, &k)? == Some(*id) {
+                        ov.live.dents.insert(k, None);
+                    }
+                }
+                Edit::Versions { id, versions } => {
+                    if let Some(mut c) = self.obj_in(ov, *id)? {
+                        c.attr.versions = *versions;
+                        ov.live.objs.insert(*id, Some(c));
+                    }
+                }
+                Edit::Forget { id } => {
+                    // Kept as an orphan (no names, nlink 0) until the next
+                    // start: files still open keep working (unlink is not
+                    // forget), and the kernel may still ask about the inode.
+                    if let Some(mut c) = self.obj_in(ov, *id)? {
+                        c.attr.nlink = 0;
+                        ov.live.objs.insert(*id, Some(c));
+                        ov.live.orphans.insert(*id, true);
+                    }
+                }
+                Edit::Purge { id } => {
+                    if let Some(c) = self.obj_in(ov, *id)? {
+                        ov.live.inos.insert(c.ino, None);
+                    }
+                    ov.live.objs.insert(*id, None);
+                    ov.live.orphans.insert(*id, false);
+                }
+                Edit::Seq(s) => {
+                    ov.live.meta.insert("seq".into(), *s);
+                }
+                Edit::ClearEntries => {
+                    ov.live.dents.clear();
+                    ov.live.parents.clear();
+                    ov.live.cleared = true;
+                }
+                Edit::Cml(lsn, entry) => {
+                    ov.live.cml.insert(*lsn, Some(entry.clone()));
+                }
+                Edit::CmlDone(lsn) => {
+                    ov.live.cml.insert(*lsn, None);
+                }
+                Edit::Park(lsn, p) => {
+                    ov.live.cml.insert(*lsn, None);
+                    ov.live.parked.insert(*lsn, p.clone());
+                }
+                Edit::Meta(k, v) => {
+                    ov.live.meta.insert(k.clone(), *v);
+                }
+                Edit::Sealed { .. } => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -645,6 +867,11 @@ pub enum Edit {
     Park(u64, Parked),
     /// Store a number.
     Meta(String, u64),
+    /// Remove an object (row, inode number, orphan mark) for good.
+    Purge {
+        /// The object.
+        id: ObjectId,
+    },
     /// An object's write ranges are in CML entries now (for the log replay).
     Sealed {
         /// The object.

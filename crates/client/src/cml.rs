@@ -14,7 +14,7 @@
 //! and the refused op is parked with its bytes, never dropped).
 
 use crate::cache::{CmlEntry, DirtyRanges};
-use izo_proto::{ObjectId, Op, RenameMode, Seq};
+use izo_proto::{Attr, ObjectId, Op, RenameMode, Seq};
 use std::collections::{BTreeMap, HashMap};
 
 /// The in-memory side of the log (the database holds the entries).
@@ -40,6 +40,11 @@ pub(crate) struct Cml {
     pub retried: u64,
     /// A refused op left the cache ahead of the server: resync once idle.
     pub resync: bool,
+    /// The server's newest attributes of busy objects (from own echoes),
+    /// taken when the object is no longer busy.
+    pub stash: HashMap<ObjectId, Attr>,
+    /// Stashed attributes of objects no longer busy, for the next commit.
+    pub ready: Vec<Attr>,
     /// Answered entries to drop from the database with the next commit.
     pub done: Vec<u64>,
     /// Objects whose attributes to ask the server for once idle (set by
@@ -72,6 +77,11 @@ impl Cml {
                 *n -= 1;
                 if *n == 0 {
                     self.pending.remove(&o);
+                    if !self.dirty.contains_key(&o) {
+                        if let Some(a) = self.stash.remove(&o) {
+                            self.ready.push(a);
+                        }
+                    }
                 }
             }
         }

@@ -85,6 +85,18 @@ impl Replica {
     fn commit_local(&self, c: &mut Cml, mut edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
         // (answers ride along: they need not survive a crash)
         edits.extend(c.done.drain(..).map(Edit::CmlDone));
+        // server attributes of objects that went idle come first: this
+        // change's own edits win over them
+        let mut ready = Vec::new();
+        for a in std::mem::take(&mut c.ready) {
+            if self.cache.get(a.id)?.is_some() {
+                ready.push(Edit::attr(a));
+            }
+        }
+        if !ready.is_empty() {
+            ready.append(&mut edits);
+            edits = ready;
+        }
         let lsn = op.map(|op| {
             let e = CmlEntry { op, len: 0 };
             let lsn = c.push(e.clone());
@@ -646,11 +658,21 @@ impl Replica {
 
     /// Make every local change durable (one commit; the log emptied).
     pub fn fold(&self) -> R<()> {
-        let _g = lock(&self.apply);
-        let mut c = lock(&self.cml);
-        let done: Vec<Edit> = c.done.drain(..).map(Edit::CmlDone).collect();
-        self.cache.local_quiet(&done)?;
-        self.cache.fold(&c.dirty)?;
+        let g = lock(&self.apply);
+        let (done, ready) = {
+            let mut c = lock(&self.cml);
+            (c.done.drain(..).map(Edit::CmlDone).collect::<Vec<_>>(), std::mem::take(&mut c.ready))
+        };
+        let mut edits = Vec::new();
+        for a in ready {
+            if self.cache.get(a.id)?.is_some() {
+                edits.push(Edit::attr(a));
+            }
+        }
+        edits.extend(done);
+        self.cache.local(&edits)?;
+        drop(g);
+        self.cache.fold()?;
         Ok(())
     }
 

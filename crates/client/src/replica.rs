@@ -697,13 +697,24 @@ impl Replica {
     /// applied; its attributes only advance versions while the object has
     /// more local changes on the way. Someone else's never overwrite a
     /// local change the server has not seen.
-    fn filter(&self, e: Edit, own: bool, c: &Cml) -> R<Option<Edit>> {
+    fn filter(&self, e: Edit, own: bool, c: &mut Cml) -> R<Option<Edit>> {
         Ok(match e {
             Edit::Link { .. } | Edit::Unlink { .. } | Edit::UnlinkIf { .. } | Edit::Forget { .. } if own => None,
             Edit::Put { attr, target, xattrs } if own => match self.cache.get(attr.id)? {
                 None => None, // removed here since
-                Some(_) if c.busy(attr.id) => Some(Edit::Versions { id: attr.id, versions: attr.versions }),
-                Some(_) => Some(Edit::Put { attr, target, xattrs }),
+                Some(_) if c.busy(attr.id) => {
+                    // the server's attributes (its mtime) once idle
+                    let versions = attr.versions;
+                    let id = attr.id;
+                    c.stash.insert(id, attr);
+                    Some(Edit::Versions { id, versions })
+                }
+                Some(_) => {
+                    // newer than anything stashed for it
+                    c.stash.remove(&attr.id);
+                    c.ready.retain(|a| a.id != attr.id);
+                    Some(Edit::Put { attr, target, xattrs })
+                }
             },
             Edit::Put { attr, .. } if c.busy(attr.id) => None,
             Edit::Forget { id } if c.busy(id) => None,
@@ -739,7 +750,7 @@ impl Replica {
                     c.release(lsn); // its echo is here
                 }
                 for e in p.edits {
-                    if let Some(e) = self.filter(e, own.is_some(), &c)? {
+                    if let Some(e) = self.filter(e, own.is_some(), &mut c)? {
                         if let Edit::Forget { id } = &e {
                             forgotten.push((*id, self.ino(*id)?));
                         }
@@ -748,18 +759,21 @@ impl Replica {
                 }
                 inval.extend(p.inval);
             }
-            edits.extend(c.done.drain(..).map(Edit::CmlDone));
-            edits.push(Edit::Seq(last.seq));
-            // (not waiting for the disk: the sender folds every second; a
-            // crash before that makes the stream bring these records again,
-            // and applying a record twice sets the same state)
-            self.cache.local_quiet(&edits)?;
             // answered ops whose records this batch covers
             let done: Vec<u64> = c.acked_at.iter().filter(|(s, _)| *s <= last.seq).map(|(_, l)| *l).collect();
             c.acked_at.retain(|(s, _)| *s > last.seq);
             for l in done {
                 c.release(l);
             }
+            for a in std::mem::take(&mut c.ready) {
+                if self.cache.get(a.id)?.is_some() {
+                    edits.push(Edit::attr(a));
+                }
+            }
+            edits.extend(c.done.drain(..).map(Edit::CmlDone));
+            edits.push(Edit::Seq(last.seq));
+            // (not waiting for the disk: logged, folded every second)
+            self.cache.local(&edits)?;
         }
         for (id, ino) in forgotten {
             if !ino.is_some_and(|i| self.is_open(i)) {
