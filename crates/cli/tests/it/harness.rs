@@ -461,8 +461,21 @@ impl MountProc {
         m
     }
 
+    /// Mount with a fresh cache and extra `izo mount` flags.
+    pub fn start_with(addr: &str, fingerprint: &str, token: &str, extra: &[&str]) -> MountProc {
+        let dir = tempfile::Builder::new().prefix("izo-mnt-").tempdir().expect("temp dir");
+        let cache = dir.path().join("cache");
+        let mut m = Self::launch(addr, fingerprint, token, &dir.path().join("mnt"), &cache, extra);
+        m._dir = Some(dir);
+        m
+    }
+
     /// Mount with a given mount point and cache (a remount).
     pub fn start_at(addr: &str, fingerprint: &str, token: &str, mnt: &Path, cache: &Path) -> MountProc {
+        Self::launch(addr, fingerprint, token, mnt, cache, &[])
+    }
+
+    fn launch(addr: &str, fingerprint: &str, token: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> MountProc {
         std::fs::create_dir_all(mnt).expect("mount point");
         let mut child = Command::new(izo_bin())
             .arg("mount")
@@ -470,6 +483,7 @@ impl MountProc {
             .arg(mnt)
             .args(["--token", token, "--fingerprint", fingerprint, "--cache"])
             .arg(cache)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -899,3 +899,30 @@ async fn a_conflicting_offline_change_is_parked_with_its_bytes_and_the_replicas_
     .await
     .expect("conflict test");
 }
+
+/// fsync returns once the server has the file (while connected); close
+/// does not wait unless the mount has `--sync-close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_waits_for_the_server_and_sync_close_makes_close_wait() {
+    let s = server_with(&[]).await;
+    let fp = s.server.fingerprint.clone();
+    let (addr, tok) = (s.addr.clone(), s.rw.clone());
+    let ex = s.dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let c = MountProc::start_with(&addr, &fp, &tok, &["--sync-close"]);
+        for i in 0..10 {
+            use std::io::Write;
+            let name = format!("fsynced-{i}");
+            let mut f = std::fs::File::create(a.mnt.join(&name)).expect("create");
+            f.write_all(name.as_bytes()).expect("write");
+            f.sync_all().expect("fsync");
+            assert_eq!(std::fs::read(ex.join(&name)).expect("on the server after fsync"), name.as_bytes());
+            let name = format!("closed-{i}");
+            std::fs::write(c.mnt.join(&name), name.as_bytes()).expect("write and close");
+            assert_eq!(std::fs::read(ex.join(&name)).expect("on the server after close"), name.as_bytes());
+        }
+    })
+    .await
+    .expect("fsync test");
+}
