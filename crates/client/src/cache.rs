@@ -134,7 +134,7 @@ fn id_of(b: &[u8]) -> ObjectId {
 }
 
 /// Changes not in the database yet, latest first: `None` marks a removal.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Maps {
     objs: HashMap<ObjectId, Option<Cached>>,
     inos: HashMap<u64, Option<ObjectId>>,
@@ -161,6 +161,31 @@ struct Overlay {
     /// The log file taking records, and its generation.
     log: Option<std::fs::File>,
     gen: u64,
+}
+
+impl Maps {
+    fn clone_maps(&self) -> Maps {
+        self.clone()
+    }
+
+    /// This layer with `newer` on top (a fold that failed is retried with
+    /// what came since).
+    fn absorb(&mut self, newer: Maps) {
+        if newer.cleared {
+            self.dents.clear();
+            self.parents.clear();
+            self.cleared = true;
+        }
+        self.objs.extend(newer.objs);
+        self.inos.extend(newer.inos);
+        self.dents.extend(newer.dents);
+        self.parents.extend(newer.parents);
+        self.meta.extend(newer.meta);
+        self.cml.extend(newer.cml);
+        self.parked.extend(newer.parked);
+        self.orphans.extend(newer.orphans);
+        self.touched |= newer.touched;
+    }
 }
 
 impl Overlay {
@@ -375,7 +400,15 @@ impl Cache {
         let (frozen, old_gen) = {
             let mut ov = self.ov_mut();
             let live = std::mem::take(&mut ov.live);
-            let frozen = Arc::new(live);
+            let frozen = match ov.frozen.take() {
+                // an earlier fold failed: its layer goes in with this one
+                Some(old) => {
+                    let mut m = Arc::try_unwrap(old).unwrap_or_else(|a| a.clone_maps());
+                    m.absorb(live);
+                    Arc::new(m)
+                }
+                None => Arc::new(live),
+            };
             ov.frozen = Some(frozen.clone());
             // a new log generation, starting with the unsealed ranges
             let old_gen = ov.gen;

@@ -45,11 +45,19 @@ pub(crate) struct Cml {
     pub stash: HashMap<ObjectId, Attr>,
     /// Stashed attributes of objects no longer busy, for the next commit.
     pub ready: Vec<Attr>,
+    /// Busy objects whose foreign changes were held back: refreshed from
+    /// the server once idle.
+    pub stale: std::collections::HashSet<ObjectId>,
+    /// Sending waits until then (after a transient refusal).
+    pub pause_until: Option<std::time::Instant>,
+    /// Transient refusals in a row.
+    pub streak: u32,
     /// Answered entries to drop from the database with the next commit.
     pub done: Vec<u64>,
     /// Objects whose attributes to ask the server for once idle (set by
     /// the replay of a log that a SIGKILL left).
-    pub refresh: Vec<ObjectId>,
+    /// (object, with its content and xattrs too).
+    pub refresh: Vec<(ObjectId, bool)>,
 }
 
 impl Cml {
@@ -81,6 +89,9 @@ impl Cml {
                         if let Some(a) = self.stash.remove(&o) {
                             self.ready.push(a);
                         }
+                        if self.stale.remove(&o) {
+                            self.refresh.push((o, true));
+                        }
                     }
                 }
             }
@@ -90,11 +101,6 @@ impl Cml {
     /// Does the object have local changes the server has not echoed?
     pub fn busy(&self, id: ObjectId) -> bool {
         self.pending.contains_key(&id) || self.dirty.contains_key(&id)
-    }
-
-    /// Nothing queued, unsealed or un-echoed.
-    pub fn idle(&self) -> bool {
-        self.q.is_empty() && self.dirty.is_empty() && self.pending.is_empty()
     }
 
     /// Entries and bytes not answered yet (sealed or not).

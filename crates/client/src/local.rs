@@ -6,7 +6,7 @@
 
 use crate::cache::{Cached, CmlEntry, Edit, Parked, ROOT_INO};
 use crate::cml::{objs, op_id, Cml};
-use crate::replica::{io, punch_fd, Replica, ReplicaError, DEADLINE};
+use crate::replica::{io, punch_fd, Replica, ReplicaError};
 use crate::{ClientError, Pending};
 use izo_proto::*;
 use std::fs::{File, OpenOptions};
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 type R<T> = Result<T, ReplicaError>;
 
+/// How long a call waits for the server without any answer arriving.
+const NO_PROGRESS: Duration = Duration::from_secs(1);
 /// How long `fsync` waits for the server's ack while connected.
 const FSYNC_WAIT: Duration = Duration::from_secs(1);
 /// Unsealed writes are sealed into log entries this often.
@@ -49,7 +51,7 @@ impl Replica {
             c.q.insert(lsn, (e, false));
         }
         c.dirty = dirty;
-        c.refresh = touched;
+        c.refresh = touched.into_iter().map(|id| (id, false)).collect();
         let ids: Vec<ObjectId> = c.dirty.keys().copied().collect();
         let mut edits = Vec::new();
         for id in ids {
@@ -227,10 +229,14 @@ impl Replica {
                         c.release(l);
                         edits.push(Edit::CmlDone(l));
                     }
+                    // the directory's server mtime, once it is idle
+                    c.refresh.push((pid, false));
                     None
                 }
                 None => {
-                    let expect = Expect { id, base: Versions::default() };
+                    // (the base now: the object may be gone from the cache
+                    // by the time this is sent)
+                    let expect = Expect { id, base: obj.attr.versions };
                     Some(if dir {
                         Op::Rmdir { parent: pid, name, expect }
                     } else {
@@ -355,10 +361,10 @@ impl Replica {
             let op = Op::Rename {
                 parent: pid,
                 name,
-                expect: Expect { id, base: Versions::default() },
+                expect: Expect { id, base: obj.attr.versions },
                 new_parent: npid,
                 new_name,
-                target: target.map(|t| Expect { id: t, base: Versions::default() }),
+                target: tobj.as_ref().map(|t| Expect { id: t.attr.id, base: t.attr.versions }),
                 mode,
             };
             let mut c = lock(&self.cml);
@@ -456,7 +462,7 @@ impl Replica {
                         // the server's attributes (its mtime), unless the
                         // stream already brought newer ones
                         let mut a = self.cached(id)?.attr;
-                        match applied.attr {
+                        match applied.and_then(|a| a.attr) {
                             Some(s) if s.versions.data >= a.versions.data => a = s,
                             _ => a.size = a.size.max(at + chunk.len() as u64),
                         }
@@ -482,14 +488,17 @@ impl Replica {
     }
 
     /// Queue an op behind everything queued and wait for its answer (ops
-    /// whose result the caller needs). Fails at once when disconnected, so
-    /// a failed call never happens later.
-    fn queue_and_wait(&self, op: Op) -> R<Applied> {
+    /// whose result the caller needs). Never waits more than 1 s without
+    /// an answer arriving: then, or when disconnected, an op not sent yet
+    /// is withdrawn (an error: it never happens later), and one already
+    /// sent is `Ok(None)` (it will be applied: the caller applies its local
+    /// effect; a refusal then is parked like any other).
+    fn queue_and_wait(&self, op: Op) -> R<Option<Applied>> {
         if !self.client.is_connected() {
             return Err(ReplicaError::Unreachable("not connected to the server".into()));
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let lsn = {
             let _g = lock(&self.apply);
             let mut c = lock(&self.cml);
             let lsn = c.next_lsn;
@@ -498,11 +507,47 @@ impl Replica {
                 lock(&self.waiting).remove(&lsn);
                 return Err(e);
             }
-        }
-        match self.rt.block_on(async { tokio::time::timeout(DEADLINE, rx).await }) {
-            Ok(Ok(r)) => r.map_err(|e| ReplicaError::from(ClientError::Op(e))),
-            Ok(Err(_)) => Err(ReplicaError::Unreachable("the connection closed".into())),
-            Err(_) => Err(ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}"))),
+            lsn
+        };
+        let mut progress = self.cml_answered.subscribe();
+        loop {
+            enum Step {
+                Answer(Result<Applied, OpError>),
+                Progress,
+                Stuck,
+            }
+            let step = self.rt.block_on(async {
+                tokio::select! {
+                    r = &mut rx => match r {
+                        Ok(r) => Step::Answer(r),
+                        Err(_) => Step::Stuck,
+                    },
+                    _ = tokio::time::sleep(NO_PROGRESS) => Step::Stuck,
+                    _ = progress.changed() => Step::Progress,
+                }
+            });
+            match step {
+                Step::Answer(r) => return r.map(Some).map_err(|e| ReplicaError::from(ClientError::Op(e))),
+                Step::Progress if self.client.is_connected() => continue, // answers are arriving
+                _ => {}
+            }
+            // no progress (or no connection): withdraw it if still unsent
+            let _g = lock(&self.apply);
+            let mut c = lock(&self.cml);
+            lock(&self.waiting).remove(&lsn);
+            match c.q.get(&lsn) {
+                Some((_, false)) => {
+                    c.q.remove(&lsn);
+                    c.release(lsn);
+                    c.done.push(lsn);
+                    return Err(ReplicaError::Unreachable("the server did not answer within 1 s".into()));
+                }
+                Some((_, true)) => return Ok(None),
+                None => {
+                    // answered meanwhile: the answer went nowhere; treat as sent
+                    return Ok(None);
+                }
+            }
         }
     }
 
@@ -716,42 +761,64 @@ impl Replica {
     }
 
     /// The op as sent: bytes of a write read from the data file now (the
-    /// newest; `None` if nothing is left to send), bases from the versions
-    /// the cache has from the server.
-    fn build(&self, e: CmlEntry) -> Option<Op> {
-        let base = |id: ObjectId| self.cache.get(id).ok().flatten().map(|c| c.attr.versions).unwrap_or_default();
+    /// newest; `None` if nothing is left to send: the file is gone or
+    /// shorter), bases from the versions the cache has from the server (or
+    /// those taken when queued, for an object no longer in the cache).
+    fn build(&self, e: CmlEntry) -> std::io::Result<Option<Op>> {
+        let cached = |id: ObjectId| self.cache.get(id).ok().flatten().map(|c| c.attr.versions);
         let mut op = e.op;
         match &mut op {
             Op::Write { id, base: b, offset, data } => {
-                *b = base(*id).data;
+                if let Some(v) = cached(*id) {
+                    *b = v.data;
+                }
                 if e.len > 0 {
-                    let f = File::open(self.cache.data_path(*id)).ok()?;
-                    let size = f.metadata().ok()?.len();
-                    let n = e.len.min(size.saturating_sub(*offset)) as usize;
-                    if n == 0 {
-                        return None;
+                    let f = match File::open(self.cache.data_path(*id)) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None), // removed since
+                        Err(e) => return Err(e),
+                    };
+                    let mut buf = vec![0u8; e.len as usize];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match f.read_at(&mut buf[got..], *offset + got as u64) {
+                            Ok(0) => break, // truncated since: the truncate follows
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
                     }
-                    let mut buf = vec![0u8; n];
-                    f.read_exact_at(&mut buf, *offset).ok()?;
+                    if got == 0 {
+                        return Ok(None);
+                    }
+                    buf.truncate(got);
                     *data = buf;
                 }
             }
             Op::Truncate { id, base: b, .. } | Op::Allocate { id, base: b, .. } | Op::PunchHole { id, base: b, .. } => {
-                *b = base(*id).data
+                if let Some(v) = cached(*id) {
+                    *b = v.data;
+                }
             }
             Op::SetAttr { id, base: b, .. }
             | Op::SetXattr { id, base: b, .. }
-            | Op::RemoveXattr { id, base: b, .. } => *b = base(*id).meta,
-            Op::Unlink { expect, .. } | Op::Rmdir { expect, .. } => expect.base = base(expect.id),
+            | Op::RemoveXattr { id, base: b, .. } => {
+                if let Some(v) = cached(*id) {
+                    *b = v.meta;
+                }
+            }
+            Op::Unlink { expect, .. } | Op::Rmdir { expect, .. } => {
+                expect.base = cached(expect.id).unwrap_or(expect.base);
+            }
             Op::Rename { expect, target, .. } => {
-                expect.base = base(expect.id);
+                expect.base = cached(expect.id).unwrap_or(expect.base);
                 if let Some(t) = target {
-                    t.base = base(t.id);
+                    t.base = cached(t.id).unwrap_or(t.base);
                 }
             }
             _ => {}
         }
-        Some(op)
+        Ok(Some(op))
     }
 
     /// Send the log's entries in order, pipelined, forever; seal writes and
@@ -779,7 +846,18 @@ impl Replica {
             }
             // while disconnected nothing is handed over: an op once sent is
             // never cancelled, and what waits here still coalesces
-            let next = if !self.client.is_connected() {
+            let paused = {
+                let mut c = lock(&self.cml);
+                match c.pause_until {
+                    Some(t) if t > Instant::now() => true,
+                    Some(_) => {
+                        c.pause_until = None;
+                        false
+                    }
+                    None => false,
+                }
+            };
+            let next = if paused || !self.client.is_connected() {
                 None
             } else {
                 let mut c = lock(&self.cml);
@@ -790,18 +868,30 @@ impl Replica {
                 n
             };
             let Some((lsn, e)) = next else {
-                let pause = if self.client.is_connected() { SEAL_EVERY } else { Duration::from_millis(50) };
+                let pause = if self.client.is_connected() && !paused { SEAL_EVERY } else { Duration::from_millis(50) };
                 tokio::select! {
                     _ = self.cml_wake.notified() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
             };
-            cursor = lsn;
             match self.build(e) {
-                None => self.answered(lsn, Ok(None)),
-                Some(op) => match self.client.submit_at(lsn, op).await {
+                Err(err) => {
+                    // not sent: again shortly (never dropped)
+                    tracing::warn!("reading change {lsn} from the cache: {err}; retrying");
+                    if let Some((_, sent)) = lock(&self.cml).q.get_mut(&lsn) {
+                        *sent = false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Ok(None) => {
+                    cursor = lsn;
+                    self.answered(lsn, Ok(None))
+                }
+                Ok(Some(op)) => match self.client.submit_at(lsn, op).await {
                     Ok(p) => {
+                        cursor = lsn;
                         let _ = tx.send((lsn, p));
                     }
                     Err(e) => {
@@ -838,6 +928,7 @@ impl Replica {
             match &r {
                 Ok(Some(a)) => {
                     c.sent += 1;
+                    c.streak = 0;
                     if a.seq <= self.applied_seq() {
                         c.release(lsn);
                     } else {
@@ -856,8 +947,12 @@ impl Replica {
                     edits.push(Edit::CmlDone(lsn));
                 }
                 Err(OpError::Transient(why)) => {
-                    // not applied: again, as a new op after the others
-                    tracing::warn!("the server could not apply a change now ({why}); retrying it");
+                    // not applied: again, as a new op after the others,
+                    // after a pause that grows while refusals go on
+                    c.streak = (c.streak + 1).min(6);
+                    let pause = Duration::from_millis(100 << c.streak);
+                    c.pause_until = Some(Instant::now() + pause);
+                    tracing::warn!("the server could not apply a change now ({why}); retrying it in {pause:?}");
                     c.retried += 1;
                     c.release(lsn);
                     edits.push(Edit::CmlDone(lsn));
@@ -934,11 +1029,6 @@ impl Replica {
                 )
             })
             .collect())
-    }
-
-    /// Is the object changed here in ways the server has not echoed?
-    pub(crate) fn busy(&self, id: ObjectId) -> bool {
-        lock(&self.cml).busy(id)
     }
 
     /// The root's inode number (for callers that only know the API).

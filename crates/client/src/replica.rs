@@ -338,6 +338,40 @@ impl Replica {
         Ok(())
     }
 
+    /// `offset..offset+len` of a file from the server, in memory.
+    async fn fetch_mem(&self, id: ObjectId, offset: u64, len: u64) -> R<Option<Vec<Segment>>> {
+        let mut segs = Vec::new();
+        let r = self
+            .client
+            .read_with(id, offset, len, |seg| {
+                if let Segment::Data(_, b) = &seg {
+                    self.fetched.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                segs.push(seg);
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => Ok(Some(segs)),
+            // gone or changed meanwhile: a later record says what happened
+            Err(ClientError::Op(OpError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write fetched pieces into a data file.
+    fn put_segments(&self, id: ObjectId, segs: &[Segment]) -> R<()> {
+        let path = self.cache.data_path(id);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        for s in segs {
+            match s {
+                Segment::Data(at, b) => f.write_all_at(b, *at).map_err(io(&path))?,
+                Segment::Hole(at, n) => punch_fd(&f, *at, *n).map_err(io(&path))?,
+            }
+        }
+        Ok(())
+    }
+
     /// Follow the record stream from the cache's position, forever (returns
     /// when the connection is gone for good).
     pub async fn follow(self: Arc<Self>) -> R<()> {
@@ -393,8 +427,8 @@ impl Replica {
     async fn housekeep(&self) {
         let (redo, refresh) = {
             let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-            let idle = c.idle();
-            (c.resync && idle, if idle { std::mem::take(&mut c.refresh) } else { Vec::new() })
+            let settled = c.q.is_empty() && c.dirty.is_empty();
+            (c.resync && settled, std::mem::take(&mut c.refresh))
         };
         if !refresh.is_empty() {
             self.refresh(refresh).await;
@@ -407,26 +441,60 @@ impl Replica {
 
     /// Take the server's attributes of objects that have no local change
     /// on the way (after a log replay: the replay set local values).
-    async fn refresh(&self, ids: Vec<ObjectId>) {
-        for id in ids {
-            match self.client.getattr(id).await {
-                Ok(a) => {
-                    let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-                    let c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-                    let cur = self.cache.get(id).ok().flatten();
-                    let fresh = cur.is_some_and(|c| {
-                        a.versions.data >= c.attr.versions.data && a.versions.meta >= c.attr.versions.meta
-                    });
-                    if fresh && !c.busy(id) {
-                        if let Err(e) = self.cache.change(&[Edit::attr(a)]) {
-                            tracing::warn!("refreshing {id}: {e}");
-                        }
-                    }
-                }
-                Err(ClientError::Op(OpError::NotFound(_))) => {}
-                Err(e) => tracing::warn!("refreshing {id} from the server: {e}"),
+    async fn refresh(&self, ids: Vec<(ObjectId, bool)>) {
+        for (id, all) in ids {
+            if let Err(e) = self.refresh_one(id, all).await {
+                tracing::warn!("refreshing {id} from the server: {e}; trying again later");
+                self.cml.lock().unwrap_or_else(|p| p.into_inner()).refresh.push((id, all));
             }
         }
+    }
+
+    /// Attributes (with `all`, also xattrs and a file's content) of one
+    /// object from the server, unless it is busy again (then later).
+    async fn refresh_one(&self, id: ObjectId, all: bool) -> R<()> {
+        if self.cache.get(id)?.is_none() {
+            return Ok(());
+        }
+        let a = match self.client.getattr(id).await {
+            Ok(a) => a,
+            Err(ClientError::Op(OpError::NotFound(_))) => return Ok(()), // its removal is on the way
+            Err(e) => return Err(e.into()),
+        };
+        let x = match all {
+            false => None,
+            true => match self.client.xattrs(id).await {
+                Ok(x) => Some(x),
+                Err(ClientError::Op(OpError::NotFound(_))) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let segs = if all && a.kind == FileKind::File { self.fetch_mem(id, 0, a.size).await? } else { None };
+        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+        if c.busy(id) {
+            if all {
+                c.stale.insert(id);
+            } else {
+                c.refresh.push((id, false));
+            }
+            return Ok(());
+        }
+        let cur = self.cache.get(id)?;
+        let fresh =
+            cur.is_some_and(|c| a.versions.data >= c.attr.versions.data && a.versions.meta >= c.attr.versions.meta);
+        if !fresh {
+            return Ok(()); // the stream already brought newer
+        }
+        if let Some(segs) = segs {
+            self.put_segments(id, &segs)?;
+            let path = self.cache.data_path(id);
+            if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+                f.set_len(a.size).map_err(io(&path))?;
+            }
+        }
+        self.cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }])?;
+        Ok(())
     }
 
     /// Bring the cache to a snapshot of the volume: the namespace as it is
@@ -435,8 +503,11 @@ impl Replica {
     /// Local changes on the way are sent and echoed first (a snapshot knows
     /// nothing of them).
     pub async fn resync(&self) -> R<()> {
+        // everything sent must be answered (an answered op is in the
+        // snapshot, its echo or not); nothing may be waiting to be sent
+        let settled = |c: &Cml| c.q.is_empty() && c.dirty.is_empty();
         let mut waited = std::time::Instant::now();
-        while !self.cml.lock().unwrap_or_else(|p| p.into_inner()).idle() {
+        while !settled(&self.cml.lock().unwrap_or_else(|p| p.into_inner())) {
             if waited.elapsed() > Duration::from_secs(10) {
                 tracing::warn!("the resync waits for local changes to reach the server");
                 waited = std::time::Instant::now();
@@ -469,12 +540,18 @@ impl Replica {
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
             let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-            if !c.idle() {
+            if !settled(&c) {
                 return Err(ReplicaError::Transient("local changes were made during the resync".into()));
             }
             self.cache.change(&edits)?;
             c.resync = false;
+            // answered before the snapshot: their echoes are in it
             c.acked_at.clear();
+            c.pending.clear();
+            c.objs_of.clear();
+            c.stash.clear();
+            c.ready.clear();
+            c.stale.clear();
         }
         self.applied.send_replace(seq);
         self.invalidate(inval);
@@ -531,8 +608,22 @@ impl Replica {
         let mut edits = Vec::new();
         let mut inval = Vec::new();
         let mut refresh = Vec::new(); // directories whose attributes changed
-                                      // a data effect lands only on an object without local changes
-        let data_ok = |id: ObjectId| !own && !self.busy(id);
+                                      // a data effect of someone else's record lands only on an object
+                                      // without local changes, checked with local changes held off
+        let land = |id: ObjectId, f: &dyn Fn() -> R<()>| -> R<()> {
+            if own {
+                return Ok(());
+            }
+            let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+            {
+                let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
+                if c.busy(id) {
+                    c.stale.insert(id);
+                    return Ok(());
+                }
+            }
+            f()
+        };
         match &r.op {
             Op::Create { parent, name, id, .. }
             | Op::Mkdir { parent, name, id, .. }
@@ -596,18 +687,20 @@ impl Replica {
                 }
             }
             Op::Write { id, offset, data, .. } => {
-                if data_ok(*id) {
+                if !own {
                     if !data.is_empty() {
-                        let path = self.cache.data_path(*id);
-                        let f = OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&path)
-                            .map_err(io(&path))?;
-                        f.write_all_at(data, *offset).map_err(io(&path))?;
-                    } else {
-                        self.fetch(*id, *offset, r.elided, None).await?;
+                        land(*id, &|| {
+                            let path = self.cache.data_path(*id);
+                            let f = OpenOptions::new()
+                                .create(true)
+                                .truncate(false)
+                                .write(true)
+                                .open(&path)
+                                .map_err(io(&path))?;
+                            f.write_all_at(data, *offset).map_err(io(&path))
+                        })?;
+                    } else if let Some(segs) = self.fetch_mem(*id, *offset, r.elided).await? {
+                        land(*id, &|| self.put_segments(*id, &segs))?;
                     }
                 }
                 if let Some(i) = self.ino(*id)? {
@@ -615,13 +708,11 @@ impl Replica {
                 }
             }
             Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-                if data_ok(*id) {
-                    match &r.op {
-                        Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len)?,
-                        Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len)?,
-                        _ => {}
-                    }
-                }
+                land(*id, &|| match &r.op {
+                    Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len),
+                    Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len),
+                    _ => Ok(()),
+                })?;
                 if let Some(i) = self.ino(*id)? {
                     inval.push(Inval::Inode(i));
                 }
@@ -651,11 +742,14 @@ impl Replica {
         if let Some(a) = &r.attr {
             if self.newer(a)? {
                 // keep the data file's length with the size
-                if a.kind == FileKind::File && data_ok(a.id) {
-                    let path = self.cache.data_path(a.id);
-                    if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
-                        let _ = f.set_len(a.size);
-                    }
+                if a.kind == FileKind::File {
+                    land(a.id, &|| {
+                        let path = self.cache.data_path(a.id);
+                        if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
+                            let _ = f.set_len(a.size);
+                        }
+                        Ok(())
+                    })?;
                 }
                 edits.push(Edit::attr(a.clone()));
             }
@@ -716,8 +810,14 @@ impl Replica {
                     Some(Edit::Put { attr, target, xattrs })
                 }
             },
-            Edit::Put { attr, .. } if c.busy(attr.id) => None,
-            Edit::Forget { id } if c.busy(id) => None,
+            Edit::Put { attr, .. } if c.busy(attr.id) => {
+                c.stale.insert(attr.id);
+                None
+            }
+            Edit::Forget { id } if c.busy(id) => {
+                c.stale.insert(id);
+                None
+            }
             Edit::Link { parent, name, id } => match self.cache.lookup(parent, &name)? {
                 Some(o) if o != id && c.busy(o) => None,
                 _ => Some(Edit::Link { parent, name, id }),
