@@ -44,6 +44,7 @@ async fn status(r: &Replica, info: &Info) -> String {
         None => "server position unknown".into(),
     };
     let (pend, sent, parked, retried) = r.cml_stats();
+    let ops: Vec<String> = r.ops.list().iter().map(|(k, v)| format!("{k} {v}")).collect();
     let kept = r.parked().unwrap_or_default();
     let kept = if kept.is_empty() {
         String::new()
@@ -59,7 +60,8 @@ async fn status(r: &Replica, info: &Info) -> String {
          pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
          (parked) since start\n\
          fetched: {} bytes from the server since start\n\
-         cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n{kept}",
+         cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n\
+         requests served: {}\n{kept}",
         info.volume,
         info.addr,
         info.mountpoint.display(),
@@ -73,6 +75,7 @@ async fn status(r: &Replica, info: &Info) -> String {
         info.cache.display(),
         data as f64 / 1e6,
         db as f64 / 1e6,
+        ops.join(", "),
     )
 }
 

@@ -94,6 +94,47 @@ pub enum Inval {
     Entry(u64, Vec<u8>),
 }
 
+/// Requests the mount served, by kind (for `izo status` and the tests
+/// that prove a fast path: a passthrough read never reaches the daemon).
+#[derive(Default, Debug)]
+pub struct OpCounters {
+    /// LOOKUP.
+    pub lookup: std::sync::atomic::AtomicU64,
+    /// GETATTR.
+    pub getattr: std::sync::atomic::AtomicU64,
+    /// READ.
+    pub read: std::sync::atomic::AtomicU64,
+    /// WRITE.
+    pub write: std::sync::atomic::AtomicU64,
+    /// READDIR.
+    pub readdir: std::sync::atomic::AtomicU64,
+    /// READDIRPLUS.
+    pub readdirplus: std::sync::atomic::AtomicU64,
+    /// Opens answered with passthrough to the cache file.
+    pub passthrough_opens: std::sync::atomic::AtomicU64,
+}
+
+impl OpCounters {
+    /// Count one.
+    pub fn bump(c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `name value` pairs.
+    pub fn list(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        vec![
+            ("lookup", g(&self.lookup)),
+            ("getattr", g(&self.getattr)),
+            ("read", g(&self.read)),
+            ("write", g(&self.write)),
+            ("readdir", g(&self.readdir)),
+            ("readdirplus", g(&self.readdirplus)),
+            ("passthrough_opens", g(&self.passthrough_opens)),
+        ]
+    }
+}
+
 /// Progress of the initial replication.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -141,6 +182,8 @@ pub struct Replica {
     pub(crate) waiting: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<Applied, OpError>>>>,
     /// Close waits for the server like fsync (`--sync-close`).
     pub sync_close: std::sync::atomic::AtomicBool,
+    /// Requests served by the mount.
+    pub ops: OpCounters,
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
     /// Seq of the last record applied to the cache.
     applied: tokio::sync::watch::Sender<Seq>,
@@ -211,6 +254,7 @@ impl Replica {
             cml_answered: tokio::sync::watch::Sender::new(0),
             waiting: Mutex::new(Default::default()),
             sync_close: Default::default(),
+            ops: Default::default(),
             inval: Mutex::new(None),
             applied,
             last_time: Mutex::new(None),

@@ -5,11 +5,12 @@
 
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    InitFlags, KernelConfig, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use izo_client::cache::Cached;
-use izo_client::replica::{Inval, Replica, ReplicaError};
+use izo_client::replica::{Inval, OpCounters, Replica, ReplicaError};
 use izo_proto::{FileKind, RenameMode, SetAttrs, Timestamp};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -138,10 +139,12 @@ fn stamp(t: TimeOrNow) -> Timestamp {
 
 impl Filesystem for IzoFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        OpCounters::bump(&self.r.ops.lookup);
         self.entry(self.r.lookup(parent.0, name.as_bytes()), reply)
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        OpCounters::bump(&self.r.ops.getattr);
         match self.r.get(ino.0) {
             Ok((_, c)) => reply.attr(&TTL, &attr(&c)),
             Err(e) => reply.error(errno(&e)),
@@ -259,7 +262,9 @@ impl Filesystem for IzoFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.r.get(ino.0) {
-            Ok(_) => reply.opened(self.handle(ino.0, flags.0), FopenFlags::empty()),
+            // the page cache stays across opens: remote changes drop it
+            // (the notifier thread), local ones go through it
+            Ok(_) => reply.opened(self.handle(ino.0, flags.0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -290,6 +295,7 @@ impl Filesystem for IzoFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        OpCounters::bump(&self.r.ops.read);
         let f = match self.r.data_file(ino.0) {
             Ok(f) => f,
             Err(e) => return reply.error(errno(&e)),
@@ -319,6 +325,7 @@ impl Filesystem for IzoFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        OpCounters::bump(&self.r.ops.write);
         let append = self.append.lock().unwrap_or_else(|p| p.into_inner()).contains(&fh.0);
         let r = if append { self.r.append(ino.0, data) } else { self.r.write(ino.0, offset, data) };
         match r {
@@ -367,7 +374,35 @@ impl Filesystem for IzoFs {
         reply.ok();
     }
 
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // listings carry attributes (`ls -l`, `find`, rsync: no lookup per
+        // entry); the kernel picks readdir or readdirplus as it sees fit
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        Ok(())
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        OpCounters::bump(&self.r.ops.readdirplus);
+        let Some(all) = self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (e_ino, _, name)) in all.iter().enumerate().skip(offset as usize) {
+            // "." and ".." take no lookup reference; the others are current
+            // attributes (an entry removed since the listing is skipped)
+            let a = match self.r.get(if i < 2 { ino.0 } else { *e_ino }) {
+                Ok((_, c)) => attr(&c),
+                Err(_) => continue,
+            };
+            let a = FileAttr { ino: INodeNo(*e_ino), ..a };
+            if reply.add(INodeNo(*e_ino), i as u64 + 1, OsStr::from_bytes(name), &TTL, &a, GEN) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        OpCounters::bump(&self.r.ops.readdir);
         let Some(all) = self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
