@@ -721,6 +721,29 @@ impl Replica {
         Ok(())
     }
 
+    /// The server's attributes of objects that went idle (stashed from
+    /// their echoes) into the cache.
+    pub(crate) fn apply_ready(&self) -> R<()> {
+        let _g = lock(&self.apply);
+        let mut c = lock(&self.cml);
+        if c.ready.is_empty() {
+            return Ok(());
+        }
+        let mut edits = Vec::new();
+        let mut inval = Vec::new();
+        for a in std::mem::take(&mut c.ready) {
+            if let Some(cur) = self.cache.get(a.id)? {
+                if crate::replica::visible_change(&cur.attr, &a) {
+                    inval.push(crate::replica::Inval::Attr(cur.ino));
+                }
+                edits.push(Edit::attr(a));
+            }
+        }
+        self.cache.local(&edits)?;
+        self.invalidate(inval);
+        Ok(())
+    }
+
     /// Seal every unsealed write.
     pub(crate) fn seal_all(&self) -> R<()> {
         let _g = lock(&self.apply);
@@ -834,6 +857,9 @@ impl Replica {
                 sealed = Instant::now();
                 if let Err(e) = self.seal_all() {
                     tracing::warn!("sealing writes: {e}");
+                }
+                if let Err(e) = self.apply_ready() {
+                    tracing::warn!("taking the server's attributes: {e}");
                 }
             }
             if folded.elapsed() >= FOLD_EVERY {
@@ -1003,6 +1029,11 @@ impl Replica {
                 Ok(None) | Err(OpError::ReplyExpired(_)) => Ok(Applied { seq: 0, time: Timestamp::now(), attr: None }),
                 Err(e) => Err(e),
             });
+        }
+        if !lock(&self.cml).ready.is_empty() {
+            if let Err(e) = self.apply_ready() {
+                tracing::warn!("taking the server's attributes: {e}");
+            }
         }
         self.cml_answered.send_modify(|n| *n += 1);
     }

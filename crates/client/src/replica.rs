@@ -92,6 +92,8 @@ pub enum Inval {
     Inode(u64),
     /// A name in a directory (by the directory's inode).
     Entry(u64, Vec<u8>),
+    /// An inode's attributes only (its cached pages stay).
+    Attr(u64),
 }
 
 /// Requests the mount served, by kind (for `izo status` and the tests
@@ -195,6 +197,11 @@ pub struct Replica {
     open: Mutex<std::collections::HashMap<u64, u32>>,
 }
 
+/// Do two attribute sets differ in what `stat` shows?
+pub(crate) fn visible_change(a: &Attr, b: &Attr) -> bool {
+    (a.mode, a.uid, a.gid, a.size, a.mtime, a.nlink) != (b.mode, b.uid, b.gid, b.size, b.mtime, b.nlink)
+}
+
 /// Run `f` until it succeeds, backing off from `pause` to 5 s between tries.
 async fn retrying<F, Fut>(what: &str, mut pause: Duration, mut f: F)
 where
@@ -270,7 +277,7 @@ impl Replica {
         *self.inval.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
-    fn invalidate(&self, what: Vec<Inval>) {
+    pub(crate) fn invalidate(&self, what: Vec<Inval>) {
         if let Some(tx) = self.inval.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for w in what {
                 let _ = tx.send(w);
@@ -835,7 +842,7 @@ impl Replica {
     /// applied; its attributes only advance versions while the object has
     /// more local changes on the way. Someone else's never overwrite a
     /// local change the server has not seen.
-    fn filter(&self, e: Edit, own: bool, c: &mut Cml) -> R<Option<Edit>> {
+    fn filter(&self, e: Edit, own: bool, c: &mut Cml, inval: &mut Vec<Inval>) -> R<Option<Edit>> {
         Ok(match e {
             Edit::Link { .. } | Edit::Unlink { .. } | Edit::UnlinkIf { .. } | Edit::Forget { .. } if own => None,
             Edit::Put { attr, target, xattrs } if own => match self.cache.get(attr.id)? {
@@ -847,10 +854,14 @@ impl Replica {
                     c.stash.insert(id, attr);
                     Some(Edit::Versions { id, versions })
                 }
-                Some(_) => {
+                Some(cur) => {
                     // newer than anything stashed for it
                     c.stash.remove(&attr.id);
                     c.ready.retain(|a| a.id != attr.id);
+                    // the kernel may hold the local values (a local mtime)
+                    if visible_change(&cur.attr, &attr) {
+                        inval.push(Inval::Attr(cur.ino));
+                    }
                     Some(Edit::Put { attr, target, xattrs })
                 }
             },
@@ -894,7 +905,7 @@ impl Replica {
                     c.release(lsn); // its echo is here
                 }
                 for e in p.edits {
-                    if let Some(e) = self.filter(e, own.is_some(), &mut c)? {
+                    if let Some(e) = self.filter(e, own.is_some(), &mut c, &mut inval)? {
                         if let Edit::Forget { id } = &e {
                             forgotten.push((*id, self.ino(*id)?));
                         }
@@ -910,7 +921,10 @@ impl Replica {
                 c.release(l);
             }
             for a in std::mem::take(&mut c.ready) {
-                if self.cache.get(a.id)?.is_some() {
+                if let Some(cur) = self.cache.get(a.id)? {
+                    if visible_change(&cur.attr, &a) {
+                        inval.push(Inval::Attr(cur.ino));
+                    }
                     edits.push(Edit::attr(a));
                 }
             }

@@ -6,8 +6,8 @@
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use izo_client::cache::Cached;
 use izo_client::replica::{Inval, OpCounters, Replica, ReplicaError};
@@ -605,6 +605,8 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
         while let Ok(w) = rx.recv() {
             let r = match &w {
                 Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                // (a negative offset: attributes only, the page cache stays)
+                Inval::Attr(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
                 Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
             };
             if let Err(e) = r {
