@@ -662,6 +662,42 @@ impl Replica {
         Ok(())
     }
 
+    /// A file was written behind the daemon's back (a passthrough open:
+    /// the kernel wrote the cache file): its whole content counts as
+    /// written, its size and mtime are the cache file's.
+    pub fn rewritten(&self, ino: u64) -> R<()> {
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        if obj.attr.kind != FileKind::File {
+            return Ok(());
+        }
+        let path = self.cache.data_path(id);
+        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        let mut a = obj.attr.clone();
+        a.size = size;
+        a.mtime = self.now();
+        if obj.attr.nlink == 0 {
+            self.cache.local(&[Edit::attr(a)])?;
+            return Ok(());
+        }
+        let mut c = lock(&self.cml);
+        let mut edits = Vec::new();
+        if size < obj.attr.size {
+            // (shorter: the server must shrink it too)
+            self.seal_into(&mut c, id, &mut edits);
+            let e = CmlEntry { op: Op::Truncate { id, base: 0, size }, len: 0 };
+            let lsn = c.push(e.clone());
+            edits.push(Edit::Cml(lsn, e));
+        }
+        if size > 0 {
+            self.cache.log_dirty(id, 0, size)?;
+            c.dirty(id, 0, size);
+        }
+        edits.push(Edit::attr(a));
+        self.seal_into(&mut c, id, &mut edits);
+        self.commit_local(&mut c, edits, None).map(drop)
+    }
+
     /// A handle was flushed or released: seal the file's writes (with
     /// `--sync-close`, also wait for the server as fsync does).
     pub fn flush(&self, ino: u64) -> R<()> {

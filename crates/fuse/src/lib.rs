@@ -26,8 +26,42 @@ const TTL: Duration = Duration::from_secs(1);
 /// A listing taken at opendir: (inode, kind, name) of ".", "..", entries.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
 
+/// How a file handle reads and writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Read-only, served by the kernel from the cache file (passthrough).
+    Passthrough,
+    /// Read-only through the daemon (a writable open was there first).
+    Cached,
+    /// Writable.
+    Writable,
+    /// Writable, beside passthrough readers: the kernel requires every
+    /// open of an inode with a passthrough open to be passthrough, so its
+    /// writes go to the cache file without the daemon seeing them; at its
+    /// release the whole file counts as written.
+    PassthroughWritable,
+}
+
+/// Opens of one inode, and its backing file while passthrough opens last.
+#[derive(Default)]
+struct Opens {
+    passthrough: u32,
+    cached: u32,
+    writable: u32,
+    pt_writable: u32,
+    backing: Option<Arc<fuser::BackingId>>,
+}
+
 /// The file system the kernel talks to.
 pub struct IzoFs {
+    /// Opens per inode (passthrough is granted only to read-only opens of
+    /// an inode with no writable or daemon-served open, one backing id per
+    /// inode, dropped at the last passthrough release).
+    opens: std::sync::Mutex<std::collections::HashMap<u64, Opens>>,
+    /// Mode of each open handle.
+    modes: std::sync::Mutex<std::collections::HashMap<u64, (u64, Mode)>>,
+    /// The kernel accepted passthrough at init (and has not refused it).
+    passthrough: std::sync::atomic::AtomicBool,
     r: Arc<Replica>,
     /// Directory listings by handle: offsets index a snapshot taken at
     /// opendir, so a directory changing mid-listing (the stream applies
@@ -115,6 +149,52 @@ impl IzoFs {
         FileHandle(fh)
     }
 
+    /// Count an open of `ino` in `mode` under handle `fh`.
+    fn count_open(&self, o: &mut Opens, ino: u64, fh: u64, mode: Mode) {
+        match mode {
+            Mode::Passthrough => o.passthrough += 1,
+            Mode::Cached => o.cached += 1,
+            Mode::Writable => o.writable += 1,
+            Mode::PassthroughWritable => o.pt_writable += 1,
+        }
+        self.modes.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, (ino, mode));
+    }
+
+    /// A handle closed: uncount it; the last passthrough release drops the
+    /// backing id.
+    fn count_release(&self, fh: u64) {
+        let Some((ino, mode)) = self.modes.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh) else { return };
+        {
+            let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(o) = opens.get_mut(&ino) {
+                match mode {
+                    Mode::Passthrough => o.passthrough = o.passthrough.saturating_sub(1),
+                    Mode::Cached => o.cached = o.cached.saturating_sub(1),
+                    Mode::Writable => o.writable = o.writable.saturating_sub(1),
+                    Mode::PassthroughWritable => o.pt_writable = o.pt_writable.saturating_sub(1),
+                }
+                if o.passthrough == 0 && o.pt_writable == 0 {
+                    o.backing = None;
+                }
+                if o.passthrough == 0 && o.cached == 0 && o.writable == 0 && o.pt_writable == 0 {
+                    opens.remove(&ino);
+                }
+            }
+        }
+        if mode == Mode::PassthroughWritable {
+            // what it wrote went straight to the cache file
+            if let Err(e) = self.r.rewritten(ino) {
+                tracing::warn!("inode {ino}: taking the writes of a passthrough open: {e}");
+            }
+        }
+    }
+
+    /// Is a passthrough writer open on the inode (its size and mtime are
+    /// then the cache file's)?
+    fn pt_writing(&self, ino: u64) -> bool {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).is_some_and(|o| o.pt_writable > 0)
+    }
+
     fn entry(&self, r: Result<Cached, ReplicaError>, reply: ReplyEntry) {
         match r {
             Ok(c) => reply.entry(&TTL, &attr(&c), GEN),
@@ -146,7 +226,22 @@ impl Filesystem for IzoFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         OpCounters::bump(&self.r.ops.getattr);
         match self.r.get(ino.0) {
-            Ok((_, c)) => reply.attr(&TTL, &attr(&c)),
+            Ok((_, c)) => {
+                let mut a = attr(&c);
+                if self.pt_writing(ino.0) {
+                    // a passthrough writer: size and mtime as it left them
+                    if let Ok(m) = self
+                        .r
+                        .data_file(ino.0)
+                        .and_then(|f| f.metadata().map_err(|e| ReplicaError::Invalid(e.to_string())))
+                    {
+                        a.size = m.len();
+                        a.blocks = m.len().div_ceil(512);
+                        a.mtime = m.modified().unwrap_or(a.mtime);
+                    }
+                }
+                reply.attr(&TTL, &a)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -261,12 +356,69 @@ impl Filesystem for IzoFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.r.get(ino.0) {
+        let c = match self.r.get(ino.0) {
+            Ok((_, c)) => c,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+        let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+        let o = opens.entry(ino.0).or_default();
+        // A read-only open of a file (fully cached: replicate mode) with no
+        // writable or daemon-served open: the kernel reads the cache file
+        // itself. One backing id per inode while such opens last.
+        // An inode with a passthrough open takes only passthrough opens
+        // (the kernel's rule): a writer then writes the cache file directly.
+        if let (Some(b), false) = (o.backing.clone(), read_only) {
+            let fh = self.handle(ino.0, flags.0);
+            self.count_open(o, ino.0, fh.0, Mode::PassthroughWritable);
+            OpCounters::bump(&self.r.ops.passthrough_opens);
+            return reply.opened_passthrough(fh, FopenFlags::empty(), &b);
+        }
+        if read_only
+            && c.attr.kind == FileKind::File
+            && o.writable == 0
+            && o.cached == 0
+            && self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let backing = match &o.backing {
+                Some(b) => Some(b.clone()),
+                // (read-write: a writer may join it, see above)
+                None => match self.r.data_file(ino.0) {
+                    Err(_) => None, // (this open goes through the daemon)
+                    Ok(f) => match reply.open_backing(&f) {
+                        Ok(b) => {
+                            let b = Arc::new(b);
+                            o.backing = Some(b.clone());
+                            Some(b)
+                        }
+                        Err(e) => {
+                            // refused (an old kernel, a stacked cache file
+                            // system): no passthrough from now on, silently
+                            tracing::info!("FUSE passthrough unavailable ({e}); reads go through the daemon");
+                            self.passthrough.store(false, std::sync::atomic::Ordering::Relaxed);
+                            None
+                        }
+                    },
+                },
+            };
+            if let Some(b) = backing {
+                let fh = self.handle(ino.0, flags.0);
+                self.count_open(o, ino.0, fh.0, Mode::Passthrough);
+                OpCounters::bump(&self.r.ops.passthrough_opens);
+                return reply.opened_passthrough(fh, FopenFlags::empty(), &b);
+            }
+        }
+        let fh = self.handle(ino.0, flags.0);
+        if read_only {
+            self.count_open(o, ino.0, fh.0, Mode::Cached);
             // the page cache stays across opens: remote changes drop it
             // (the notifier thread), local ones go through it
-            Ok(_) => reply.opened(self.handle(ino.0, flags.0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+            return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
         }
+        // Writable: through the daemon and the page cache (shared-writable
+        // mmap works, as linkers need).
+        self.count_open(o, ino.0, fh.0, Mode::Writable);
+        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn release(
@@ -280,6 +432,7 @@ impl Filesystem for IzoFs {
         reply: ReplyEmpty,
     ) {
         self.append.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        self.count_release(fh.0);
         self.r.released(ino.0);
         reply.ok();
     }
@@ -378,6 +531,14 @@ impl Filesystem for IzoFs {
         // listings carry attributes (`ls -l`, `find`, rsync: no lookup per
         // entry); the kernel picks readdir or readdirplus as it sees fit
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // read-only opens of cached files go straight to the cache file
+        // (kernel >= 6.9); the cache sits on an ordinary file system, one
+        // level below this one
+        let pt = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+        if !pt {
+            tracing::info!("the kernel offers no FUSE passthrough; reads go through the daemon");
+        }
+        self.passthrough.store(pt, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -529,7 +690,12 @@ impl Filesystem for IzoFs {
     ) {
         let perm = mode & 0o7777 & !umask;
         match self.r.create(parent.0, name.as_bytes(), FileKind::File, perm, req.uid(), req.gid(), None) {
-            Ok(c) => reply.created(&TTL, &attr(&c), GEN, self.handle(c.ino, flags), FopenFlags::empty()),
+            Ok(c) => {
+                let fh = self.handle(c.ino, flags);
+                let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+                self.count_open(opens.entry(c.ino).or_default(), c.ino, fh.0, Mode::Writable);
+                reply.created(&TTL, &attr(&c), GEN, fh, FopenFlags::empty())
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -593,6 +759,9 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
     let (tx, rx) = mpsc::channel::<Inval>();
     replica.set_invalidator(tx);
     let fs = IzoFs {
+        opens: Default::default(),
+        modes: Default::default(),
+        passthrough: Default::default(),
         r: replica,
         dirs: Default::default(),
         append: Default::default(),

@@ -9,6 +9,7 @@ mod hostile;
 mod mount;
 mod ops;
 mod owners;
+mod passthrough;
 mod replay;
 mod retention;
 mod security;
