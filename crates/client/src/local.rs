@@ -417,7 +417,7 @@ impl Replica {
             return Err(ReplicaError::IsDir);
         }
         let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let f = self.writer(ino, id)?;
         f.write_all_at(data, offset).map_err(io(&path))?;
         let mut a = obj.attr.clone();
         a.size = a.size.max(offset + data.len() as u64);
@@ -432,6 +432,20 @@ impl Replica {
         c.dirty(id, offset, data.len() as u64);
         self.commit_local(&mut c, vec![Edit::attr(a)], None)?;
         Ok(data.len())
+    }
+
+    /// The data file of an open inode, opened for writing once while
+    /// handles are open (dropped at the last close).
+    fn writer(&self, ino: u64, id: ObjectId) -> R<Arc<File>> {
+        if let Some(f) = lock(&self.writers).get(&ino) {
+            return Ok(f.clone());
+        }
+        let path = self.cache.data_path(id);
+        let f = Arc::new(OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?);
+        if self.is_open(ino) {
+            lock(&self.writers).insert(ino, f.clone());
+        }
+        Ok(f)
     }
 
     /// Append at the end of the file as the server has it: sent at once

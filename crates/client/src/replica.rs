@@ -186,6 +186,8 @@ pub struct Replica {
     pub sync_close: std::sync::atomic::AtomicBool,
     /// Requests served by the mount.
     pub ops: OpCounters,
+    /// Data files open for writing, by inode, while handles are open.
+    pub(crate) writers: Mutex<std::collections::HashMap<u64, Arc<File>>>,
     inval: Mutex<Option<mpsc::Sender<Inval>>>,
     /// Seq of the last record applied to the cache.
     applied: tokio::sync::watch::Sender<Seq>,
@@ -262,6 +264,7 @@ impl Replica {
             waiting: Mutex::new(Default::default()),
             sync_close: Default::default(),
             ops: Default::default(),
+            writers: Default::default(),
             inval: Mutex::new(None),
             applied,
             last_time: Mutex::new(None),
@@ -1040,6 +1043,7 @@ impl Replica {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 open.remove(&ino);
+                self.writers.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
                 true
             } else {
                 false
