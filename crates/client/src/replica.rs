@@ -320,30 +320,43 @@ impl Replica {
         let (entries, seq) = self.client.snapshot().await?;
         let mut p = Progress { objects: entries.len() as u64, ..Progress::default() };
         // (an earlier initial sync may have been cut short: start clean)
-        let mut edits = Vec::with_capacity(entries.len() * 2 + 1);
-        edits.push(Edit::ClearEntries);
         let present: std::collections::HashSet<ObjectId> = entries.iter().map(|e| e.attr.id).collect();
+        let mut edits = vec![Edit::ClearEntries];
         for id in self.cache.ids()? {
             if !present.contains(&id) {
                 edits.push(Edit::Forget { id });
             }
         }
+        drop(present);
+        // The namespace goes in in slices (nothing is mounted yet, and the
+        // position is set only at the end: a cut-short sync starts over), so
+        // memory stays that of the snapshot, not of its edits and log too.
         let mut files = Vec::new();
-        for e in &entries {
-            edits.push(Edit::Put { attr: e.attr.clone(), target: e.target.clone(), xattrs: Some(e.xattrs.clone()) });
-            for (parent, name) in &e.links {
-                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: e.attr.id });
+        for e in entries {
+            edits.push(Edit::Put { attr: e.attr.clone(), target: e.target, xattrs: Some(e.xattrs) });
+            for (parent, name) in e.links {
+                edits.push(Edit::Link { parent, name, id: e.attr.id });
             }
             if e.attr.kind == FileKind::File {
                 files.push((e.attr.id, e.attr.size));
                 p.files += 1;
                 p.bytes += e.attr.size;
             }
+            if edits.len() >= 8192 {
+                self.cache.local(&std::mem::take(&mut edits))?;
+            }
         }
-        self.cache.change(&edits)?;
+        self.cache.local(&edits)?;
+        drop(edits);
+        self.cache.fold()?;
         progress(&p);
-        for (id, size) in files {
-            self.fetch(id, 0, size, Some(size)).await?;
+        // file contents, several fetches in flight
+        use futures_util::stream::{self, StreamExt};
+        let mut fetches = stream::iter(files)
+            .map(|(id, size)| async move { self.fetch(id, 0, size, Some(size)).await.map(|()| size) })
+            .buffer_unordered(16);
+        while let Some(r) = fetches.next().await {
+            let size = r?;
             p.files_done += 1;
             p.bytes_done += size;
             progress(&p);
@@ -587,8 +600,19 @@ impl Replica {
                 edits.push(Edit::Forget { id });
             }
         }
-        for e in entries.iter().filter(|e| e.attr.kind == FileKind::File) {
-            self.fetch_changed(e.attr.id, e.attr.size, &e.blocks).await?;
+        {
+            use futures_util::stream::{self, StreamExt};
+            let jobs: Vec<(ObjectId, u64, Vec<[u8; 32]>)> = entries
+                .iter()
+                .filter(|e| e.attr.kind == FileKind::File)
+                .map(|e| (e.attr.id, e.attr.size, e.blocks.clone()))
+                .collect();
+            let mut fetches = stream::iter(jobs)
+                .map(|(id, size, blocks)| async move { self.fetch_changed(id, size, &blocks).await })
+                .buffer_unordered(16);
+            while let Some(r) = fetches.next().await {
+                r?;
+            }
         }
         edits.push(Edit::Seq(seq));
         {
