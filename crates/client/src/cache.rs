@@ -69,6 +69,9 @@ enum LogRec {
     Dirty(ObjectId, u64, u64),
 }
 
+/// redb's page cache for the cache database.
+const CACHE_BYTES: usize = 16 << 20;
+
 /// Inode number of the volume root.
 pub const ROOT_INO: u64 = 1;
 
@@ -201,7 +204,12 @@ impl Cache {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(|err| CacheError::Io { path: data.clone(), err })?;
         let path = dir.join("cache.redb");
-        let db = Database::create(&path).map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
+        // (redb's own page cache is bounded small: the kernel's page cache
+        // holds the file anyway, and the daemon's memory is per file)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
         let c = Cache {
             db,
             path,

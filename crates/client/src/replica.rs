@@ -344,6 +344,7 @@ impl Replica {
             }
             if edits.len() >= 8192 {
                 self.cache.local(&std::mem::take(&mut edits))?;
+                self.cache.fold()?; // (the in-memory layer stays small)
             }
         }
         self.cache.local(&edits)?;
