@@ -17,7 +17,7 @@
 //! synced, so no phase pays for another's dirty pages.
 //!
 //! Usage: `cargo bench -p izo --bench core -- [--quick] [--runs N]
-//! [--creates N] [--mib N] [--w2 PATH] [--silence-ms N]`; `bench/run` wraps
+//! [--creates N] [--mib N] [--w2 PATH] [--silence-ms N]`; `bench/core` wraps
 //! it. `--silence-ms` overrides the client's dead-server timeout, for
 //! diagnosis only. W2 comes from `--w2`, else `$IZO_WORKLOADS/w2.bin`, else
 //! `/var/tmp/izo-workloads/w2.bin`. The `izo` binary comes from `$IZO_BIN`,
@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 const CHUNK: usize = 1 << 20;
 const TARGET_CREATES: f64 = 10_000.0;
 const TARGET_WRITE_RATIO: f64 = 0.5;
-/// Where exports and native files go: `$IZO_BENCH_ROOT` (bench/run points
+/// Where exports and native files go: `$IZO_BENCH_ROOT` (bench/core points
 /// it at a fresh loop-mounted ext4), else /var/tmp.
 fn bench_root() -> String {
     std::env::var("IZO_BENCH_ROOT").unwrap_or_else(|_| "/var/tmp".into())
@@ -333,7 +333,7 @@ async fn izo_write(c: &Client, data: &[u8], sync_dir: &Path) -> Result<(Duration
 
 fn read_w2(path: &Path, len: usize) -> Result<Vec<u8>> {
     let f = File::open(path)
-        .with_context(|| format!("opening W2 at {} (build it with bench/run or w1.sh)", path.display()))?;
+        .with_context(|| format!("opening W2 at {} (build it with bench/core or w1.sh)", path.display()))?;
     let mut data = Vec::with_capacity(len);
     f.take(len as u64).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
     ensure!(data.len() == len, "{} holds {} bytes, fewer than the {len} wanted", path.display(), data.len());
