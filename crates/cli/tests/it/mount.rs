@@ -32,7 +32,9 @@ fn converge(trees: &[&Path], what: &str) {
         if diffs.iter().all(|d| d.is_empty()) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "{what}: trees differ after 5 s: {diffs:#?}");
+        // (the server applies to its export after it answers: on a starved
+        // machine that lags by seconds)
+        assert!(start.elapsed() < Duration::from_secs(15), "{what}: trees differ after 15 s: {diffs:#?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
