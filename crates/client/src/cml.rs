@@ -137,7 +137,7 @@ impl Cml {
                     expect.id == id
                 }
                 Op::Link { id: i, .. } if *i == id => return None,
-                op => op_id(op) == Some(id),
+                op => op.changed_object() == Some(id),
             };
             if touches {
                 if *sent {
@@ -152,20 +152,6 @@ impl Cml {
 
 fn held(c: &Cml, lsn: u64, id: ObjectId) -> bool {
     c.objs_of.get(&lsn).is_some_and(|v| v.contains(&id))
-}
-
-/// The object a data or attribute op changes.
-pub(crate) fn op_id(op: &Op) -> Option<ObjectId> {
-    match op {
-        Op::Write { id, .. }
-        | Op::Truncate { id, .. }
-        | Op::Allocate { id, .. }
-        | Op::PunchHole { id, .. }
-        | Op::SetAttr { id, .. }
-        | Op::SetXattr { id, .. }
-        | Op::RemoveXattr { id, .. } => Some(*id),
-        _ => None,
-    }
 }
 
 /// Every object an op changes (directories whose entries change included).
@@ -187,7 +173,7 @@ pub(crate) fn objs(op: &Op) -> Vec<ObjectId> {
             }
             v
         }
-        op => op_id(op).into_iter().collect(),
+        op => op.changed_object().into_iter().collect(),
     }
 }
 

@@ -5,11 +5,11 @@
 //! SIGKILL of the daemon); `fsync` and `izo sync` wait for the server.
 
 use crate::cache::{Cached, CmlEntry, Edit, Parked, ROOT_INO};
-use crate::cml::{objs, op_id, Cml};
-use crate::replica::{io, punch_fd, Replica, ReplicaError};
+use crate::cml::{objs, Cml};
+use crate::replica::{io, open_data, punch_fd, Replica, ReplicaError};
 use crate::{ClientError, Pending};
 use izo_proto::*;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -441,7 +441,7 @@ impl Replica {
             return Ok(f.clone());
         }
         let path = self.cache.data_path(id);
-        let f = Arc::new(OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?);
+        let f = Arc::new(open_data(&path)?);
         if self.is_open(ino) {
             lock(&self.writers).insert(ino, f.clone());
         }
@@ -466,13 +466,7 @@ impl Replica {
                     Ok(applied) => {
                         let _g = lock(&self.apply);
                         let path = self.cache.data_path(id);
-                        let f = OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&path)
-                            .map_err(io(&path))?;
-                        f.write_all_at(chunk, at).map_err(io(&path))?;
+                        open_data(&path)?.write_all_at(chunk, at).map_err(io(&path))?;
                         // the server's attributes (its mtime), unless the
                         // stream already brought newer ones
                         let mut a = self.cached(id)?.attr;
@@ -571,7 +565,7 @@ impl Replica {
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
         let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let f = open_data(&path)?;
         let mut a = obj.attr.clone();
         let op = match mode {
             0 => {
@@ -609,7 +603,7 @@ impl Replica {
                 return Err(ReplicaError::IsDir);
             }
             let path = self.cache.data_path(id);
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+            let f = open_data(&path)?;
             f.set_len(size).map_err(io(&path))?;
             a.size = size;
             a.mtime = self.now();
@@ -1049,7 +1043,7 @@ impl Replica {
                         "the server refused a change made here ({err}): {:?} on {:?}; it is kept in the cache's \
                          parked list (izo status) and this replica resyncs from the server",
                         std::mem::discriminant(&e.op),
-                        op_id(&e.op).or_else(|| objs(&e.op).get(1).copied()),
+                        e.op.changed_object().or_else(|| objs(&e.op).get(1).copied()),
                     );
                     c.parked += 1;
                     c.resync = true;
@@ -1102,7 +1096,7 @@ impl Replica {
                 };
                 let what = format!("{:?}", p.op);
                 let what = what.split([' ', '{']).next().unwrap_or("op").to_string();
-                let obj = op_id(&p.op).or_else(|| objs(&p.op).get(1).copied());
+                let obj = p.op.changed_object().or_else(|| objs(&p.op).get(1).copied());
                 format!(
                     "change {lsn}: {what} on {} ({bytes} bytes kept): {}",
                     obj.map(|o| o.to_string()).unwrap_or_default(),

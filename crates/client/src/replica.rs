@@ -230,7 +230,7 @@ pub(crate) fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
 
 fn allocate(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
     use std::os::fd::AsRawFd;
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))?;
+    let f = open_data(path)?;
     // SAFETY: plain syscall on an open fd.
     if unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) } != 0 {
         return Err(io(path)(std::io::Error::last_os_error()));
@@ -239,8 +239,13 @@ fn allocate(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
 }
 
 fn punch(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))?;
+    let f = open_data(path)?;
     punch_fd(&f, offset, len).map_err(io(path))
+}
+
+/// Open (creating) a data file for writing, keeping its content.
+pub(crate) fn open_data(path: &std::path::Path) -> R<File> {
+    OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))
 }
 
 pub(crate) fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> ReplicaError + '_ {
@@ -371,7 +376,7 @@ impl Replica {
     /// file, then set the file's size to `size` if given.
     async fn fetch(&self, id: ObjectId, offset: u64, len: u64, size: Option<u64>) -> R<()> {
         let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let f = open_data(&path)?;
         if len > 0 {
             let mut failed = None;
             let r = self
@@ -430,7 +435,7 @@ impl Replica {
     /// Write fetched pieces into a data file.
     fn put_segments(&self, id: ObjectId, segs: &[Segment]) -> R<()> {
         let path = self.cache.data_path(id);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        let f = open_data(&path)?;
         for s in segs {
             match s {
                 Segment::Data(at, b) => f.write_all_at(b, *at).map_err(io(&path))?,
@@ -770,13 +775,7 @@ impl Replica {
                     if !data.is_empty() {
                         land(*id, &|| {
                             let path = self.cache.data_path(*id);
-                            let f = OpenOptions::new()
-                                .create(true)
-                                .truncate(false)
-                                .write(true)
-                                .open(&path)
-                                .map_err(io(&path))?;
-                            f.write_all_at(data, *offset).map_err(io(&path))
+                            open_data(&path)?.write_all_at(data, *offset).map_err(io(&path))
                         })?;
                     } else if let Some(segs) = self.fetch_mem(*id, *offset, r.elided).await? {
                         land(*id, &|| self.put_segments(*id, &segs))?;
@@ -824,7 +823,7 @@ impl Replica {
                 if a.kind == FileKind::File {
                     land(a.id, &|| {
                         let path = self.cache.data_path(a.id);
-                        if let Ok(f) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
+                        if let Ok(f) = open_data(&path) {
                             let _ = f.set_len(a.size);
                         }
                         Ok(())

@@ -141,6 +141,14 @@ pub enum Op {
 }
 
 impl Op {
+    /// The object a data or attribute op changes (`None` for entry ops).
+    pub fn changed_object(&self) -> Option<ObjectId> {
+        self.data_target().or(match self {
+            Op::SetAttr { id, .. } | Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => Some(*id),
+            _ => None,
+        })
+    }
+
     /// The file whose content a data op (write, truncate, allocate,
     /// punch-hole) changes.
     pub fn data_target(&self) -> Option<ObjectId> {

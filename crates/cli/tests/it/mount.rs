@@ -63,6 +63,14 @@ fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// Stop the server process (SIGSTOP) and wait until its clients have
+/// noticed the silence (750 ms) and count as disconnected.
+fn server_away(pid: u32) {
+    // SAFETY: plain syscall on a child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
 fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
     let cn = CString::new(name).expect("name");
@@ -716,8 +724,7 @@ async fn appends_from_two_replicas_interleave_and_a_stopped_server_queues_change
         // the server stops answering: changes are made here at once and
         // sent when it answers again; cached reads work; a call that needs
         // the server's answer (xattrs) fails fast and never happens later
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500)); // the clients notice the silence
+        server_away(pid);
         let t = std::time::Instant::now();
         std::fs::create_dir(ma.join("while-down")).expect("mkdir with the server stopped");
         std::fs::write(ma.join("while-down/f"), b"written offline").expect("write with the server stopped");
@@ -819,8 +826,7 @@ async fn offline_changes_coalesce_cancel_and_survive_a_sigkill() {
         let mut a = MountProc::start(&addr, &fp, &tok);
         let b = MountProc::start(&addr, &fp, &tok);
         let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500)); // the clients notice the silence
+        server_away(pid);
         let t = Instant::now();
         let mut want = Vec::new();
         {
@@ -882,8 +888,7 @@ async fn a_conflicting_offline_change_is_parked_with_its_bytes_and_the_replicas_
         let a = MountProc::start(&addr, &fp, &tok);
         let b = MountProc::start(&addr, &fp, &tok);
         let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500));
+        server_away(pid);
         std::fs::write(ma.join("shared"), b"version from A").expect("write on A");
         std::fs::write(mb.join("shared"), b"version from B, longer").expect("write on B");
         unsafe { libc::kill(pid as i32, libc::SIGCONT) };
@@ -951,8 +956,7 @@ async fn offline_removal_and_replacement_of_server_files_reach_the_server() {
         let _p = p;
         let a = MountProc::start(&addr, &fp, &tok);
         let ma = a.mnt.clone();
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500));
+        server_away(pid);
         std::fs::remove_file(ma.join("victim")).expect("rm offline");
         std::fs::write(ma.join("tmp"), b"new content").expect("write tmp");
         std::fs::rename(ma.join("tmp"), ma.join("target")).expect("rename over");
@@ -987,8 +991,7 @@ async fn a_foreign_change_held_back_while_busy_arrives_once_idle() {
         let a = MountProc::start(&addr, &fp, &tok);
         let b = MountProc::start(&addr, &fp, &tok);
         let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500));
+        server_away(pid);
         std::fs::set_permissions(ma.join("f"), std::fs::Permissions::from_mode(0o600)).expect("chmod on A");
         // A's daemon is held while B's write is applied first
         let apid = a.child.id() as i32;
@@ -1058,8 +1061,7 @@ async fn a_replica_behind_retention_with_a_change_on_the_way_catches_up() {
         let a = MountProc::start(&addr, &fp, &tok);
         let b = MountProc::start(&addr, &fp, &tok);
         let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(1500));
+        server_away(pid);
         std::fs::write(mb.join("bfile"), b"from B offline").expect("write on B");
         let bpid = b.child.id() as i32;
         unsafe { libc::kill(bpid, libc::SIGSTOP) };

@@ -391,15 +391,7 @@ fn named_ids(op: &Op, ids: &mut std::collections::HashSet<ObjectId>) {
             ids.extend([*parent, expect.id, *new_parent]);
             ids.extend(target.map(|t| t.id));
         }
-        Op::Write { id, .. }
-        | Op::Truncate { id, .. }
-        | Op::Allocate { id, .. }
-        | Op::PunchHole { id, .. }
-        | Op::SetAttr { id, .. }
-        | Op::SetXattr { id, .. }
-        | Op::RemoveXattr { id, .. } => {
-            ids.insert(*id);
-        }
+        op => ids.extend(op.changed_object()),
     }
 }
 
