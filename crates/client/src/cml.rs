@@ -14,7 +14,7 @@
 //! and the refused op is parked with its bytes, never dropped).
 
 use crate::cache::{CmlEntry, DirtyRanges};
-use izo_proto::{Attr, ObjectId, Op, RenameMode, Seq};
+use izo_proto::{Attr, ObjectId, Op, RenameMode, Seq, SetAttrs};
 use std::collections::{BTreeMap, HashMap};
 
 /// The in-memory side of the log (the database holds the entries).
@@ -68,6 +68,22 @@ impl Cml {
         self.hold(lsn, objs(&e.op));
         self.q.insert(lsn, (e, false));
         lsn
+    }
+
+    /// Join `next` into the newest queued entry if that is an unsent
+    /// SetAttr of `id` (nothing queued behind it, so no other op moves
+    /// relative to it); the edit that rewrites the entry, if joined.
+    pub fn merge_setattr(&mut self, id: ObjectId, next: &SetAttrs) -> Option<crate::cache::Edit> {
+        let (lsn, (e, sent)) = self.q.iter_mut().next_back()?;
+        let Op::SetAttr { id: on, attrs, .. } = &mut e.op else { return None };
+        if *sent || *on != id {
+            return None;
+        }
+        attrs.mode = next.mode.or(attrs.mode);
+        attrs.uid = next.uid.or(attrs.uid);
+        attrs.gid = next.gid.or(attrs.gid);
+        attrs.mtime = next.mtime.or(attrs.mtime);
+        Some(crate::cache::Edit::Cml(*lsn, e.clone()))
     }
 
     /// Hold objects for an lsn (until its record comes back or it fails).

@@ -24,6 +24,13 @@ const FSYNC_WAIT: Duration = Duration::from_secs(1);
 const SEAL_EVERY: Duration = Duration::from_millis(500);
 /// The log of local changes is folded into a durable commit this often.
 const FOLD_EVERY: Duration = Duration::from_secs(1);
+/// A sender woken less than this after its last send is in a burst of
+/// changes...
+const BURST: Duration = Duration::from_millis(1);
+/// ...and lets changes gather this long before sending them (a SetAttr
+/// joins the one before it, the connection writes many frames at once, the
+/// server gets fuller group commits). A lone change is sent at once.
+const GATHER: Duration = Duration::from_millis(1);
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -633,11 +640,20 @@ impl Replica {
         if obj.attr.nlink == 0 && obj.attr.kind == FileKind::File {
             ops.clear(); // open but removed: local only
         }
-        let last = ops.pop();
+        let mut last = ops.pop();
         for op in ops {
             let e = CmlEntry { op, len: 0 };
             let lsn = c.push(e.clone());
             edits.push(Edit::Cml(lsn, e));
+        }
+        // tar sets times, owner and mode one call after another: a SetAttr
+        // right behind an unsent SetAttr of the same object joins it (the
+        // later values win), one op for the server instead of three
+        if let Some(Op::SetAttr { attrs: next, .. }) = &last {
+            if let Some(e) = c.merge_setattr(id, next) {
+                edits.push(e);
+                last = None;
+            }
         }
         self.commit_local(&mut c, edits, last)?;
         drop(c);
@@ -896,6 +912,7 @@ impl Replica {
         let mut cursor = 0u64;
         let mut sealed = Instant::now();
         let mut folded = Instant::now();
+        let mut last_send: Option<Instant> = None;
         loop {
             if sealed.elapsed() >= SEAL_EVERY {
                 sealed = Instant::now();
@@ -940,7 +957,11 @@ impl Replica {
             let Some((lsn, e)) = next else {
                 let pause = if self.client.is_connected() && !paused { SEAL_EVERY } else { Duration::from_millis(50) };
                 tokio::select! {
-                    _ = self.cml_wake.notified() => {}
+                    _ = self.cml_wake.notified() => {
+                        if last_send.is_some_and(|t| t.elapsed() < BURST) {
+                            tokio::time::sleep(GATHER).await;
+                        }
+                    }
                     _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
@@ -962,6 +983,7 @@ impl Replica {
                 Ok(Some(op)) => match self.client.submit_at(lsn, op).await {
                     Ok(p) => {
                         cursor = lsn;
+                        last_send = Some(Instant::now());
                         let _ = tx.send((lsn, p));
                     }
                     Err(e) => {

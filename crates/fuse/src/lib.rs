@@ -138,7 +138,27 @@ fn attr(c: &Cached) -> FileAttr {
 
 const GEN: Generation = Generation(0);
 
+/// `mode` without the bits a chown or an unprivileged write clears (set-user-ID;
+/// set-group-ID when group-executable, as the kernel does), if any are set.
+fn kill_privs(mode: u32) -> Option<u32> {
+    let mut m = mode & !libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        m &= !libc::S_ISGID;
+    }
+    (m != mode).then_some(m)
+}
+
 impl IzoFs {
+    /// The mode `ino` gets when its set-id bits are cleared (a
+    /// non-directory with such bits), else None.
+    fn killed_privs(&self, ino: u64) -> Option<u32> {
+        let (_, c) = self.r.get(ino).ok()?;
+        if c.attr.kind == FileKind::Dir {
+            return None;
+        }
+        kill_privs(c.attr.mode)
+    }
+
     /// A new file handle on `ino` (counted open; O_APPEND remembered).
     fn handle(&self, ino: u64, flags: i32) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -248,7 +268,7 @@ impl Filesystem for IzoFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -264,7 +284,14 @@ impl Filesystem for IzoFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let attrs = SetAttrs { mode: mode.map(|m| m & 0o7777), uid, gid, mtime: mtime.map(stamp) };
+        let mut mode = mode.map(|m| m & 0o7777);
+        // the mount handles killing privileges (FUSE_HANDLE_KILLPRIV, see
+        // init): a chown clears the set-id bits of a non-directory, and so
+        // does a truncate by an unprivileged caller, as the kernel would
+        if mode.is_none() && (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0)) {
+            mode = self.killed_privs(ino.0);
+        }
+        let attrs = SetAttrs { mode, uid, gid, mtime: mtime.map(stamp) };
         match self.r.setattr(ino.0, size, attrs) {
             Ok(c) => reply.attr(&TTL, &attr(&c)),
             Err(e) => reply.error(errno(&e)),
@@ -468,7 +495,7 @@ impl Filesystem for IzoFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -482,12 +509,33 @@ impl Filesystem for IzoFs {
         let append = self.append.lock().unwrap_or_else(|p| p.into_inner()).contains(&fh.0);
         let r = if append { self.r.append(ino.0, data) } else { self.r.write(ino.0, offset, data) };
         match r {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                // (FUSE_HANDLE_KILLPRIV) an unprivileged write clears the
+                // set-id bits
+                if req.uid() != 0 {
+                    if let Some(m) = self.killed_privs(ino.0) {
+                        let attrs = SetAttrs { mode: Some(m), ..SetAttrs::default() };
+                        match self.r.setattr(ino.0, None, attrs) {
+                            // (the kernel still has the old mode)
+                            Ok(_) => self.r.invalidate_attr(ino.0),
+                            Err(e) => tracing::warn!("clearing the set-id bits of inode {} after a write: {e}", ino.0),
+                        }
+                    }
+                }
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+        // Without --sync-close, close() waits for nothing: the file's writes
+        // are sealed at release, which the kernel sends without making the
+        // closer wait. ENOSYS tells the kernel to stop sending FLUSH on this
+        // mount: one round trip less per close().
+        if !self.r.sync_close.load(std::sync::atomic::Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.r.flush(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -531,6 +579,13 @@ impl Filesystem for IzoFs {
         // listings carry attributes (`ls -l`, `find`, rsync: no lookup per
         // entry); the kernel picks readdir or readdirplus as it sees fit
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // set-id bits are cleared here on chown, unprivileged write and
+        // truncate (setattr, write): otherwise the kernel asks for fresh
+        // attributes before every chown, a GETATTR round trip per file tar
+        // extracts
+        if config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV).is_err() {
+            tracing::info!("the kernel does not let the mount clear set-id bits itself");
+        }
         // read-only opens of cached files go straight to the cache file
         // (kernel >= 6.9); the cache sits on an ordinary file system, one
         // level below this one

@@ -1082,3 +1082,111 @@ async fn a_replica_behind_retention_with_a_change_on_the_way_catches_up() {
     .await
     .expect("retention test");
 }
+
+/// The mount clears set-id bits itself (it takes FUSE_HANDLE_KILLPRIV, so
+/// the kernel stops asking for fresh attributes before each chown): a
+/// chown clears set-user-ID, and set-group-ID of a group-executable file;
+/// an unprivileged write clears them, root's does not; the server gets the
+/// same modes. And tar's utimens, chown, chmod of each file it makes, done
+/// while the server is away, reach it as one op per file with the last
+/// value of each attribute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    // (a trusted volume: the server keeps set-id bits)
+    let p = Proc::start_args(&dirs, "127.0.0.1:0", &["--trusted"]);
+    let (addr, fp, pid) = (p.addr.clone(), p.fingerprint.clone(), p.pid());
+    let ex = dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let a = MountProc::start(&addr, &fp, &tok);
+        let ma = a.mnt.clone();
+        // (an unprivileged user must reach the mount point)
+        let parent = ma.parent().expect("mount point's parent");
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).expect("chmod parent");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        let made = [("suid", 0o4755), ("sgid-x", 0o6775), ("sgid-nox", 0o2644), ("open", 0o4777), ("rootw", 0o4755)];
+        for (f, m) in made {
+            std::fs::write(ma.join(f), b"0123456789").expect("write");
+            std::fs::set_permissions(ma.join(f), std::fs::Permissions::from_mode(m)).expect("chmod");
+            assert_eq!(mode(&ma.join(f)), m, "{f} as made");
+        }
+        for f in ["suid", "sgid-x", "sgid-nox"] {
+            std::os::unix::fs::chown(ma.join(f), Some(1), Some(1)).expect("chown");
+        }
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd", "conv=notrunc", "status=none"])
+            .arg(format!("of={}", ma.join("open").display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().expect("stdin").write_all(b"x")?;
+                c.wait_with_output()
+            })
+            .expect("setpriv dd");
+        assert!(out.status.success(), "unprivileged write: {out:?}");
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(ma.join("rootw")).expect("open rootw");
+            f.write_all(b"y").expect("root's write");
+        }
+        izo_out(&["sync".as_ref(), ma.as_os_str()]);
+        let want = [("suid", 0o755), ("sgid-x", 0o775), ("sgid-nox", 0o2644), ("open", 0o777), ("rootw", 0o4755)];
+        for (f, m) in want {
+            // (the kernel may hold the old mode for its attribute timeout)
+            let t = Instant::now();
+            while mode(&ma.join(f)) != m && t.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(format!("{:o}", mode(&ma.join(f))), format!("{m:o}"), "{f} on the mount");
+            assert_eq!(format!("{:o}", mode(&ex.join(f))), format!("{m:o}"), "{f} on the server");
+        }
+        assert_eq!(std::fs::read(ex.join("open")).expect("open"), b"x123456789");
+        // a chown costs no GETATTR round trip (the kernel asks for fresh
+        // attributes before each one unless the mount clears the bits)
+        let getattrs = || {
+            let st = izo_out(&["status".as_ref(), ma.as_os_str()]);
+            let n = st.split("getattr ").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
+            n.and_then(|n| n.parse::<u64>().ok()).unwrap_or_else(|| panic!("no getattr count: {st}"))
+        };
+        let h = std::fs::File::open(ma.join("suid")).expect("open suid");
+        let g0 = getattrs();
+        for i in 0..20 {
+            std::os::unix::fs::fchown(&h, Some(10 + i), None).expect("fchown");
+        }
+        let g = getattrs() - g0;
+        assert!(g < 5, "{g} GETATTR requests for 20 chowns");
+
+        // tar's pattern, offline: create, write, utimens, chown, chmod
+        let before = status_count(&izo_out(&["status".as_ref(), ma.as_os_str()]), "answered,");
+        server_away(pid);
+        let n = 50u32;
+        for i in 0..n {
+            let f = ma.join(format!("t{i}"));
+            std::fs::write(&f, format!("file {i}")).expect("write");
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+            std::fs::File::options().write(true).open(&f).and_then(|h| h.set_modified(t)).expect("utimens");
+            std::os::unix::fs::chown(&f, Some(1000 + i), Some(2000 + i)).expect("chown");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600 + (i % 8) * 0o10)).expect("chmod");
+        }
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        izo_out(&["sync".as_ref(), ma.as_os_str()]);
+        let sent = status_count(&izo_out(&["status".as_ref(), ma.as_os_str()]), "answered,") - before;
+        assert!(
+            sent <= 3 * n as u64,
+            "{sent} ops for {n} files made the way tar makes them (create, write, one setattr each)"
+        );
+        for i in 0..n {
+            let m = std::fs::metadata(ex.join(format!("t{i}"))).expect("on the server");
+            assert_eq!((m.uid(), m.gid()), (1000 + i, 2000 + i), "t{i}'s owner on the server");
+            assert_eq!(m.mode() & 0o7777, 0o600 + (i % 8) * 0o10, "t{i}'s mode on the server");
+            assert_eq!(m.mtime(), 1_000_000 + i as i64, "t{i}'s mtime on the server");
+        }
+        converge(&[&ex, &ma], "after the offline attribute runs");
+    })
+    .await
+    .expect("set-id test");
+}
