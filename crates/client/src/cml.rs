@@ -70,20 +70,24 @@ impl Cml {
         lsn
     }
 
-    /// Join `next` into the newest queued entry if that is an unsent
+    /// `next` joined into the newest queued entry, if that is an unsent
     /// SetAttr of `id` (nothing queued behind it, so no other op moves
-    /// relative to it); the edit that rewrites the entry, if joined.
-    pub fn merge_setattr(&mut self, id: ObjectId, next: &SetAttrs) -> Option<crate::cache::Edit> {
-        let (lsn, (e, sent)) = self.q.iter_mut().next_back()?;
-        let Op::SetAttr { id: on, attrs, .. } = &mut e.op else { return None };
+    /// relative to it): its lsn and the joined entry, to log and then put
+    /// in its place.
+    pub fn merge_setattr(&self, id: ObjectId, next: &SetAttrs) -> Option<(u64, CmlEntry)> {
+        let (lsn, (e, sent)) = self.q.iter().next_back()?;
+        let Op::SetAttr { id: on, .. } = &e.op else { return None };
         if *sent || *on != id {
             return None;
         }
-        attrs.mode = next.mode.or(attrs.mode);
-        attrs.uid = next.uid.or(attrs.uid);
-        attrs.gid = next.gid.or(attrs.gid);
-        attrs.mtime = next.mtime.or(attrs.mtime);
-        Some(crate::cache::Edit::Cml(*lsn, e.clone()))
+        let mut e = e.clone();
+        if let Op::SetAttr { attrs, .. } = &mut e.op {
+            attrs.mode = next.mode.or(attrs.mode);
+            attrs.uid = next.uid.or(attrs.uid);
+            attrs.gid = next.gid.or(attrs.gid);
+            attrs.mtime = next.mtime.or(attrs.mtime);
+        }
+        Some((*lsn, e))
     }
 
     /// Hold objects for an lsn (until its record comes back or it fails).

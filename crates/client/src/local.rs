@@ -24,13 +24,18 @@ const FSYNC_WAIT: Duration = Duration::from_secs(1);
 const SEAL_EVERY: Duration = Duration::from_millis(500);
 /// The log of local changes is folded into a durable commit this often.
 const FOLD_EVERY: Duration = Duration::from_secs(1);
-/// A sender woken less than this after its last send is in a burst of
-/// changes...
-const BURST: Duration = Duration::from_millis(1);
-/// ...and lets changes gather this long before sending them (a SetAttr
-/// joins the one before it, the connection writes many frames at once, the
-/// server gets fuller group commits). A lone change is sent at once.
-const GATHER: Duration = Duration::from_millis(1);
+
+/// `mode` without the bits a chown or an unprivileged write clears
+/// (set-user-ID; set-group-ID when group-executable, as the kernel does),
+/// if any of them is set.
+pub fn killed_mode(mode: u32) -> Option<u32> {
+    let mut m = mode & !libc::S_ISUID;
+    let sgid_x = libc::S_ISGID | libc::S_IXGRP;
+    if mode & sgid_x == sgid_x {
+        m &= !libc::S_ISGID;
+    }
+    (m != mode).then_some(m)
+}
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -53,9 +58,13 @@ impl Replica {
         let _g = lock(&self.apply);
         let mut c = lock(&self.cml);
         c.next_lsn = self.client.next_cseq().max(entries.last().map(|(l, _)| l + 1).unwrap_or(0)).max(1);
+        // (counted as sent: any of them may have reached the server before
+        // the restart, so none may be cancelled or joined any more; the
+        // sender sends them all again in order, the server's reply cache
+        // answers those it applied)
         for (lsn, e) in entries {
             c.hold(lsn, objs(&e.op));
-            c.q.insert(lsn, (e, false));
+            c.q.insert(lsn, (e, true));
         }
         c.dirty = dirty;
         c.refresh = touched.into_iter().map(|id| (id, false)).collect();
@@ -380,6 +389,13 @@ impl Replica {
                     edits.push(Edit::Sealed { id: tid });
                 }
             }
+            // writes to what moves reach the server before the move (write,
+            // rename, then close: other replicas never see the new name
+            // without the bytes)
+            self.seal_into(&mut c, id, &mut edits);
+            if let (RenameMode::Exchange, Some(t)) = (mode, &tobj) {
+                self.seal_into(&mut c, t.attr.id, &mut edits);
+            }
             self.commit_local(&mut c, edits, Some(op))?;
             last
         };
@@ -408,9 +424,11 @@ impl Replica {
         }
         let mut a = obj.attr.clone();
         a.nlink += 1;
-        let edits = vec![Edit::attr(a), Edit::Link { parent: npid, name: new_name.to_vec(), id }, self.touch(npid, 0)?];
+        let mut edits =
+            vec![Edit::attr(a), Edit::Link { parent: npid, name: new_name.to_vec(), id }, self.touch(npid, 0)?];
         let op = Op::Link { id, parent: npid, name: new_name.to_vec() };
         let mut c = lock(&self.cml);
+        self.seal_into(&mut c, id, &mut edits);
         self.commit_local(&mut c, edits, Some(op))?;
         drop(c);
         self.cached(id)
@@ -599,10 +617,19 @@ impl Replica {
         self.commit_local(&mut c, edits, op).map(drop)
     }
 
-    /// Change attributes; `size` truncates.
-    pub fn setattr(&self, ino: u64, size: Option<u64>, attrs: SetAttrs) -> R<Cached> {
+    /// Change attributes; `size` truncates. With `kill_privs` (a chown, or
+    /// an unprivileged write or truncate: the mount clears set-id bits, not
+    /// the kernel) the set-id bits of a non-directory are cleared too,
+    /// unless `attrs` sets the mode.
+    pub fn setattr(&self, ino: u64, size: Option<u64>, mut attrs: SetAttrs, kill_privs: bool) -> R<Cached> {
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
+        if kill_privs && attrs.mode.is_none() && obj.attr.kind != FileKind::Dir {
+            attrs.mode = killed_mode(obj.attr.mode);
+        }
+        if size.is_none() && attrs == SetAttrs::default() {
+            return Ok(obj);
+        }
         let mut a = obj.attr.clone();
         let mut ops = Vec::new();
         if let Some(size) = size {
@@ -649,13 +676,21 @@ impl Replica {
         // tar sets times, owner and mode one call after another: a SetAttr
         // right behind an unsent SetAttr of the same object joins it (the
         // later values win), one op for the server instead of three
+        let mut merged = None;
         if let Some(Op::SetAttr { attrs: next, .. }) = &last {
-            if let Some(e) = c.merge_setattr(id, next) {
-                edits.push(e);
+            if let Some((lsn, e)) = c.merge_setattr(id, next) {
+                edits.push(Edit::Cml(lsn, e.clone()));
+                merged = Some((lsn, e));
                 last = None;
             }
         }
         self.commit_local(&mut c, edits, last)?;
+        // (queued as joined only once the log has it)
+        if let Some((lsn, e)) = merged {
+            if let Some((q, _)) = c.q.get_mut(&lsn) {
+                *q = e;
+            }
+        }
         drop(c);
         self.cached(id)
     }
@@ -912,7 +947,6 @@ impl Replica {
         let mut cursor = 0u64;
         let mut sealed = Instant::now();
         let mut folded = Instant::now();
-        let mut last_send: Option<Instant> = None;
         loop {
             if sealed.elapsed() >= SEAL_EVERY {
                 sealed = Instant::now();
@@ -957,11 +991,7 @@ impl Replica {
             let Some((lsn, e)) = next else {
                 let pause = if self.client.is_connected() && !paused { SEAL_EVERY } else { Duration::from_millis(50) };
                 tokio::select! {
-                    _ = self.cml_wake.notified() => {
-                        if last_send.is_some_and(|t| t.elapsed() < BURST) {
-                            tokio::time::sleep(GATHER).await;
-                        }
-                    }
+                    _ = self.cml_wake.notified() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
@@ -983,7 +1013,6 @@ impl Replica {
                 Ok(Some(op)) => match self.client.submit_at(lsn, op).await {
                     Ok(p) => {
                         cursor = lsn;
-                        last_send = Some(Instant::now());
                         let _ = tx.send((lsn, p));
                     }
                     Err(e) => {
@@ -1131,5 +1160,29 @@ impl Replica {
     /// The root's inode number (for callers that only know the API).
     pub fn root(&self) -> u64 {
         ROOT_INO
+    }
+}
+
+#[cfg(test)]
+mod kill_tests {
+    use super::killed_mode;
+
+    /// Against the kernel's rule, over every mode: set-user-ID always goes,
+    /// set-group-ID only with group-execute, nothing else changes, and
+    /// nothing is returned when nothing would change.
+    #[test]
+    fn killed_mode_clears_what_the_kernel_clears() {
+        for mode in 0..=0o7777u32 {
+            let suid = mode & 0o4000 != 0;
+            let sgid_x = mode & 0o2010 == 0o2010;
+            let want = mode & !0o4000 & if sgid_x { !0o2000 } else { !0 };
+            match killed_mode(mode) {
+                Some(m) => {
+                    assert!(suid || sgid_x, "{mode:o} had nothing to clear");
+                    assert_eq!(m, want, "{mode:o}");
+                }
+                None => assert!(!suid && !sgid_x, "{mode:o} keeps its set-id bits"),
+            }
+        }
     }
 }

@@ -285,12 +285,6 @@ impl Replica {
         *self.inval.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
-    /// Have the kernel drop what it caches of `ino`'s attributes (sent
-    /// by the notifier thread, never from inside a request).
-    pub fn invalidate_attr(&self, ino: u64) {
-        self.invalidate(vec![Inval::Attr(ino)]);
-    }
-
     pub(crate) fn invalidate(&self, what: Vec<Inval>) {
         if let Some(tx) = self.inval.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for w in what {

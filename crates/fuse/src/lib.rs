@@ -138,27 +138,7 @@ fn attr(c: &Cached) -> FileAttr {
 
 const GEN: Generation = Generation(0);
 
-/// `mode` without the bits a chown or an unprivileged write clears (set-user-ID;
-/// set-group-ID when group-executable, as the kernel does), if any are set.
-fn kill_privs(mode: u32) -> Option<u32> {
-    let mut m = mode & !libc::S_ISUID;
-    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-        m &= !libc::S_ISGID;
-    }
-    (m != mode).then_some(m)
-}
-
 impl IzoFs {
-    /// The mode `ino` gets when its set-id bits are cleared (a
-    /// non-directory with such bits), else None.
-    fn killed_privs(&self, ino: u64) -> Option<u32> {
-        let (_, c) = self.r.get(ino).ok()?;
-        if c.attr.kind == FileKind::Dir {
-            return None;
-        }
-        kill_privs(c.attr.mode)
-    }
-
     /// A new file handle on `ino` (counted open; O_APPEND remembered).
     fn handle(&self, ino: u64, flags: i32) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -274,7 +254,7 @@ impl Filesystem for IzoFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -284,15 +264,18 @@ impl Filesystem for IzoFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let mut mode = mode.map(|m| m & 0o7777);
-        // the mount handles killing privileges (FUSE_HANDLE_KILLPRIV, see
-        // init): a chown clears the set-id bits of a non-directory, and so
-        // does a truncate by an unprivileged caller, as the kernel would
-        if mode.is_none() && (uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0)) {
-            mode = self.killed_privs(ino.0);
-        }
-        let attrs = SetAttrs { mode, uid, gid, mtime: mtime.map(stamp) };
-        match self.r.setattr(ino.0, size, attrs) {
+        // The mount clears set-id bits, not the kernel (FUSE_HANDLE_KILLPRIV,
+        // see init): on a chown (a chown to -1:-1 arrives with its ctime
+        // only), a truncate by an unprivileged caller, and a request with
+        // nothing to set, which is what the kernel sends when it would have
+        // cleared them itself (a write by a caller without CAP_FSETID,
+        // through the daemon or passed through, fallocate, copy_file_range)
+        // (the reply carries the new mode to the kernel)
+        let empty =
+            mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
+        let kill = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0) || empty;
+        let attrs = SetAttrs { mode: mode.map(|m| m & 0o7777), uid, gid, mtime: mtime.map(stamp) };
+        match self.r.setattr(ino.0, size, attrs, kill) {
             Ok(c) => reply.attr(&TTL, &attr(&c)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -495,7 +478,7 @@ impl Filesystem for IzoFs {
 
     fn write(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -509,33 +492,17 @@ impl Filesystem for IzoFs {
         let append = self.append.lock().unwrap_or_else(|p| p.into_inner()).contains(&fh.0);
         let r = if append { self.r.append(ino.0, data) } else { self.r.write(ino.0, offset, data) };
         match r {
-            Ok(n) => {
-                // (FUSE_HANDLE_KILLPRIV) an unprivileged write clears the
-                // set-id bits
-                if req.uid() != 0 {
-                    if let Some(m) = self.killed_privs(ino.0) {
-                        let attrs = SetAttrs { mode: Some(m), ..SetAttrs::default() };
-                        match self.r.setattr(ino.0, None, attrs) {
-                            // (the kernel still has the old mode)
-                            Ok(_) => self.r.invalidate_attr(ino.0),
-                            Err(e) => tracing::warn!("clearing the set-id bits of inode {} after a write: {e}", ino.0),
-                        }
-                    }
-                }
-                reply.written(n as u32)
-            }
+            Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
-        // Without --sync-close, close() waits for nothing: the file's writes
-        // are sealed at release, which the kernel sends without making the
-        // closer wait. ENOSYS tells the kernel to stop sending FLUSH on this
-        // mount: one round trip less per close().
-        if !self.r.sync_close.load(std::sync::atomic::Ordering::Relaxed) {
-            return reply.error(Errno::ENOSYS);
-        }
+        // (close waits for this: the file's writes are sealed before
+        // anything the closer does next, so other replicas see changes in
+        // the order they were made: `echo x > f.tmp; mv f.tmp f` never shows
+        // an empty f. RELEASE would be too late: the kernel sends it in the
+        // background)
         match self.r.flush(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),

@@ -793,6 +793,13 @@ fn izo_out(args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Requests of one kind the mount at `mnt` served ("getattr 12" in `izo status`).
+fn served(mnt: &Path, kind: &str) -> u64 {
+    let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+    let n = st.split(&format!(" {kind} ")).nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
+    n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no {kind} count: {st}"))
+}
+
 /// The number before `word` in `izo status` output ("3 answered").
 fn status_count(status: &str, word: &str) -> u64 {
     let at = status.find(word).unwrap_or_else(|| panic!("status lacks {word:?}: {status}"));
@@ -1107,7 +1114,15 @@ async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
         let parent = ma.parent().expect("mount point's parent");
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).expect("chmod parent");
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
-        let made = [("suid", 0o4755), ("sgid-x", 0o6775), ("sgid-nox", 0o2644), ("open", 0o4777), ("rootw", 0o4755)];
+        let made = [
+            ("suid", 0o4755),
+            ("sgid-x", 0o6775),
+            ("sgid-nox", 0o2644),
+            ("open", 0o4777),
+            ("rootw", 0o4755),
+            ("pt", 0o4777),
+            ("nochown", 0o4755),
+        ];
         for (f, m) in made {
             std::fs::write(ma.join(f), b"0123456789").expect("write");
             std::fs::set_permissions(ma.join(f), std::fs::Permissions::from_mode(m)).expect("chmod");
@@ -1116,25 +1131,47 @@ async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
         for f in ["suid", "sgid-x", "sgid-nox"] {
             std::os::unix::fs::chown(ma.join(f), Some(1), Some(1)).expect("chown");
         }
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd", "conv=notrunc", "status=none"])
-            .arg(format!("of={}", ma.join("open").display()))
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().expect("stdin").write_all(b"x")?;
-                c.wait_with_output()
-            })
-            .expect("setpriv dd");
-        assert!(out.status.success(), "unprivileged write: {out:?}");
+        // chown(f, -1, -1) clears them too
+        let c = CString::new(ma.join("nochown").as_os_str().as_bytes()).expect("path");
+        // SAFETY: a NUL-terminated path; -1 leaves owner and group.
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), u32::MAX, u32::MAX) }, 0, "chown -1:-1");
+        let nobody_writes = |f: &str| {
+            let out = std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd", "conv=notrunc", "status=none"])
+                .arg(format!("of={}", ma.join(f).display()))
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().expect("stdin").write_all(b"x")?;
+                    c.wait_with_output()
+                })
+                .expect("setpriv dd");
+            assert!(out.status.success(), "unprivileged write to {f}: {out:?}");
+        };
+        nobody_writes("open");
+        // a write passed through to the cache file (a reader holds a
+        // passthrough open): the kernel's signal still reaches the mount
+        let pt0 = served(&ma, "passthrough_opens");
+        let reader = std::fs::File::open(ma.join("pt")).expect("open pt for reading");
+        assert_eq!(served(&ma, "passthrough_opens"), pt0 + 1, "pt's reader is passed through");
+        nobody_writes("pt");
+        drop(reader);
         {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new().write(true).open(ma.join("rootw")).expect("open rootw");
             f.write_all(b"y").expect("root's write");
         }
         izo_out(&["sync".as_ref(), ma.as_os_str()]);
-        let want = [("suid", 0o755), ("sgid-x", 0o775), ("sgid-nox", 0o2644), ("open", 0o777), ("rootw", 0o4755)];
+        let want = [
+            ("suid", 0o755),
+            ("sgid-x", 0o775),
+            ("sgid-nox", 0o2644),
+            ("open", 0o777),
+            ("rootw", 0o4755),
+            ("pt", 0o777),
+            ("nochown", 0o755),
+        ];
         for (f, m) in want {
             // (the kernel may hold the old mode for its attribute timeout)
             let t = Instant::now();
@@ -1147,11 +1184,7 @@ async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
         assert_eq!(std::fs::read(ex.join("open")).expect("open"), b"x123456789");
         // a chown costs no GETATTR round trip (the kernel asks for fresh
         // attributes before each one unless the mount clears the bits)
-        let getattrs = || {
-            let st = izo_out(&["status".as_ref(), ma.as_os_str()]);
-            let n = st.split("getattr ").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
-            n.and_then(|n| n.parse::<u64>().ok()).unwrap_or_else(|| panic!("no getattr count: {st}"))
-        };
+        let getattrs = || served(&ma, "getattr");
         let h = std::fs::File::open(ma.join("suid")).expect("open suid");
         let g0 = getattrs();
         for i in 0..20 {
