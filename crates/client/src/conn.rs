@@ -176,7 +176,11 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
             ServerMsg::Answer { qid, result } => {
                 let streaming = matches!(
                     result,
-                    Ok(QueryReply::Data { .. }) | Ok(QueryReply::Hole { .. }) | Ok(QueryReply::SnapshotEntry(_))
+                    Ok(QueryReply::Data { .. }
+                        | QueryReply::Hole { .. }
+                        | QueryReply::File { .. }
+                        | QueryReply::Missing { .. }
+                        | QueryReply::SnapshotEntry(_))
                 );
                 let tx = {
                     let mut st = lock(&inner.state);

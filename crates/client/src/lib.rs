@@ -129,6 +129,18 @@ pub enum Segment {
     Hole(u64, u64),
 }
 
+/// What a stream of several files carries, in order: each file's start
+/// (or its absence), then its segments.
+#[derive(Debug)]
+pub enum FileSegment {
+    /// The segments that follow are of `id`, whose first `size` bytes come.
+    Start { id: ObjectId, size: u64 },
+    /// `id` is gone or no longer a file.
+    Missing(ObjectId),
+    /// Data or a hole of the file last started.
+    Seg(Segment),
+}
+
 type Waiter = oneshot::Sender<MutateResult>;
 
 pub(crate) struct State {

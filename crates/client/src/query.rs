@@ -1,6 +1,6 @@
 //! Queries: lookups, listings, streamed hole-aware reads, snapshots, stats.
 
-use crate::{lock, Client, ClientError, Segment};
+use crate::{lock, Client, ClientError, FileSegment, Segment};
 use izo_proto::*;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
@@ -123,6 +123,28 @@ impl Client {
                 Some(Ok(QueryReply::Hole { offset, len })) => sink(Segment::Hole(offset, len))?,
                 Some(Ok(QueryReply::End { .. })) => return Ok(()),
                 Some(Ok(other)) => return Err(ClientError::Protocol(format!("read answered {other:?}"))),
+                Some(Err(e)) => return Err(ClientError::Op(e)),
+                None => return Err(ClientError::Disconnected),
+            }
+        }
+    }
+
+    /// Stream the first `len` bytes of each of `files` (at most
+    /// [`MAX_READ_FILES`]) to `sink`: one query for many small files.
+    pub async fn read_files(
+        &self,
+        files: Vec<(ObjectId, u64)>,
+        mut sink: impl FnMut(FileSegment) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let mut rx = self.query_stream(Query::ReadFiles { files }).await?;
+        loop {
+            match rx.recv().await {
+                Some(Ok(QueryReply::File { id, size })) => sink(FileSegment::Start { id, size })?,
+                Some(Ok(QueryReply::Missing { id })) => sink(FileSegment::Missing(id))?,
+                Some(Ok(QueryReply::Data { offset, bytes })) => sink(FileSegment::Seg(Segment::Data(offset, bytes)))?,
+                Some(Ok(QueryReply::Hole { offset, len })) => sink(FileSegment::Seg(Segment::Hole(offset, len)))?,
+                Some(Ok(QueryReply::End { .. })) => return Ok(()),
+                Some(Ok(other)) => return Err(ClientError::Protocol(format!("read of files answered {other:?}"))),
                 Some(Err(e)) => return Err(ClientError::Op(e)),
                 None => return Err(ClientError::Disconnected),
             }

@@ -10,8 +10,9 @@
 
 use crate::cache::{Cache, CacheError, Cached, Edit, ROOT_INO};
 use crate::cml::Cml;
-use crate::{Client, ClientError, Segment, StreamEvent};
+use crate::{Client, ClientError, FileSegment, Segment, StreamEvent};
 use izo_proto::*;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex};
@@ -154,6 +155,13 @@ pub struct Progress {
 
 /// How long a request to the server may take before the caller gets EIO.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Files up to this size are fetched many to a query (initial replication)...
+const BATCH_FILE: u64 = 1 << 20;
+/// ...at most this many...
+const BATCH_FILES: usize = 256;
+/// ...and this many bytes to a query.
+const BATCH_BYTES: u64 = 8 << 20;
 
 /// Most records applied to the cache in one transaction.
 const BATCH: usize = 256;
@@ -356,20 +364,103 @@ impl Replica {
         drop(edits);
         self.cache.fold()?;
         progress(&p);
-        // file contents, several fetches in flight
+        // file contents, several fetches in flight: small files many to a
+        // query, large ones one by one
         use futures_util::stream::{self, StreamExt};
-        let mut fetches = stream::iter(files)
-            .map(|(id, size)| async move { self.fetch(id, 0, size, Some(size)).await.map(|()| size) })
-            .buffer_unordered(16);
+        let mut jobs: Vec<Vec<(ObjectId, u64)>> = Vec::new();
+        let mut batch: Vec<(ObjectId, u64)> = Vec::new();
+        let mut batch_bytes = 0;
+        for (id, size) in files {
+            if size > BATCH_FILE {
+                jobs.push(vec![(id, size)]);
+                continue;
+            }
+            if batch.len() == BATCH_FILES || batch_bytes + size > BATCH_BYTES {
+                jobs.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += size;
+            batch.push((id, size));
+        }
+        if !batch.is_empty() {
+            jobs.push(batch);
+        }
+        let mut fetches = stream::iter(jobs)
+            .map(|job| async move {
+                let (n, bytes) = (job.len() as u64, job.iter().map(|(_, s)| s).sum::<u64>());
+                match job[..] {
+                    [(id, size)] if size > BATCH_FILE => self.fetch(id, 0, size, Some(size)).await,
+                    _ => self.fetch_files(job).await,
+                }
+                .map(|()| (n, bytes))
+            })
+            .buffer_unordered(8);
         while let Some(r) = fetches.next().await {
-            let size = r?;
-            p.files_done += 1;
-            p.bytes_done += size;
+            let (n, bytes) = r?;
+            p.files_done += n;
+            p.bytes_done += bytes;
             progress(&p);
         }
         self.cache.change(&[Edit::Seq(seq), Edit::Meta("synced".into(), 1)])?;
         self.applied.send_replace(seq);
         Ok(())
+    }
+
+    /// Copy the first `size` bytes of each of `files` from the server into
+    /// their data files (one query), and set each file's size.
+    async fn fetch_files(&self, files: Vec<(ObjectId, u64)>) -> R<()> {
+        let sizes: HashMap<ObjectId, u64> = files.iter().copied().collect();
+        // the file being written: its data file, path and size
+        let mut cur: Option<(std::fs::File, std::path::PathBuf, u64)> = None;
+        let mut failed: Option<ReplicaError> = None;
+        let finish = |cur: &mut Option<(std::fs::File, std::path::PathBuf, u64)>| -> R<()> {
+            match cur.take() {
+                Some((f, path, size)) => f.set_len(size).map_err(io(&path)),
+                None => Ok(()),
+            }
+        };
+        let r = self
+            .client
+            .read_files(files, |seg| {
+                if failed.is_some() {
+                    return Ok(());
+                }
+                let r = match seg {
+                    FileSegment::Start { id, .. } => finish(&mut cur).and_then(|()| {
+                        let path = self.cache.data_path(id);
+                        let size = sizes.get(&id).copied().unwrap_or(0);
+                        cur = Some((open_data(&path)?, path, size));
+                        Ok(())
+                    }),
+                    // gone or changed meanwhile: a later record says what
+                    // happened (its data file is there, empty, as for a
+                    // fetch that found it gone)
+                    FileSegment::Missing(id) => finish(&mut cur).and_then(|()| {
+                        let path = self.cache.data_path(id);
+                        open_data(&path).map(drop)
+                    }),
+                    FileSegment::Seg(seg) => match &cur {
+                        Some((f, path, _)) => match seg {
+                            Segment::Data(at, bytes) => {
+                                self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                                f.write_all_at(&bytes, at).map_err(io(path))
+                            }
+                            Segment::Hole(at, n) => punch_fd(f, at, n).map_err(io(path)),
+                        },
+                        None => Err(ReplicaError::Invalid("file data before its start".into())),
+                    },
+                };
+                if let Err(e) = r {
+                    failed = Some(e);
+                }
+                Ok(())
+            })
+            .await;
+        r?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        finish(&mut cur)
     }
 
     /// Copy `offset..offset+len` of a file from the server into its data

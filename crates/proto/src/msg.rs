@@ -68,6 +68,11 @@ pub enum Query {
     ReadDir { id: ObjectId, cookie: u64, max: u32 },
     /// Stream a byte range, holes reported as holes.
     Read { id: ObjectId, offset: u64, len: u64 },
+    /// Stream the first `len` bytes of each of several files (initial
+    /// replication: one query, not one per small file; at most
+    /// [`MAX_READ_FILES`]): for each, `File` (or `Missing`), then its data
+    /// and holes; then `End`.
+    ReadFiles { files: Vec<(ObjectId, u64)> },
     /// Symlink target.
     ReadLink { id: ObjectId },
     /// All extended attributes of an object.
@@ -92,6 +97,9 @@ pub struct DirEntry {
     pub cookie: u64,
 }
 
+/// Most files one ReadFiles query may ask for.
+pub const MAX_READ_FILES: usize = 1024;
+
 /// Answers to queries; streamed ones send several frames.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum QueryReply {
@@ -107,6 +115,11 @@ pub enum QueryReply {
     },
     /// A hole of `len` bytes at `offset` (read stream).
     Hole { offset: u64, len: u64 },
+    /// The data and holes that follow are of file `id`, whose first
+    /// `size` bytes are sent (ReadFiles stream).
+    File { id: ObjectId, size: u64 },
+    /// File `id` is gone or no longer a file (ReadFiles stream).
+    Missing { id: ObjectId },
     /// Symlink target.
     Target(Vec<u8>),
     /// Extended attributes, sorted by name.

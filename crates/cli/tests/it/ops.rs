@@ -2,7 +2,7 @@
 //! cache, non-UTF-8 names, sparse files, concurrent replicas, readdir paging.
 
 use crate::harness::*;
-use izo_client::{ClientError, Segment};
+use izo_client::{ClientError, FileSegment, Segment};
 use izo_proto::*;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -411,5 +411,86 @@ async fn block_hashes_follow_random_writes_truncates_and_holes() {
         let content = std::fs::read(s.dirs.export.join(&n)).expect("read export");
         let want: Vec<[u8; 32]> = content.chunks(BLOCK_SIZE as usize).map(|b| *blake3::hash(b).as_bytes()).collect();
         assert!(hashes == want, "round {round}: hashes of {} blocks differ from the content", want.len());
+    }
+}
+
+/// One ReadFiles query brings many files, each announced with the length
+/// sent, then its bytes (holes as holes); a file that is gone or a
+/// directory is reported missing and the rest still comes; a length past
+/// the end is cut at the end; too many files in one query is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_read_files_query_brings_many_files_with_their_holes() {
+    let s = InProc::start().await;
+    let c = s.client().await;
+    let mut want: Vec<(ObjectId, Vec<u8>)> = Vec::new();
+    for i in 0..40u32 {
+        let id = ObjectId::new();
+        c.mutate(create_in_root(id, &format!("f{i}"))).await.expect("create");
+        let data: Vec<u8> = (0..(i * 997) as usize).map(|j| (j as u32 * 7 + i) as u8).collect();
+        if !data.is_empty() {
+            c.mutate(Op::Write { id, base: 0, offset: 0, data: data.clone() }).await.expect("write");
+        }
+        want.push((id, data));
+    }
+    // a sparse one: 4 KiB, a 64 MiB hole, 4 KiB
+    let sparse = ObjectId::new();
+    c.mutate(create_in_root(sparse, "sparse")).await.expect("create sparse");
+    let far = 64u64 << 20;
+    c.mutate(Op::Write { id: sparse, base: 0, offset: 0, data: vec![1; 4096] }).await.expect("head");
+    c.mutate(Op::Write { id: sparse, base: 0, offset: far, data: vec![2; 4096] }).await.expect("tail");
+    let dir = ObjectId::new();
+    c.mutate(Op::Mkdir { parent: ObjectId::ROOT, name: b"d".to_vec(), id: dir, mode: 0o755, uid: 0, gid: 0 })
+        .await
+        .expect("mkdir");
+    let gone = ObjectId::new();
+
+    let mut ask: Vec<(ObjectId, u64)> = want.iter().map(|(id, d)| (*id, d.len() as u64)).collect();
+    ask.insert(3, (gone, 10));
+    ask.insert(7, (dir, 10));
+    ask.push((sparse, far + 4096));
+    // past the end: cut at the end
+    ask.push((want[5].0, 1 << 30));
+    let mut got: Vec<(ObjectId, u64, Vec<u8>)> = Vec::new();
+    let mut missing = Vec::new();
+    let mut holes = 0u64;
+    c.read_files(ask, |seg| {
+        match seg {
+            FileSegment::Start { id, size } => got.push((id, size, Vec::new())),
+            FileSegment::Missing(id) => missing.push(id),
+            FileSegment::Seg(Segment::Data(at, b)) => {
+                let cur = &mut got.last_mut().expect("data after a start").2;
+                assert!(at as usize >= cur.len(), "segments in order");
+                cur.resize(at as usize, 0);
+                cur.extend_from_slice(&b);
+            }
+            FileSegment::Seg(Segment::Hole(at, n)) => {
+                holes += n;
+                let cur = &mut got.last_mut().expect("hole after a start").2;
+                cur.resize((at + n) as usize, 0);
+            }
+        }
+        Ok(())
+    })
+    .await
+    .expect("read files");
+    assert_eq!(missing, vec![gone, dir], "the gone file and the directory, in order");
+    assert_eq!(got.len(), want.len() + 2, "every file announced once");
+    for ((id, data), (gid, size, bytes)) in want.iter().zip(&got) {
+        assert_eq!(id, gid, "files come in the order asked");
+        assert_eq!(*size, data.len() as u64, "{id}: the length sent");
+        assert_eq!(bytes, data, "{id}: the bytes");
+    }
+    let (sid, ssize, sbytes) = &got[want.len()];
+    assert_eq!((*sid, *ssize), (sparse, far + 4096));
+    assert!(holes >= far - (1 << 20), "the hole came as a hole ({holes} bytes of holes)");
+    assert_eq!(sbytes.len() as u64, far + 4096);
+    assert!(sbytes[..4096].iter().all(|&b| b == 1) && sbytes[far as usize..].iter().all(|&b| b == 2));
+    assert_eq!(got[want.len() + 1].1, want[5].1.len() as u64, "a length past the end is cut at the end");
+    assert_eq!(got[want.len() + 1].2, want[5].1);
+
+    let too_many = vec![(want[0].0, 1); MAX_READ_FILES + 1];
+    match c.read_files(too_many, |_| Ok(())).await {
+        Err(ClientError::Op(OpError::Invalid(m))) => assert!(m.contains("at most"), "{m}"),
+        other => panic!("{} files in one query: {other:?}", MAX_READ_FILES + 1),
     }
 }
