@@ -92,22 +92,28 @@ impl Store {
 
     /// Store freshly computed block hashes if the data version is unchanged.
     pub fn set_hashes(&self, id: ObjectId, version: Seq, blocks: Vec<[u8; 32]>) -> R<bool> {
+        Ok(self.set_hashes_many(vec![(id, version, blocks)])? == 1)
+    }
+
+    /// [`Store::set_hashes`] for many files in one transaction; how many
+    /// were stored (the others changed meanwhile).
+    pub fn set_hashes_many(&self, files: Vec<(ObjectId, Seq, Vec<[u8; 32]>)>) -> R<usize> {
         let mut tx = self.db.begin_write().map_err(db)?;
         tx.set_durability(Durability::None);
-        let done = {
+        let mut done = 0;
+        {
             let mut t = tx.open_table(OBJECTS).map_err(db)?;
-            let row = t.get(id.to_bytes().as_slice()).map_err(db)?.and_then(|v| dec::<ObjectRow>(v.value()));
-            match row {
-                Some(mut row) if row.versions.data == version => {
+            let mut h = tx.open_table(HASHES).map_err(db)?;
+            for (id, version, blocks) in files {
+                let row = t.get(id.to_bytes().as_slice()).map_err(db)?.and_then(|v| dec::<ObjectRow>(v.value()));
+                if let Some(mut row) = row.filter(|r| r.versions.data == version) {
                     row.stale.clear();
                     t.insert(id.to_bytes().as_slice(), enc(&row).as_slice()).map_err(db)?;
-                    let flat: Vec<u8> = blocks.concat();
-                    tx.open_table(HASHES).map_err(db)?.insert(id.to_bytes().as_slice(), flat.as_slice()).map_err(db)?;
-                    true
+                    h.insert(id.to_bytes().as_slice(), blocks.concat().as_slice()).map_err(db)?;
+                    done += 1;
                 }
-                _ => false,
             }
-        };
+        }
         tx.commit().map_err(db)?;
         Ok(done)
     }

@@ -178,6 +178,7 @@ impl Server {
             pending: replayed.left.into(),
             staged_writes: Vec::new(),
             dirty,
+            hashes: Vec::new(),
             last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now()),
             background,
             checkpointed,

@@ -106,6 +106,8 @@ pub(crate) struct Actor {
     pub pending: VecDeque<StoredRecord>,
     pub staged_writes: Vec<(Seq, Vec<u8>)>,
     pub dirty: HashMap<ObjectId, Instant>,
+    /// Rehashed blocks not stored yet (stored together, once per turn).
+    pub hashes: Vec<(ObjectId, Seq, Vec<[u8; 32]>)>,
     pub last_checkpoint: (Seq, Instant),
     pub background: mpsc::Sender<Job>,
     /// Direct appends of the batch being recorded: fd and committed size.
@@ -185,6 +187,7 @@ impl Actor {
                 self.process(batch);
             }
             self.reconcile_due();
+            self.flush_hashes();
             self.housekeeping();
         }
         // Blocks written by clients and not rehashed yet: hash them now, so
@@ -197,6 +200,7 @@ impl Actor {
                 Err(e) => tracing::debug!("rehash of {id} at stop failed: {e}"),
             }
         }
+        self.flush_hashes();
         self.capture_stop(&rx);
         self.final_checkpoint();
     }

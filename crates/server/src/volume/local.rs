@@ -191,12 +191,22 @@ impl Actor {
     /// Store rehashed blocks unless a local change of the file is queued
     /// (then the reconcile journals the blocks as changed instead).
     pub(super) fn store_hashes(&mut self, id: ObjectId, version: Seq, blocks: Vec<[u8; 32]>) {
-        self.read_queued_events();
-        if self.local.pending.contains_key(&Item::Object(id)) {
+        self.hashes.push((id, version, blocks));
+        if self.hashes.len() >= 256 {
+            self.flush_hashes();
+        }
+    }
+
+    /// Store the rehashed blocks gathered so far, in one transaction.
+    pub(super) fn flush_hashes(&mut self) {
+        if self.hashes.is_empty() {
             return;
         }
-        if let Err(e) = self.store.set_hashes(id, version, blocks) {
-            tracing::debug!("storing hashes of {id} failed: {e}");
+        self.read_queued_events();
+        let mut files = std::mem::take(&mut self.hashes);
+        files.retain(|(id, _, _)| !self.local.pending.contains_key(&Item::Object(*id)));
+        if let Err(e) = self.store.set_hashes_many(files) {
+            tracing::debug!("storing block hashes failed: {e}");
         }
     }
 
