@@ -30,9 +30,19 @@ fn dir_size(p: &Path) -> u64 {
 async fn status(r: &Replica, info: &Info) -> String {
     let at = r.applied_seq();
     let server = tokio::time::timeout(Duration::from_secs(1), r.client.server_stats()).await;
-    let (conn, head) = match server {
-        Ok(Ok(s)) => ("connected", s.iter().find(|(k, _)| k == "applied_seq").map(|(_, v)| *v)),
-        _ => ("not answering", None),
+    let counter = |s: &[(String, u64)], name: &str| s.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+    let (conn, head, commits) = match &server {
+        Ok(Ok(s)) => (
+            "connected",
+            counter(s, "applied_seq"),
+            match (counter(s, "records"), counter(s, "batches"), counter(s, "fsyncs")) {
+                (Some(r), Some(b), Some(f)) => {
+                    format!("server: {r} records in {b} group commits ({f} fsyncs) since it started\n")
+                }
+                _ => String::new(),
+            },
+        ),
+        _ => ("not answering", None, String::new()),
     };
     let lag = match head {
         Some(h) if h > at => {
@@ -59,7 +69,7 @@ async fn status(r: &Replica, info: &Info) -> String {
          stream: applied through seq {at}; {lag}\n\
          pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
          (parked) since start\n\
-         fetched: {} bytes from the server since start\n\
+         {commits}fetched: {} bytes from the server since start\n\
          cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n\
          requests served: {}\n{kept}",
         info.volume,
