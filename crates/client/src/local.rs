@@ -983,12 +983,12 @@ impl Replica {
             } else {
                 let mut c = lock(&self.cml);
                 let n = c.q.range_mut(cursor + 1..).next().map(|(l, (e, sent))| {
-                    *sent = true;
-                    (*l, e.clone())
+                    let was = std::mem::replace(sent, true);
+                    (*l, e.clone(), was)
                 });
                 n
             };
-            let Some((lsn, e)) = next else {
+            let Some((lsn, e, was_sent)) = next else {
                 let pause = if self.client.is_connected() && !paused { SEAL_EVERY } else { Duration::from_millis(50) };
                 tokio::select! {
                     _ = self.cml_wake.notified() => {}
@@ -998,10 +998,11 @@ impl Replica {
             };
             match self.build(e) {
                 Err(err) => {
-                    // not sent: again shortly (never dropped)
+                    // not sent: again shortly (never dropped; an entry
+                    // reloaded at start stays counted as sent)
                     tracing::warn!("reading change {lsn} from the cache: {err}; retrying");
                     if let Some((_, sent)) = lock(&self.cml).q.get_mut(&lsn) {
-                        *sent = false;
+                        *sent = was_sent;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;

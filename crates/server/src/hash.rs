@@ -46,7 +46,10 @@ pub fn compute(store: &Store, root: BorrowedFd, id: ObjectId) -> Result<Option<H
         // A block that is all hole hashes like zeros; don't read it.
         let data = sys::seek(fd.as_fd(), start, libc::SEEK_DATA).map_err(|e| e.to_string())?;
         *slot = match data {
-            Some(d) if d < end => hash_block(fd.as_fd(), b, &mut buf).map_err(|e| e.to_string())?,
+            // (never past the committed size, even if the file grew on disk)
+            Some(d) if d < end => {
+                hash_block(fd.as_fd(), b, &mut buf[..(end - start) as usize]).map_err(|e| e.to_string())?
+            }
             _ => *blake3::hash(&ZEROS[..(end - start) as usize]).as_bytes(),
         };
     }

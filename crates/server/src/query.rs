@@ -120,7 +120,13 @@ impl Server {
             return Err(OpError::Invalid(format!("{id} is not a regular file")));
         }
         let io = |e: std::io::Error| OpError::Transient(format!("reading {id}: {e}"));
-        let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(io)?;
+        // (removed from the export since its row was read: gone)
+        let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ESTALE | libc::ENOENT) => OpError::NotFound(format!("{id} is gone")),
+                _ => io(e),
+            }
+        })?;
         let st = sys::fstatat(fd.as_fd(), b"").map_err(io)?;
         // Never past the committed size: a direct append may be in flight.
         let size = (st.st_size as u64).min(row.size);
@@ -129,10 +135,10 @@ impl Server {
             stream(QueryReply::File { id, size: end.saturating_sub(offset) })?;
         }
         // a file with all its blocks allocated has no holes: no need to
-        // look for them (two syscalls per file fewer, most files; one with
-        // blocks preallocated past its end and a hole inside is sent whole:
-        // the same bytes)
-        let dense = (st.st_blocks as u64).saturating_mul(512) >= st.st_size as u64;
+        // look for them (two syscalls per file fewer, most files).
+        // Small files only: blocks preallocated past a large file's end
+        // could hide its holes.
+        let dense = st.st_size as u64 <= CHUNK && (st.st_blocks as u64).saturating_mul(512) >= st.st_size as u64;
         let mut pos = offset;
         let mut buf = Vec::new();
         while pos < end {

@@ -93,7 +93,11 @@ fn any_op(rng: &mut Rng, known: &[ObjectId]) -> Op {
 
 fn any_query(rng: &mut Rng, known: &[ObjectId]) -> Query {
     let id = any_id(rng, known);
-    match rng.below(6) {
+    match rng.below(7) {
+        6 => {
+            let n = rng.below(40) as usize;
+            Query::ReadFiles { files: (0..n).map(|_| (any_id(rng, known), any_num(rng))).collect() }
+        }
         0 => Query::Lookup { parent: id, name: any_name(rng) },
         1 => Query::GetAttr { id },
         2 => Query::ReadDir { id, cookie: any_num(rng), max: rng.next() as u32 },
@@ -135,7 +139,13 @@ async fn nonsense_never_panics_never_corrupts_and_others_keep_being_served() {
                 loop {
                     match r.recv().await {
                         Some(ServerMsg::Answer {
-                            result: Ok(QueryReply::Data { .. } | QueryReply::Hole { .. }),
+                            result:
+                                Ok(
+                                    QueryReply::Data { .. }
+                                    | QueryReply::Hole { .. }
+                                    | QueryReply::File { .. }
+                                    | QueryReply::Missing { .. },
+                                ),
                             ..
                         }) => continue,
                         Some(ServerMsg::Answer { .. }) => break,
