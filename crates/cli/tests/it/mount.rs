@@ -1223,3 +1223,41 @@ async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
     .await
     .expect("set-id test");
 }
+
+/// A file written and renamed before it is closed (`write; rename;
+/// close`) reaches the server in that order: the journal holds its bytes
+/// before its new name, so no replica ever sees the new name empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_the_server_before_a_rename_of_the_written_file() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let (ex, state) = (dirs.export.clone(), dirs.state.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let ma = a.mnt.clone();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(ma.join("f.tmp")).expect("create f.tmp");
+            f.write_all(b"the new content").expect("write");
+            std::fs::rename(ma.join("f.tmp"), ma.join("f")).expect("rename while open");
+            // closed only here
+        }
+        izo_out(&["sync".as_ref(), ma.as_os_str()]);
+        assert_eq!(std::fs::read(ex.join("f")).expect("f on the server"), b"the new content");
+        drop(a);
+        drop(p); // (the journal is read with the server stopped)
+        let out =
+            std::process::Command::new(izo_bin()).arg("log").arg("--state").arg(&state).output().expect("izo log");
+        assert!(out.status.success(), "izo log: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let at = |kind: &str| text.lines().position(|l| l.contains(&format!(" {kind} {{")));
+        let (write, rename) = (at("Write"), at("Rename"));
+        assert!(write.is_some() && rename.is_some(), "a write and a rename in the journal:\n{text}");
+        assert!(write < rename, "the bytes are journaled before the new name:\n{text}");
+    })
+    .await
+    .expect("rename order test");
+}
