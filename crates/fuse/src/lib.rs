@@ -269,8 +269,8 @@ impl Filesystem for IzoFs {
         // only), a truncate by an unprivileged caller, and a request with
         // nothing to set, which is what the kernel sends when it would have
         // cleared them itself (a write by a caller without CAP_FSETID,
-        // through the daemon or passed through, fallocate, copy_file_range)
-        // (the reply carries the new mode to the kernel)
+        // through the daemon or passed through, fallocate, copy_file_range);
+        // the reply carries the new mode to the kernel
         let empty =
             mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
         let kill = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0) || empty;
@@ -546,10 +546,9 @@ impl Filesystem for IzoFs {
         // listings carry attributes (`ls -l`, `find`, rsync: no lookup per
         // entry); the kernel picks readdir or readdirplus as it sees fit
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        // set-id bits are cleared here on chown, unprivileged write and
-        // truncate (setattr, write): otherwise the kernel asks for fresh
-        // attributes before every chown, a GETATTR round trip per file tar
-        // extracts
+        // set-id bits are cleared by the mount (see setattr): otherwise the
+        // kernel asks for fresh attributes before every chown, a GETATTR
+        // round trip per file tar extracts
         if config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV).is_err() {
             tracing::info!("the kernel does not let the mount clear set-id bits itself");
         }
