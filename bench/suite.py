@@ -808,20 +808,37 @@ def have(tool, rows, system):
 
 # ---------------------------------------------------------------- workloads
 
+def sshfs_up(work, rows):
+    """A private sshd and an sshfs mount of WORK/sshfs-export at
+    WORK/sshfs-mnt for `rows`: (sshd, sshfs), None where not started (not
+    installed, or a step failed: its cells say so; what did start is
+    returned, to be stopped)."""
+    up = [None, None]
+    if have("sshfs", rows, "sshfs") and have("/usr/sbin/sshd", rows, "sshfs"):
+        with cell(rows, "sshfs"):
+            up[0] = Sshd(work)
+            up[0].start()
+            os.makedirs(os.path.join(work, "sshfs-export"))
+            up[1] = Sshfs(up[0], os.path.join(work, "sshfs-export"), os.path.join(work, "sshfs-mnt"))
+            up[1].start()
+    return up[0], up[1]
+
+
+def sshfs_down(sshd, sshfs):
+    """Stop what sshfs_up started."""
+    if sshfs:
+        sshfs.stop()
+    if sshd:
+        sshd.stop()
+
+
 FS_ROWS = ["untar", "untar_ret", "readback", "findstat"]
 
 
 def w_tree(args, work):
     """Untar W1, read it back, find + stat it: native, intermezzo, sshfs."""
     t = args.timeout
-    sshd = sshfs = None
-    if have("sshfs", FS_ROWS, "sshfs") and have("/usr/sbin/sshd", FS_ROWS, "sshfs"):
-        with cell(FS_ROWS, "sshfs"):
-            sshd = Sshd(work)
-            sshd.start()
-            os.makedirs(os.path.join(work, "sshfs-export"))
-            sshfs = Sshfs(sshd, os.path.join(work, "sshfs-export"), os.path.join(work, "sshfs-mnt"))
-            sshfs.start()
+    sshd, sshfs = sshfs_up(work, FS_ROWS)
     for r in range(args.runs):
         log(f"tree: run {r + 1}/{args.runs}")
         with cell(FS_ROWS, "native"):
@@ -874,10 +891,7 @@ def w_tree(args, work):
                 R.add("findstat", "sshfs", find_stat(d, t, "sshfs"))
                 check_tree_count(d, args.w1_entries, "sshfs tree")
                 rmrf(os.path.join(work, "sshfs-export", f"run{r}"))
-    if sshfs:
-        sshfs.stop()
-    if sshd:
-        sshd.stop()
+    sshfs_down(sshd, sshfs)
     for s in ["rsync", "unison", "syncthing"]:
         for row in FS_ROWS:
             R.fail(row, s, "-")
@@ -950,14 +964,7 @@ def w_w2(args, work):
             with cell(["randread"], system):
                 R.add("randread", system, fio(path))
 
-    sshd = sshfs = None
-    if have("sshfs", W2_ROWS, "sshfs") and have("/usr/sbin/sshd", W2_ROWS, "sshfs"):
-        with cell(W2_ROWS, "sshfs"):
-            sshd = Sshd(work)
-            sshd.start()
-            os.makedirs(os.path.join(work, "sshfs-export"))
-            sshfs = Sshfs(sshd, os.path.join(work, "sshfs-export"), os.path.join(work, "sshfs-mnt"))
-            sshfs.start()
+    sshd, sshfs = sshfs_up(work, W2_ROWS)
     for r in range(args.runs):
         log(f"w2: run {r + 1}/{args.runs} ({n >> 20} MiB)")
         with cell(W2_ROWS[:3], "native"):
@@ -984,10 +991,7 @@ def w_w2(args, work):
                 with Watchdog(t * 2, [sshfs.mnt]):
                     one("sshfs", p)
                     os.unlink(p)
-    if sshfs:
-        sshfs.stop()
-    if sshd:
-        sshd.stop()
+    sshfs_down(sshd, sshfs)
     for s in ["rsync", "unison", "syncthing"]:
         for row in W2_ROWS:
             R.fail(row, s, "-")
@@ -1035,14 +1039,7 @@ def w_meta(args, work):
             os.close(fd)
         return b
 
-    sshd = sshfs = None
-    if have("sshfs", META_ROWS, "sshfs") and have("/usr/sbin/sshd", META_ROWS, "sshfs"):
-        with cell(META_ROWS, "sshfs"):
-            sshd = Sshd(work)
-            sshd.start()
-            os.makedirs(os.path.join(work, "sshfs-export"))
-            sshfs = Sshfs(sshd, os.path.join(work, "sshfs-export"), os.path.join(work, "sshfs-mnt"))
-            sshfs.start()
+    sshd, sshfs = sshfs_up(work, META_ROWS)
     for r in range(args.runs):
         log(f"meta: run {r + 1}/{args.runs} ({n} files)")
         with cell(META_ROWS, "native"):
@@ -1067,10 +1064,7 @@ def w_meta(args, work):
                 with Watchdog(t * 4, [sshfs.mnt]):
                     storm(os.path.join(sshfs.mnt, f"storm{r}"), n,
                           lambda: syncfs(os.path.join(work, "sshfs-export")), "sshfs")
-    if sshfs:
-        sshfs.stop()
-    if sshd:
-        sshd.stop()
+    sshfs_down(sshd, sshfs)
     for s in ["rsync", "unison", "syncthing"]:
         for row in META_ROWS:
             R.fail(row, s, "-")

@@ -100,6 +100,25 @@ pub fn izo_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_izo"))
 }
 
+/// Run `izo ARGS`; its standard output (the test fails if it fails).
+pub fn izo_out(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
+    assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A request counter of the mount (`izo status`: "requests served: read N, ...").
+pub fn served(mnt: &Path, what: &str) -> u64 {
+    let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+    let line = st.lines().find(|l| l.starts_with("requests served:")).unwrap_or_else(|| panic!("no counters: {st}"));
+    line.trim_start_matches("requests served:")
+        .split(',')
+        .filter_map(|kv| kv.trim().split_once(' '))
+        .find(|(k, _)| *k == what)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {what} counter: {line}"))
+}
+
 /// An `izo serve` child process.
 pub struct Proc {
     pub child: Child,

@@ -452,25 +452,20 @@ async fn izo_sync_is_a_barrier_and_izo_status_reports_the_mount() {
         let a = MountProc::start(&addr, &fp, &tok);
         let b = MountProc::start(&addr, &fp, &tok);
         let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
-        let izo = |args: &[&std::ffi::OsStr]| {
-            let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
-            assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
         for round in 0..5 {
             for i in 0..20 {
                 std::fs::write(ma.join(format!("r{round}-{i}")), format!("{round} {i}")).expect("write on A");
             }
             // `izo sync` on A returns once the server has A's writes; after
             // `izo sync` on B, B has them: no waiting
-            let out = izo(&["sync".as_ref(), ma.as_os_str()]);
+            let out = izo_out(&["sync".as_ref(), ma.as_os_str()]);
             assert!(out.contains("synced"), "{out}");
-            let out = izo(&["sync".as_ref(), mb.as_os_str()]);
+            let out = izo_out(&["sync".as_ref(), mb.as_os_str()]);
             assert!(out.contains("synced"), "{out}");
             let (da, db) = (digest(&ma), digest(&mb));
             assert!(da.diff(&db).is_empty(), "round {round}: B differs right after izo sync: {:#?}", da.diff(&db));
         }
-        let st = izo(&["status".as_ref(), ma.join("r0-1").as_os_str()]);
+        let st = izo_out(&["status".as_ref(), ma.join("r0-1").as_os_str()]);
         for want in ["connected", "applied through seq", "up to date", "cache:", "not answered yet"] {
             assert!(st.contains(want), "status lacks {want:?}: {st}");
         }
@@ -785,19 +780,6 @@ async fn a_server_with_replaced_state_is_a_new_incarnation_and_the_cache_resyncs
     .await
     .expect("incarnation test");
     drop(dirs);
-}
-
-fn izo_out(args: &[&std::ffi::OsStr]) -> String {
-    let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
-    assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Requests of one kind the mount at `mnt` served ("getattr 12" in `izo status`).
-fn served(mnt: &Path, kind: &str) -> u64 {
-    let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
-    let n = st.split(&format!(" {kind} ")).nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
-    n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no {kind} count: {st}"))
 }
 
 /// The number before `word` in `izo status` output ("3 answered").

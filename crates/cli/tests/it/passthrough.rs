@@ -13,24 +13,6 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-fn izo_out(args: &[&std::ffi::OsStr]) -> String {
-    let out = std::process::Command::new(izo_bin()).args(args).output().expect("run izo");
-    assert!(out.status.success(), "izo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A request counter of the mount (`izo status`: "requests served: read N, ...").
-fn served(mnt: &Path, what: &str) -> u64 {
-    let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
-    let line = st.lines().find(|l| l.starts_with("requests served:")).unwrap_or_else(|| panic!("no counters: {st}"));
-    line.trim_start_matches("requests served:")
-        .split(',')
-        .filter_map(|kv| kv.trim().split_once(' '))
-        .find(|(k, _)| *k == what)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {what} counter: {line}"))
-}
-
 fn hash_file(p: &Path) -> blake3::Hash {
     let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     let mut h = blake3::Hasher::new();
