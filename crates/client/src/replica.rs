@@ -406,6 +406,17 @@ impl Replica {
         Ok(())
     }
 
+    /// Put a fetched segment into a data file (bytes counted as fetched).
+    fn land(&self, f: &File, seg: Segment) -> std::io::Result<()> {
+        match seg {
+            Segment::Data(at, bytes) => {
+                self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                f.write_all_at(&bytes, at)
+            }
+            Segment::Hole(at, n) => punch_fd(f, at, n),
+        }
+    }
+
     /// Copy the first `size` bytes of each of `files` from the server into
     /// their data files (one query), and set each file's size.
     async fn fetch_files(&self, files: Vec<(ObjectId, u64)>) -> R<()> {
@@ -440,13 +451,7 @@ impl Replica {
                         open_data(&path).map(drop)
                     }),
                     FileSegment::Seg(seg) => match &cur {
-                        Some((f, path, _)) => match seg {
-                            Segment::Data(at, bytes) => {
-                                self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                                f.write_all_at(&bytes, at).map_err(io(path))
-                            }
-                            Segment::Hole(at, n) => punch_fd(f, at, n).map_err(io(path)),
-                        },
+                        Some((f, path, _)) => self.land(f, seg).map_err(io(path)),
                         None => Err(ReplicaError::Invalid("file data before its start".into())),
                     },
                 };
@@ -473,14 +478,7 @@ impl Replica {
             let r = self
                 .client
                 .read_with(id, offset, len, |seg| {
-                    let r = match seg {
-                        Segment::Data(at, bytes) => {
-                            self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                            f.write_all_at(&bytes, at)
-                        }
-                        Segment::Hole(at, n) => punch_fd(&f, at, n),
-                    };
-                    if let Err(e) = r {
+                    if let Err(e) = self.land(&f, seg) {
                         failed = Some(e);
                     }
                     Ok(())

@@ -122,9 +122,10 @@ impl Server {
         let io = |e: std::io::Error| OpError::Transient(format!("reading {id}: {e}"));
         // (removed from the export since its row was read: gone)
         let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(|e| {
-            match e.raw_os_error() {
-                Some(libc::ESTALE | libc::ENOENT) => OpError::NotFound(format!("{id} is gone")),
-                _ => io(e),
+            if sys::gone(&e) {
+                OpError::NotFound(format!("{id} is gone"))
+            } else {
+                io(e)
             }
         })?;
         let st = sys::fstatat(fd.as_fd(), b"").map_err(io)?;

@@ -383,6 +383,12 @@ pub fn fgetxattr(fd: BorrowedFd, name: &[u8]) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The inode a handle or path named no longer exists (removed by another
+/// program).
+pub fn gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -411,11 +411,6 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> OpError + '_ {
     move |e| OpError::Transient(format!("{what}: {e}"))
 }
 
-/// The inode no longer exists (removed by another program).
-fn gone(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT))
-}
-
 /// A time in nanoseconds since the epoch.
 fn nanos(t: Timestamp) -> i64 {
     t.secs.saturating_mul(1_000_000_000).saturating_add(t.nsec as i64)
@@ -770,7 +765,7 @@ impl Rc<'_, '_> {
         let flags = if kind == FileKind::Dir { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY };
         let fd = match sys::open_by_handle(self.root, handle, flags) {
             Ok(fd) => fd,
-            Err(e) if gone(&e) => return Ok(()),
+            Err(e) if sys::gone(&e) => return Ok(()),
             Err(e) => return Err(io("open")(e)),
         };
         let trusted = self.b.trusted();
@@ -801,7 +796,7 @@ impl Rc<'_, '_> {
     fn data(&mut self, x: ObjectId, row: &ObjectRow, st: &libc::stat) -> R<()> {
         let fd = match sys::open_by_handle(self.root, &row.handle, libc::O_RDONLY) {
             Ok(fd) => fd,
-            Err(e) if gone(&e) => return Ok(()), // removed: its entry's event says so
+            Err(e) if sys::gone(&e) => return Ok(()), // removed: its entry's event says so
             Err(e) => return Err(io("open")(e)),
         };
         let size = st.st_size as u64;
