@@ -56,8 +56,9 @@ pub struct CmlEntry {
 pub struct Parked {
     /// The op, bytes included.
     pub op: Op,
-    /// Why the server refused it.
-    pub reason: String,
+    /// Why the server refused it (a conflict carries the server's current
+    /// attributes of the object).
+    pub error: izo_proto::OpError,
 }
 
 /// What the append-only log holds (see [`Cache::local`]).
@@ -67,6 +68,12 @@ enum LogRec {
     Edits(Vec<Edit>),
     /// Bytes written to a data file, not yet in a CML entry.
     Dirty(ObjectId, u64, u64),
+    /// A file opened for writing beside passthrough readers: its writes
+    /// reach the data file unseen, so a start after a kill takes the whole
+    /// file as written.
+    WriterOpen(ObjectId),
+    /// One such open was released (its writes were taken).
+    WriterClosed(ObjectId),
 }
 
 /// redb's page cache for the cache database.
@@ -161,6 +168,9 @@ struct Overlay {
     frozen: Option<Arc<Maps>>,
     /// Unsealed write ranges (logged again after each fold).
     dirty: DirtyRanges,
+    /// Opens writing the data file unseen, per object (logged again after
+    /// each fold).
+    writers: BTreeMap<ObjectId, u32>,
     /// The log file taking records, and its generation.
     log: Option<std::fs::File>,
     gen: u64,
@@ -329,6 +339,8 @@ impl Cache {
                         Ok(LogRec::Dirty(id, off, len)) => {
                             crate::cml::add_range(ov.dirty.entry(id).or_default(), off, len)
                         }
+                        Ok(LogRec::WriterOpen(id)) => *ov.writers.entry(id).or_default() += 1,
+                        Ok(LogRec::WriterClosed(id)) => writer_closed(&mut ov.writers, id),
                         Err(_) => break,
                     }
                     n += 1;
@@ -373,11 +385,6 @@ impl Cache {
         }
         let mut ov = self.ov_mut();
         self.append(&mut ov, &LogRec::Edits(edits.to_vec()))?;
-        for e in edits {
-            if let Edit::Sealed { id } = e {
-                ov.dirty.remove(id);
-            }
-        }
         self.apply(&mut ov, edits)
     }
 
@@ -385,6 +392,34 @@ impl Cache {
     /// durable now").
     pub fn local_quiet(&self, edits: &[Edit]) -> Result<(), CacheError> {
         self.local(edits)
+    }
+
+    /// A writable open beside passthrough readers began (`true`) or was
+    /// released (`false`).
+    pub fn log_writer(&self, id: ObjectId, open: bool) -> Result<(), CacheError> {
+        let mut ov = self.ov_mut();
+        if open {
+            self.append(&mut ov, &LogRec::WriterOpen(id))?;
+            *ov.writers.entry(id).or_default() += 1;
+        } else {
+            self.append(&mut ov, &LogRec::WriterClosed(id))?;
+            writer_closed(&mut ov.writers, id);
+        }
+        Ok(())
+    }
+
+    /// Objects a killed daemon had open for writing beside passthrough
+    /// readers (found by [`Cache::replay_log`]), forgotten once taken.
+    pub fn take_writers(&self) -> Result<Vec<ObjectId>, CacheError> {
+        let mut ov = self.ov_mut();
+        let ids: Vec<(ObjectId, u32)> = ov.writers.iter().map(|(id, n)| (*id, *n)).collect();
+        for (id, n) in &ids {
+            for _ in 0..*n {
+                self.append(&mut ov, &LogRec::WriterClosed(*id))?;
+            }
+        }
+        ov.writers.clear();
+        Ok(ids.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Bytes written to a data file (the write itself is in the file).
@@ -426,6 +461,12 @@ impl Cache {
                 ov.dirty.iter().flat_map(|(id, r)| r.iter().map(move |(o, l)| (*id, *o, *l))).collect();
             for (id, o, l) in dirty {
                 self.append(&mut ov, &LogRec::Dirty(id, o, l))?;
+            }
+            let writers: Vec<(ObjectId, u32)> = ov.writers.iter().map(|(id, n)| (*id, *n)).collect();
+            for (id, n) in writers {
+                for _ in 0..n {
+                    self.append(&mut ov, &LogRec::WriterOpen(id))?;
+                }
             }
             (frozen, old_gen)
         };
@@ -838,10 +879,23 @@ impl Cache {
                 Edit::Meta(k, v) => {
                     ov.live.meta.insert(k.clone(), *v);
                 }
-                Edit::Sealed { .. } => {}
+                // (here, so a replayed log forgets sealed ranges too: sealed
+                // again at start they became writes after a later utimens)
+                Edit::Sealed { id } => {
+                    ov.dirty.remove(id);
+                }
             }
         }
         Ok(())
+    }
+}
+
+fn writer_closed(writers: &mut BTreeMap<ObjectId, u32>, id: ObjectId) {
+    if let Some(n) = writers.get_mut(&id) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            writers.remove(&id);
+        }
     }
 }
 

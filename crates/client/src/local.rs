@@ -45,7 +45,7 @@ fn valid(name: &[u8]) -> R<()> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(ReplicaError::Invalid(format!("bad name {:?}", String::from_utf8_lossy(name))))
+        Err(OpError::bad_name(name).into())
     }
 }
 
@@ -55,7 +55,7 @@ impl Replica {
     pub(crate) fn recover_cml(&self) -> R<()> {
         let (dirty, touched) = self.cache.replay_log()?;
         let entries = self.cache.cml()?;
-        let _g = lock(&self.apply);
+        let g = lock(&self.apply);
         let mut c = lock(&self.cml);
         c.next_lsn = self.client.next_cseq().max(entries.last().map(|(l, _)| l + 1).unwrap_or(0)).max(1);
         // (counted as sent: any of them may have reached the server before
@@ -79,7 +79,31 @@ impl Replica {
         if !c.q.is_empty() {
             tracing::info!("{} changes made before the restart are still to be sent", c.q.len());
         }
+        drop(c);
+        drop(g);
+        // files a killed daemon had open beside passthrough readers: what
+        // was written to them went to the data file unseen
+        for id in self.cache.take_writers()? {
+            if let Some(obj) = self.cache.get(id)? {
+                self.rewritten(obj.ino)?;
+            }
+        }
         Ok(())
+    }
+
+    /// A writable open beside passthrough readers began: its writes reach
+    /// the data file without the daemon seeing them, so the open is logged
+    /// first (a SIGKILL before its release must not lose them).
+    pub fn writer_opened(&self, ino: u64) -> R<()> {
+        let (id, _) = self.get(ino)?;
+        Ok(self.cache.log_writer(id, true)?)
+    }
+
+    /// Such an open was released: its writes are taken as one rewrite.
+    pub fn writer_released(&self, ino: u64) -> R<()> {
+        self.rewritten(ino)?;
+        let (id, _) = self.get(ino)?;
+        Ok(self.cache.log_writer(id, false)?)
     }
 
     /// Turn an object's unsealed write ranges into log entries (each at
@@ -517,7 +541,7 @@ impl Replica {
                 }
             }
         }
-        Err(ReplicaError::Conflict("the file kept changing under the append".into()))
+        Err(ReplicaError::Transient("the file kept changing under the append".into()))
     }
 
     /// Queue an op behind everything queued and wait for its answer (ops
@@ -528,7 +552,7 @@ impl Replica {
     /// effect; a refusal then is parked like any other).
     fn queue_and_wait(&self, op: Op) -> R<Option<Applied>> {
         if !self.client.is_connected() {
-            return Err(ReplicaError::Unreachable("not connected to the server".into()));
+            return Err(ReplicaError::NotConnected);
         }
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let lsn = {
@@ -560,7 +584,7 @@ impl Replica {
                 }
             });
             match step {
-                Step::Answer(r) => return r.map(Some).map_err(|e| ReplicaError::from(ClientError::Op(e))),
+                Step::Answer(r) => return r.map(Some).map_err(ReplicaError::from),
                 Step::Progress if self.client.is_connected() => continue, // answers are arriving
                 _ => {}
             }
@@ -1068,7 +1092,7 @@ impl Replica {
                     c.release(lsn);
                     edits.push(Edit::CmlDone(lsn));
                 }
-                Err(OpError::Transient(why)) => {
+                Err(why) if why.is_transient() => {
                     // not applied: again, as a new op after the others,
                     // after a pause that grows while refusals go on
                     c.streak = (c.streak + 1).min(6);
@@ -1100,7 +1124,7 @@ impl Replica {
                     c.parked += 1;
                     c.resync = true;
                     c.release(lsn);
-                    edits.push(Edit::Park(lsn, Parked { op, reason: err.to_string() }));
+                    edits.push(Edit::Park(lsn, Parked { op, error: err.clone() }));
                 }
             }
         }
@@ -1152,7 +1176,7 @@ impl Replica {
                 format!(
                     "change {lsn}: {what} on {} ({bytes} bytes kept): {}",
                     obj.map(|o| o.to_string()).unwrap_or_default(),
-                    p.reason
+                    p.error
                 )
             })
             .collect())

@@ -18,7 +18,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-/// Errors of replica operations, mapped to errno by the mount.
+/// Errors of replica operations. Each variant is one outcome; the mount
+/// picks the errno from the variant alone (`izo_fuse::errno`).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     /// No such inode or name.
@@ -39,6 +40,15 @@ pub enum ReplicaError {
     /// Directory not empty.
     #[error("directory not empty")]
     NotEmpty,
+    /// A name longer than 255 bytes.
+    #[error("name longer than 255 bytes")]
+    NameTooLong,
+    /// A size past the largest file the volume holds.
+    #[error("file too big (the volume holds files up to {0} bytes)")]
+    FileTooBig(u64),
+    /// No room (the server's export, or an inode's xattr room).
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// Malformed request.
     #[error("invalid: {0}")]
     Invalid(String),
@@ -50,8 +60,11 @@ pub enum ReplicaError {
     ReadOnly(String),
     /// Someone else changed the object first.
     #[error("conflict: {0}")]
-    Conflict(String),
-    /// The server did not answer in time or the connection is gone.
+    Conflict(ConflictKind),
+    /// Not connected to the server (an op that needs it fails at once).
+    #[error("not connected to the server")]
+    NotConnected,
+    /// The server did not answer in time or the connection broke meanwhile.
     #[error("server unreachable: {0}")]
     Unreachable(String),
     /// Not supported by this file system.
@@ -60,7 +73,7 @@ pub enum ReplicaError {
     /// No data (or hole) at or after the offset (SEEK_DATA/SEEK_HOLE).
     #[error("no data past the offset")]
     NoData,
-    /// The server could not do it now (space, I/O).
+    /// The server could not do it now (I/O, an object that keeps changing).
     #[error("transient: {0}")]
     Transient(String),
     /// The cache failed.
@@ -68,17 +81,36 @@ pub enum ReplicaError {
     Cache(#[from] CacheError),
 }
 
+impl From<OpError> for ReplicaError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::NotFound(_) => ReplicaError::NotFound,
+            OpError::NotDir(_) => ReplicaError::NotDir,
+            OpError::IsDir(_) => ReplicaError::IsDir,
+            OpError::NotEmpty => ReplicaError::NotEmpty,
+            OpError::NameTooLong => ReplicaError::NameTooLong,
+            OpError::FileTooBig { max } => ReplicaError::FileTooBig(max),
+            OpError::NoSpace(m) | OpError::XattrRoom(m) => ReplicaError::NoSpace(m),
+            OpError::NotPermitted(_) => ReplicaError::NotPermitted,
+            OpError::Unsupported(_) => ReplicaError::Unsupported,
+            OpError::BadName(m) | OpError::Invalid(m) => ReplicaError::Invalid(m),
+            OpError::Denied(m) => ReplicaError::Denied(m),
+            OpError::ReadOnly(m) => ReplicaError::ReadOnly(m),
+            OpError::Conflict { kind: ConflictKind::NameExists | ConflictKind::TargetAppeared, .. } => {
+                ReplicaError::Exists
+            }
+            OpError::Conflict { kind, .. } => ReplicaError::Conflict(kind),
+            OpError::Io(m) | OpError::Transient(m) => ReplicaError::Transient(m),
+            e @ OpError::ReplyExpired(_) => ReplicaError::Transient(e.to_string()),
+        }
+    }
+}
+
 impl From<ClientError> for ReplicaError {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Op(OpError::NotFound(_)) => ReplicaError::NotFound,
-            ClientError::Op(OpError::NotEmpty) => ReplicaError::NotEmpty,
-            ClientError::Op(OpError::Invalid(m)) => ReplicaError::Invalid(m),
-            ClientError::Op(OpError::Denied(m)) => ReplicaError::Denied(m),
-            ClientError::Op(OpError::ReadOnly(m)) => ReplicaError::ReadOnly(m),
-            ClientError::Op(OpError::Conflict { reason, .. }) if reason == "name exists" => ReplicaError::Exists,
-            ClientError::Op(OpError::Conflict { reason, .. }) => ReplicaError::Conflict(reason),
-            ClientError::Op(OpError::Transient(m)) => ReplicaError::Transient(m),
+            ClientError::Op(e) => e.into(),
+            ClientError::Disconnected => ReplicaError::NotConnected,
             other => ReplicaError::Unreachable(other.to_string()),
         }
     }
@@ -1069,6 +1101,10 @@ impl Replica {
 
     /// Look a name up.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Cached> {
+        if name.len() > 255 {
+            // as local file systems answer: no name that long can exist
+            return Err(ReplicaError::NameTooLong);
+        }
         let (pid, _) = self.get(parent)?;
         let id = self.cache.lookup(pid, name)?.ok_or(ReplicaError::NotFound);
         tracing::debug!("lookup {parent} {:?} -> {id:?}", String::from_utf8_lossy(name));
@@ -1079,7 +1115,7 @@ impl Replica {
     pub fn readdir(&self, ino: u64) -> R<Vec<(Vec<u8>, Cached)>> {
         let (id, c) = self.get(ino)?;
         if c.attr.kind != FileKind::Dir {
-            return Err(ReplicaError::Invalid("not a directory".into()));
+            return Err(ReplicaError::NotDir);
         }
         let mut out = Vec::new();
         for (name, child) in self.cache.children(id)? {

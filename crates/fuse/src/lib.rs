@@ -74,7 +74,9 @@ pub struct IzoFs {
     next_fh: std::sync::atomic::AtomicU64,
 }
 
-fn errno(e: &ReplicaError) -> Errno {
+/// The errno of a replica error: the one place it is chosen, from the
+/// variant alone.
+pub fn errno(e: &ReplicaError) -> Errno {
     match e {
         ReplicaError::NotFound => Errno::ENOENT,
         ReplicaError::Exists => Errno::EEXIST,
@@ -82,15 +84,30 @@ fn errno(e: &ReplicaError) -> Errno {
         ReplicaError::NotDir => Errno::ENOTDIR,
         ReplicaError::IsDir => Errno::EISDIR,
         ReplicaError::NotPermitted => Errno::EPERM,
-        ReplicaError::Invalid(m) if m.contains("not a directory") => Errno::ENOTDIR,
-        ReplicaError::Invalid(m) if m.contains("is a directory") => Errno::EISDIR,
+        ReplicaError::NameTooLong => Errno::ENAMETOOLONG,
+        ReplicaError::FileTooBig(_) => Errno::EFBIG,
+        ReplicaError::NoSpace(_) => Errno::ENOSPC,
         ReplicaError::Invalid(_) => Errno::EINVAL,
         ReplicaError::Denied(_) => Errno::EACCES,
         ReplicaError::ReadOnly(_) => Errno::EROFS,
-        ReplicaError::Unreachable(m) if m.contains("not connected") => Errno::ENOTCONN,
-        ReplicaError::Transient(m) if m.contains("full") => Errno::ENOSPC,
-        ReplicaError::Conflict(_) | ReplicaError::Unreachable(_) | ReplicaError::Transient(_) => Errno::EIO,
-        ReplicaError::Cache(_) => Errno::EIO,
+        ReplicaError::NotConnected => Errno::ENOTCONN,
+        ReplicaError::Conflict(_) | ReplicaError::Unreachable(_) | ReplicaError::Transient(_) => {
+            tracing::warn!("{e}");
+            Errno::EIO
+        }
+        ReplicaError::Cache(izo_client::cache::CacheError::Io { err, .. }) => match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Errno::ENOSPC,
+            // a size past what the cache's file system holds
+            Some(libc::EFBIG) => Errno::EFBIG,
+            _ => {
+                tracing::warn!("{e}");
+                Errno::EIO
+            }
+        },
+        ReplicaError::Cache(_) => {
+            tracing::warn!("{e}");
+            Errno::EIO
+        }
         ReplicaError::Unsupported => Errno::EOPNOTSUPP,
         ReplicaError::NoData => Errno::ENXIO,
     }
@@ -183,7 +200,7 @@ impl IzoFs {
         }
         if mode == Mode::PassthroughWritable {
             // what it wrote went straight to the cache file
-            if let Err(e) = self.r.rewritten(ino) {
+            if let Err(e) = self.r.writer_released(ino) {
                 tracing::warn!("inode {ino}: taking the writes of a passthrough open: {e}");
             }
         }
@@ -379,6 +396,9 @@ impl Filesystem for IzoFs {
         // An inode with a passthrough open takes only passthrough opens
         // (the kernel's rule): a writer then writes the cache file directly.
         if let (Some(b), false) = (o.backing.clone(), read_only) {
+            if let Err(e) = self.r.writer_opened(ino.0) {
+                return reply.error(errno(&e));
+            }
             let fh = self.handle(ino.0, flags.0);
             self.count_open(o, ino.0, fh.0, Mode::PassthroughWritable);
             OpCounters::bump(&self.r.ops.passthrough_opens);
@@ -631,7 +651,6 @@ impl Filesystem for IzoFs {
         }
         match self.r.set_xattr(ino.0, name.as_bytes(), Some(value)) {
             Ok(()) => reply.ok(),
-            Err(ReplicaError::Invalid(_)) => reply.error(Errno::ENOTSUP),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -805,4 +824,45 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
         }
     })?;
     Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use izo_proto::{ConflictKind, OpError};
+
+    fn via_server(e: OpError) -> Errno {
+        errno(&ReplicaError::from(izo_client::ClientError::Op(e)))
+    }
+
+    #[test]
+    fn server_refusals_get_their_errno_from_the_variant() {
+        let s = || "reworded message".to_string();
+        assert_eq!(via_server(OpError::conflict(ConflictKind::NameExists, None)), Errno::EEXIST);
+        assert_eq!(via_server(OpError::NotDir(s())), Errno::ENOTDIR);
+        assert_eq!(via_server(OpError::IsDir(s())), Errno::EISDIR);
+        assert_eq!(via_server(OpError::NameTooLong), Errno::ENAMETOOLONG);
+        assert_eq!(via_server(OpError::FileTooBig { max: 1 }), Errno::EFBIG);
+        assert_eq!(via_server(OpError::NoSpace(s())), Errno::ENOSPC);
+        assert_eq!(via_server(OpError::NotPermitted(s())), Errno::EPERM);
+        assert_eq!(via_server(OpError::Unsupported(s())), Errno::EOPNOTSUPP);
+        assert_eq!(via_server(OpError::BadName(s())), Errno::EINVAL);
+        assert_eq!(via_server(OpError::ReadOnly(s())), Errno::EROFS);
+        assert_eq!(via_server(OpError::Denied(s())), Errno::EACCES);
+        assert_eq!(via_server(OpError::conflict(ConflictKind::DataMoved, None)), Errno::EIO);
+    }
+
+    #[test]
+    fn a_lost_connection_is_enotconn_and_a_full_or_too_small_cache_disk_says_so() {
+        assert_eq!(errno(&ReplicaError::from(izo_client::ClientError::Disconnected)), Errno::ENOTCONN);
+        let disk = |code| {
+            ReplicaError::Cache(izo_client::cache::CacheError::Io {
+                path: "/cache/x".into(),
+                err: std::io::Error::from_raw_os_error(code),
+            })
+        };
+        assert_eq!(errno(&disk(libc::ENOSPC)), Errno::ENOSPC);
+        assert_eq!(errno(&disk(libc::EFBIG)), Errno::EFBIG);
+        assert_eq!(errno(&disk(libc::EIO)), Errno::EIO);
+    }
 }

@@ -26,15 +26,15 @@ type R<T> = Result<T, OpError>;
 /// of every object the op names.
 pub(crate) type Out = (Option<Attr>, Vec<(ObjectId, Handle)>);
 
-fn conflict(reason: impl Into<String>, current: Option<Attr>) -> OpError {
-    OpError::Conflict { reason: reason.into(), current }
+fn conflict(kind: ConflictKind, current: Option<Attr>) -> OpError {
+    OpError::Conflict { kind, current }
 }
 
 fn check_name(name: &[u8]) -> R<()> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(OpError::Invalid(format!("bad name {:?}", String::from_utf8_lossy(name))))
+        Err(OpError::bad_name(name))
     }
 }
 
@@ -152,6 +152,15 @@ impl Batch<'_> {
         match v {
             Some(v) => dec(v.value()).ok_or_else(|| StoreError::Corrupt("objects").into()),
             None => Err(OpError::NotFound(format!("object {id}"))),
+        }
+    }
+
+    /// The row of an object an op changes: one removed meanwhile is a
+    /// conflict (update/remove), not a plain "not found".
+    pub(crate) fn live_row(&self, id: ObjectId) -> R<ObjectRow> {
+        match self.row(id) {
+            Err(OpError::NotFound(_)) => Err(conflict(ConflictKind::ObjectGone, None)),
+            r => r,
         }
     }
 
@@ -375,17 +384,17 @@ impl Batch<'_> {
     /// Precondition helper: name → expected object at its versions.
     fn check_expect(&self, cx: &Cx, parent: ObjectId, name: &[u8], e: &Expect) -> R<ObjectRow> {
         let Some(id) = self.dentry(parent, name)? else {
-            return Err(conflict("name is gone", None));
+            return Err(conflict(ConflictKind::NameGone, None));
         };
         let row = self.row(id)?;
         if id != e.id {
-            return Err(conflict("name points to another object", Some(row.attr(id))));
+            return Err(conflict(ConflictKind::NameMoved, Some(row.attr(id))));
         }
         let v = row.versions;
         if !base_ok(v.data, row.data_writer, row.data_run_start, e.base.data, cx.who)
             || !base_ok(v.meta, row.meta_writer, row.meta_run_start, e.base.meta, cx.who)
         {
-            return Err(conflict("object changed since base", Some(row.attr(id))));
+            return Err(conflict(ConflictKind::ObjectChanged, Some(row.attr(id))));
         }
         Ok(row)
     }
@@ -402,9 +411,12 @@ impl Batch<'_> {
     }
 
     pub(crate) fn lookup_parent_dir(&self, parent: ObjectId) -> R<ObjectRow> {
-        let p = self.row(parent)?;
+        let p = match self.row(parent) {
+            Err(OpError::NotFound(_)) => return Err(conflict(ConflictKind::ParentGone, None)),
+            r => r?,
+        };
         if p.kind != FileKind::Dir {
-            return Err(OpError::Invalid(format!("{parent} is not a directory")));
+            return Err(OpError::NotDir(format!("{parent}")));
         }
         Ok(p)
     }
@@ -414,7 +426,7 @@ impl Batch<'_> {
         self.lookup_parent_dir(parent)?;
         if let Some(other) = self.dentry(parent, name)? {
             let cur = self.row(other).ok().map(|r| r.attr(other));
-            return Err(conflict("name exists", cur));
+            return Err(conflict(ConflictKind::NameExists, cur));
         }
         if self.row(id).is_ok() {
             return Err(OpError::Invalid(format!("object id {id} already exists")));

@@ -42,7 +42,7 @@ impl Store {
         let r = self.db.begin_read().map_err(db)?;
         let objs = r.open_table(OBJECTS).map_err(db)?;
         if row_in(&objs, id)?.kind != FileKind::Dir {
-            return Err(OpError::Invalid(format!("{id} is not a directory")));
+            return Err(OpError::NotDir(format!("{id}")));
         }
         let cookies = r.open_table(COOKIES).map_err(db)?;
         let dents = r.open_table(DENTRIES).map_err(db)?;

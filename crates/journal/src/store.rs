@@ -20,7 +20,7 @@ pub enum StoreError {
 
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
-        OpError::Transient(e.to_string())
+        OpError::Io(e.to_string())
     }
 }
 

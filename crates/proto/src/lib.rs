@@ -15,7 +15,7 @@ pub use msg::*;
 pub use op::*;
 
 /// Protocol version spoken by this build; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Size of one content block; block hashes and stale marks use this unit.
 pub const BLOCK_SIZE: u64 = 1 << 20;

@@ -201,41 +201,234 @@ pub struct Applied {
     pub attr: Option<Attr>,
 }
 
-/// Why an op or query failed. Conflicts carry the current state.
+/// Which part of an op's precondition failed (see DESIGN "Versions and
+/// preconditions"). Conflict handling decides on this, never on text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+pub enum ConflictKind {
+    /// The name a create, link or rename (no-replace) makes exists already.
+    NameExists,
+    /// The name an unlink, rmdir or rename acts on is gone.
+    NameGone,
+    /// The name leads to another object than the op expected.
+    NameMoved,
+    /// The object's data version moved since the op's base.
+    DataMoved,
+    /// The object's meta version (attributes, xattrs) moved since the base.
+    MetaMoved,
+    /// An object being removed or replaced changed since the base.
+    ObjectChanged,
+    /// The object the op changes is gone.
+    ObjectGone,
+    /// The directory the op works in is gone.
+    ParentGone,
+    /// A rename target appeared where the op expected none.
+    TargetAppeared,
+    /// A rename target the op expected is gone.
+    TargetGone,
+    /// The rename would move a directory below itself (another replica
+    /// moved things meanwhile).
+    Cycle,
+}
+
+impl ConflictKind {
+    /// A short phrase for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConflictKind::NameExists => "name exists",
+            ConflictKind::NameGone => "name is gone",
+            ConflictKind::NameMoved => "name points to another object",
+            ConflictKind::DataMoved => "data changed since base",
+            ConflictKind::MetaMoved => "attributes changed since base",
+            ConflictKind::ObjectChanged => "object changed since base",
+            ConflictKind::ObjectGone => "object is gone",
+            ConflictKind::ParentGone => "parent directory is gone",
+            ConflictKind::TargetAppeared => "rename target appeared",
+            ConflictKind::TargetGone => "rename target is gone",
+            ConflictKind::Cycle => "a directory cannot move below itself",
+        }
+    }
+}
+
+impl std::fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// Why an op or query failed. Each variant names one outcome a caller may
+/// decide on (an errno, a retry, a conflict); the strings only explain.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, thiserror::Error)]
 pub enum OpError {
     /// The precondition did not hold; `current` is what the server has now.
-    #[error("conflict: {reason}")]
+    #[error("conflict: {kind}")]
     Conflict {
         /// Which part of the precondition failed.
-        reason: String,
+        kind: ConflictKind,
         /// Current attributes of the object in question, if it exists.
         current: Option<Attr>,
     },
     /// No such object or name.
     #[error("not found: {0}")]
     NotFound(String),
-    /// The op is malformed (bad name, kind mismatch, cycle, ...).
+    /// A directory was needed (a parent, rmdir, a rename over a directory).
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    /// A non-directory was needed (unlink, link, data ops).
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    /// Directory not empty.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A name longer than 255 bytes.
+    #[error("name longer than 255 bytes")]
+    NameTooLong,
+    /// A name that is not a valid component (empty, `.`, `..`, `/`, NUL,
+    /// a reserved name).
+    #[error("invalid name: {0}")]
+    BadName(String),
+    /// A size or range past the largest file the export holds.
+    #[error("file too big: the export holds files up to {max} bytes")]
+    FileTooBig {
+        /// The largest file size of the export.
+        max: u64,
+    },
+    /// The export's file system is full; retry once space is freed.
+    #[error("no space: {0}")]
+    NoSpace(String),
+    /// The extended attributes would not fit in the object's inode.
+    #[error("no room for extended attributes: {0}")]
+    XattrRoom(String),
+    /// Not permitted on this object or volume (device nodes on an
+    /// untrusted volume, a hard link to a directory).
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
+    /// Not supported (an xattr namespace that does not replicate, an
+    /// attribute a kind does not have).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// The op is malformed (a bad value, an empty range, a used id).
     #[error("invalid: {0}")]
     Invalid(String),
     /// The token does not allow this.
     #[error("permission denied: {0}")]
     Denied(String),
-    /// Directory not empty.
-    #[error("directory not empty")]
-    NotEmpty,
-    /// Transient failure (space, I/O); retry later.
-    #[error("transient: {0}")]
-    Transient(String),
     /// The volume is read-only after a failed apply or replay.
     #[error("volume is read-only: {0}")]
     ReadOnly(String),
+    /// The server failed to read or write its export or state; retry later.
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// Any other transient failure (an object that keeps changing, a busy
+    /// server); retry later.
+    #[error("transient: {0}")]
+    Transient(String),
     /// The reply for a resent op is no longer cached.
     #[error("reply for client seq {0} expired")]
     ReplyExpired(u64),
 }
 
+impl OpError {
+    /// A conflict of `kind` with the server's current attributes.
+    pub fn conflict(kind: ConflictKind, current: Option<Attr>) -> OpError {
+        OpError::Conflict { kind, current }
+    }
+
+    /// Retrying later may succeed without anyone resolving anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OpError::NoSpace(_) | OpError::Io(_) | OpError::Transient(_))
+    }
+
+    /// The refusal of a bad name: too long, or otherwise invalid.
+    pub fn bad_name(name: &[u8]) -> OpError {
+        if name.len() > 255 {
+            OpError::NameTooLong
+        } else {
+            OpError::BadName(format!("{:?}", String::from_utf8_lossy(name)))
+        }
+    }
+}
+
 /// Check a name: 1–255 bytes, no `/` or NUL, not `.` or `..`.
 pub fn valid_name(name: &[u8]) -> bool {
     !name.is_empty() && name.len() <= 255 && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_frame, encode_frame};
+    use crate::ServerMsg;
+
+    fn every_error() -> Vec<OpError> {
+        let kinds = [
+            ConflictKind::NameExists,
+            ConflictKind::NameGone,
+            ConflictKind::NameMoved,
+            ConflictKind::DataMoved,
+            ConflictKind::MetaMoved,
+            ConflictKind::ObjectChanged,
+            ConflictKind::ObjectGone,
+            ConflictKind::ParentGone,
+            ConflictKind::TargetAppeared,
+            ConflictKind::TargetGone,
+            ConflictKind::Cycle,
+        ];
+        let attr = Attr {
+            id: ObjectId(7),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            size: 3,
+            mtime: Timestamp { secs: 4, nsec: 5 },
+            nlink: 1,
+            versions: Versions { data: 8, meta: 9 },
+        };
+        let mut all: Vec<OpError> = kinds.iter().map(|&k| OpError::conflict(k, Some(attr.clone()))).collect();
+        let s = || "x".to_string();
+        all.extend([
+            OpError::NotFound(s()),
+            OpError::NotDir(s()),
+            OpError::IsDir(s()),
+            OpError::NotEmpty,
+            OpError::NameTooLong,
+            OpError::BadName(s()),
+            OpError::FileTooBig { max: 1 << 44 },
+            OpError::NoSpace(s()),
+            OpError::XattrRoom(s()),
+            OpError::NotPermitted(s()),
+            OpError::Unsupported(s()),
+            OpError::Invalid(s()),
+            OpError::Denied(s()),
+            OpError::ReadOnly(s()),
+            OpError::Io(s()),
+            OpError::Transient(s()),
+            OpError::ReplyExpired(3),
+        ]);
+        all
+    }
+
+    #[test]
+    fn every_op_error_crosses_the_wire_with_its_variant_and_current_attributes() {
+        for e in every_error() {
+            let msg = ServerMsg::Reply { cseq: 1, result: Err(e.clone()) };
+            let f = encode_frame(&msg).expect("a reply always encodes");
+            let back: ServerMsg = decode_frame(&f[4..]).expect("decodes");
+            assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn only_space_io_and_transient_errors_are_retried() {
+        for e in every_error() {
+            let expected = matches!(e, OpError::NoSpace(_) | OpError::Io(_) | OpError::Transient(_));
+            assert_eq!(e.is_transient(), expected, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_over_255_bytes_is_too_long_not_invalid() {
+        assert_eq!(OpError::bad_name(&[b'a'; 256]), OpError::NameTooLong);
+        assert!(matches!(OpError::bad_name(b".."), OpError::BadName(_)));
+    }
 }

@@ -119,7 +119,7 @@ impl Server {
         if row.kind != FileKind::File {
             return Err(OpError::Invalid(format!("{id} is not a regular file")));
         }
-        let io = |e: std::io::Error| OpError::Transient(format!("reading {id}: {e}"));
+        let io = |e: std::io::Error| OpError::Io(format!("reading {id}: {e}"));
         // (removed from the export since its row was read: gone)
         let fd = sys::open_by_handle(self.shared.root.as_fd(), &row.handle, libc::O_RDONLY).map_err(|e| {
             if sys::gone(&e) {

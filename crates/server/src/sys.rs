@@ -389,6 +389,15 @@ pub fn gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT))
 }
 
+/// The op error for a failed export access: a full file system is
+/// `NoSpace` (the client retries once space is freed), anything else `Io`.
+pub(crate) fn op_io(what: &str, e: std::io::Error) -> izo_proto::OpError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => izo_proto::OpError::NoSpace(format!("{what}: {e}")),
+        _ => izo_proto::OpError::Io(format!("{what}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

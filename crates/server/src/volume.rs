@@ -235,7 +235,7 @@ impl Actor {
                 Ok(last) if m.cseq <= last => self.store.cached_reply(m.replica, m.cseq).ok().flatten(),
                 _ => None,
             };
-            let frame = cached.unwrap_or_else(|| reply_frame(m.cseq, Err(OpError::Transient(e.to_string()))));
+            let frame = cached.unwrap_or_else(|| reply_frame(m.cseq, Err(OpError::Io(e.to_string()))));
             let _ = m.reply.send(frame);
         }
     }
@@ -373,12 +373,12 @@ impl Actor {
         | Op::Link { parent, name, .. } = &m.op
         {
             if *parent == ObjectId::ROOT && name.as_slice() == crate::tree::STAGE_DIR {
-                return Err(OpError::Invalid("name .izo-stage is reserved at the volume root".into()));
+                return Err(OpError::BadName("name .izo-stage is reserved at the volume root".into()));
             }
         }
         if let Op::Rename { new_parent, new_name, .. } = &m.op {
             if *new_parent == ObjectId::ROOT && new_name.as_slice() == crate::tree::STAGE_DIR {
-                return Err(OpError::Invalid("name .izo-stage is reserved at the volume root".into()));
+                return Err(OpError::BadName("name .izo-stage is reserved at the volume root".into()));
             }
         }
         let origin = Origin::Replica(m.replica, m.cseq);
@@ -387,7 +387,7 @@ impl Actor {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(OpError::Invalid("object id already in use".into()))
             }
-            Err(e) => return Err(OpError::Transient(format!("staging new inode: {e}"))),
+            Err(e) => return Err(crate::sys::op_io("staging new inode", e)),
         };
         *staged_any |= handle.is_some();
         if let (Some(_), Some(id)) = (&handle, m.op.new_object()) {
@@ -397,7 +397,7 @@ impl Actor {
         if let (true, Op::Write { data, .. }) = (large, &m.op) {
             let name = write_stage_name(origin, 0);
             if let Err(e) = self.tree.stage_write(&name, data) {
-                return Err(OpError::Transient(format!("staging write: {e}")));
+                return Err(crate::sys::op_io("staging write", e));
             }
             Counters::add(&self.shared.counters.fsyncs, 1);
             *staged_any = true;

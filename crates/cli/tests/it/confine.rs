@@ -39,9 +39,9 @@ async fn dot_dot_absolute_and_slashed_names_are_refused() {
     let root = ObjectId::ROOT;
     for bad in [&b".."[..], b".", b"../outside/x", b"/tmp/x", b"a/b", b"x\0y", b""] {
         let op = Op::Create { parent: root, name: bad.to_vec(), id: ObjectId::new(), mode: 0o644, uid: 0, gid: 0 };
-        assert!(matches!(refused(c.mutate(op).await), OpError::Invalid(_)), "{:?}", String::from_utf8_lossy(bad));
+        assert!(matches!(refused(c.mutate(op).await), OpError::BadName(_)), "{:?}", String::from_utf8_lossy(bad));
         let op = Op::Mkdir { parent: root, name: bad.to_vec(), id: ObjectId::new(), mode: 0o755, uid: 0, gid: 0 };
-        assert!(matches!(refused(c.mutate(op).await), OpError::Invalid(_)));
+        assert!(matches!(refused(c.mutate(op).await), OpError::BadName(_)));
     }
     let f = ObjectId::new();
     c.mutate(Op::Create { parent: root, name: name("f"), id: f, mode: 0o644, uid: 0, gid: 0 }).await.expect("create");
@@ -54,9 +54,9 @@ async fn dot_dot_absolute_and_slashed_names_are_refused() {
         target: None,
         mode: RenameMode::Replace,
     };
-    assert!(matches!(refused(c.mutate(mv).await), OpError::Invalid(_)));
+    assert!(matches!(refused(c.mutate(mv).await), OpError::BadName(_)));
     let ln = Op::Link { id: f, parent: root, name: b"../outside/linked".to_vec() };
-    assert!(matches!(refused(c.mutate(ln).await), OpError::Invalid(_)));
+    assert!(matches!(refused(c.mutate(ln).await), OpError::BadName(_)));
     assert!(c.lookup(root, b"..").await.is_err(), "lookup of .. finds nothing");
     outside_is_untouched(&outside, b"keep");
 }
@@ -82,7 +82,7 @@ async fn a_symlink_pointing_outside_is_never_followed() {
     assert!(c.lookup(root, b"local-esc").await.is_err());
     // using a symlink as a directory or a file is refused
     let op = Op::Create { parent: ld, name: name("x"), id: ObjectId::new(), mode: 0o644, uid: 0, gid: 0 };
-    assert!(matches!(refused(c.mutate(op).await), OpError::Invalid(_)));
+    assert!(matches!(refused(c.mutate(op).await), OpError::NotDir(_)));
     assert!(matches!(
         refused(c.mutate(Op::Write { id: lf, base: 0, offset: 0, data: b"pwned".to_vec() }).await),
         OpError::Invalid(_)

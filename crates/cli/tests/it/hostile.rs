@@ -264,14 +264,14 @@ async fn xattrs_beyond_what_an_inode_holds_are_refused_before_the_ack() {
     c.mutate(create_in_root(f, "f")).await.expect("create");
     // one value larger than an ext4 inode's xattr space
     let big = Op::SetXattr { id: f, base: 0, name: name("user.big"), value: vec![1; 60_000] };
-    assert!(matches!(c.mutate(big).await, Err(izo_client::ClientError::Op(OpError::Invalid(_)))));
+    assert!(matches!(c.mutate(big).await, Err(izo_client::ClientError::Op(OpError::XattrRoom(_)))));
     // many small ones until the inode is full: the refusal comes before the ack
     let mut set = 0;
     for i in 0..100 {
         let op = Op::SetXattr { id: f, base: 0, name: name(&format!("user.k{i}")), value: vec![2; 500] };
         match c.mutate(op).await {
             Ok(_) => set += 1,
-            Err(izo_client::ClientError::Op(OpError::Invalid(m))) => {
+            Err(izo_client::ClientError::Op(OpError::XattrRoom(m))) => {
                 assert!(m.contains("per file"), "{m}");
                 break;
             }

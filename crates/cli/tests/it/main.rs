@@ -13,5 +13,6 @@ mod passthrough;
 mod replay;
 mod retention;
 mod security;
+mod sigkill;
 mod space;
 mod wire;

@@ -41,7 +41,7 @@ impl Batch<'_> {
         let max = self.store.max_file_size.load(std::sync::atomic::Ordering::Relaxed);
         match offset.checked_add(len) {
             Some(end) if end <= max => Ok(end),
-            _ => Err(OpError::Invalid(format!("range ends past the largest file size of the export ({max} bytes)"))),
+            _ => Err(OpError::FileTooBig { max }),
         }
     }
 
@@ -60,7 +60,7 @@ impl Batch<'_> {
             }
         }
         if total > room {
-            return Err(OpError::Invalid(format!(
+            return Err(OpError::XattrRoom(format!(
                 "extended attributes of {id} would take {total} bytes; the export holds {room} per file"
             )));
         }
@@ -74,7 +74,7 @@ impl Batch<'_> {
         let ok = budget.fetch_update(std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire, |b| {
             b.checked_sub(bytes)
         });
-        ok.map(drop).map_err(|_| OpError::Transient("the export's file system is full; free space and retry".into()))
+        ok.map(drop).map_err(|_| OpError::NoSpace("the export's file system is full; free space and retry".into()))
     }
 
     pub(super) fn exec_op(&mut self, cx: &Cx, op: &Op) -> R<Out> {
@@ -98,7 +98,7 @@ impl Batch<'_> {
             }
             Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
                 if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
-                    return Err(OpError::Invalid("mknod makes only fifos and sockets".into()));
+                    return Err(OpError::NotPermitted("mknod makes only fifos and sockets".into()));
                 }
                 let row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
@@ -204,7 +204,7 @@ impl Batch<'_> {
     fn setattr(&mut self, cx: &Cx, id: ObjectId, base: Seq, attrs: &SetAttrs) -> R<Out> {
         self.meta_op(cx, id, base, |row| {
             if attrs.mode.is_some() && row.kind == FileKind::Symlink {
-                return Err(OpError::Invalid("symlinks have no mode of their own".into()));
+                return Err(OpError::Unsupported("symlinks have no mode of their own".into()));
             }
             if let Some(m) = attrs.mode {
                 row.mode = m & 0o7777;
@@ -229,12 +229,15 @@ impl Batch<'_> {
 
     /// A content change needing `space` bytes of new room on the export.
     fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, space: u64, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {
-        let mut row = self.row(id)?;
+        let mut row = self.live_row(id)?;
+        if row.kind == FileKind::Dir {
+            return Err(OpError::IsDir(format!("{id}")));
+        }
         if row.kind != FileKind::File {
             return Err(OpError::Invalid(format!("{id} is not a regular file")));
         }
         if !base_ok(row.versions.data, row.data_writer, row.data_run_start, base, cx.who) {
-            return Err(conflict("data changed since base", Some(row.attr(id))));
+            return Err(conflict(ConflictKind::DataMoved, Some(row.attr(id))));
         }
         // A change found in the export already has its space.
         if cx.who.is_some() {
@@ -248,9 +251,9 @@ impl Batch<'_> {
     }
 
     fn meta_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, f: impl FnOnce(&mut ObjectRow) -> R<()>) -> R<Out> {
-        let mut row = self.row(id)?;
+        let mut row = self.live_row(id)?;
         if !base_ok(row.versions.meta, row.meta_writer, row.meta_run_start, base, cx.who) {
-            return Err(conflict("attributes changed since base", Some(row.attr(id))));
+            return Err(conflict(ConflictKind::MetaMoved, Some(row.attr(id))));
         }
         f(&mut row)?;
         bump_meta(&mut row, cx);
@@ -260,14 +263,14 @@ impl Batch<'_> {
 
     fn link(&mut self, cx: &Cx, id: ObjectId, parent: ObjectId, name: &[u8]) -> R<Out> {
         check_name(name)?;
-        let mut row = self.row(id)?;
+        let mut row = self.live_row(id)?;
         if row.kind == FileKind::Dir {
-            return Err(OpError::Invalid("cannot hard-link a directory".into()));
+            return Err(OpError::NotPermitted("cannot hard-link a directory".into()));
         }
         self.lookup_parent_dir(parent)?;
         if let Some(other) = self.dentry(parent, name)? {
             let cur = self.row(other).ok().map(|r| r.attr(other));
-            return Err(conflict("name exists", cur));
+            return Err(conflict(ConflictKind::NameExists, cur));
         }
         row.nlink += 1;
         self.put_row(id, &row)?;
@@ -282,7 +285,8 @@ impl Batch<'_> {
         let mut row = self.check_expect(cx, parent, name, expect)?;
         let id = expect.id;
         if dir != (row.kind == FileKind::Dir) {
-            return Err(OpError::Invalid(if dir { "not a directory" } else { "is a directory" }.into()));
+            let what = format!("{:?}", String::from_utf8_lossy(name));
+            return Err(if dir { OpError::NotDir(what) } else { OpError::IsDir(what) });
         }
         if dir && !self.dir_is_empty(id)? {
             return Err(OpError::NotEmpty);

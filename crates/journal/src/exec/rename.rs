@@ -18,24 +18,24 @@ impl Batch<'_> {
         self.lookup_parent_dir(p)?;
         self.lookup_parent_dir(np)?;
         let Some(src) = self.dentry(p, n)? else {
-            return Err(conflict("source name is gone", None));
+            return Err(conflict(ConflictKind::NameGone, None));
         };
         let srow = self.row(src)?;
         if src != expect.id {
-            return Err(conflict("source name points to another object", Some(srow.attr(src))));
+            return Err(conflict(ConflictKind::NameMoved, Some(srow.attr(src))));
         }
         let existing = self.dentry(np, nn)?;
         let trow = match (existing, target, mode) {
             (Some(t), _, RenameMode::NoReplace) => {
                 let cur = self.row(t).ok().map(|r| r.attr(t));
-                return Err(conflict("target exists", cur));
+                return Err(conflict(ConflictKind::NameExists, cur));
             }
-            (None, _, RenameMode::Exchange) => return Err(conflict("exchange target is gone", None)),
+            (None, _, RenameMode::Exchange) => return Err(conflict(ConflictKind::TargetGone, None)),
             (None, None, _) => None,
-            (None, Some(_), _) => return Err(conflict("target is gone", None)),
+            (None, Some(_), _) => return Err(conflict(ConflictKind::TargetGone, None)),
             (Some(t), None, _) => {
                 let cur = self.row(t).ok().map(|r| r.attr(t));
-                return Err(conflict("target appeared", cur));
+                return Err(conflict(ConflictKind::TargetAppeared, cur));
             }
             (Some(_), Some(e), _) => Some(self.check_expect(cx, np, nn, e)?),
         };
@@ -55,7 +55,7 @@ impl Batch<'_> {
             Ok(true)
         };
         if src_dir && ancestors(self, np, src)? {
-            return Err(OpError::Invalid("cannot move a directory below itself".into()));
+            return Err(conflict(ConflictKind::Cycle, None));
         }
         let mut handles = vec![(p, self.row(p)?.handle), (np, self.row(np)?.handle), (src, srow.handle.clone())];
         let same = existing == Some(src);
@@ -64,13 +64,12 @@ impl Batch<'_> {
             let t_dir = trow.kind == FileKind::Dir;
             if mode == RenameMode::Exchange {
                 if t_dir && ancestors(self, p, t)? {
-                    return Err(OpError::Invalid("cannot move a directory below itself".into()));
+                    return Err(conflict(ConflictKind::Cycle, None));
                 }
             } else if !same {
                 if src_dir != t_dir {
-                    return Err(OpError::Invalid(
-                        if t_dir { "target is a directory" } else { "target is not a directory" }.into(),
-                    ));
+                    let t = format!("rename target {nn:?}", nn = String::from_utf8_lossy(nn));
+                    return Err(if t_dir { OpError::IsDir(t) } else { OpError::NotDir(t) });
                 }
                 if t_dir && !self.dir_is_empty(t)? {
                     return Err(OpError::NotEmpty);

@@ -46,7 +46,11 @@ pub(crate) fn check(name: &[u8], value: Option<&[u8]>, kind: FileKind, trusted: 
             };
         }
     }
-    bad("only user.* and POSIX ACL attributes replicate (and trusted.*, security.capability on trusted volumes)")
+    Err(OpError::Unsupported(format!(
+        "xattr {:?}: only user.* and POSIX ACL attributes replicate (and trusted.*, security.capability on \
+         trusted volumes)",
+        String::from_utf8_lossy(name)
+    )))
 }
 
 /// A `vfs_cap_data` the kernel takes: revision 2 (20 bytes) or 3 (24 bytes,

@@ -408,7 +408,7 @@ fn named_ids(op: &Op, ids: &mut std::collections::HashSet<ObjectId>) {
 type R<T> = Result<T, OpError>;
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> OpError + '_ {
-    move |e| OpError::Transient(format!("{what}: {e}"))
+    move |e| crate::sys::op_io(what, e)
 }
 
 /// A time in nanoseconds since the epoch.
