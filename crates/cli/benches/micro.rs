@@ -94,7 +94,7 @@ fn cml(c: &mut Criterion) {
             || {
                 lsn += 1;
                 let op = Op::SetAttr { id, base: 0, attrs: SetAttrs { mode: Some(0o600), ..SetAttrs::default() } };
-                vec![Edit::Cml(lsn, CmlEntry { op, len: 0 })]
+                vec![Edit::Cml(lsn, CmlEntry { op, len: 0, time: None })]
             },
             |edits| cache.local(&edits).expect("append"),
             BatchSize::SmallInput,

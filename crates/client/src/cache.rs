@@ -49,6 +49,9 @@ pub struct CmlEntry {
     pub op: Op,
     /// Bytes of a write.
     pub len: u64,
+    /// When the change was made here (the implicit mtime it set, sent
+    /// with it so every replica keeps that time).
+    pub time: Option<izo_proto::Timestamp>,
 }
 
 /// An op the server refused, kept with what it carried.

@@ -22,8 +22,14 @@ pub(crate) struct Live {
     wr: WriteHalf<Tls>,
 }
 
-pub(crate) fn mutate_frame(cseq: u64, acked_through: u64, op: &Op) -> Vec<u8> {
-    encode_frame(&ClientMsgRef::Mutate { cseq, acked_through, op }).unwrap_or_default()
+pub(crate) fn mutate_frame(cseq: u64, acked_through: u64, op: &Op, stamp: Option<Timestamp>) -> Vec<u8> {
+    let frame = match stamp {
+        Some(stamp) => encode_frame(&ClientMsgRef::MutateAt { cseq, acked_through, op, stamp }),
+        None => encode_frame(&ClientMsgRef::Mutate { cseq, acked_through, op }),
+    };
+    // (ops are built within MAX_DATA, far below the frame limit, and
+    // postcard cannot fail on these types)
+    frame.expect("a mutation always fits in a frame")
 }
 
 async fn read_msg(rd: &mut ReadHalf<Tls>, inner: &Inner) -> Result<ServerMsg, String> {
@@ -111,8 +117,8 @@ fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHa
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat));
     let mut st = lock(&inner.state);
-    for (cseq, (op, _)) in st.unanswered.iter() {
-        let f = mutate_frame(*cseq, st.answered_through, op);
+    for (cseq, (op, stamp, _)) in st.unanswered.iter() {
+        let f = mutate_frame(*cseq, st.answered_through, op, *stamp);
         inner.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
         let _ = tx.send(f);
     }
@@ -136,7 +142,7 @@ async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::UnboundedReceiver<Vec<
             _ = tokio::time::sleep_until(next_ping) => {
                 nonce += 1;
                 next_ping = tokio::time::Instant::now() + heartbeat;
-                encode_frame(&ClientMsg::Ping { nonce }).unwrap_or_default()
+                encode_frame(&ClientMsg::Ping { nonce }).expect("a ping always encodes")
             }
             f = rx.recv() => match f { Some(f) => f, None => break },
         };
@@ -164,7 +170,7 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
         match msg {
             ServerMsg::Reply { cseq, result } => {
                 let mut st = lock(&inner.state);
-                if let Some((_, waiter)) = st.unanswered.remove(&cseq) {
+                if let Some((_, _, waiter)) = st.unanswered.remove(&cseq) {
                     inner.window.add_permits(1);
                     if let Some(w) = waiter {
                         let _ = w.send(result);
@@ -230,7 +236,7 @@ fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
         ClientError::Op(o) => o.clone(),
         other => OpError::Transient(other.to_string()),
     };
-    for (_, (_, w)) in std::mem::take(&mut st.unanswered) {
+    for (_, (_, _, w)) in std::mem::take(&mut st.unanswered) {
         inner.window.add_permits(1);
         if let Some(w) = w {
             let _ = w.send(Err(err.clone()));

@@ -146,7 +146,7 @@ type Waiter = oneshot::Sender<MutateResult>;
 pub(crate) struct State {
     pub conn: Option<mpsc::UnboundedSender<Vec<u8>>>,
     pub next_cseq: u64,
-    pub unanswered: BTreeMap<u64, (Op, Option<Waiter>)>,
+    pub unanswered: BTreeMap<u64, (Op, Option<Timestamp>, Option<Waiter>)>,
     pub answered_through: u64,
     pub next_qid: u64,
     pub queries: HashMap<u64, mpsc::Sender<Result<QueryReply, OpError>>>,
@@ -267,7 +267,7 @@ impl Client {
     /// Send a mutation without waiting for its reply (pipelining). At most
     /// [`MAX_UNANSWERED`] may be outstanding; further calls wait.
     pub async fn submit(&self, op: Op) -> Result<Pending, ClientError> {
-        self.submit_as(None, op).await
+        self.submit_as(None, op, None).await
     }
 
     /// Send a mutation under a client seq chosen by the caller (a
@@ -276,7 +276,14 @@ impl Client {
     /// its reply cache instead of applying it twice). Seqs must increase;
     /// gaps are allowed.
     pub async fn submit_at(&self, cseq: u64, op: Op) -> Result<Pending, ClientError> {
-        self.submit_as(Some(cseq), op).await
+        self.submit_as(Some(cseq), op, None).await
+    }
+
+    /// [`Client::submit_at`] for a change made at `stamp` (the replica's
+    /// clock plus the handshake offset): the implicit mtimes it sets take
+    /// that time on the server and on every replica.
+    pub async fn submit_stamped(&self, cseq: u64, op: Op, stamp: Option<Timestamp>) -> Result<Pending, ClientError> {
+        self.submit_as(Some(cseq), op, stamp).await
     }
 
     /// The next client seq this client would use.
@@ -284,7 +291,7 @@ impl Client {
         lock(&self.inner.state).next_cseq
     }
 
-    async fn submit_as(&self, at: Option<u64>, op: Op) -> Result<Pending, ClientError> {
+    async fn submit_as(&self, at: Option<u64>, op: Op, stamp: Option<Timestamp>) -> Result<Pending, ClientError> {
         let permit = self.inner.window.acquire().await.map_err(|_| ClientError::Disconnected)?;
         permit.forget();
         let (tx, rx) = oneshot::channel();
@@ -301,14 +308,14 @@ impl Client {
         };
         st.next_cseq = st.next_cseq.max(cseq + 1);
         if let Some(conn) = &st.conn {
-            let frame = conn::mutate_frame(cseq, st.answered_through, &op);
+            let frame = conn::mutate_frame(cseq, st.answered_through, &op, stamp);
             self.inner.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
             let _ = conn.send(frame);
         } else if !self.inner.cfg.reconnect {
             self.inner.window.add_permits(1);
             return Err(ClientError::Disconnected);
         }
-        st.unanswered.insert(cseq, (op, Some(tx)));
+        st.unanswered.insert(cseq, (op, stamp, Some(tx)));
         Ok(Pending { cseq, rx })
     }
 

@@ -114,7 +114,7 @@ impl Replica {
             let mut at = off;
             while at < off + len {
                 let n = (off + len - at).min(MAX_DATA as u64);
-                let e = CmlEntry { op: Op::Write { id, base: 0, offset: at, data: Vec::new() }, len: n };
+                let e = self.entry(Op::Write { id, base: 0, offset: at, data: Vec::new() }, n, edits);
                 let lsn = c.push(e.clone());
                 edits.push(Edit::Cml(lsn, e));
                 at += n;
@@ -140,7 +140,7 @@ impl Replica {
             edits = ready;
         }
         let lsn = op.map(|op| {
-            let e = CmlEntry { op, len: 0 };
+            let e = self.entry(op, 0, &edits);
             let lsn = c.push(e.clone());
             edits.push(Edit::Cml(lsn, e));
             lsn
@@ -161,9 +161,47 @@ impl Replica {
         Timestamp::now()
     }
 
-    fn touch(&self, dir: ObjectId, nlink: i32) -> R<Edit> {
+    /// An implicit mtime for an object whose mtime is `current`: now, or
+    /// just after `current` if that is later (an implicit stamp never goes
+    /// backwards; the server applies the same rule).
+    fn stamp_after(&self, current: Timestamp, now: Timestamp) -> Timestamp {
+        if now > current {
+            return now;
+        }
+        match current.nsec {
+            n if n >= 999_999_999 => Timestamp { secs: current.secs + 1, nsec: 0 },
+            n => Timestamp { secs: current.secs, nsec: n + 1 },
+        }
+    }
+
+    /// When `op` was made here: the implicit mtime it gave the object it
+    /// writes or makes, or the directory whose entries it changes, as
+    /// `edits` (about to be applied) or else the cache hold it. `None` for
+    /// attribute and xattr changes, which set no implicit mtime.
+    fn stamp(&self, op: &Op, edits: &[Edit]) -> Option<Timestamp> {
+        let target = match op {
+            Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => *id,
+            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => *id,
+            Op::Link { parent, .. } | Op::Unlink { parent, .. } | Op::Rmdir { parent, .. } => *parent,
+            Op::Rename { new_parent, .. } => *new_parent,
+            Op::SetAttr { .. } | Op::SetXattr { .. } | Op::RemoveXattr { .. } => return None,
+        };
+        let queued = edits.iter().rev().find_map(|e| match e {
+            Edit::Put { attr, .. } if attr.id == target => Some(attr.mtime),
+            _ => None,
+        });
+        queued.or_else(|| self.cache.get(target).ok().flatten().map(|c| c.attr.mtime))
+    }
+
+    /// A CML entry for `op` (of `len` bytes for a write), stamped.
+    fn entry(&self, op: Op, len: u64, edits: &[Edit]) -> CmlEntry {
+        let time = self.stamp(&op, edits);
+        CmlEntry { op, len, time }
+    }
+
+    fn touch(&self, dir: ObjectId, nlink: i32, now: Timestamp) -> R<Edit> {
         let mut a = self.cached(dir)?.attr;
-        a.mtime = self.now();
+        a.mtime = self.stamp_after(a.mtime, now);
         a.nlink = (a.nlink as i64 + nlink as i64).max(0) as u32;
         Ok(Edit::attr(a))
     }
@@ -197,6 +235,7 @@ impl Replica {
         let id = ObjectId::new();
         let name = name.to_vec();
         let target = target.map(|t| t.to_vec());
+        let now = self.now();
         let attr = Attr {
             id,
             kind,
@@ -204,7 +243,7 @@ impl Replica {
             uid,
             gid,
             size: target.as_ref().map(|t| t.len() as u64).unwrap_or(0),
-            mtime: self.now(),
+            mtime: now,
             nlink: if kind == FileKind::Dir { 2 } else { 1 },
             versions: Versions::default(),
         };
@@ -228,7 +267,7 @@ impl Replica {
         let edits = vec![
             Edit::Put { attr, target, xattrs: Some(Vec::new()) },
             Edit::Link { parent: pid, name, id },
-            self.touch(pid, if kind == FileKind::Dir { 1 } else { 0 })?,
+            self.touch(pid, if kind == FileKind::Dir { 1 } else { 0 }, now)?,
         ];
         let mut c = lock(&self.cml);
         self.commit_local(&mut c, edits, Some(op))?;
@@ -258,7 +297,7 @@ impl Replica {
             if last {
                 edits.push(Edit::Forget { id });
             }
-            edits.push(self.touch(pid, if dir { -1 } else { 0 })?);
+            edits.push(self.touch(pid, if dir { -1 } else { 0 }, self.now())?);
             let mut c = lock(&self.cml);
             // a file whose every op is still unsent goes without a trace
             let cancel = if last && !dir { c.cancellable(id) } else { None };
@@ -392,11 +431,12 @@ impl Replica {
                 }
             }
             edits.push(Edit::Link { parent: npid, name: new_name.clone(), id });
+            let now = self.now();
             if pid == npid {
-                edits.push(self.touch(pid, dn + ndn)?);
+                edits.push(self.touch(pid, dn + ndn, now)?);
             } else {
-                edits.push(self.touch(pid, dn)?);
-                edits.push(self.touch(npid, ndn)?);
+                edits.push(self.touch(pid, dn, now)?);
+                edits.push(self.touch(npid, ndn, now)?);
             }
             let op = Op::Rename {
                 parent: pid,
@@ -448,8 +488,11 @@ impl Replica {
         }
         let mut a = obj.attr.clone();
         a.nlink += 1;
-        let mut edits =
-            vec![Edit::attr(a), Edit::Link { parent: npid, name: new_name.to_vec(), id }, self.touch(npid, 0)?];
+        let mut edits = vec![
+            Edit::attr(a),
+            Edit::Link { parent: npid, name: new_name.to_vec(), id },
+            self.touch(npid, 0, self.now())?,
+        ];
         let op = Op::Link { id, parent: npid, name: new_name.to_vec() };
         let mut c = lock(&self.cml);
         self.seal_into(&mut c, id, &mut edits);
@@ -470,7 +513,7 @@ impl Replica {
         f.write_all_at(data, offset).map_err(io(&path))?;
         let mut a = obj.attr.clone();
         a.size = a.size.max(offset + data.len() as u64);
-        a.mtime = self.now();
+        a.mtime = self.stamp_after(a.mtime, self.now());
         if obj.attr.nlink == 0 {
             // removed while open: nobody else will see these bytes
             self.cache.local(&[Edit::attr(a)])?;
@@ -632,7 +675,7 @@ impl Replica {
             }
             _ => return Err(ReplicaError::Unsupported),
         };
-        a.mtime = self.now();
+        a.mtime = self.stamp_after(a.mtime, self.now());
         let mut edits = Vec::new();
         let mut c = lock(&self.cml);
         self.seal_into(&mut c, id, &mut edits);
@@ -664,7 +707,7 @@ impl Replica {
             let f = open_data(&path)?;
             f.set_len(size).map_err(io(&path))?;
             a.size = size;
-            a.mtime = self.now();
+            a.mtime = self.stamp_after(a.mtime, self.now());
             ops.push(Op::Truncate { id, base: 0, size });
         }
         if attrs != SetAttrs::default() {
@@ -693,7 +736,7 @@ impl Replica {
         }
         let mut last = ops.pop();
         for op in ops {
-            let e = CmlEntry { op, len: 0 };
+            let e = self.entry(op, 0, &edits);
             let lsn = c.push(e.clone());
             edits.push(Edit::Cml(lsn, e));
         }
@@ -758,7 +801,7 @@ impl Replica {
         let size = std::fs::metadata(&path).map_err(io(&path))?.len();
         let mut a = obj.attr.clone();
         a.size = size;
-        a.mtime = self.now();
+        a.mtime = self.stamp_after(a.mtime, self.now());
         if obj.attr.nlink == 0 {
             self.cache.local(&[Edit::attr(a)])?;
             return Ok(());
@@ -768,7 +811,7 @@ impl Replica {
         if size < obj.attr.size {
             // (shorter: the server must shrink it too)
             self.seal_into(&mut c, id, &mut edits);
-            let e = CmlEntry { op: Op::Truncate { id, base: 0, size }, len: 0 };
+            let e = self.entry(Op::Truncate { id, base: 0, size }, 0, &edits);
             let lsn = c.push(e.clone());
             edits.push(Edit::Cml(lsn, e));
         }
@@ -1020,6 +1063,7 @@ impl Replica {
                 }
                 continue;
             };
+            let stamp = e.time;
             match self.build(e) {
                 Err(err) => {
                     // not sent: again shortly (never dropped; an entry
@@ -1035,7 +1079,7 @@ impl Replica {
                     cursor = lsn;
                     self.answered(lsn, Ok(None))
                 }
-                Ok(Some(op)) => match self.client.submit_at(lsn, op).await {
+                Ok(Some(op)) => match self.client.submit_stamped(lsn, op, stamp).await {
                     Ok(p) => {
                         cursor = lsn;
                         let _ = tx.send((lsn, p));

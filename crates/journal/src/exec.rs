@@ -317,6 +317,39 @@ impl Batch<'_> {
         self.execute_placed(origin, op, time, place)
     }
 
+    /// Like [`Batch::execute`], with the implicit mtimes the replica chose
+    /// (`stamp`: when it made the change). A stamp the export cannot store
+    /// is ignored; one not after an object's current mtime moves to just
+    /// after it (an implicit mtime never goes backwards) and the answer's
+    /// attributes say so.
+    pub fn execute_stamped(
+        &mut self,
+        origin: Origin,
+        op: &Op,
+        time: Timestamp,
+        stamp: Option<Timestamp>,
+    ) -> R<Applied> {
+        let place = match op {
+            Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX => Payload::Staged(data.len() as u64),
+            _ => Payload::Inline,
+        };
+        self.execute_stamped_placed(origin, op, time, stamp, place)
+    }
+
+    /// [`Batch::execute_stamped`] with the caller choosing where a write's
+    /// bytes live.
+    pub fn execute_stamped_placed(
+        &mut self,
+        origin: Origin,
+        op: &Op,
+        time: Timestamp,
+        stamp: Option<Timestamp>,
+        place: Payload,
+    ) -> R<Applied> {
+        let stamp = stamp.filter(|t| storable_time(*t));
+        self.execute_full(origin, op, time, place, (stamp, stamp))
+    }
+
     /// Metadata row of an object as this batch sees it.
     pub fn object(&self, id: ObjectId) -> R<ObjectRow> {
         self.row(id)
@@ -401,7 +434,7 @@ impl Batch<'_> {
 
     pub(crate) fn touch_dir(&mut self, cx: &Cx, id: ObjectId, nlink_delta: i32) -> R<Handle> {
         let mut row = self.row(id)?;
-        row.mtime = cx.dir_mtime.unwrap_or(cx.time);
+        row.mtime = cx.later_than(row.mtime, cx.dir_mtime.unwrap_or(cx.time));
         bump_data(&mut row, cx);
         row.nlink = (row.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_row(id, &row)?;
@@ -457,6 +490,25 @@ impl Cx {
     pub fn obj_mtime(&self) -> Timestamp {
         self.mtime.unwrap_or(self.time)
     }
+
+    /// The implicit mtime an op from a replica gives an object whose mtime
+    /// is `current`: never earlier than it (a stamp not after it becomes
+    /// `current` + 1 ns). Changes found in the export keep the export's.
+    pub fn later_than(&self, current: Timestamp, stamp: Timestamp) -> Timestamp {
+        if self.who.is_none() || stamp > current {
+            return stamp;
+        }
+        match current.nsec {
+            n if n >= 999_999_999 => Timestamp { secs: current.secs + 1, nsec: 0 },
+            n => Timestamp { secs: current.secs, nsec: n + 1 },
+        }
+    }
+}
+
+/// A time every exported file system can store (ext4's range):
+/// 1901-12-13 to 2446-05-10, nanoseconds below one second.
+pub fn storable_time(t: Timestamp) -> bool {
+    (-(1i64 << 31)..=15_032_385_535).contains(&t.secs) && t.nsec <= 999_999_999
 }
 
 pub(crate) fn bump_data(row: &mut ObjectRow, cx: &Cx) {

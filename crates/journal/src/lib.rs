@@ -12,7 +12,7 @@ mod query;
 mod store;
 mod tables;
 
-pub use exec::{xattr_replicates, Batch};
+pub use exec::{storable_time, xattr_replicates, Batch};
 pub use store::{Store, StoreError};
 pub use tables::{ObjectRow, Payload, StoredRecord};
 

@@ -19,10 +19,16 @@ pub enum ClientMsg {
     Subscribe { from_seq: Seq },
     /// Liveness probe.
     Ping { nonce: u64 },
+    /// A mutation stamped by the replica that made it: the implicit mtimes
+    /// it sets (of the object it writes or makes, of the directories whose
+    /// entries it changes) take `stamp` (the replica's clock plus the
+    /// handshake offset), so every replica and the export keep the time the
+    /// change was made, not the time the server applied it.
+    MutateAt { cseq: u64, acked_through: u64, op: Op, stamp: Timestamp },
 }
 
 /// A borrowed view of [`ClientMsg`] for encoding without copying the op:
-/// the variants before `Mutate` match, so the bytes are the same.
+/// the variants match one for one, so the bytes are the same.
 #[derive(Serialize)]
 pub enum ClientMsgRef<'a> {
     /// As [`ClientMsg::Hello`].
@@ -35,6 +41,34 @@ pub enum ClientMsgRef<'a> {
         acked_through: u64,
         /// The op.
         op: &'a Op,
+    },
+    /// As [`ClientMsg::Query`].
+    Query {
+        /// Query id.
+        qid: u64,
+        /// The query.
+        query: &'a Query,
+    },
+    /// As [`ClientMsg::Subscribe`].
+    Subscribe {
+        /// First seq wanted, exclusive.
+        from_seq: Seq,
+    },
+    /// As [`ClientMsg::Ping`].
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// As [`ClientMsg::MutateAt`].
+    MutateAt {
+        /// Client seq.
+        cseq: u64,
+        /// Replies durable at the client through this seq.
+        acked_through: u64,
+        /// The op.
+        op: &'a Op,
+        /// When the replica made the change.
+        stamp: Timestamp,
     },
 }
 
@@ -246,6 +280,10 @@ mod tests {
         let op = Op::Write { id: ObjectId(5), base: 3, offset: 7, data: vec![1, 2, 3] };
         let owned = encode_frame(&ClientMsg::Mutate { cseq: 9, acked_through: 8, op: op.clone() }).unwrap();
         let borrowed = encode_frame(&ClientMsgRef::Mutate { cseq: 9, acked_through: 8, op: &op }).unwrap();
+        assert_eq!(owned, borrowed);
+        let stamp = Timestamp { secs: 1_700_000_000, nsec: 5 };
+        let owned = encode_frame(&ClientMsg::MutateAt { cseq: 9, acked_through: 8, op: op.clone(), stamp }).unwrap();
+        let borrowed = encode_frame(&ClientMsgRef::MutateAt { cseq: 9, acked_through: 8, op: &op, stamp }).unwrap();
         assert_eq!(owned, borrowed);
     }
 }

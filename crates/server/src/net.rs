@@ -177,6 +177,14 @@ impl Server {
                     return Err(e.to_string());
                 }
             };
+            // (a stamped mutation is a mutation whose implicit mtimes the
+            // replica chose)
+            let (msg, stamp) = match msg {
+                ClientMsg::MutateAt { cseq, acked_through, op, stamp } => {
+                    (ClientMsg::Mutate { cseq, acked_through, op }, Some(stamp))
+                }
+                m => (m, None),
+            };
             match msg {
                 ClientMsg::Mutate { cseq, acked_through, mut op } => {
                     if rights != Rights::Rw {
@@ -190,7 +198,15 @@ impl Server {
                         send(out, &ServerMsg::Reply { cseq, result: Err(OpError::Transient(why)) });
                         continue;
                     };
-                    let m = Mutation { replica, cseq, acked_through, op, reply: out.replies.clone(), slot: Some(slot) };
+                    let m = Mutation {
+                        replica,
+                        cseq,
+                        acked_through,
+                        op,
+                        stamp,
+                        reply: out.replies.clone(),
+                        slot: Some(slot),
+                    };
                     let sent = self.tx.lock().map(|tx| tx.send(Work::Mutate(m)).is_ok()).unwrap_or(false);
                     if !sent {
                         return Err("volume thread stopped".into());
@@ -214,7 +230,7 @@ impl Server {
                     *subscription = Some(tokio::spawn(async move { srv.subscribe(from_seq, out).await }));
                 }
                 ClientMsg::Ping { nonce } => send(out, &ServerMsg::Pong { nonce }),
-                ClientMsg::Hello(_) => {
+                ClientMsg::Hello(_) | ClientMsg::MutateAt { .. } => {
                     send(out, &ServerMsg::Refused { reason: RefuseReason::Protocol, message: "second Hello".into() });
                     return Err("second Hello".into());
                 }

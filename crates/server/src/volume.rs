@@ -32,6 +32,8 @@ pub struct Mutation {
     pub acked_through: u64,
     /// The op.
     pub op: Op,
+    /// When the replica made the change (its implicit mtimes), if it said.
+    pub stamp: Option<Timestamp>,
     /// Where the reply frame goes.
     pub reply: FrameTx,
     /// The connection's in-flight slot, freed when the mutation is answered
@@ -382,7 +384,9 @@ impl Actor {
             }
         }
         let origin = Origin::Replica(m.replica, m.cseq);
-        let handle = match self.tree.stage_new(&m.op, time) {
+        // a new object's inode is made with its final mtime: the replica's stamp
+        let made = m.stamp.filter(|t| izo_journal::storable_time(*t)).unwrap_or(time);
+        let handle = match self.tree.stage_new(&m.op, made) {
             Ok(h) => h,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(OpError::Invalid("object id already in use".into()))
@@ -402,7 +406,7 @@ impl Actor {
             Counters::add(&self.shared.counters.fsyncs, 1);
             *staged_any = true;
         }
-        match b.execute(origin, &m.op, time) {
+        match b.execute_stamped(origin, &m.op, time, m.stamp) {
             Ok(applied) => {
                 if let (Some(h), Some(id)) = (handle, m.op.new_object()) {
                     b.set_handle(id, h).map_err(OpError::from)?;

@@ -7,6 +7,7 @@ mod crash;
 mod harness;
 mod hostile;
 mod mount;
+mod mtime;
 mod ops;
 mod owners;
 mod passthrough;

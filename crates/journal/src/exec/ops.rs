@@ -218,7 +218,7 @@ impl Batch<'_> {
             if let Some(t) = attrs.mtime {
                 // What every exported file system can store (ext4's range):
                 // anything else would be clamped by the kernel at apply.
-                if !(-(1i64 << 31)..=15_032_385_535).contains(&t.secs) || t.nsec > 999_999_999 {
+                if !crate::exec::storable_time(t) {
                     return Err(OpError::Invalid("mtime outside 1901-12-13..2446-05-10".into()));
                 }
                 row.mtime = t;
@@ -244,7 +244,7 @@ impl Batch<'_> {
             self.take_space(space)?;
         }
         f(&mut row);
-        row.mtime = cx.obj_mtime();
+        row.mtime = cx.later_than(row.mtime, cx.obj_mtime());
         bump_data(&mut row, cx);
         self.put_row(id, &row)?;
         Ok((Some(row.attr(id)), vec![(id, row.handle)]))

@@ -57,6 +57,16 @@ impl Tree {
                 t = Timestamp { secs: st.st_mtime, nsec: st.st_mtime_nsec as u32 };
             }
         }
+        // the mtimes the record gives: the replica's stamps, which every
+        // copy keeps (a directory's from the record's dirs, an object's from
+        // its attributes); a redo keeps what the tree has
+        let rec_t = t;
+        let dir_t = |id: ObjectId| r.dirs.iter().find(|a| a.id == id).map(|a| a.mtime).unwrap_or(rec_t);
+        if mode != Mode::RedoData {
+            if let (Some(a), Some(_)) = (&r.attr, r.op.data_target()) {
+                t = a.mtime;
+            }
+        }
         let exact = mode == Mode::Exact;
         let mut outcome = Outcome::Applied;
         match &r.op {
@@ -78,7 +88,7 @@ impl Tree {
                 } else {
                     return Err(incons(seq, "new inode neither staged nor in place"));
                 }
-                self.touch(&p, t)?;
+                self.touch(&p, dir_t(*parent))?;
             }
             Op::Link { id, parent, name } => {
                 let p = self.dir(rec, *parent)?;
@@ -98,7 +108,7 @@ impl Tree {
                     Some(cur) if exact && cur == h => outcome = Outcome::Skipped,
                     Some(_) => return Err(incons(seq, "link name taken")),
                 }
-                self.touch(&p, t)?;
+                self.touch(&p, dir_t(*parent))?;
             }
             Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => {
                 let p = self.dir(rec, *parent)?;
@@ -114,7 +124,7 @@ impl Tree {
                 if r.attr.is_none() {
                     self.forget(&h);
                 }
-                self.touch(&p, t)?;
+                self.touch(&p, dir_t(*parent))?;
             }
             Op::Rename { parent, name, expect, new_parent, new_name, target, mode: rm } => {
                 let p = self.dir(rec, *parent)?;
@@ -151,8 +161,8 @@ impl Tree {
                 } else {
                     return Err(incons(seq, "rename source or target not as recorded"));
                 }
-                self.touch(&p, t)?;
-                self.touch(&np, t)?;
+                self.touch(&p, dir_t(*parent))?;
+                self.touch(&np, dir_t(*new_parent))?;
             }
             Op::Write { id, offset, data, .. } => {
                 let fd = self.fd(&self.handle(rec, *id)?.clone(), FileKind::File)?;

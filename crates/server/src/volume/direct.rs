@@ -32,7 +32,7 @@ impl Actor {
         };
         let origin = Origin::Replica(m.replica, m.cseq);
         let place = izo_journal::Payload::Direct(data.len() as u64);
-        let applied = match b.execute_placed(origin, &m.op, time, place) {
+        let applied = match b.execute_stamped_placed(origin, &m.op, time, m.stamp, place) {
             Ok(a) => a,
             Err(e) => return Ok(Some(Err(e))),
         };
