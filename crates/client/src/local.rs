@@ -228,10 +228,17 @@ impl Replica {
     ) -> R<Cached> {
         valid(name)?;
         let _g = lock(&self.apply);
-        let (pid, _) = self.dir(parent)?;
+        let (pid, pobj) = self.dir(parent)?;
         if self.cache.lookup(pid, name)?.is_some() {
             return Err(ReplicaError::Exists);
         }
+        // a setgid directory passes on its group, and to a subdirectory its
+        // setgid bit too, as local file systems do
+        let (mode, gid) = match (pobj.attr.mode & libc::S_ISGID != 0, kind) {
+            (true, FileKind::Dir) => (mode | libc::S_ISGID, pobj.attr.gid),
+            (true, _) => (mode, pobj.attr.gid),
+            (false, _) => (mode, gid),
+        };
         let id = ObjectId::new();
         let name = name.to_vec();
         let target = target.map(|t| t.to_vec());

@@ -144,9 +144,11 @@ impl Policy {
         }
     }
 
-    fn mode(&self, mode: &mut u32) {
+    /// Set-id bits of what an untrusted volume's op makes are stripped, but
+    /// for a directory's setgid bit: that one only passes a group on.
+    fn mode(&self, mode: &mut u32, dir: bool) {
         if !self.trusted {
-            *mode &= !0o6000;
+            *mode &= if dir { !0o4000 } else { !0o6000 };
         }
     }
 
@@ -154,9 +156,13 @@ impl Policy {
     /// validation, which records the refusal like any other answer.)
     pub fn apply(&self, op: &mut Op, map: Option<&IdMap>) {
         match op {
-            Op::Create { mode, uid, gid, .. } | Op::Mkdir { mode, uid, gid, .. } | Op::Mknod { mode, uid, gid, .. } => {
+            Op::Create { mode, uid, gid, .. } | Op::Mknod { mode, uid, gid, .. } => {
                 self.owner(uid, gid, map);
-                self.mode(mode);
+                self.mode(mode, false);
+            }
+            Op::Mkdir { mode, uid, gid, .. } => {
+                self.owner(uid, gid, map);
+                self.mode(mode, true);
             }
             Op::Symlink { uid, gid, .. } => self.owner(uid, gid, map),
             Op::SetAttr { attrs, .. } => {
@@ -176,9 +182,8 @@ impl Policy {
                     }
                     _ => {}
                 }
-                if let Some(m) = attrs.mode.as_mut() {
-                    self.mode(m);
-                }
+                // (set-id bits of a chmod are stripped by validation, which
+                // knows whether the object is a directory)
             }
             _ => {}
         }

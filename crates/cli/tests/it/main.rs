@@ -14,6 +14,7 @@ mod passthrough;
 mod replay;
 mod retention;
 mod security;
+mod setgid;
 mod sigkill;
 mod space;
 mod wire;

@@ -98,7 +98,7 @@ impl Batch<'_> {
             }
             Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
                 if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
-                    return Err(OpError::NotPermitted("mknod makes only fifos and sockets".into()));
+                    return Err(OpError::Invalid("mknod makes only fifos and sockets".into()));
                 }
                 let row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 self.create_common(cx, *parent, name, *id, row)
@@ -202,12 +202,20 @@ impl Batch<'_> {
     }
 
     fn setattr(&mut self, cx: &Cx, id: ObjectId, base: Seq, attrs: &SetAttrs) -> R<Out> {
+        let trusted = self.trusted();
         self.meta_op(cx, id, base, |row| {
             if attrs.mode.is_some() && row.kind == FileKind::Symlink {
                 return Err(OpError::Unsupported("symlinks have no mode of their own".into()));
             }
             if let Some(m) = attrs.mode {
-                row.mode = m & 0o7777;
+                // an untrusted volume keeps no set-id bits, but for a
+                // directory's setgid (it only passes a group on)
+                let strip = match (trusted, row.kind) {
+                    (true, _) => 0,
+                    (false, FileKind::Dir) => 0o4000,
+                    (false, _) => 0o6000,
+                };
+                row.mode = m & 0o7777 & !strip;
             }
             if let Some(u) = attrs.uid {
                 row.uid = u;
