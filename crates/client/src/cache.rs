@@ -66,7 +66,7 @@ pub struct Parked {
 
 /// What the append-only log holds (see [`Cache::local`]).
 #[derive(Serialize, Deserialize)]
-enum LogRec {
+pub(crate) enum LogRec {
     /// A local change.
     Edits(Vec<Edit>),
     /// Bytes written to a data file, not yet in a CML entry.
@@ -231,6 +231,9 @@ impl Cache {
             ov: RwLock::new(Overlay::default()),
             fold_lock: Mutex::new(()),
         };
+        // (a cache of an older format is upgraded before anything reads it)
+        let logs: Vec<PathBuf> = c.log_gens()?.into_iter().map(|g| c.log_path(g)).collect();
+        crate::format::upgrade(&c.db, &c.path, &logs)?;
         // Orphans of the last run are no longer open anywhere: drop them
         // (unless a log says otherwise: a replay puts them back).
         let dropped = c.write(|tx| {
@@ -322,14 +325,9 @@ impl Cache {
                 std::fs::File::open(&path)
                     .and_then(|mut f| f.read_to_end(&mut buf))
                     .map_err(|err| CacheError::Io { path: path.clone(), err })?;
-                let mut at = 0usize;
-                while at + 8 <= buf.len() {
-                    let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                    let sum = &buf[at + 4..at + 8];
-                    let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
-                    if &blake3::hash(body).as_bytes()[..4] != sum {
-                        break; // torn by a machine crash: what follows never returned
-                    }
+                let body_at =
+                    if buf.starts_with(crate::format::LOG_MAGIC) { crate::format::LOG_MAGIC.len() } else { 0 };
+                for body in crate::format::frames(&buf[body_at..]) {
                     match postcard::from_bytes::<LogRec>(body) {
                         Ok(LogRec::Edits(edits)) => {
                             for e in &edits {
@@ -347,7 +345,6 @@ impl Cache {
                         Err(_) => break,
                     }
                     n += 1;
-                    at += 8 + len;
                 }
             }
         }
@@ -361,10 +358,7 @@ impl Cache {
 
     fn append(&self, ov: &mut Overlay, rec: &LogRec) -> Result<(), CacheError> {
         let body = postcard::to_allocvec(rec).map_err(|e| self.err(e))?;
-        let mut frame = Vec::with_capacity(body.len() + 8);
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&blake3::hash(&body).as_bytes()[..4]);
-        frame.extend_from_slice(&body);
+        let mut frame = crate::format::frame(&body);
         if ov.log.is_none() {
             let path = self.log_path(ov.gen);
             let f = std::fs::OpenOptions::new()
@@ -372,6 +366,11 @@ impl Cache {
                 .append(true)
                 .open(&path)
                 .map_err(|err| CacheError::Io { path: path.clone(), err })?;
+            let len = f.metadata().map_err(|err| CacheError::Io { path: path.clone(), err })?.len();
+            if len == 0 {
+                // a new file starts with its format (in the same write(2))
+                frame.splice(0..0, crate::format::LOG_MAGIC.iter().copied());
+            }
             ov.log = Some(f);
         }
         let path = self.log_path(ov.gen);

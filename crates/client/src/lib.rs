@@ -7,6 +7,7 @@ pub mod cache;
 mod cml;
 pub mod config;
 mod conn;
+pub mod format;
 mod local;
 mod query;
 pub mod replica;

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod ids;
 pub mod msg;
 pub mod op;
+pub mod v1;
 
 pub use codec::{decode_frame, encode_frame, FrameError, MAX_FRAME};
 pub use ids::{parse_id_table, ObjectId, ReplicaId, Seq, Timestamp};
