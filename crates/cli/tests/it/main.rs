@@ -11,6 +11,7 @@ mod mtime;
 mod ops;
 mod owners;
 mod passthrough;
+mod posix;
 mod replay;
 mod retention;
 mod security;
