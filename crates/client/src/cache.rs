@@ -16,7 +16,7 @@
 // redb's error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
-use izo_proto::{Attr, FileKind, ObjectId, Op, Seq, Versions};
+use izo_proto::{Attr, FileKind, ObjectId, Op, Seq, Timestamp, Versions};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -96,6 +96,11 @@ pub struct Cached {
     pub target: Option<Vec<u8>>,
     /// Extended attributes.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Status change time, kept by this replica only (DESIGN: ctime is
+    /// local): set by [`Edit::Ctime`] on every local change and every
+    /// applied foreign record, never by the replica's own echoes. An object
+    /// first seen in a snapshot starts at its mtime.
+    pub ctime: Timestamp,
 }
 
 /// Errors of the cache.
@@ -819,8 +824,9 @@ impl Cache {
                         }
                     };
                     let target = target.clone().or_else(|| old.as_ref().and_then(|o| o.target.clone()));
+                    let ctime = old.as_ref().map(|o| o.ctime).unwrap_or(attr.mtime);
                     let xattrs = xattrs.clone().or_else(|| old.map(|o| o.xattrs)).unwrap_or_default();
-                    ov.live.objs.insert(id, Some(Cached { attr: attr.clone(), ino, target, xattrs }));
+                    ov.live.objs.insert(id, Some(Cached { attr: attr.clone(), ino, target, xattrs, ctime }));
                 }
                 Edit::Link { parent, name, id } => {
                     ov.live.dents.insert(key(*parent, name), Some(*id));
@@ -885,6 +891,12 @@ impl Cache {
                 // again at start they became writes after a later utimens)
                 Edit::Sealed { id } => {
                     ov.dirty.remove(id);
+                }
+                Edit::Ctime { id, time } => {
+                    if let Some(mut c) = self.obj_in(ov, *id)? {
+                        c.ctime = *time;
+                        ov.live.objs.insert(*id, Some(c));
+                    }
                 }
             }
         }
@@ -974,6 +986,15 @@ pub enum Edit {
         /// The object.
         id: ObjectId,
     },
+    /// An object's status changed here (a local change, or a foreign
+    /// record applied): its ctime. The time is logged, so a replay after a
+    /// SIGKILL gives back the same ctime.
+    Ctime {
+        /// The object.
+        id: ObjectId,
+        /// Its new ctime (this machine's clock).
+        time: Timestamp,
+    },
 }
 
 impl Edit {
@@ -981,6 +1002,25 @@ impl Edit {
     pub fn attr(attr: Attr) -> Edit {
         Edit::Put { attr, target: None, xattrs: None }
     }
+
+    /// The object whose status this edit changes (what moves its ctime:
+    /// new attributes or a new name).
+    pub fn status_of(&self) -> Option<ObjectId> {
+        match self {
+            Edit::Put { attr, .. } => Some(attr.id),
+            Edit::Link { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// `edits` followed by a ctime of `time` for every object they change.
+pub fn with_ctime(mut edits: Vec<Edit>, time: Timestamp) -> Vec<Edit> {
+    let mut ids: Vec<ObjectId> = edits.iter().filter_map(Edit::status_of).collect();
+    ids.sort();
+    ids.dedup();
+    edits.extend(ids.into_iter().map(|id| Edit::Ctime { id, time }));
+    edits
 }
 
 /// Whether an object kind has a data file.

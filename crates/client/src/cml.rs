@@ -86,6 +86,7 @@ impl Cml {
             attrs.uid = next.uid.or(attrs.uid);
             attrs.gid = next.gid.or(attrs.gid);
             attrs.mtime = next.mtime.or(attrs.mtime);
+            attrs.atime = next.atime.or(attrs.atime);
         }
         Some((*lsn, e))
     }

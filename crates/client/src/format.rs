@@ -112,7 +112,9 @@ impl From<v1::Parked> for Parked {
 
 impl From<v1::Cached> for Cached {
     fn from(c: v1::Cached) -> Self {
-        Cached { attr: c.attr.into(), ino: c.ino, target: c.target, xattrs: c.xattrs }
+        // (format 1 kept no ctime: it started at the mtime then too)
+        let attr: izo_proto::Attr = c.attr.into();
+        Cached { ctime: attr.mtime, attr, ino: c.ino, target: c.target, xattrs: c.xattrs }
     }
 }
 

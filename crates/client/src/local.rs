@@ -4,7 +4,7 @@
 //! data file and its range in the append-only log (durable against a
 //! SIGKILL of the daemon); `fsync` and `izo sync` wait for the server.
 
-use crate::cache::{Cached, CmlEntry, Edit, Parked, ROOT_INO};
+use crate::cache::{with_ctime, Cached, CmlEntry, Edit, Parked, ROOT_INO};
 use crate::cml::{objs, Cml};
 use crate::replica::{io, open_data, punch_fd, Replica, ReplicaError};
 use crate::{ClientError, Pending};
@@ -123,8 +123,10 @@ impl Replica {
         edits.push(Edit::Sealed { id });
     }
 
-    /// Apply `edits` locally and queue `op` after them (if any).
-    fn commit_local(&self, c: &mut Cml, mut edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
+    /// Apply `edits` locally and queue `op` after them (if any). Every
+    /// object they change gets a new ctime.
+    fn commit_local(&self, c: &mut Cml, edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
+        let mut edits = with_ctime(edits, Timestamp::now());
         // (answers ride along: they need not survive a crash)
         edits.extend(c.done.drain(..).map(Edit::CmlDone));
         // server attributes of objects that went idle come first: this
@@ -251,6 +253,7 @@ impl Replica {
             gid,
             size: target.as_ref().map(|t| t.len() as u64).unwrap_or(0),
             mtime: now,
+            atime: now,
             nlink: if kind == FileKind::Dir { 2 } else { 1 },
             versions: Versions::default(),
         };
@@ -523,7 +526,7 @@ impl Replica {
         a.mtime = self.stamp_after(a.mtime, self.now());
         if obj.attr.nlink == 0 {
             // removed while open: nobody else will see these bytes
-            self.cache.local(&[Edit::attr(a)])?;
+            self.cache.local(&with_ctime(vec![Edit::attr(a)], Timestamp::now()))?;
             return Ok(data.len());
         }
         let mut c = lock(&self.cml);
@@ -573,7 +576,7 @@ impl Replica {
                             Some(s) if s.versions.data >= a.versions.data => a = s,
                             _ => a.size = a.size.max(at + chunk.len() as u64),
                         }
-                        self.cache.local(&[Edit::attr(a)])?;
+                        self.cache.local(&with_ctime(vec![Edit::attr(a)], Timestamp::now()))?;
                         done += chunk.len();
                     }
                     Err(ReplicaError::Conflict(m)) => {
@@ -702,7 +705,9 @@ impl Replica {
             attrs.mode = killed_mode(obj.attr.mode);
         }
         if size.is_none() && attrs == SetAttrs::default() {
-            return Ok(obj);
+            // nothing to set (a chown to -1:-1): the status still changed
+            self.cache.local(&[Edit::Ctime { id, time: Timestamp::now() }])?;
+            return self.cached(id);
         }
         let mut a = obj.attr.clone();
         let mut ops = Vec::new();
@@ -729,6 +734,9 @@ impl Replica {
             }
             if let Some(t) = attrs.mtime {
                 a.mtime = t;
+            }
+            if let Some(t) = attrs.atime {
+                a.atime = t;
             }
             ops.push(Op::SetAttr { id, base: 0, attrs });
         }
@@ -791,7 +799,8 @@ impl Replica {
             x.push((name.to_vec(), v.to_vec()));
             x.sort();
         }
-        self.cache.local(&[Edit::Put { attr: obj.attr, target: None, xattrs: Some(x) }])?;
+        let put = Edit::Put { attr: obj.attr, target: None, xattrs: Some(x) };
+        self.cache.local(&with_ctime(vec![put], Timestamp::now()))?;
         Ok(())
     }
 
@@ -810,7 +819,7 @@ impl Replica {
         a.size = size;
         a.mtime = self.stamp_after(a.mtime, self.now());
         if obj.attr.nlink == 0 {
-            self.cache.local(&[Edit::attr(a)])?;
+            self.cache.local(&with_ctime(vec![Edit::attr(a)], Timestamp::now()))?;
             return Ok(());
         }
         let mut c = lock(&self.cml);

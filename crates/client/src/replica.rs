@@ -241,7 +241,8 @@ pub struct Replica {
 
 /// Do two attribute sets differ in what `stat` shows?
 pub(crate) fn visible_change(a: &Attr, b: &Attr) -> bool {
-    (a.mode, a.uid, a.gid, a.size, a.mtime, a.nlink) != (b.mode, b.uid, b.gid, b.size, b.mtime, b.nlink)
+    (a.mode, a.uid, a.gid, a.size, a.mtime, a.atime, a.nlink)
+        != (b.mode, b.uid, b.gid, b.size, b.mtime, b.atime, b.nlink)
 }
 
 /// Run `f` until it succeeds, backing off from `pause` to 5 s between tries.
@@ -1052,6 +1053,7 @@ impl Replica {
                 if let Some(lsn) = own {
                     c.release(lsn); // its echo is here
                 }
+                let from = edits.len();
                 for e in p.edits {
                     if let Some(e) = self.filter(e, own.is_some(), &mut c, &mut inval)? {
                         if let Edit::Forget { id } = &e {
@@ -1059,6 +1061,12 @@ impl Replica {
                         }
                         edits.push(e);
                     }
+                }
+                if own.is_none() {
+                    // a foreign change moves the ctime of what it changed here
+                    // (an own echo changes nothing that was not already)
+                    let changed = edits.split_off(from);
+                    edits.extend(crate::cache::with_ctime(changed, Timestamp::now()));
                 }
                 inval.extend(p.inval);
             }

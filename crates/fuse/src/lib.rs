@@ -131,16 +131,20 @@ fn kind(k: FileKind) -> FileType {
     }
 }
 
-fn attr(c: &Cached) -> FileAttr {
+/// What `stat` shows of an object. `blocks`: 512-byte blocks allocated
+/// (of the cache file, for a file: holes take none).
+fn attr(c: &Cached, blocks: u64) -> FileAttr {
     let a = &c.attr;
     let mtime = time(a.mtime);
     FileAttr {
         ino: INodeNo(c.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
-        atime: mtime,
+        blocks,
+        // (atime: creation or an explicit utimens; reads do not move it)
+        atime: time(a.atime),
         mtime,
-        ctime: mtime,
+        // (ctime: kept by this replica, see Cached::ctime)
+        ctime: time(c.ctime),
         crtime: mtime,
         kind: kind(a.kind),
         perm: (a.mode & 0o7777) as u16,
@@ -212,9 +216,22 @@ impl IzoFs {
         self.opens.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).is_some_and(|o| o.pt_writable > 0)
     }
 
+    /// Attributes of `c` for the kernel: a file's blocks are those its
+    /// cache file has allocated (sparse files are sparse here too, for `du`).
+    fn attr(&self, c: &Cached) -> FileAttr {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = match c.attr.kind {
+            FileKind::File => std::fs::symlink_metadata(self.r.cache.data_path(c.attr.id))
+                .map(|m| m.blocks())
+                .unwrap_or_else(|_| c.attr.size.div_ceil(512)),
+            _ => c.attr.size.div_ceil(512),
+        };
+        attr(c, blocks)
+    }
+
     fn entry(&self, r: Result<Cached, ReplicaError>, reply: ReplyEntry) {
         match r {
-            Ok(c) => reply.entry(&TTL, &attr(&c), GEN),
+            Ok(c) => reply.entry(&TTL, &self.attr(&c), GEN),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -244,7 +261,7 @@ impl Filesystem for IzoFs {
         OpCounters::bump(&self.r.ops.getattr);
         match self.r.get(ino.0) {
             Ok((_, c)) => {
-                let mut a = attr(&c);
+                let mut a = self.attr(&c);
                 if self.pt_writing(ino.0) {
                     // a passthrough writer: size and mtime as it left them
                     if let Ok(m) = self
@@ -253,7 +270,7 @@ impl Filesystem for IzoFs {
                         .and_then(|f| f.metadata().map_err(|e| ReplicaError::Invalid(e.to_string())))
                     {
                         a.size = m.len();
-                        a.blocks = m.len().div_ceil(512);
+                        a.blocks = std::os::unix::fs::MetadataExt::blocks(&m);
                         a.mtime = m.modified().unwrap_or(a.mtime);
                     }
                 }
@@ -291,9 +308,10 @@ impl Filesystem for IzoFs {
         let empty =
             mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
         let kill = uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0) || empty;
-        let attrs = SetAttrs { mode: mode.map(|m| m & 0o7777), uid, gid, mtime: mtime.map(stamp) };
+        let attrs =
+            SetAttrs { mode: mode.map(|m| m & 0o7777), uid, gid, mtime: mtime.map(stamp), atime: atime.map(stamp) };
         match self.r.setattr(ino.0, size, attrs, kill) {
-            Ok(c) => reply.attr(&TTL, &attr(&c)),
+            Ok(c) => reply.attr(&TTL, &self.attr(&c)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -592,7 +610,7 @@ impl Filesystem for IzoFs {
             // "." and ".." take no lookup reference; the others are current
             // attributes (an entry removed since the listing is skipped)
             let a = match self.r.get(if i < 2 { ino.0 } else { *e_ino }) {
-                Ok((_, c)) => attr(&c),
+                Ok((_, c)) => self.attr(&c),
                 Err(_) => continue,
             };
             let a = FileAttr { ino: INodeNo(*e_ino), ..a };
@@ -734,7 +752,7 @@ impl Filesystem for IzoFs {
                 let fh = self.handle(c.ino, flags);
                 let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
                 self.count_open(opens.entry(c.ino).or_default(), c.ino, fh.0, Mode::Writable);
-                reply.created(&TTL, &attr(&c), GEN, fh, FopenFlags::empty())
+                reply.created(&TTL, &self.attr(&c), GEN, fh, FopenFlags::empty())
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -334,6 +334,7 @@ pub(crate) fn new_row(
         gid,
         size: 0,
         mtime,
+        atime: mtime,
         nlink: if kind == FileKind::Dir { 2 } else { 1 },
         versions: Versions { data: seq, meta: seq },
         data_writer: writer,

@@ -50,6 +50,9 @@ pub struct ObjectRow {
     pub size: u64,
     /// Modification time.
     pub mtime: Timestamp,
+    /// Access time: the creation time until an explicit utimens sets it
+    /// (reads do not move it).
+    pub atime: Timestamp,
     /// Link count (directories: 2 + subdirectories).
     pub nlink: u32,
     /// Data and meta versions.
@@ -82,6 +85,7 @@ impl ObjectRow {
             gid: self.gid,
             size: self.size,
             mtime: self.mtime,
+            atime: self.atime,
             nlink: self.nlink,
             versions: self.versions,
         }

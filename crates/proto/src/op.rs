@@ -44,6 +44,9 @@ pub struct Attr {
     pub size: u64,
     /// Modification time.
     pub mtime: Timestamp,
+    /// Access time: set at creation and by explicit `utimensat` only
+    /// (implicit atimes are not tracked, as with `noatime`).
+    pub atime: Timestamp,
     /// Number of names (hard links); directories count their subdirectories.
     pub nlink: u32,
     /// Current versions.
@@ -81,6 +84,8 @@ pub struct SetAttrs {
     pub gid: Option<u32>,
     /// New modification time (explicit utimens values replicate verbatim).
     pub mtime: Option<Timestamp>,
+    /// New access time (explicit utimens values replicate verbatim).
+    pub atime: Option<Timestamp>,
 }
 
 /// A mutation of the volume. Each variant carries its precondition
@@ -381,6 +386,7 @@ mod tests {
             gid: 2,
             size: 3,
             mtime: Timestamp { secs: 4, nsec: 5 },
+            atime: Timestamp { secs: 6, nsec: 7 },
             nlink: 1,
             versions: Versions { data: 8, meta: 9 },
         };

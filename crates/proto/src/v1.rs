@@ -172,6 +172,8 @@ impl From<Attr> for crate::Attr {
             gid: a.gid,
             size: a.size,
             mtime: a.mtime,
+            // (format 1 kept no atime: the mtime is the best there is)
+            atime: a.mtime,
             nlink: a.nlink,
             versions: a.versions.into(),
         }
@@ -196,7 +198,7 @@ impl From<Expect> for crate::Expect {
 
 impl From<SetAttrs> for crate::SetAttrs {
     fn from(a: SetAttrs) -> Self {
-        crate::SetAttrs { mode: a.mode, uid: a.uid, gid: a.gid, mtime: a.mtime }
+        crate::SetAttrs { mode: a.mode, uid: a.uid, gid: a.gid, mtime: a.mtime, atime: None }
     }
 }
 

@@ -27,10 +27,24 @@ pub fn cstr(name: &[u8]) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// `openat(2)`.
+/// Open with `O_NOATIME` where it applies (not `O_PATH`): the server's own
+/// reads (hashing, fetches, scans, listings) must not overwrite the atimes
+/// clients set. The kernel refuses it (EPERM) on files the server neither
+/// owns nor may override: then without.
+fn no_atime(flags: i32, open: impl Fn(i32) -> libc::c_int) -> io::Result<libc::c_int> {
+    if flags & libc::O_PATH != 0 {
+        return cvt(open(flags));
+    }
+    match cvt(open(flags | libc::O_NOATIME)) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => cvt(open(flags)),
+        r => r,
+    }
+}
+
+/// `openat(2)` (with `O_NOATIME` where allowed).
 pub fn openat(dir: BorrowedFd, name: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    let fd = no_atime(flags | libc::O_CLOEXEC, |f| unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), f, mode) })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -38,7 +52,7 @@ pub fn openat(dir: BorrowedFd, name: &[u8], flags: i32, mode: u32) -> io::Result
 pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let c = cstr(path.as_os_str().as_bytes())?;
-    let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+    let fd = no_atime(libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, |f| unsafe { libc::open(c.as_ptr(), f) })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -82,13 +96,9 @@ pub fn open_by_handle(mount: BorrowedFd, handle: &[u8], flags: i32) -> io::Resul
     let mut fh = FileHandle { bytes: (handle.len() - 4) as u32, ty: 0, data: [0; MAX_HANDLE_SZ] };
     fh.ty = i32::from_le_bytes([handle[0], handle[1], handle[2], handle[3]]);
     fh.data[..handle.len() - 4].copy_from_slice(&handle[4..]);
-    let fd = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_open_by_handle_at,
-            mount.as_raw_fd(),
-            &mut fh as *mut FileHandle,
-            flags | libc::O_CLOEXEC,
-        ) as libc::c_int
+    let fh = &mut fh as *mut FileHandle;
+    let fd = no_atime(flags | libc::O_CLOEXEC, |f| unsafe {
+        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), fh, f) as libc::c_int
     })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -152,6 +162,20 @@ fn ts(t: Option<(i64, u32)>) -> libc::timespec {
 /// never following a symlink.
 pub fn set_mtime_at(d: BorrowedFd, name: &[u8], mtime: (i64, u32)) -> io::Result<()> {
     let times = [ts(None), ts(Some(mtime))];
+    let c = cstr(name)?;
+    let f = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    cvt(unsafe { libc::utimensat(d.as_raw_fd(), c.as_ptr(), times.as_ptr(), f) }).map(drop)
+}
+
+/// Set the atime and mtime (each if given) of `name` in `d` (or of `d`
+/// itself when `name` is empty), never following a symlink.
+pub fn set_times_at(
+    d: BorrowedFd,
+    name: &[u8],
+    atime: Option<(i64, u32)>,
+    mtime: Option<(i64, u32)>,
+) -> io::Result<()> {
+    let times = [ts(atime), ts(mtime)];
     let c = cstr(name)?;
     let f = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
     cvt(unsafe { libc::utimensat(d.as_raw_fd(), c.as_ptr(), times.as_ptr(), f) }).map(drop)

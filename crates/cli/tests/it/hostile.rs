@@ -78,7 +78,8 @@ fn any_op(rng: &mut Rng, known: &[ObjectId]) -> Op {
         12 => {
             let mtime = (rng.below(2) == 0)
                 .then(|| Timestamp { secs: rng.next() as i64 >> 20, nsec: rng.below(1_000_000_000) as u32 });
-            let attrs = SetAttrs { mode: (rng.below(2) == 0).then_some(mode), uid: Some(uid), gid: None, mtime };
+            let attrs =
+                SetAttrs { mode: (rng.below(2) == 0).then_some(mode), uid: Some(uid), gid: None, mtime, atime: None };
             Op::SetAttr { id, base: rng.below(3), attrs }
         }
         13 => Op::SetXattr {

@@ -53,7 +53,7 @@ async fn every_op_lands_in_the_export_as_the_model_predicts() {
     let a = both(&c, &mut m, Op::Link { id: f, parent: root, name: name("f-link") }).await;
     assert_eq!(a.attr.expect("attr").nlink, 2);
     let mtime = Timestamp { secs: 1_000_000_000, nsec: 123_456_789 };
-    let attrs = SetAttrs { mode: Some(0o750), uid: Some(7), gid: Some(8), mtime: Some(mtime) };
+    let attrs = SetAttrs { mode: Some(0o750), uid: Some(7), gid: Some(8), mtime: Some(mtime), atime: None };
     both(&c, &mut m, Op::SetAttr { id: f, base: 0, attrs }).await;
     both(&c, &mut m, Op::SetAttr { id: l, base: 0, attrs: SetAttrs { mtime: Some(mtime), ..Default::default() } })
         .await;

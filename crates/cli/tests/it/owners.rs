@@ -21,7 +21,7 @@ async fn preserve_keeps_numeric_owners_and_strips_setuid_and_setgid() {
     let m = std::fs::metadata(s.dirs.export.join("f")).expect("stat");
     assert_eq!((m.uid(), m.gid()), (1234, 5678));
     assert_eq!(m.mode() & 0o7777, 0o755, "setuid/setgid stripped on an untrusted volume");
-    let attrs = SetAttrs { mode: Some(0o4755), uid: Some(0), gid: Some(0), mtime: None };
+    let attrs = SetAttrs { mode: Some(0o4755), uid: Some(0), gid: Some(0), mtime: None, atime: None };
     let a =
         c.mutate(Op::SetAttr { id: f, base: 0, attrs }).await.expect("chown to root is a numeric id like any other");
     assert_eq!(a.attr.expect("attr").mode, 0o755, "setuid stripped on setattr too");

@@ -7,6 +7,9 @@
 //! atime, mtime and ctime moved on the watched objects (the object and its
 //! parents), that a created object's times are current, explicit times as
 //! read back, and mode, owner and link count once the mount is synced.
+//! Also here: ctime kept per replica (issue 12 point 17), explicit atimes
+//! replicated and the server's reads leaving them (point 18), st_blocks of
+//! sparse files (point 21).
 
 use crate::harness::*;
 use std::ffi::CString;
@@ -891,4 +894,144 @@ fn calls_on_a_trusted_volumes_mount_behave_as_on_ext4() {
 #[test]
 fn calls_on_a_default_volumes_mount_behave_as_on_ext4() {
     conformance(Vol::Default);
+}
+
+/// A server (trusted or not) and its temp dirs, with an rw token.
+fn served_volume(args: &[&str]) -> (Dirs, Proc, String) {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start_args(&dirs, "127.0.0.1:0", args);
+    (dirs, p, tok)
+}
+
+fn sync(m: &MountProc) {
+    izo_out(&["sync".as_ref(), m.mnt.as_os_str()]);
+}
+
+fn ctime_of(p: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.ctime(), m.ctime_nsec())
+}
+
+fn atime_of(p: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.atime(), m.atime_nsec())
+}
+
+/// Issue 12 point 17: st_ctime was st_mtime, so a chmod, chown, link or
+/// unlink of one of two links did not move it. Now each replica keeps its
+/// own: a local change moves it, a foreign record applied moves it on the
+/// replica that applies it, the replica's own echo does not, and it stays
+/// what it was across a remount and across a SIGKILL of the daemon.
+#[test]
+fn ctime_is_kept_per_replica_moved_by_local_changes_and_foreign_records_and_kept_across_remounts() {
+    let (_dirs, p, tok) = served_volume(&[]);
+    let a = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let b = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let (fa, fb) = (a.mnt.join("f"), b.mnt.join("f"));
+    std::fs::write(&fa, b"data").expect("write on A");
+    sync(&a);
+    sync(&b);
+    let (a0, b0) = (ctime_of(&fa), ctime_of(&fb));
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::set_permissions(&fa, std::fs::Permissions::from_mode(0o600)).expect("chmod on A");
+    let a1 = ctime_of(&fa);
+    assert!(a1 > a0, "point 17: a local chmod moves the ctime ({a0:?} -> {a1:?})");
+    sync(&a);
+    sync(&b);
+    assert_eq!(ctime_of(&fa), a1, "point 17: the replica's own echo leaves its ctime");
+    let b1 = ctime_of(&fb);
+    assert!(b1 > b0, "point 17: a foreign chmod moves the ctime where it is applied ({b0:?} -> {b1:?})");
+    // unlink of one of two links
+    std::fs::hard_link(&fa, a.mnt.join("g")).expect("link");
+    let a2 = ctime_of(&fa);
+    assert!(a2 > a1, "point 17: link moves the ctime");
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::remove_file(a.mnt.join("g")).expect("unlink");
+    let a3 = ctime_of(&fa);
+    assert!(a3 > a2, "point 17: unlink of one of two links moves the ctime");
+    sync(&a);
+    let (mnt, cache) = (a.mnt.clone(), a.cache.clone());
+    let mut a = a;
+    a.stop();
+    let mut a = MountProc::start_at(&p.addr, &p.fingerprint, &tok, &mnt, &cache);
+    assert_eq!(ctime_of(&fa), a3, "point 17: the ctime is kept across a remount");
+    std::thread::sleep(Duration::from_millis(20));
+    std::os::unix::fs::chown(&fa, Some(7), Some(7)).expect("chown");
+    let a4 = ctime_of(&fa);
+    assert!(a4 > a3, "point 17: chown moves the ctime");
+    a.kill();
+    let a = MountProc::start_at(&p.addr, &p.fingerprint, &tok, &mnt, &cache);
+    assert_eq!(ctime_of(&fa), a4, "point 17: the ctime is kept across a SIGKILL of the daemon");
+    drop(a);
+}
+
+/// Issue 12 point 18: utimensat's atime was dropped and st_atime was
+/// st_mtime. An explicit atime now replicates (another replica, the export,
+/// a new replica made from the server all show it), and the server reads
+/// the export with O_NOATIME, so its own reads (a new replica's initial
+/// replication) leave the atime a client set, on a relatime export where a
+/// read of a file whose atime is older than its mtime would move it.
+#[test]
+fn explicit_atimes_replicate_and_the_servers_own_reads_leave_them() {
+    let (dirs, p, tok) = served_volume(&[]);
+    let a = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let b = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let f = a.mnt.join("f");
+    std::fs::write(&f, b"some bytes to read").expect("write");
+    let (at, mt) = ((1_000_000_000, 123_456_789), (1_100_000_000, 987_654_321));
+    let c = CString::new(f.as_os_str().as_bytes()).expect("path");
+    let ts = [libc::timespec { tv_sec: at.0, tv_nsec: at.1 }, libc::timespec { tv_sec: mt.0, tv_nsec: mt.1 }];
+    // SAFETY: a NUL-terminated path and two timespecs.
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) }, 0, "utimensat");
+    assert_eq!(atime_of(&f), at, "point 18: the mount shows the atime it was given");
+    sync(&a);
+    sync(&b);
+    assert_eq!(atime_of(&b.mnt.join("f")), at, "point 18: an explicit atime replicates");
+    let ex = dirs.export.join("f");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while atime_of(&ex) != at && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(atime_of(&ex), at, "point 18: the export gets the explicit atime");
+    // a new replica reads every file from the server
+    let n = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    assert_eq!(std::fs::read(n.mnt.join("f")).expect("read on the new replica"), b"some bytes to read");
+    assert_eq!(atime_of(&n.mnt.join("f")), at, "point 18: a new replica has the explicit atime");
+    assert_eq!(atime_of(&ex), at, "point 18: the server's own reads (O_NOATIME) leave the export's atime");
+    // reads on the mount are not tracked (noatime-like)
+    std::fs::read(&f).expect("read on A");
+    assert_eq!(atime_of(&f), at, "point 18: a read does not move the atime (noatime-like)");
+    drop((a, b, n));
+}
+
+/// Issue 12 point 21: st_blocks was size / 512 rounded up, so `du`
+/// overstated sparse files; now a file's blocks are what its cache file
+/// has allocated, on the replica that wrote it and on one that fetched it.
+#[test]
+fn a_sparse_files_blocks_are_the_allocated_ones() {
+    let (_dirs, p, tok) = served_volume(&[]);
+    let a = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let b = MountProc::start(&p.addr, &p.fingerprint, &tok);
+    let f = a.mnt.join("sparse");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&f).expect("create");
+        file.set_len(64 << 20).expect("64 MiB hole");
+        file.write_all_at(&[7u8; 4096], 32 << 20).expect("4 KiB in the middle");
+    }
+    let blocks = |p: &Path| std::fs::metadata(p).expect("stat").blocks();
+    assert_eq!(std::fs::metadata(&f).expect("stat").len(), 64 << 20);
+    assert!(blocks(&f) * 512 < 1 << 20, "point 21: 4 KiB written in a 64 MiB hole: {} blocks", blocks(&f));
+    sync(&a);
+    sync(&b);
+    let g = b.mnt.join("sparse");
+    assert_eq!(std::fs::metadata(&g).expect("stat on B").len(), 64 << 20);
+    assert!(blocks(&g) * 512 < 1 << 20, "point 21: the replica that fetched it: {} blocks", blocks(&g));
+    let du = std::process::Command::new("du").arg("-k").arg(&f).output().expect("du");
+    let kib: u64 =
+        String::from_utf8_lossy(&du.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(kib < 1024, "point 21: du says {kib} KiB");
+    drop((a, b));
 }

@@ -208,7 +208,13 @@ fn cases() -> Vec<(&'static str, Vec<Op>, Vec<Op>)> {
         vec![Op::PunchHole { id: x.f, base: 0, offset: 0, len: 4096 }],
     ));
     let x = fx();
-    let attrs = SetAttrs { mode: Some(0o600), uid: Some(5), gid: Some(6), mtime: Some(Timestamp { secs: 5, nsec: 6 }) };
+    let attrs = SetAttrs {
+        mode: Some(0o600),
+        uid: Some(5),
+        gid: Some(6),
+        mtime: Some(Timestamp { secs: 5, nsec: 6 }),
+        atime: None,
+    };
     v.push(("setattr", vec![create_in_root(x.f, "f")], vec![Op::SetAttr { id: x.f, base: 0, attrs }]));
     let x = fx();
     let sx = Op::SetXattr { id: x.f, base: 0, name: name("user.k"), value: b"v".to_vec() };

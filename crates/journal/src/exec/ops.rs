@@ -231,6 +231,12 @@ impl Batch<'_> {
                 }
                 row.mtime = t;
             }
+            if let Some(t) = attrs.atime {
+                if !crate::exec::storable_time(t) {
+                    return Err(OpError::Invalid("atime outside 1901-12-13..2446-05-10".into()));
+                }
+                row.atime = t;
+            }
             Ok(())
         })
     }

@@ -239,8 +239,8 @@ impl Tree {
             }
             .map_err(io_err("chmod"))?;
         }
-        if let Some(m) = a.mtime {
-            sys::set_mtime_at(fdb, b"", pair(m)).map_err(io_err("set mtime"))?;
+        if a.mtime.is_some() || a.atime.is_some() {
+            sys::set_times_at(fdb, b"", a.atime.map(pair), a.mtime.map(pair)).map_err(io_err("set times"))?;
         }
         Ok(())
     }
