@@ -2,7 +2,7 @@
 //!
 //! The database carries its format in `meta["format"]`; a database without
 //! one was written by format 1 (before formats were numbered). Log files
-//! of format 2 start with [`LOG_MAGIC`]; one without it is format 1. An
+//! of format 2 start with the line `izolog2`; one without it is format 1. An
 //! open upgrades what it finds before anything reads it: first each log
 //! file (rewritten beside, then renamed over: a crash leaves either the old
 //! or the new file, and a file already upgraded is recognised by its
