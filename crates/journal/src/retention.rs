@@ -105,7 +105,7 @@ impl Store {
     }
 
     /// Bytes of the database file the journal's records take (their
-    /// [`record_cost`]s), which retention's byte limit bounds.
+    /// record costs, see docs/design.md), which retention's byte limit bounds.
     pub fn held_bytes(&self) -> Result<u64, StoreError> {
         self.meta_u64(COST)
     }
