@@ -61,7 +61,7 @@ pub struct Tuning {
     pub retain_records: u64,
     /// Keep records at most this long.
     pub retain_age: Duration,
-    /// Keep at most this many bytes of records.
+    /// Keep records within this many bytes of the database's pages.
     pub retain_bytes: u64,
     /// Checkpoint (syncfs + durable mark) this often when there is new work.
     pub checkpoint_every: Duration,
