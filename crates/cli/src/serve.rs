@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Keep at most this many journal records.
     #[arg(long)]
     retain_records: Option<u64>,
+    /// Keep the journal's records within this many bytes of the state
+    /// database (default 1 GiB; the file stays within about twice this).
+    #[arg(long)]
+    retain_bytes: Option<u64>,
     /// Checkpoint interval in milliseconds.
     #[arg(long)]
     checkpoint_ms: Option<u64>,
@@ -66,6 +70,9 @@ impl ServeArgs {
         }
         if let Some(n) = self.retain_records {
             cfg.retain_records = n;
+        }
+        if let Some(n) = self.retain_bytes {
+            cfg.retain_bytes = n;
         }
         if let Some(n) = self.checkpoint_ms {
             cfg.checkpoint_ms = n;

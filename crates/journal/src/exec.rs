@@ -122,15 +122,14 @@ impl Batch<'_> {
     pub fn commit(mut self, durable: bool) -> Result<Vec<StoredRecord>, StoreError> {
         {
             let mut t = self.tx.open_table(RECORDS).map_err(db)?;
-            let mut added = 0u64;
+            let mut lens = Vec::with_capacity(self.records.len());
             for r in &self.records {
                 let row = enc_record(r);
-                added += row.len() as u64;
+                lens.push(row.len());
                 t.insert(r.record.seq, row.as_slice()).map_err(db)?;
             }
             let mut m = self.tx.open_table(META).map_err(db)?;
-            let held = m.get("bytes").map_err(db)?.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes));
-            m.insert("bytes", (held.unwrap_or(0) + added).to_be_bytes().as_slice()).map_err(db)?;
+            crate::retention::add_cost(self.store, &mut m, lens.into_iter())?;
             m.insert("head", self.seq.to_be_bytes().as_slice()).map_err(db)?;
             m.insert("cookie", self.cookie.to_be_bytes().as_slice()).map_err(db)?;
         }

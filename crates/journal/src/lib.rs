@@ -9,6 +9,7 @@
 
 mod exec;
 mod query;
+mod retention;
 mod store;
 mod tables;
 

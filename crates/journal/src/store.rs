@@ -28,11 +28,18 @@ pub(crate) fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into().to_string())
 }
 
+/// Bytes of database pages redb keeps in memory. Its default (1 GiB) let a
+/// server's memory grow with its journal; the kernel's page cache still
+/// holds the file, so a miss costs a copy, not a disk read.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// The metadata store of one volume.
 pub struct Store {
     pub(crate) db: Database,
     pub(crate) head: AtomicU64,
     pub(crate) cookie: AtomicU64,
+    /// Cost of the records recorded since open (see `journal_written`).
+    pub(crate) written: AtomicU64,
     incarnation: std::sync::Mutex<u128>,
     /// Durable commits made (each is one group-commit fsync).
     pub commits: AtomicU64,
@@ -49,7 +56,7 @@ pub struct Store {
     pub space_budget: AtomicU64,
 }
 
-fn get_u64(t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<Option<u64>, StoreError> {
+pub(crate) fn get_u64(t: &impl ReadableTable<&'static str, &'static [u8]>, k: &str) -> Result<Option<u64>, StoreError> {
     Ok(t.get(k).map_err(db)?.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
 }
 
@@ -57,7 +64,7 @@ impl Store {
     /// Open or create the store at `path`. A new store gets a fresh
     /// incarnation and a root directory with the given attributes.
     pub fn open(path: &Path, root: (u32, u32, u32, Timestamp)) -> Result<Store, StoreError> {
-        let database = Database::create(path).map_err(db)?;
+        let database = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(db)?;
         let tx = database.begin_write().map_err(db)?;
         let (incarnation, head, cookie) = {
             let mut meta = tx.open_table(META).map_err(db)?;
@@ -65,7 +72,7 @@ impl Store {
                 tx.open_table(t).map_err(db)?;
             }
             tx.open_table(LINKS).map_err(db)?;
-            tx.open_table(RECORDS).map_err(db)?;
+            crate::retention::upgrade_cost(&mut meta, &tx.open_table(RECORDS).map_err(db)?)?;
             tx.open_table(REPLICAS).map_err(db)?;
             let inc =
                 meta.get("incarnation").map_err(db)?.and_then(|v| v.value().try_into().ok().map(u128::from_be_bytes));
@@ -99,6 +106,7 @@ impl Store {
             db: database,
             head: AtomicU64::new(head),
             cookie: AtomicU64::new(cookie),
+            written: AtomicU64::new(0),
             incarnation: std::sync::Mutex::new(incarnation),
             commits: AtomicU64::new(1),
             max_file_size: AtomicU64::new(i64::MAX as u64),
@@ -131,7 +139,7 @@ impl Store {
         self.head.load(Ordering::Acquire)
     }
 
-    fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
         let r = self.db.begin_read().map_err(db)?;
         let t = r.open_table(META).map_err(db)?;
         Ok(get_u64(&t, key)?.unwrap_or(0))
@@ -172,11 +180,6 @@ impl Store {
         let t = r.open_table(HANDLES).map_err(db)?;
         let v = t.get(handle).map_err(db)?.map(|v| id_at(v.value(), 0));
         Ok(v)
-    }
-
-    /// Oldest seq still held (records before it were dropped by retention).
-    pub fn retained_from(&self) -> Result<Seq, StoreError> {
-        Ok(self.meta_u64("pruned")? + 1)
     }
 
     /// Last client seq of `replica` the server has recorded (0 if new).
@@ -231,63 +234,6 @@ impl Store {
             out.push(dec_record(v.value()).ok_or(StoreError::Corrupt("records"))?);
         }
         Ok(out)
-    }
-
-    /// Drop records up to `through` (never past the checkpoint: replay needs them).
-    /// Returns how many were dropped.
-    pub fn prune(&self, through: Seq) -> Result<u64, StoreError> {
-        let through = through.min(self.checkpoint()?);
-        let from = self.meta_u64("pruned")?;
-        if through <= from {
-            return Ok(0);
-        }
-        let mut tx = self.db.begin_write().map_err(db)?;
-        tx.set_durability(Durability::None);
-        let mut n = 0;
-        {
-            let mut t = tx.open_table(RECORDS).map_err(db)?;
-            let mut freed = 0u64;
-            for row in t.extract_from_if(..=through, |_, _| true).map_err(db)? {
-                freed += row.map_err(db)?.1.value().len() as u64;
-                n += 1;
-            }
-            let mut meta = tx.open_table(META).map_err(db)?;
-            meta.insert("pruned", through.to_be_bytes().as_slice()).map_err(db)?;
-            let held = get_u64(&meta, "bytes")?.unwrap_or(0).saturating_sub(freed);
-            meta.insert("bytes", held.to_be_bytes().as_slice()).map_err(db)?;
-        }
-        tx.commit().map_err(db)?;
-        Ok(n)
-    }
-
-    /// Bytes of journal records held (encoded size).
-    pub fn held_bytes(&self) -> Result<u64, StoreError> {
-        self.meta_u64("bytes")
-    }
-
-    /// Walk records from `from` on, oldest first, giving `f` each one's seq,
-    /// encoded size and time, until `f` returns false. Only the head of each
-    /// record is decoded (write payloads are skipped).
-    pub fn walk_oldest(&self, from: Seq, mut f: impl FnMut(Seq, u64, Timestamp) -> bool) -> Result<(), StoreError> {
-        let r = self.db.begin_read().map_err(db)?;
-        let t = r.open_table(RECORDS).map_err(db)?;
-        for row in t.range(from..).map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let bytes = v.value();
-            // StoredRecord starts with Record, which starts with seq, origin, time.
-            let head = match bytes.split_first() {
-                // both record formats begin with seq, origin, time
-                Some((&ROW_V1 | &RECORD_V2, rest)) => {
-                    postcard::take_from_bytes::<(Seq, izo_proto::Origin, Timestamp)>(rest).ok()
-                }
-                _ => None,
-            };
-            let Some(((_, _, time), _)) = head else { return Err(StoreError::Corrupt("records")) };
-            if !f(k.value(), bytes.len() as u64, time) {
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// Time of the record at `seq`, if still held.

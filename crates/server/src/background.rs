@@ -73,16 +73,22 @@ impl Background {
             return tracing::error!("writing checkpoint failed: {e}");
         }
         Counters::add(&self.counters.fsyncs, 1);
-        self.checkpointed.store(seq, Ordering::Release);
         self.retention();
+        // (after retention: the actor waits on this while over the limit)
+        self.checkpointed.store(seq, Ordering::Release);
     }
 
     /// Drop the oldest records beyond the count, age or size limits
     /// (never past the checkpoint; a subscriber behind gets a snapshot).
+    /// Over the size limit, the journal goes down to three quarters of it:
+    /// the rest is room for what is recorded until the next checkpoint and
+    /// for the pages just freed, which redb reuses only after the next
+    /// durable commit.
     fn retention(&self) {
         let head = self.store.head();
         let mut through = head.saturating_sub(self.tuning.retain_records);
-        let mut excess = self.store.held_bytes().unwrap_or(0).saturating_sub(self.tuning.retain_bytes);
+        let held = self.store.held_bytes().unwrap_or(0);
+        let mut excess = if held > self.tuning.retain_bytes { held - self.tuning.retain_bytes / 4 * 3 } else { 0 };
         let now = Timestamp::now().secs;
         let age = self.tuning.retain_age.as_secs() as i64;
         let walked = self.store.retained_from().and_then(|from| {

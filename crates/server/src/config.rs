@@ -19,7 +19,9 @@ pub struct ServerConfig {
     pub retain_records: u64,
     /// Keep journal records at most this many seconds.
     pub retain_secs: u64,
-    /// Keep at most this many bytes of journal records.
+    /// Keep the journal's records within this many bytes of the state
+    /// database's pages (the file stays within about twice this plus the
+    /// rest of the metadata; see docs/design.md).
     pub retain_bytes: u64,
     /// Checkpoint interval in milliseconds.
     pub checkpoint_ms: u64,

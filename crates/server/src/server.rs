@@ -179,7 +179,7 @@ impl Server {
             staged_writes: Vec::new(),
             dirty,
             hashes: Vec::new(),
-            last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now()),
+            last_checkpoint: (store.checkpoint().unwrap_or(0), Instant::now(), 0),
             background,
             checkpointed,
             direct: HashMap::new(),

@@ -61,7 +61,7 @@ pub struct Tuning {
     pub retain_records: u64,
     /// Keep records at most this long.
     pub retain_age: Duration,
-    /// Keep at most this many bytes of records.
+    /// Keep records within this many bytes of the database's pages.
     pub retain_bytes: u64,
     /// Checkpoint (syncfs + durable mark) this often when there is new work.
     pub checkpoint_every: Duration,
@@ -110,7 +110,9 @@ pub(crate) struct Actor {
     pub dirty: HashMap<ObjectId, Instant>,
     /// Rehashed blocks not stored yet (stored together, once per turn).
     pub hashes: Vec<(ObjectId, Seq, Vec<[u8; 32]>)>,
-    pub last_checkpoint: (Seq, Instant),
+    /// The last checkpoint asked for: its seq, when, and the journal's
+    /// `journal_written` then.
+    pub last_checkpoint: (Seq, Instant, u64),
     pub background: mpsc::Sender<Job>,
     /// Direct appends of the batch being recorded: fd and committed size.
     pub direct: HashMap<ObjectId, (Arc<std::os::fd::OwnedFd>, u64, Timestamp)>,
@@ -191,6 +193,7 @@ impl Actor {
             self.reconcile_due();
             self.flush_hashes();
             self.housekeeping();
+            self.await_retention();
         }
         // Blocks written by clients and not rehashed yet: hash them now, so
         // the next start-up scan can tell an edit made while stopped (kept

@@ -394,3 +394,128 @@ async fn retention_by_size_drops_the_oldest_records() {
         }
     }
 }
+
+/// Resident set size of a process in bytes (VmRSS of /proc/PID/status).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib << 10
+}
+
+/// What [`small_writes`] saw of the server: the largest `volume.redb` and
+/// the server's RSS after a quarter of the writes and at the end.
+struct Seen {
+    biggest_file: u64,
+    rss_at_quarter: u64,
+    rss_at_end: u64,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Write `total` bytes in 8 KiB writes over a 4 MiB region of one file
+/// (so the export stays small and the journal does not), 64 in flight.
+async fn small_writes(p: &Proc, dirs: &Dirs, tok: &str, total: u64) -> Seen {
+    const WRITE: usize = 8 << 10;
+    const WINDOW: usize = 64;
+    let db = dirs.state.join("volume.redb");
+    let file_size = || std::fs::metadata(&db).expect("stat volume.redb").len();
+    let c = Client::connect(p.client_config(tok)).await.expect("client connects");
+    let f = ObjectId::new();
+    c.mutate(create_in_root(f, "f")).await.expect("create");
+    let writes = total / WRITE as u64;
+    let mut pending = VecDeque::new();
+    let (mut biggest_file, mut rss_at_quarter) = (0, 0);
+    let t = Instant::now();
+    for i in 1..=writes {
+        let offset = (i * WRITE as u64) % (4 * MIB);
+        let op = Op::Write { id: f, base: 0, offset, data: vec![i as u8; WRITE] };
+        pending.push_back(c.submit(op).await.expect("submit"));
+        if pending.len() >= WINDOW {
+            pending.pop_front().expect("a write in flight").wait().await.expect("write");
+        }
+        if i % 256 == 0 {
+            biggest_file = biggest_file.max(file_size());
+        }
+        if i == writes / 4 {
+            rss_at_quarter = rss(p.pid());
+        }
+    }
+    for w in pending {
+        w.wait().await.expect("write");
+    }
+    let seen = Seen { biggest_file: biggest_file.max(file_size()), rss_at_quarter, rss_at_end: rss(p.pid()) };
+    println!(
+        "{writes} writes of {WRITE} B in {:.1} s: volume.redb at most {} MiB (now {} MiB); server RSS {} MiB after \
+         a quarter, {} MiB at the end",
+        t.elapsed().as_secs_f64(),
+        seen.biggest_file / MIB,
+        file_size() / MIB,
+        seen.rss_at_quarter / MIB,
+        seen.rss_at_end / MIB,
+    );
+    c.close();
+    seen
+}
+
+/// Server state outgrew its own limit (issue 12, point 4): with an 8 MiB
+/// byte limit and twenty times that in small writes, `volume.redb` stays
+/// within twice the limit plus a constant and the server's memory is flat.
+///
+/// The journal's records take at most the limit of the file's pages (they
+/// count the pages redb gives them, and writers wait while retention
+/// catches up), plus one batch (64 writes in flight: 1 MiB of pages). The
+/// rest of the database (one file's metadata, redb's own tables) is under
+/// 1 MiB, and redb doubles the file when it fills, so the file stays within
+/// 2 × (limit + 2 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_file_stays_within_twice_the_retention_limit_under_small_writes() {
+    const LIMIT: u64 = 8 * MIB;
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start_args(&dirs, "127.0.0.1:0", &["--retain-bytes", &LIMIT.to_string(), "--checkpoint-ms", "100"]);
+    let seen = small_writes(&p, &dirs, &tok, 20 * LIMIT).await;
+    assert!(
+        seen.biggest_file <= 2 * LIMIT + 4 * MIB,
+        "volume.redb reached {} MiB with a {} MiB retention limit (bound: 2 × limit + 4 MiB)",
+        seen.biggest_file / MIB,
+        LIMIT / MIB
+    );
+    // the cache is full long before a quarter of the writes (40 MiB of
+    // records); 8 MiB is room for the allocator's noise, not for the journal
+    assert!(
+        seen.rss_at_end <= seen.rss_at_quarter + 8 * MIB,
+        "server RSS grew from {} MiB to {} MiB while the journal stayed within its limit",
+        seen.rss_at_quarter / MIB,
+        seen.rss_at_end / MIB
+    );
+    // retention did drop records: a subscriber from the start gets a snapshot
+    let c = Client::connect(p.client_config(&tok)).await.expect("client connects");
+    let mut rx = c.subscribe(0).await.expect("subscribe");
+    match next(&mut rx, "subscriber from 0").await {
+        StreamEvent::SnapshotRequired { oldest } => assert!(oldest > 1000, "retention kept from seq {oldest}"),
+        other => panic!("a subscriber from 0 after 160 MiB of writes with an 8 MiB limit got {other:?}"),
+    }
+}
+
+/// Server memory followed the journal's size (issue 12, point 4: 1.1 GB of
+/// RSS): with the default 1 GiB limit, 320 MiB of journal pages grow the
+/// file but not the server's memory once its 32 MiB page cache is full
+/// (long before a quarter of the writes, 80 MiB of journal pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_memory_does_not_grow_with_its_journal() {
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start_args(&dirs, "127.0.0.1:0", &[]);
+    let seen = small_writes(&p, &dirs, &tok, 160 * MIB).await;
+    assert!(seen.biggest_file >= 256 * MIB, "the journal grew (volume.redb {} MiB)", seen.biggest_file / MIB);
+    assert!(
+        seen.rss_at_end <= seen.rss_at_quarter + 8 * MIB,
+        "server RSS grew from {} MiB to {} MiB with its journal",
+        seen.rss_at_quarter / MIB,
+        seen.rss_at_end / MIB
+    );
+}

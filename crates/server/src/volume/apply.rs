@@ -118,9 +118,13 @@ impl Actor {
             self.applied_tx.send_replace(self.hint.seq());
         }
         let applied = self.hint.seq();
-        let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every;
+        // Retention prunes only behind a checkpoint, so the journal may not
+        // grow more than an eighth of its limit between two of them.
+        let written = self.store.journal_written();
+        let due = self.last_checkpoint.1.elapsed() >= self.tuning.checkpoint_every
+            || written - self.last_checkpoint.2 >= self.tuning.retain_bytes / 8;
         if due && !self.hooks.no_checkpoint && applied > self.last_checkpoint.0 && self.pending.is_empty() {
-            self.last_checkpoint = (applied, Instant::now());
+            self.last_checkpoint = (applied, Instant::now(), written);
             let _ = self.background.send(Job::Checkpoint(applied, self.settled()));
         }
         // Stage files of large writes are needed only until a checkpoint covers them.
@@ -141,4 +145,24 @@ impl Actor {
             let _ = self.background.send(Job::Rehash(id));
         }
     }
+
+    /// While the journal is over its byte limit and a checkpoint (and the
+    /// retention after it) is on its way, take no new mutations: writers
+    /// wait for the disk rather than grow the state file past its bound.
+    pub(super) fn await_retention(&self) {
+        if self.hooks.no_checkpoint {
+            return;
+        }
+        let deadline = Instant::now() + RETENTION_WAIT;
+        while self.store.held_bytes().unwrap_or(0) > self.tuning.retain_bytes
+            && self.checkpointed.load(Ordering::Acquire) < self.last_checkpoint.0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
+
+/// Longest a batch waits for retention to catch up (a checkpoint can sit
+/// behind rehash jobs on the background thread).
+const RETENTION_WAIT: Duration = Duration::from_secs(2);
