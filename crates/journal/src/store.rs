@@ -186,15 +186,24 @@ impl Store {
         Ok(t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    /// Register `replica` under `owner` (a token hash) on first use; false
-    /// when it is registered under another token (which must not use it).
-    pub fn claim_replica(&self, replica: ReplicaId, owner: &[u8]) -> Result<bool, StoreError> {
+    /// Register `replica` under `owner` (a token's stable id) on first use.
+    /// Later, `is_owner` says whether a stored owner names the same token
+    /// (an older form of its name is rewritten to `owner`); false when the
+    /// replica belongs to another token, which must not use it.
+    pub fn claim_replica(
+        &self,
+        replica: ReplicaId,
+        owner: &[u8],
+        is_owner: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
         let key = replica.0.to_be_bytes();
         {
             let r = self.db.begin_read().map_err(db)?;
             let t = r.open_table(OWNERS).map_err(db)?;
             if let Some(v) = t.get(key.as_slice()).map_err(db)? {
-                return Ok(v.value() == owner);
+                if v.value() == owner || !is_owner(v.value()) {
+                    return Ok(v.value() == owner);
+                }
             }
         }
         let tx = self.db.begin_write().map_err(db)?;
@@ -202,8 +211,8 @@ impl Store {
             let mut t = tx.open_table(OWNERS).map_err(db)?;
             let existing = t.get(key.as_slice()).map_err(db)?.map(|v| v.value().to_vec());
             match existing {
-                Some(v) => v == owner,
-                None => {
+                Some(v) if v != owner && !is_owner(&v) => false,
+                _ => {
                     t.insert(key.as_slice(), owner).map_err(db)?;
                     true
                 }
