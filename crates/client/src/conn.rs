@@ -209,7 +209,9 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
         match msg {
             ServerMsg::Reply { cseq, result } => {
                 let mut st = lock(&inner.state);
-                if !matches!(result, Err(OpError::Transient(_) | OpError::Denied(_))) {
+                // (refusals the server may answer without recording them)
+                let unrecorded = matches!(&result, Err(e) if e.is_transient() || matches!(e, OpError::Denied(_)));
+                if !unrecorded {
                     st.recorded_through = st.recorded_through.max(cseq);
                 }
                 if let Some((_, _, waiter)) = st.unanswered.remove(&cseq) {
