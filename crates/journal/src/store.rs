@@ -354,3 +354,26 @@ pub(crate) fn new_row(
         stale: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(&dir.path().join("v.redb"), (0o755, 0, 0, Timestamp::default())).expect("open")
+    }
+
+    #[test]
+    fn a_replica_keeps_its_owner_and_an_older_name_of_it_is_rewritten() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(&dir);
+        let r = ReplicaId(7);
+        let never = |_: &[u8]| false;
+        assert!(s.claim_replica(r, b"old-name", never).expect("claim"), "first use registers");
+        assert!(!s.claim_replica(r, b"other", never).expect("claim"), "another owner is refused");
+        // the same owner under its new name: accepted, and stored under it
+        assert!(s.claim_replica(r, b"new-name", |o: &[u8]| o == b"old-name").expect("claim"));
+        assert!(s.claim_replica(r, b"new-name", never).expect("claim"), "the new name is what is stored now");
+        assert!(!s.claim_replica(r, b"old-name", never).expect("claim"));
+    }
+}
