@@ -120,15 +120,6 @@ impl ServerProc {
         let export = base.join("export");
         let state = base.join("state");
         std::fs::create_dir_all(&export).with_context(|| format!("creating export {}", export.display()))?;
-        let out = Command::new(bin)
-            .args(["token", "create", "--volume", "vol", "--label", "bench", "--state"])
-            .arg(&state)
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {} token create", bin.display()))?;
-        ensure!(out.status.success(), "izo token create failed: {}", out.status);
-        let token = String::from_utf8(out.stdout).context("token is not UTF-8")?.trim().to_string();
-        ensure!(!token.is_empty(), "izo token create printed nothing");
         let mut child = Command::new(bin)
             .arg("serve")
             .arg(&export)
@@ -158,6 +149,16 @@ impl ServerProc {
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.map_while(|l| l.ok()) {});
+        // (a token is created once the server has recorded its volume in the state dir)
+        let out = Command::new(bin)
+            .args(["token", "create", "--volume", "vol", "--label", "bench", "--state"])
+            .arg(&state)
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {} token create", bin.display()))?;
+        ensure!(out.status.success(), "izo token create failed: {}", out.status);
+        let token = String::from_utf8(out.stdout).context("token is not UTF-8")?.trim().to_string();
+        ensure!(!token.is_empty(), "izo token create printed nothing");
         Ok(ServerProc {
             child,
             addr: addr.context("no address")?,

@@ -4,7 +4,7 @@
 //! already applied from its reply cache).
 
 use crate::{lock, ClientError, Inner, StreamEvent};
-use izo_proto::codec::check_len;
+use izo_proto::codec::{self, check_len};
 use izo_proto::*;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,6 +42,21 @@ async fn read_msg(rd: &mut ReadHalf<Tls>, inner: &Inner) -> Result<ServerMsg, St
     decode_frame(&body).map_err(|e| e.to_string())
 }
 
+/// Read the handshake answer: a Welcome or a refusal, whatever version
+/// its header names (a server of another range still explains itself).
+async fn read_answer(rd: &mut ReadHalf<Tls>, inner: &Inner) -> Result<ServerMsg, String> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let n = codec::check_len_max(u32::from_be_bytes(len), codec::MAX_HANDSHAKE_FRAME).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    inner.bytes_in.fetch_add(4 + n as u64, Ordering::Relaxed);
+    match codec::decode_handshake::<ServerMsg>(&body) {
+        Ok((_, m @ (ServerMsg::Welcome(_) | ServerMsg::Refused { .. }))) => Ok(m),
+        _ => decode_frame(&body).map_err(|e| e.to_string()),
+    }
+}
+
 /// Connect and handshake once.
 pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
     let cfg = &inner.cfg;
@@ -59,24 +74,36 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
         .map_err(|_| cerr("TLS handshake timed out".into()))?
         .map_err(|e| cerr(format!("TLS: {e}")))?;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let answered = lock(&inner.state).answered_through;
+    // The claim counts only replies the server records (not the transient
+    // or permission refusals it answers without recording), so a server
+    // that was not rolled back never sees a claim above its own record.
+    let claim = lock(&inner.state).recorded_through;
+    let incarnation = lock(&inner.welcome).as_ref().map(|w| w.incarnation).unwrap_or(0);
+    let (min_version, version) = codec::VERSIONS;
     let hello = Hello {
-        version: PROTOCOL_VERSION,
+        version,
         volume: cfg.volume.clone(),
         token: cfg.token.clone(),
         replica: cfg.replica,
-        last_acked: answered,
+        last_acked: claim,
         users: cfg.users.clone(),
         groups: cfg.groups.clone(),
+        min_version,
+        incarnation,
     };
     let frame = encode_frame(&ClientMsg::Hello(hello)).map_err(|e| ClientError::Protocol(e.to_string()))?;
     wr.write_all(&frame).await.map_err(|e| cerr(e.to_string()))?;
     wr.flush().await.map_err(|e| cerr(e.to_string()))?;
-    let msg = tokio::time::timeout(Duration::from_secs(5), read_msg(&mut rd, inner))
+    let msg = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut rd, inner))
         .await
         .map_err(|_| cerr("no handshake answer within 5 s".into()))?
         .map_err(cerr)?;
     match msg {
+        ServerMsg::Welcome(w) if !(min_version..=version).contains(&w.version) => Err(ClientError::Protocol(format!(
+            "the server chose protocol version {}, but this client speaks {}",
+            w.version,
+            codec::show_range(codec::VERSIONS)
+        ))),
         ServerMsg::Welcome(w) => {
             // never reuse a seq the server already applied (a remount
             // starts from the seq it last saw answered)
@@ -115,7 +142,8 @@ pub(crate) fn install(inner: &Arc<Inner>, live: Live) -> Installed {
 
 fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHandle<()> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat));
+    let version = lock(&inner.welcome).as_ref().map(|w| w.version).unwrap_or(PROTOCOL_VERSION);
+    let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat, version));
     let mut st = lock(&inner.state);
     for (cseq, (op, stamp, _)) in st.unanswered.iter() {
         let f = mutate_frame(*cseq, st.answered_through, op, *stamp);
@@ -131,7 +159,14 @@ fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHa
     handle
 }
 
-async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, heartbeat: Duration) {
+/// Frames are encoded at this build's version; on a connection that settled
+/// on an older `version` each header says that one.
+async fn write_loop(
+    mut wr: WriteHalf<Tls>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    heartbeat: Duration,
+    version: u16,
+) {
     let mut nonce = 0u64;
     let mut next_ping = tokio::time::Instant::now() + heartbeat;
     loop {
@@ -146,6 +181,10 @@ async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::UnboundedReceiver<Vec<
             }
             f = rx.recv() => match f { Some(f) => f, None => break },
         };
+        let mut frame = frame;
+        if version != PROTOCOL_VERSION {
+            codec::set_frame_version(&mut frame, version);
+        }
         if wr.write_all(&frame).await.is_err() {
             break;
         }
@@ -170,6 +209,11 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
         match msg {
             ServerMsg::Reply { cseq, result } => {
                 let mut st = lock(&inner.state);
+                // (refusals the server may answer without recording them)
+                let unrecorded = matches!(&result, Err(e) if e.is_transient() || matches!(e, OpError::Denied(_)));
+                if !unrecorded {
+                    st.recorded_through = st.recorded_through.max(cseq);
+                }
                 if let Some((_, _, waiter)) = st.unanswered.remove(&cseq) {
                     inner.window.add_permits(1);
                     if let Some(w) = waiter {

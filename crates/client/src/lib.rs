@@ -149,6 +149,9 @@ pub(crate) struct State {
     pub next_cseq: u64,
     pub unanswered: BTreeMap<u64, (Op, Option<Timestamp>, Option<Waiter>)>,
     pub answered_through: u64,
+    /// Highest client seq whose reply the server records (what the Hello
+    /// claims).
+    pub recorded_through: u64,
     pub next_qid: u64,
     pub queries: HashMap<u64, mpsc::Sender<Result<QueryReply, OpError>>>,
     pub sub: Option<(Seq, mpsc::UnboundedSender<StreamEvent>)>,
@@ -203,6 +206,7 @@ impl Client {
                 next_cseq: cfg.last_acked + 1,
                 unanswered: BTreeMap::new(),
                 answered_through: cfg.last_acked,
+                recorded_through: cfg.last_acked,
                 next_qid: 1,
                 queries: HashMap::new(),
                 sub: None,

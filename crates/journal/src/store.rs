@@ -189,15 +189,24 @@ impl Store {
         Ok(t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    /// Register `replica` under `owner` (a token hash) on first use; false
-    /// when it is registered under another token (which must not use it).
-    pub fn claim_replica(&self, replica: ReplicaId, owner: &[u8]) -> Result<bool, StoreError> {
+    /// Register `replica` under `owner` (a token's stable id) on first use.
+    /// Later, `is_owner` says whether a stored owner names the same token
+    /// (an older form of its name is rewritten to `owner`); false when the
+    /// replica belongs to another token, which must not use it.
+    pub fn claim_replica(
+        &self,
+        replica: ReplicaId,
+        owner: &[u8],
+        is_owner: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
         let key = replica.0.to_be_bytes();
         {
             let r = self.db.begin_read().map_err(db)?;
             let t = r.open_table(OWNERS).map_err(db)?;
             if let Some(v) = t.get(key.as_slice()).map_err(db)? {
-                return Ok(v.value() == owner);
+                if v.value() == owner || !is_owner(v.value()) {
+                    return Ok(v.value() == owner);
+                }
             }
         }
         let tx = self.db.begin_write().map_err(db)?;
@@ -205,8 +214,8 @@ impl Store {
             let mut t = tx.open_table(OWNERS).map_err(db)?;
             let existing = t.get(key.as_slice()).map_err(db)?.map(|v| v.value().to_vec());
             match existing {
-                Some(v) => v == owner,
-                None => {
+                Some(v) if v != owner && !is_owner(&v) => false,
+                _ => {
                     t.insert(key.as_slice(), owner).map_err(db)?;
                     true
                 }
@@ -290,5 +299,28 @@ pub(crate) fn new_row(
         handle: Vec::new(),
         target: None,
         stale: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(&dir.path().join("v.redb"), (0o755, 0, 0, Timestamp::default())).expect("open")
+    }
+
+    #[test]
+    fn a_replica_keeps_its_owner_and_an_older_name_of_it_is_rewritten() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(&dir);
+        let r = ReplicaId(7);
+        let never = |_: &[u8]| false;
+        assert!(s.claim_replica(r, b"old-name", never).expect("claim"), "first use registers");
+        assert!(!s.claim_replica(r, b"other", never).expect("claim"), "another owner is refused");
+        // the same owner under its new name: accepted, and stored under it
+        assert!(s.claim_replica(r, b"new-name", |o: &[u8]| o == b"old-name").expect("claim"));
+        assert!(s.claim_replica(r, b"new-name", never).expect("claim"), "the new name is what is stored now");
+        assert!(!s.claim_replica(r, b"old-name", never).expect("claim"));
     }
 }

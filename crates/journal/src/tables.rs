@@ -27,7 +27,8 @@ pub const HANDLES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("handles
 pub const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 /// Replica id → last applied client seq.
 pub const REPLICAS: TableDefinition<&[u8], u64> = TableDefinition::new("replicas");
-/// Replica id → hash of the token it was registered under.
+/// Replica id → stable id of the token it was registered under (or, for
+/// replicas registered before token ids, that token's hash).
 pub const OWNERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_owners");
 /// Replica id ‖ client seq → encoded reply.
 pub const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");

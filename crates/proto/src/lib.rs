@@ -2,7 +2,8 @@
 //!
 //! This crate must never touch sockets or disks: everything here is testable
 //! with byte buffers alone. Every frame starts with the protocol version so a
-//! peer speaking another version gets a clear error instead of garbage.
+//! peer speaking another version gets a clear error instead of garbage; the
+//! handshake picks the highest version both peers speak.
 
 pub mod codec;
 pub mod ids;
@@ -15,8 +16,13 @@ pub use ids::{parse_id_table, ObjectId, ReplicaId, Seq, Timestamp};
 pub use msg::*;
 pub use op::*;
 
-/// Protocol version spoken by this build; bumped on any incompatible change.
+/// Highest protocol version spoken by this build; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 4;
+
+/// Lowest protocol version this build still speaks. Peers use the highest
+/// version both ranges hold (see [`codec::negotiate`]). Version 4 changed
+/// the encoding of `OpError`, so version 3 is not spoken any more.
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 
 /// Size of one content block; block hashes and stale marks use this unit.
 pub const BLOCK_SIZE: u64 = 1 << 20;

@@ -1,6 +1,7 @@
 //! Messages exchanged on a connection, queries, journal records and
 //! snapshot entries.
 
+use crate::codec::{decode_frame, decode_handshake, FrameError};
 use crate::ids::{ObjectId, ReplicaId, Seq, Timestamp};
 use crate::op::{Applied, Attr, Op, OpError};
 use serde::{Deserialize, Serialize};
@@ -72,10 +73,11 @@ pub enum ClientMsgRef<'a> {
     },
 }
 
-/// Handshake sent by the client.
+/// Handshake sent by the client. Its layout is kept across protocol
+/// versions (new fields go at the end), so any server can read the range.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Hello {
-    /// Protocol version the client speaks.
+    /// Highest protocol version the client speaks.
     pub version: u16,
     /// Volume to open.
     pub volume: String,
@@ -89,6 +91,54 @@ pub struct Hello {
     pub users: Vec<(u32, String)>,
     /// The client's groups (id, name).
     pub groups: Vec<(u32, String)>,
+    /// Lowest protocol version the client speaks (a Hello of a build
+    /// before version negotiation has no such field: it speaks `version`
+    /// only).
+    pub min_version: u16,
+    /// The volume incarnation the client followed when it last connected
+    /// (0: none yet, or a Hello from before this field). `last_acked`
+    /// speaks of replies under that incarnation.
+    pub incarnation: u128,
+}
+
+/// A Hello as builds before version negotiation sent it.
+#[derive(Deserialize)]
+enum LegacyFirst {
+    Hello {
+        version: u16,
+        volume: String,
+        token: String,
+        replica: ReplicaId,
+        last_acked: u64,
+        users: Vec<(u32, String)>,
+        groups: Vec<(u32, String)>,
+    },
+}
+
+impl Hello {
+    /// The client's protocol versions, lowest and highest.
+    pub fn versions(&self) -> (u16, u16) {
+        (self.min_version.min(self.version), self.version)
+    }
+
+    /// Decode the first frame body of a connection. A Hello is read whatever
+    /// version the frame header names (so a client of another range learns
+    /// why it is refused), including the Hello of builds before version
+    /// negotiation; any other first message must carry a version this build
+    /// speaks.
+    pub fn decode_first(body: &[u8]) -> Result<ClientMsg, FrameError> {
+        if let Ok((_, m @ ClientMsg::Hello(_))) = decode_handshake::<ClientMsg>(body) {
+            return Ok(m);
+        }
+        if let Ok((_, LegacyFirst::Hello { version, volume, token, replica, last_acked, users, groups })) =
+            decode_handshake::<LegacyFirst>(body)
+        {
+            let (min_version, incarnation) = (version, 0);
+            let h = Hello { version, volume, token, replica, last_acked, users, groups, min_version, incarnation };
+            return Ok(ClientMsg::Hello(h));
+        }
+        decode_frame(body)
+    }
 }
 
 /// Read-only requests.
@@ -233,10 +283,11 @@ pub enum ServerMsg {
     Pong { nonce: u64 },
 }
 
-/// Handshake answer.
+/// Handshake answer. Its layout is kept across protocol versions.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Welcome {
-    /// Protocol version the server speaks.
+    /// Protocol version the connection uses: the highest one both the
+    /// client's and the server's ranges hold.
     pub version: u16,
     /// Volume incarnation: a new one means saved seqs and ids are void.
     pub incarnation: u128,
@@ -252,10 +303,12 @@ pub struct Welcome {
     pub writable: bool,
 }
 
-/// Why a connection was refused.
+/// Why a connection was refused. New reasons go at the end (the order is
+/// the encoding).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum RefuseReason {
-    /// Protocol version mismatch.
+    /// The client's and the server's protocol version ranges are disjoint
+    /// (the message names both).
     Version,
     /// Missing or unknown token, or no right on the volume.
     Auth,
@@ -265,6 +318,11 @@ pub enum RefuseReason {
     BadFrame,
     /// The first message was not a handshake.
     Protocol,
+    /// The replica claims replies this server never recorded for it: its
+    /// cache belongs to other server state, or the server's state dir was
+    /// restored from a backup (which only the operator can accept, with
+    /// `izo serve --accept-rollback`). Only this replica is refused.
+    ReplicaAhead,
 }
 
 /// Convenience: the applied result of a mutation reply.
@@ -274,6 +332,76 @@ pub type MutateResult = Result<Applied, OpError>;
 mod tests {
     use super::*;
     use crate::{codec::encode_frame, ObjectId};
+
+    fn hello() -> Hello {
+        Hello {
+            version: 7,
+            volume: "vol".into(),
+            token: "t".into(),
+            replica: ReplicaId(5),
+            last_acked: 2,
+            users: vec![(1, "u".into())],
+            groups: vec![],
+            min_version: 5,
+            incarnation: 9,
+        }
+    }
+
+    #[test]
+    fn a_hello_of_another_version_range_is_still_read() {
+        let f = encode_frame(&ClientMsg::Hello(hello())).unwrap();
+        let mut g = f.clone();
+        crate::codec::set_frame_version(&mut g, 7);
+        for frame in [f, g] {
+            match Hello::decode_first(&frame[4..]) {
+                Ok(ClientMsg::Hello(h)) => assert_eq!(h.versions(), (5, 7)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// The Hello of builds before negotiation: the same fields, no range.
+    #[test]
+    fn a_hello_without_a_range_speaks_its_one_version() {
+        #[derive(Serialize)]
+        enum Old {
+            Hello {
+                version: u16,
+                volume: String,
+                token: String,
+                replica: ReplicaId,
+                last_acked: u64,
+                users: Vec<(u32, String)>,
+                groups: Vec<(u32, String)>,
+            },
+        }
+        let h = hello();
+        let old = Old::Hello {
+            version: 3,
+            volume: h.volume.clone(),
+            token: h.token.clone(),
+            replica: h.replica,
+            last_acked: h.last_acked,
+            users: h.users.clone(),
+            groups: h.groups.clone(),
+        };
+        let f = encode_frame(&old).unwrap();
+        match Hello::decode_first(&f[4..]) {
+            Ok(ClientMsg::Hello(got)) => {
+                assert_eq!(got.versions(), (3, 3));
+                assert_eq!((got.token, got.replica, got.last_acked), (h.token, h.replica, h.last_acked));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_first_message_other_than_hello_needs_a_spoken_version() {
+        let mut f = encode_frame(&ClientMsg::Ping { nonce: 3 }).unwrap();
+        assert_eq!(Hello::decode_first(&f[4..]), Ok(ClientMsg::Ping { nonce: 3 }));
+        crate::codec::set_frame_version(&mut f, 99);
+        assert_eq!(Hello::decode_first(&f[4..]), Err(FrameError::Version(99)));
+    }
 
     #[test]
     fn the_borrowed_mutate_encodes_like_the_owned_one() {

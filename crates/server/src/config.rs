@@ -39,6 +39,12 @@ pub struct ServerConfig {
     /// At start, reread every file of the export (not only those whose
     /// ctime is after the last checkpoint) and journal what differs.
     pub rescan: bool,
+    /// The state dir was restored from a backup: take a new incarnation at
+    /// start (every client resyncs) and let in replicas that hold replies
+    /// this state never recorded. Only a flag (`--accept-rollback`), never
+    /// a config file setting: it is a decision for one start.
+    #[serde(skip)]
+    pub accept_rollback: bool,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +64,7 @@ impl Default for ServerConfig {
             trusted: false,
             capture: true,
             rescan: false,
+            accept_rollback: false,
         }
     }
 }
@@ -97,7 +104,62 @@ impl ServerConfig {
     }
 }
 
-fn default_state_base() -> PathBuf {
+/// File in the state dir naming the volume it holds (written by the server
+/// at every start; `izo token create` checks names against it).
+pub const VOLUME_FILE: &str = "volume.toml";
+
+#[derive(Serialize, Deserialize)]
+struct VolumeFile {
+    name: String,
+}
+
+/// What a state dir holds, as `izo token create` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateVolume {
+    /// A server recorded this volume name here.
+    Named(String),
+    /// A volume database written by a server from before the name was
+    /// recorded: the name is not known.
+    Unnamed,
+    /// No volume (the directory is missing, empty, or holds no database).
+    Empty,
+}
+
+/// The volume the state dir `state` holds.
+pub fn state_volume(state: &Path) -> Result<StateVolume, String> {
+    let path = state.join(VOLUME_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let f: VolumeFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(StateVolume::Named(f.name))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if state.join("volume.redb").exists() {
+                Ok(StateVolume::Unnamed)
+            } else {
+                Ok(StateVolume::Empty)
+            }
+        }
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+/// Record in `state` that it holds volume `name` (unless it already says so).
+pub fn record_volume(state: &Path, name: &str) -> std::io::Result<()> {
+    if state_volume(state).ok() == Some(StateVolume::Named(name.to_string())) {
+        return Ok(());
+    }
+    let text = toml::to_string(&VolumeFile { name: name.to_string() }).map_err(std::io::Error::other)?;
+    let text = format!("# the volume this state dir holds (written by izo serve)\n{text}");
+    let path = state.join(VOLUME_FILE);
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Base of default state dirs: `/var/lib/izo` as root,
+/// `$XDG_STATE_HOME/izo` or `~/.local/state/izo` otherwise.
+pub fn default_state_base() -> PathBuf {
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/izo");
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod hash;
 mod hint;
+mod lock;
 mod net;
 pub mod policy;
 mod query;
@@ -22,6 +23,7 @@ pub mod tree;
 mod volume;
 
 pub use config::ServerConfig;
+pub use lock::Locks;
 pub use server::Server;
 pub use volume::Tuning;
 
@@ -45,6 +47,9 @@ pub enum ServerError {
     /// Bad configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// Another server holds the state dir or the export (the message names it).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ServerError {

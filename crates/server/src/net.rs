@@ -6,7 +6,7 @@ use crate::counters::Counters;
 use crate::server::Server;
 use crate::volume::{Mutation, Work};
 use crate::ServerError;
-use izo_proto::codec::check_len;
+use izo_proto::codec::{self, check_len};
 use izo_proto::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,9 @@ pub(crate) struct Out {
     pub bulk: mpsc::Sender<Vec<u8>>,
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection has from its TCP accept to its Welcome (TLS handshake
+/// and Hello included).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Queries one connection may have running at once.
 const MAX_QUERIES: usize = 64;
@@ -31,6 +33,14 @@ impl Server {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), ServerError> {
         loop {
             let (sock, peer) = listener.accept().await.map_err(|e| ServerError::io("accept", e))?;
+            // Unauthenticated connections are few and short: past the cap a
+            // new one is closed at once, before TLS allocates anything.
+            let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                tracing::debug!("closing {peer}: {} connections are in their handshake", crate::server::MAX_HANDSHAKES);
+                drop(sock);
+                continue;
+            };
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
             let _ = sock.set_nodelay(true);
             // notice clients that vanish without closing (their tasks and
             // subscriptions would otherwise live on)
@@ -39,86 +49,87 @@ impl Server {
             }
             let srv = self.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, srv.acceptor.accept(sock)).await {
+                let tls = match tokio::time::timeout_at(deadline, srv.acceptor.accept(sock)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return tracing::debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => return tracing::debug!("TLS handshake with {peer} timed out"),
                 };
-                if let Err(e) = srv.connection(tls).await {
+                if let Err(e) = srv.connection(tls, permit, deadline).await {
                     tracing::debug!("connection from {peer} ended: {e}");
                 }
             });
         }
     }
 
-    async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(self: Arc<Self>, stream: S) -> Result<(), String> {
+    async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+        self: Arc<Self>,
+        stream: S,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
         let (mut rd, wr) = tokio::io::split(stream);
         let (rtx, rrx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::channel(16);
         let counters = self.shared.counters.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        // Set after the handshake on volumes that map owners by name.
+        // Set after the handshake: the owner map on volumes that map owners
+        // by name, and the protocol version the connection settled on.
         let idmap: Arc<std::sync::OnceLock<crate::policy::IdMap>> = Arc::default();
-        let writer = tokio::spawn(write_loop(wr, rrx, brx, stop_rx, counters.clone(), idmap.clone()));
+        let version: Arc<std::sync::OnceLock<u16>> = Arc::default();
+        let tasks = (counters.clone(), idmap.clone(), version.clone());
+        let writer = tokio::spawn(write_loop(wr, rrx, brx, stop_rx, tasks));
         let writer = Writer { stop: stop_tx, task: writer };
         let out = Arc::new(Out { replies: rtx, bulk: btx });
-        let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &counters)).await {
+        let hello = match tokio::time::timeout_at(deadline, read_hello(&mut rd, &counters)).await {
             Ok(Ok(ClientMsg::Hello(h))) => h,
             Ok(Ok(_)) => return refuse(&out, writer, RefuseReason::Protocol, "first message must be Hello").await,
             Ok(Err(FrameError::Version(v))) => {
-                let m = format!("client speaks protocol {v}, server speaks {PROTOCOL_VERSION}");
+                let m = format!("client speaks protocol {v}, server speaks {}", codec::show_range(codec::VERSIONS));
+                tracing::warn!("refused a client: {m}");
                 return refuse(&out, writer, RefuseReason::Version, &m).await;
             }
+            Ok(Err(FrameError::TooLarge(n))) => {
+                let m = format!(
+                    "a frame of {n} bytes before the handshake (at most {} bytes until a Hello is accepted)",
+                    codec::MAX_HANDSHAKE_FRAME
+                );
+                return refuse(&out, writer, RefuseReason::BadFrame, &m).await;
+            }
             Ok(Err(e)) => return refuse(&out, writer, RefuseReason::BadFrame, &e.to_string()).await,
-            Err(_) => return Err("no handshake within 10 s".into()),
-        };
-        if hello.version != PROTOCOL_VERSION {
-            let m = format!("client speaks protocol {}, server speaks {PROTOCOL_VERSION}", hello.version);
-            return refuse(&out, writer, RefuseReason::Version, &m).await;
-        }
-        if hello.volume != self.volume {
-            let m = format!("no volume {:?} here (this server exports {:?})", hello.volume, self.volume);
-            return refuse(&out, writer, RefuseReason::NoVolume, &m).await;
-        }
-        let Some(rights) = self.tokens.check(&hello.token, &hello.volume) else {
-            let m = format!("token not valid for volume {:?}; create one with `izo token create`", hello.volume);
-            return refuse(&out, writer, RefuseReason::Auth, &m).await;
-        };
-        let store = &self.shared.store;
-        // A replica id belongs to the token that first used it: ids travel in
-        // the record stream, and another token must not speak for them.
-        let owner = crate::auth::hash(&hello.token);
-        let st = store.clone();
-        let claim = tokio::task::spawn_blocking(move || st.claim_replica(hello.replica, owner.as_bytes())).await;
-        match claim {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                let m = "this replica id is registered under another token; use a fresh replica id";
-                return refuse(&out, writer, RefuseReason::Auth, m).await;
+            Err(_) => {
+                writer.finish().await;
+                return Err(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()));
             }
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(e) => return Err(e.to_string()),
-        }
-        let last_applied = store.replica_last(hello.replica).map_err(|e| e.to_string())?;
-        if hello.last_acked > last_applied {
-            // The client holds replies this server no longer knows: the server's
-            // state was rolled back (restored from a backup). Its seqs and ids
-            // cannot be trusted by anyone any more.
-            tracing::error!(
-                "replica {:?} holds replies through {} but this server applied only {last_applied}: \
-                 the volume state was rolled back; taking a new incarnation, clients will resync",
-                hello.replica,
-                hello.last_acked
+        };
+        let Some(v) = codec::negotiate(hello.versions(), codec::VERSIONS) else {
+            let (client, server) = (hello.versions(), codec::VERSIONS);
+            let older = if client.1 < server.0 { "client" } else { "server" };
+            let m = format!(
+                "no protocol version in common: the client speaks {}, this server speaks {}; upgrade the {older}",
+                codec::show_range(client),
+                codec::show_range(server)
             );
-            let st = store.clone();
-            match tokio::task::spawn_blocking(move || st.new_incarnation()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(e) => return Err(e.to_string()),
+            tracing::warn!("refused a client: {m}");
+            return refuse(&out, writer, RefuseReason::Version, &m).await;
+        };
+        let _ = version.set(v);
+        let result = tokio::time::timeout_at(deadline, self.admit(&hello)).await;
+        let admitted = match result {
+            Ok(Ok(a)) => a,
+            Ok(Err(Admit::Refuse(reason, m))) => return refuse(&out, writer, reason, &m).await,
+            Ok(Err(Admit::Fail(e))) => {
+                writer.finish().await;
+                return Err(e);
             }
-        }
+            Err(_) => {
+                writer.finish().await;
+                return Err(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()));
+            }
+        };
+        let (rights, last_applied) = admitted;
+        let store = &self.shared.store;
         let welcome = Welcome {
-            version: PROTOCOL_VERSION,
+            version: v,
             incarnation: store.incarnation(),
             volume: self.volume.clone(),
             last_applied,
@@ -127,12 +138,62 @@ impl Server {
             writable: rights == Rights::Rw,
         };
         send(&out, &ServerMsg::Welcome(welcome));
+        drop(permit);
         if self.policy.owners == crate::policy::Owners::Map {
             let _ = idmap.set(crate::policy::IdMap::new(&hello.users, &hello.groups, self.policy.squash));
         }
         let result = self.frames(&mut rd, &out, hello.replica, rights, idmap.get()).await;
         writer.finish().await;
         result
+    }
+
+    /// Check a Hello: volume, token, replica ownership, and the replica's
+    /// claim. Returns the token's rights and the replica's last applied seq.
+    async fn admit(&self, hello: &Hello) -> Result<(Rights, u64), Admit> {
+        if hello.volume != self.volume {
+            let m = format!("no volume {:?} here (this server exports {:?})", hello.volume, self.volume);
+            return Err(Admit::Refuse(RefuseReason::NoVolume, m));
+        }
+        let Some(grant) = self.tokens.check(&hello.token, &hello.volume) else {
+            let m = format!("token not valid for volume {:?}; create one with `izo token create`", hello.volume);
+            return Err(Admit::Refuse(RefuseReason::Auth, m));
+        };
+        let store = &self.shared.store;
+        // A replica id belongs to the token that first used it (its stable
+        // id, kept across rotations): ids travel in the record stream, and
+        // another token must not speak for them.
+        let (st, replica, owner) = (store.clone(), hello.replica, grant.id.clone());
+        let claim = tokio::task::spawn_blocking(move || {
+            st.claim_replica(replica, owner.as_bytes(), |stored| crate::auth::owns(stored, &owner))
+        })
+        .await;
+        match claim {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                let m = "this replica id is registered under another token; use a fresh replica id";
+                return Err(Admit::Refuse(RefuseReason::Auth, m.into()));
+            }
+            Ok(Err(e)) => return Err(Admit::Fail(e.to_string())),
+            Err(e) => return Err(Admit::Fail(e.to_string())),
+        }
+        let last_applied = store.replica_last(hello.replica).map_err(|e| Admit::Fail(e.to_string()))?;
+        // A replica saying it holds replies this state never recorded proves
+        // nothing by itself (any token holder can say so): only that
+        // replica is refused, the volume stays as it is. A restored state
+        // dir is the operator's call (--accept-rollback: a new incarnation
+        // at start, and such replicas resync). Read-only replicas never had
+        // anything applied, and a claim about another incarnation is void.
+        let same_incarnation = hello.incarnation == 0 || hello.incarnation == store.incarnation();
+        let checked = grant.rights == Rights::Rw && same_incarnation && !self.accept_rollback;
+        if checked && hello.last_acked > last_applied {
+            let m = format!(
+                "replica {:032x} says it holds replies through client seq {}, but this server recorded only {last_applied}                  for it: either its cache belongs to other server state (mount with a fresh cache) or the server's                  state dir was restored from a backup (then restart the server once with --accept-rollback)",
+                hello.replica.0, hello.last_acked
+            );
+            tracing::warn!("refused a replica: {m}");
+            return Err(Admit::Refuse(RefuseReason::ReplicaAhead, m));
+        }
+        Ok((grant.rights, last_applied))
     }
 
     async fn frames<R: AsyncRead + Unpin>(
@@ -239,6 +300,14 @@ impl Server {
     }
 }
 
+/// Why a Hello was not admitted.
+enum Admit {
+    /// Refuse the client with this reason and message.
+    Refuse(RefuseReason, String),
+    /// The server failed (the connection just closes).
+    Fail(String),
+}
+
 /// Per-connection bounds and owner map, handed to the frame loop.
 struct Limits<'a> {
     inflight: &'a Arc<tokio::sync::Semaphore>,
@@ -283,6 +352,18 @@ pub(crate) fn send(out: &Out, msg: &ServerMsg) {
     }
 }
 
+/// Read the first frame of a connection: at most
+/// [`codec::MAX_HANDSHAKE_FRAME`] bytes, a Hello of any version range.
+async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R, counters: &Counters) -> Result<ClientMsg, FrameError> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len).await.map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let n = codec::check_len_max(u32::from_be_bytes(len), codec::MAX_HANDSHAKE_FRAME)?;
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).await.map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Counters::add(&counters.bytes_in, 4 + n as u64);
+    Hello::decode_first(&body)
+}
+
 /// Read one frame; `Malformed("eof")` on a clean end of stream.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
     rd: &mut R,
@@ -303,13 +384,16 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOw
     decode_frame(&body)
 }
 
+/// What the writer shares with its connection: counters, and what the
+/// handshake settles (the owner map and the protocol version).
+type WriterShared = (Arc<Counters>, Arc<std::sync::OnceLock<crate::policy::IdMap>>, Arc<std::sync::OnceLock<u16>>);
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut replies: mpsc::UnboundedReceiver<Vec<u8>>,
     mut bulk: mpsc::Receiver<Vec<u8>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-    counters: Arc<Counters>,
-    idmap: Arc<std::sync::OnceLock<crate::policy::IdMap>>,
+    (counters, idmap, version): WriterShared,
 ) {
     let mut open = (true, true);
     while open.0 || open.1 {
@@ -327,10 +411,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         };
         // On owner-mapping volumes every owner the client sees is its own id.
-        let frame = match idmap.get() {
+        let mut frame = match idmap.get() {
             Some(m) => remap(&frame, m),
             None => frame,
         };
+        // Frames are encoded at this build's version; a connection that
+        // settled on an older one says so in each header.
+        if let Some(&v) = version.get().filter(|&&v| v != PROTOCOL_VERSION) {
+            codec::set_frame_version(&mut frame, v);
+        }
         if wr.write_all(&frame).await.is_err() {
             return;
         }

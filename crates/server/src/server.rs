@@ -4,6 +4,7 @@ use crate::auth::Tokens;
 use crate::config::ServerConfig;
 use crate::counters::Counters;
 use crate::hint::Hint;
+use crate::lock::Locks;
 use crate::testhooks::TestHooks;
 use crate::tree::Tree;
 use crate::volume::{Actor, Shared, Tuning, Work};
@@ -12,7 +13,7 @@ use izo_journal::Store;
 use izo_proto::{ObjectId, Timestamp};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,12 +30,30 @@ pub struct Server {
     pub(crate) tokens: Tokens,
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     pub(crate) policy: crate::policy::Policy,
+    /// Connections not authenticated yet may take these (one each).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// Replicas holding replies this state never recorded are let in (the
+    /// operator accepted a restored state dir).
+    pub(crate) accept_rollback: bool,
+    /// Held while the server runs: nobody else serves this export or state.
+    _locks: Locks,
 }
 
+/// Connections that may be in their handshake at once; more are closed at
+/// once, so unauthenticated peers cannot hold much memory.
+pub const MAX_HANDSHAKES: usize = 64;
+
 impl Server {
-    /// Open the volume described by `cfg`: create or load its state,
-    /// replay the journal, and start the actor thread.
+    /// Claim the state dir and the export ([`Locks::take`]), then open the
+    /// volume ([`Server::open_locked`]).
     pub fn open(cfg: &ServerConfig) -> Result<Arc<Server>, ServerError> {
+        let locks = Locks::take(cfg)?;
+        Self::open_locked(cfg, locks)
+    }
+
+    /// Open the volume described by `cfg`, holding its locks: create or
+    /// load its state, replay the journal, and start the actor thread.
+    pub fn open_locked(cfg: &ServerConfig, locks: Locks) -> Result<Arc<Server>, ServerError> {
         let export = &cfg.export;
         let meta = std::fs::metadata(export)
             .map_err(|e| ServerError::io(format!("export directory {}", export.display()), e))?;
@@ -42,13 +61,17 @@ impl Server {
             return Err(ServerError::Config(format!("export {} is not a directory", export.display())));
         }
         let state = cfg.state_path();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&state)
-            .map_err(|e| ServerError::io(format!("creating state dir {}", state.display()), e))?;
         let mut tree =
             Tree::open(export).map_err(|e| ServerError::io(format!("opening export {}", export.display()), e))?;
+        let st = sys::fstatat(tree.stage(), b"").map_err(|e| ServerError::io("stat of the stage directory", e))?;
+        if (st.st_dev, st.st_ino) != locks.stage {
+            return Err(ServerError::Config(format!(
+                "export {} changed while it was being opened (another directory is there now)",
+                export.display()
+            )));
+        }
+        crate::config::record_volume(&state, &cfg.volume_name())
+            .map_err(|e| ServerError::io(format!("recording the volume name in {}", state.display()), e))?;
         // The root's attributes as they are once the stage directory exists.
         let meta = std::fs::metadata(export)
             .map_err(|e| ServerError::io(format!("export directory {}", export.display()), e))?;
@@ -59,6 +82,14 @@ impl Server {
             Timestamp { secs: meta.mtime(), nsec: meta.mtime_nsec() as u32 },
         );
         let store = Arc::new(Store::open(&state.join("volume.redb"), root)?);
+        if cfg.accept_rollback {
+            let old = store.incarnation();
+            let new = store.new_incarnation()?;
+            tracing::warn!(
+                "accepting a restored state dir (--accept-rollback): incarnation {old:032x} is now {new:032x}; \
+                 every client resyncs from a snapshot"
+            );
+        }
         let rh = tree.root_handle().map_err(|e| {
             ServerError::io(
                 format!("file handle of {} (the server needs root for open_by_handle_at)", export.display()),
@@ -213,6 +244,9 @@ impl Server {
                 squash: (cfg.squash_uid.unwrap_or(meta.uid()), cfg.squash_gid.unwrap_or(meta.gid())),
                 trusted: cfg.trusted,
             },
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            accept_rollback: cfg.accept_rollback,
+            _locks: locks,
         }))
     }
 

@@ -352,7 +352,7 @@ impl Tree {
             let e = e?;
             use std::os::unix::ffi::OsStrExt;
             let name = e.file_name().as_bytes().to_vec();
-            if crate::hint::is_marker(&name) {
+            if crate::hint::is_marker(&name) || name == crate::lock::LOCK_FILE.as_bytes() {
                 continue;
             }
             let dir = e.file_type()?.is_dir();

@@ -286,6 +286,8 @@ impl Raw {
             last_acked,
             users: vec![],
             groups: vec![],
+            min_version: MIN_PROTOCOL_VERSION,
+            incarnation: 0,
         };
         r.send(&ClientMsg::Hello(h)).await;
         let w = r.recv().await.expect("welcome");

@@ -240,3 +240,67 @@ async fn a_thousand_pipelined_creates_use_at_most_50_server_fsyncs_counted_by_st
     assert!(fsyncs <= total + 2, "server counts {fsyncs} fsyncs, strace saw {total}");
     assert!(fsyncs > 0 && batches > 0, "the server counted its commits ({fsyncs} fsyncs, {batches} batches)");
 }
+
+/// A Hello speaking versions `low..=high`, sent in a frame whose header
+/// names `high` (as a client of that range would send it).
+async fn hello_speaking(s: &InProc, low: u16, high: u16) -> (Raw, ServerMsg, Vec<u8>) {
+    let mut r = Raw::connect(&s.addr, &s.server.fingerprint).await;
+    let h = Hello {
+        version: high,
+        volume: "vol".into(),
+        token: s.rw.clone(),
+        replica: ReplicaId::random(),
+        last_acked: 0,
+        users: vec![],
+        groups: vec![],
+        min_version: low,
+        incarnation: 0,
+    };
+    let mut f = encode_frame(&ClientMsg::Hello(h)).expect("encode");
+    codec::set_frame_version(&mut f, high);
+    r.send_bytes(&f).await;
+    let (m, body) = r.recv_raw().await.expect("an answer to the Hello");
+    (r, m, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_disjoint_version_range_is_refused_naming_both_ranges() {
+    let s = InProc::start().await;
+    let server = codec::show_range(codec::VERSIONS);
+    for (low, high, older) in
+        [(PROTOCOL_VERSION + 5, PROTOCOL_VERSION + 9, "server"), (1, MIN_PROTOCOL_VERSION - 1, "client")]
+    {
+        let (mut r, m, _) = hello_speaking(&s, low, high).await;
+        match m {
+            ServerMsg::Refused { reason: RefuseReason::Version, message } => {
+                let client = format!("{low}..={high}");
+                assert!(message.contains(&client), "the refusal names the client's range {client}: {message}");
+                assert!(message.contains(&server), "the refusal names the server's range {server}: {message}");
+                assert!(message.contains(&format!("upgrade the {older}")), "says which side to upgrade: {message}");
+            }
+            other => panic!("versions {low}..={high}: expected a version refusal, got {other:?}"),
+        }
+        assert!(r.recv().await.is_none(), "the connection closes after the refusal");
+    }
+    // a normal client is not disturbed
+    let c = s.client().await;
+    assert_eq!(c.welcome().expect("welcome").version, PROTOCOL_VERSION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_higher_max_version_gets_the_servers_highest() {
+    let s = InProc::start().await;
+    let (mut r, m, body) = hello_speaking(&s, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 4).await;
+    match m {
+        ServerMsg::Welcome(w) => assert_eq!(w.version, PROTOCOL_VERSION, "the highest version both speak"),
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), PROTOCOL_VERSION, "the answer's header names it too");
+    // the session goes on at that version
+    r.send(&ClientMsg::Mutate { cseq: 1, acked_through: 0, op: create_in_root(ObjectId::new(), "negotiated") }).await;
+    match r.recv().await {
+        Some(ServerMsg::Reply { cseq: 1, result: Ok(_) }) => {}
+        other => panic!("a mutation after the negotiation: {other:?}"),
+    }
+    assert!(s.dirs.export.join("negotiated").exists());
+}
