@@ -105,7 +105,7 @@ fn refused_lines(r: &Replica) -> Vec<String> {
                 (None, Some(id)) => format!("object {id} (no longer in the namespace)"),
                 (None, None) => "?".into(),
             };
-            format!("{at}: {} ({} bytes kept): {} (change {})", c.kind, c.bytes, c.reason, c.lsn)
+            format!("{at}: {} ({} bytes kept): {} (change {})", c.kind, c.bytes, c.error, c.lsn)
         })
         .collect()
 }

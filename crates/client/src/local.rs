@@ -95,6 +95,7 @@ impl Replica {
     /// the data file without the daemon seeing them, so the open is logged
     /// first (a SIGKILL before its release must not lose them).
     pub fn writer_opened(&self, ino: u64) -> R<()> {
+        self.check_writable()?;
         let (id, _) = self.get(ino)?;
         Ok(self.cache.log_writer(id, true)?)
     }

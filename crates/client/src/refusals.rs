@@ -22,7 +22,7 @@ pub struct Refused {
     /// Bytes of data kept with it (a write's).
     pub bytes: usize,
     /// Why the server refused it.
-    pub reason: String,
+    pub error: OpError,
 }
 
 /// The directory entry an op names, if it names one.
@@ -101,7 +101,7 @@ impl Replica {
                 };
                 let object = p.op.changed_object().or(p.op.new_object());
                 let bytes = if let Op::Write { data, .. } = &p.op { data.len() } else { 0 };
-                Refused { lsn, kind: p.op.kind(), path, object, bytes, reason: p.reason }
+                Refused { lsn, kind: p.op.kind(), path, object, bytes, error: p.error }
             })
             .collect())
     }
