@@ -10,9 +10,48 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// Where control sockets live.
+const SOCKET_DIR: &str = "/run/izo";
+
 /// Where the daemon with this pid listens.
 pub fn socket_path(pid: u32) -> PathBuf {
-    PathBuf::from("/run/izo").join(format!("{pid}.sock"))
+    PathBuf::from(SOCKET_DIR).join(format!("{pid}.sock"))
+}
+
+/// Remove the sockets of daemons that are gone (a SIGKILL leaves its
+/// socket behind): their pid is dead, or reused by a process that does
+/// not listen on it.
+fn sweep_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_suffix(".sock")).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        let refused = || {
+            std::os::unix::net::UnixStream::connect(e.path())
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::ConnectionRefused)
+        };
+        if !alive || refused() {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!("removed {}: its daemon is gone", e.path().display()),
+                Err(err) => tracing::warn!("removing the stale control socket {}: {err}", e.path().display()),
+            }
+        }
+    }
+}
+
+/// This daemon's control socket (for `izo sync` and `izo status`), after
+/// sweeping those of daemons that are gone.
+pub fn listen(rt: &tokio::runtime::Runtime) -> Result<(PathBuf, tokio::net::UnixListener)> {
+    let sock = socket_path(std::process::id());
+    std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("creating {SOCKET_DIR}"))?;
+    sweep_sockets(Path::new(SOCKET_DIR));
+    let _ = std::fs::remove_file(&sock);
+    let _g = rt.enter();
+    let l = tokio::net::UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    Ok((sock, l))
 }
 
 /// What `izo status` reports besides the replica's own numbers.
@@ -21,6 +60,54 @@ pub struct Info {
     pub addr: String,
     pub cache: PathBuf,
     pub mountpoint: PathBuf,
+    /// Why the record stream stopped, if it did (the mount keeps serving).
+    pub stream_stopped: std::sync::Mutex<Option<String>>,
+}
+
+impl Info {
+    pub fn new(volume: String, addr: String, cache: PathBuf, mountpoint: PathBuf) -> Info {
+        Info { volume, addr, cache, mountpoint, stream_stopped: Default::default() }
+    }
+}
+
+/// The connection line of `izo status`: up, or why not and what to do.
+fn connection(r: &Replica, answering: bool) -> String {
+    use izo_client::ClientError;
+    let ro = if r.client.writable() { "" } else { " (read-only token: the mount is read-only)" };
+    if r.client.is_connected() {
+        let slow = if answering { "" } else { ", but the server is not answering" };
+        return format!("connected{ro}{slow}");
+    }
+    let hint = match r.client.problem() {
+        None => "connecting".to_string(),
+        Some(e @ ClientError::Refused { reason: izo_proto::RefuseReason::Auth, .. }) => {
+            format!("{e} (is the token still valid? remount with a token the server accepts)")
+        }
+        Some(e @ ClientError::Fingerprint(_)) => {
+            format!("{e} (refused: the server may be an impostor; remount with --fingerprint if it changed on purpose)")
+        }
+        Some(e) => e.to_string(),
+    };
+    format!("not connected{ro}: {hint}; the mount serves its cache and keeps trying")
+}
+
+/// The refused (parked) changes, one line each, named by path.
+fn refused_lines(r: &Replica) -> Vec<String> {
+    let refused = match r.refused() {
+        Ok(v) => v,
+        Err(e) => return vec![format!("(the parked list cannot be read: {e})")],
+    };
+    refused
+        .into_iter()
+        .map(|c| {
+            let at = match (&c.path, c.object) {
+                (Some(p), _) => p.clone(),
+                (None, Some(id)) => format!("object {id} (no longer in the namespace)"),
+                (None, None) => "?".into(),
+            };
+            format!("{at}: {} ({} bytes kept): {} (change {})", c.kind, c.bytes, c.error, c.lsn)
+        })
+        .collect()
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -31,9 +118,9 @@ async fn status(r: &Replica, info: &Info) -> String {
     let at = r.applied_seq();
     let server = tokio::time::timeout(Duration::from_secs(1), r.client.server_stats()).await;
     let counter = |s: &[(String, u64)], name: &str| s.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    let (conn, head, commits) = match &server {
+    let (answering, head, commits) = match &server {
         Ok(Ok(s)) => (
-            "connected",
+            true,
             counter(s, "applied_seq"),
             match (counter(s, "records"), counter(s, "batches"), counter(s, "fsyncs")) {
                 (Some(r), Some(b), Some(f)) => {
@@ -42,8 +129,11 @@ async fn status(r: &Replica, info: &Info) -> String {
                 _ => String::new(),
             },
         ),
-        _ => ("not answering", None, String::new()),
+        _ => (false, None, String::new()),
     };
+    let conn = connection(r, answering);
+    let stopped = info.stream_stopped.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let stopped = stopped.map(|e| format!("; the stream stopped: {e}")).unwrap_or_default();
     let lag = match head {
         Some(h) if h > at => {
             let secs = r.applied_time().map(|t| (izo_proto::Timestamp::now().secs - t.secs).max(0));
@@ -55,7 +145,7 @@ async fn status(r: &Replica, info: &Info) -> String {
     };
     let (pend, sent, parked, retried) = r.cml_stats();
     let ops: Vec<String> = r.ops.list().iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let kept = r.parked().unwrap_or_default();
+    let kept = refused_lines(r);
     let kept = if kept.is_empty() {
         String::new()
     } else {
@@ -66,7 +156,7 @@ async fn status(r: &Replica, info: &Info) -> String {
     format!(
         "volume: {} from {} mounted at {} (replicate mode, replica {:?})\n\
          connection: {conn}\n\
-         stream: applied through seq {at}; {lag}\n\
+         stream: applied through seq {at}; {lag}{stopped}\n\
          pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
          (parked) since start\n\
          {commits}fetched: {} bytes from the server since start\n\
@@ -101,7 +191,19 @@ pub async fn serve(listener: tokio::net::UnixListener, r: Arc<Replica>, info: Ar
             }
             let answer = match line.trim() {
                 "sync" => match r.sync().await {
-                    Ok(seq) => format!("synced: this replica has everything the server had applied (seq {seq})\n"),
+                    Ok(seq) => {
+                        let refused = refused_lines(&r);
+                        if refused.is_empty() {
+                            format!("synced: this replica has everything the server had applied (seq {seq})\n")
+                        } else {
+                            format!(
+                                "error: the server refused {} changes made here; they are kept in the cache \
+                                 (parked), not on the server:\n  {}\n",
+                                refused.len(),
+                                refused.join("\n  ")
+                            )
+                        }
+                    }
                     Err(e) => format!("error: {e}\n"),
                 },
                 "status" => status(&r, &info).await,
@@ -112,20 +214,72 @@ pub async fn serve(listener: tokio::net::UnixListener, r: Arc<Replica>, info: Ar
     }
 }
 
+/// One line of `/proc/self/mountinfo`.
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub point: PathBuf,
+    /// File system type (`fuse.izo`, `fuse.sshfs`, `ext4`, …).
+    pub fstype: String,
+    /// Mount source (`izo:PID` for an intermezzo mount).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// The pid of the intermezzo daemon serving it.
+    pub fn izo_pid(&self) -> Option<u32> {
+        (self.fstype == "fuse.izo").then(|| self.source.strip_prefix("izo:")?.parse().ok())?
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, …).
+fn unescape(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let (mut out, mut i) = (Vec::with_capacity(b.len()), 0);
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Every mount this process sees.
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let before: Vec<&str> = before.split(' ').collect();
+            let mut after = after.split(' ');
+            Some(MountEntry {
+                point: unescape(before.get(4)?),
+                fstype: after.next()?.to_string(),
+                source: after.next()?.to_string(),
+            })
+        })
+        .collect())
+}
+
 /// The intermezzo mount holding `path`: its daemon's pid.
 fn mount_of(path: &Path) -> Result<(PathBuf, u32)> {
     let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mut best: Option<(PathBuf, u32)> = None;
-    for line in info.lines() {
-        let Some((_, after)) = line.split_once(" - fuse.izo ") else { continue };
-        let Some(pid) = after.split(' ').next().and_then(|s| s.strip_prefix("izo:")).and_then(|p| p.parse().ok())
-        else {
-            continue;
-        };
-        let mp = PathBuf::from(line.split(' ').nth(4).unwrap_or_default().replace("\\040", " "));
-        if path.starts_with(&mp) && best.as_ref().is_none_or(|(b, _)| mp.as_os_str().len() > b.as_os_str().len()) {
-            best = Some((mp, pid));
+    for m in mounts()? {
+        let Some(pid) = m.izo_pid() else { continue };
+        if path.starts_with(&m.point)
+            && best.as_ref().is_none_or(|(b, _)| m.point.as_os_str().len() > b.as_os_str().len())
+        {
+            best = Some((m.point, pid));
         }
     }
     best.with_context(|| format!("{} is not inside an intermezzo mount", path.display()))
@@ -149,9 +303,12 @@ pub fn ask(path: &Path, cmd: &str) -> Result<()> {
     s.write_all(format!("{cmd}\n").as_bytes()).context("sending the command")?;
     let mut answer = String::new();
     s.read_to_string(&mut answer).with_context(|| format!("reading the answer of {}", sock.display()))?;
-    print!("{answer}");
-    if answer.starts_with("error") || answer.is_empty() {
-        bail!("{cmd} on {} failed", mp.display());
+    if answer.is_empty() {
+        bail!("{cmd} on {}: the daemon ({}) gave no answer", mp.display(), sock.display());
     }
+    if let Some(why) = answer.strip_prefix("error: ") {
+        bail!("{cmd} on {}: {}", mp.display(), why.trim_end());
+    }
+    print!("{answer}");
     Ok(())
 }

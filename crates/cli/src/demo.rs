@@ -84,26 +84,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let follower = rt.spawn(replica.clone().follow());
     let sender = rt.spawn(replica.clone().send());
     // `izo sync` and `izo status` work on the demo's mount too
-    let sock = crate::control::socket_path(std::process::id());
-    let info = std::sync::Arc::new(crate::control::Info {
-        volume: "export".into(),
-        addr: "this process".into(),
-        cache: base.join("cache"),
-        mountpoint: mnt.clone(),
-    });
-    match std::fs::create_dir_all("/run/izo").and_then(|_| {
-        let _ = std::fs::remove_file(&sock);
-        let _g = rt.enter();
-        tokio::net::UnixListener::bind(&sock)
-    }) {
-        Ok(l) => {
+    let info = std::sync::Arc::new(crate::control::Info::new(
+        "export".into(),
+        "this process".into(),
+        base.join("cache"),
+        mnt.clone(),
+    ));
+    let sock = match crate::control::listen(&rt) {
+        Ok((sock, l)) => {
             rt.spawn(crate::control::serve(l, replica.clone(), info));
+            Some(sock)
         }
-        Err(e) => eprintln!(
-            "izo: no control socket {} ({e}): izo sync and izo status will not find this mount",
-            sock.display()
-        ),
-    }
+        Err(e) => {
+            eprintln!("izo: no control socket ({e:#}): izo sync and izo status will not find this mount");
+            None
+        }
+    };
     println!("client: replicate mode, mounted at {}", mnt.display());
     let result = if args.once {
         walk_through(&mnt, &export, &|| rt.block_on(replica.sync()).map(drop).map_err(anyhow::Error::from))
@@ -124,7 +120,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         })
         .context("waiting for Ctrl-C")
     };
-    let _ = std::fs::remove_file(&sock);
+    if let Some(sock) = &sock {
+        let _ = std::fs::remove_file(sock);
+    }
     mounted.unmount().with_context(|| format!("unmounting {}", mnt.display()))?;
     crate::mount::finish(&rt, &replica);
     follower.abort();

@@ -72,7 +72,7 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
     let tls = tokio::time::timeout(Duration::from_secs(3), connector.connect(name, tcp))
         .await
         .map_err(|_| cerr("TLS handshake timed out".into()))?
-        .map_err(|e| cerr(format!("TLS: {e}")))?;
+        .map_err(|e| crate::tls::mismatch(&e).map_or_else(|| cerr(format!("TLS: {e}")), ClientError::Fingerprint))?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     // The claim counts only replies the server records (not the transient
     // or permission refusals it answers without recording), so a server
@@ -290,7 +290,11 @@ fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
     st.sub = None;
 }
 
-/// Keep a connection up until the client is closed.
+/// Pause before the next attempt after the server refused one.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
+
+/// Keep a connection up until the client is closed, whatever the server
+/// says (the caller sees why it is down in `problem`).
 pub(crate) async fn supervise(inner: Arc<Inner>, first: Installed) {
     let mut current = Some(first);
     let mut backoff = Duration::from_millis(20);
@@ -305,8 +309,8 @@ pub(crate) async fn supervise(inner: Arc<Inner>, first: Installed) {
                 st.queries.clear();
             }
             writer.abort();
-            if let Err(e @ ClientError::Refused { .. }) = end {
-                return fail_all(&inner, &e);
+            if let Err(e) = end {
+                *lock(&inner.problem) = Some(e);
             }
         }
         if inner.closed.load(Ordering::Acquire) {
@@ -320,10 +324,17 @@ pub(crate) async fn supervise(inner: Arc<Inner>, first: Installed) {
         match establish(&inner).await {
             Ok(l) => {
                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                *lock(&inner.problem) = None;
                 current = Some(install(&inner, l));
             }
-            Err(e @ ClientError::Refused { .. }) | Err(e @ ClientError::Protocol(_)) => return fail_all(&inner, &e),
-            Err(_) => {}
+            Err(e) => {
+                // A refusal (token, version, incarnation, certificate) is
+                // never the end either: the server may be fixed. Less often.
+                if !matches!(e, ClientError::Connect { .. }) {
+                    backoff = REFUSED_RETRY;
+                }
+                *lock(&inner.problem) = Some(e);
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ mod conn;
 pub mod format;
 mod local;
 mod query;
+pub mod refusals;
 pub mod replica;
 pub mod tls;
 
@@ -48,6 +49,10 @@ pub enum ClientError {
     /// The server sent something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server's certificate is not the one pinned (given, or trusted
+    /// at the first connection).
+    #[error(transparent)]
+    Fingerprint(#[from] tls::Mismatch),
 }
 
 /// How to reach and identify with a server.
@@ -164,6 +169,9 @@ pub(crate) struct Inner {
     pub window: Semaphore,
     pub welcome: Mutex<Option<Welcome>>,
     pub seen_fp: Arc<Mutex<Option<String>>>,
+    /// Why the last connection ended or the last attempt failed (cleared
+    /// by a new connection).
+    pub problem: Mutex<Option<ClientError>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub reconnects: AtomicU64,
@@ -216,6 +224,7 @@ impl Client {
             window: Semaphore::new(MAX_UNANSWERED as usize),
             welcome: Mutex::new(None),
             seen_fp: Arc::new(Mutex::new(None)),
+            problem: Mutex::new(None),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -237,9 +246,25 @@ impl Client {
         lock(&self.inner.welcome).clone()
     }
 
-    /// The fingerprint the server presented (to pin after first use).
+    /// The server certificate's fingerprint this client trusts: the one
+    /// pinned, or the one trusted at the first connection (to remember).
     pub fn server_fingerprint(&self) -> Option<String> {
         lock(&self.inner.seen_fp).clone()
+    }
+
+    /// Whether the token allows changes (as the last handshake said).
+    pub fn writable(&self) -> bool {
+        lock(&self.inner.welcome).as_ref().is_none_or(|w| w.writable)
+    }
+
+    /// Why the client is not connected: how the last connection ended or
+    /// why the last attempt failed. `None` while connected. The client
+    /// keeps trying (a refusal too: the server may be fixed).
+    pub fn problem(&self) -> Option<ClientError> {
+        if self.is_connected() {
+            return None;
+        }
+        lock(&self.inner.problem).clone()
     }
 
     /// This replica's id.

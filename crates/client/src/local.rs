@@ -95,6 +95,7 @@ impl Replica {
     /// the data file without the daemon seeing them, so the open is logged
     /// first (a SIGKILL before its release must not lose them).
     pub fn writer_opened(&self, ino: u64) -> R<()> {
+        self.check_writable()?;
         let (id, _) = self.get(ino)?;
         Ok(self.cache.log_writer(id, true)?)
     }
@@ -228,6 +229,7 @@ impl Replica {
         gid: u32,
         target: Option<&[u8]>,
     ) -> R<Cached> {
+        self.check_writable()?;
         valid(name)?;
         let _g = lock(&self.apply);
         let (pid, pobj) = self.dir(parent)?;
@@ -287,6 +289,7 @@ impl Replica {
 
     /// Remove a name (a directory with `dir`).
     pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
+        self.check_writable()?;
         let gone = {
             let _g = lock(&self.apply);
             let (pid, _) = self.dir(parent)?;
@@ -349,6 +352,7 @@ impl Replica {
 
     /// Rename (`mode`: replace, no-replace or exchange).
     pub fn rename(&self, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8], mode: RenameMode) -> R<()> {
+        self.check_writable()?;
         valid(new_name)?;
         let gone = {
             let _g = lock(&self.apply);
@@ -483,6 +487,7 @@ impl Replica {
 
     /// A new name for a non-directory.
     pub fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Cached> {
+        self.check_writable()?;
         valid(new_name)?;
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
@@ -513,6 +518,7 @@ impl Replica {
 
     /// Write bytes: into the data file and the log; sent later.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> R<usize> {
+        self.check_writable()?;
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
         if obj.attr.kind != FileKind::File {
@@ -554,6 +560,7 @@ impl Replica {
     /// (after what is queued before it) and answered before returning; if
     /// another replica appended first, catch up and try again.
     pub fn append(&self, ino: u64, data: &[u8]) -> R<usize> {
+        self.check_writable()?;
         for _ in 0..5 {
             let (id, obj) = self.get(ino)?;
             if obj.attr.nlink == 0 {
@@ -664,6 +671,7 @@ impl Replica {
     /// fallocate(2): mode 0 allocates (and may grow the file), punch-hole
     /// with keep-size deallocates; other modes are not supported.
     pub fn allocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> R<()> {
+        self.check_writable()?;
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
         let path = self.cache.data_path(id);
@@ -699,6 +707,7 @@ impl Replica {
     /// the kernel) the set-id bits of a non-directory are cleared too,
     /// unless `attrs` sets the mode.
     pub fn setattr(&self, ino: u64, size: Option<u64>, mut attrs: SetAttrs, kill_privs: bool) -> R<Cached> {
+        self.check_writable()?;
         let _g = lock(&self.apply);
         let (id, obj) = self.get(ino)?;
         if kill_privs && attrs.mode.is_none() && obj.attr.kind != FileKind::Dir {
@@ -780,6 +789,7 @@ impl Replica {
     /// Set or remove an extended attribute (answered by the server before
     /// it returns: the server decides which names a volume replicates).
     pub fn set_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> R<()> {
+        self.check_writable()?;
         let (id, obj) = self.get(ino)?;
         let op = match value {
             Some(v) => Op::SetXattr { id, base: 0, name: name.to_vec(), value: v.to_vec() },

@@ -1,10 +1,12 @@
 //! Certificate pinning: the client accepts exactly the server certificate
-//! whose SHA-256 fingerprint it was given (or, on first use, records it).
+//! whose SHA-256 fingerprint it was given, or, given none, the one the
+//! server presented at the first connection (trust on first use); every
+//! later connection must present that one.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use std::sync::{Arc, Mutex};
 
 /// `SHA256:` and the hex digest of a DER certificate (same as the server's).
@@ -14,10 +16,28 @@ pub fn fingerprint(der: &[u8]) -> String {
     format!("SHA256:{hex}")
 }
 
+/// The server presented a certificate other than the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the server presented a certificate with fingerprint {presented}, not the pinned {pinned}")]
+pub struct Mismatch {
+    /// Fingerprint of the certificate the server presented.
+    pub presented: String,
+    /// Fingerprint the client trusts.
+    pub pinned: String,
+}
+
+/// The [`Mismatch`] inside a failed TLS connect, if that is why it failed.
+pub fn mismatch(e: &std::io::Error) -> Option<Mismatch> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(o))) => o.downcast_ref().cloned(),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 struct Pinned {
     want: Option<String>,
-    seen: Arc<Mutex<Option<String>>>,
+    trusted: Arc<Mutex<Option<String>>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -31,14 +51,17 @@ impl ServerCertVerifier for Pinned {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = fingerprint(end_entity);
-        if let Ok(mut s) = self.seen.lock() {
-            *s = Some(got.clone());
-        }
-        match &self.want {
-            Some(want) if !want.eq_ignore_ascii_case(&got) => Err(rustls::Error::General(format!(
-                "server certificate {got} does not match the pinned fingerprint {want}"
-            ))),
-            _ => Ok(ServerCertVerified::assertion()),
+        let mut trusted = self.trusted.lock().unwrap_or_else(|p| p.into_inner());
+        match self.want.clone().or_else(|| trusted.clone()) {
+            Some(pinned) if !pinned.eq_ignore_ascii_case(&got) => {
+                // (the trusted one stays: a reconnect never takes the new one)
+                let m = Mismatch { presented: got, pinned };
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(m)))))
+            }
+            _ => {
+                *trusted = Some(got);
+                Ok(ServerCertVerified::assertion())
+            }
         }
     }
 
@@ -65,14 +88,17 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// A connector pinning `want` (None: trust on first use); `seen` receives
-/// the fingerprint the server presented.
+/// A connector pinning `want`; with `None`, the fingerprint already in
+/// `trusted` (from an earlier connection), or on first use whatever the
+/// server presents. `trusted` receives the fingerprint accepted; a
+/// mismatch fails the handshake with a [`Mismatch`] (see [`mismatch`]) and
+/// leaves `trusted` as it was.
 pub fn connector(
     want: Option<String>,
-    seen: Arc<Mutex<Option<String>>>,
+    trusted: Arc<Mutex<Option<String>>>,
 ) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(Pinned { want, seen, provider: provider.clone() });
+    let verifier = Arc::new(Pinned { want, trusted, provider: provider.clone() });
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()

@@ -800,7 +800,8 @@ impl Mounted {
 }
 
 /// Mount `replica` at `mountpoint` (allow_other, default_permissions,
-/// nosuid, nodev) and start the invalidation thread.
+/// nosuid, nodev; read-only when the token is) and start the invalidation
+/// thread.
 pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounted> {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
@@ -811,6 +812,10 @@ pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounte
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
+    if !replica.client.writable() {
+        // the kernel refuses every change (EROFS) before it reaches us
+        cfg.mount_options.push(MountOption::RO);
+    }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;

@@ -417,6 +417,52 @@ pub async fn server_digest(c: &Client) -> Option<izo_testkit::Digest> {
     Some(d)
 }
 
+fn mount_command(addr: &str, token: &str, mnt: &Path, cache: &Path, flags: &[&str]) -> Command {
+    let mut c = Command::new(izo_bin());
+    c.arg("mount").arg(format!("{addr}/vol")).arg(mnt).args(["--token", token, "--cache"]).arg(cache).args(flags);
+    c
+}
+
+/// Run an `izo mount` that must fail (within 30 s, without mounting): its
+/// standard error. One that mounts after all is stopped and fails the test.
+pub fn mount_fails(addr: &str, token: &str, mnt: &Path, cache: &Path, flags: &[&str]) -> String {
+    let mut child = mount_command(addr, token, mnt, cache, flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn izo mount");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for izo mount") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            panic!("izo mount on {} was not refused (it is still running)", mnt.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = reader.join().expect("stderr reader");
+    assert!(!status.success(), "izo mount on {} succeeded: {err}", mnt.display());
+    err
+}
+
+/// The per-mount options (`ro,nosuid,...`) of the FUSE mount at `mnt`.
+pub fn mount_options(mnt: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4).map(Path::new) == Some(mnt) && l.contains(" - fuse.izo ")).then(|| f.get(5).map(|o| o.to_string()))?
+    })
+}
+
 /// An `izo mount` child process on a temporary mount point.
 pub struct MountProc {
     pub child: Child,
@@ -498,13 +544,15 @@ impl MountProc {
 
     fn launch(addr: &str, fingerprint: &str, token: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> MountProc {
         std::fs::create_dir_all(mnt).expect("mount point");
-        let mut child = Command::new(izo_bin())
-            .arg("mount")
-            .arg(format!("{addr}/vol"))
-            .arg(mnt)
-            .args(["--token", token, "--fingerprint", fingerprint, "--cache"])
-            .arg(cache)
-            .args(extra)
+        let mut args = vec!["--fingerprint", fingerprint];
+        args.extend_from_slice(extra);
+        Self::spawn(addr, token, mnt, cache, &args)
+    }
+
+    /// `izo mount` with exactly these flags besides the token and cache
+    /// (no `--fingerprint` unless given), on an existing mount point.
+    pub fn spawn(addr: &str, token: &str, mnt: &Path, cache: &Path, flags: &[&str]) -> MountProc {
+        let mut child = mount_command(addr, token, mnt, cache, flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -881,15 +881,19 @@ async fn a_conflicting_offline_change_is_parked_with_its_bytes_and_the_replicas_
         std::fs::write(ma.join("shared"), b"version from A").expect("write on A");
         std::fs::write(mb.join("shared"), b"version from B, longer").expect("write on B");
         unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-        izo_out(&["sync".as_ref(), ma.as_os_str()]);
-        izo_out(&["sync".as_ref(), mb.as_os_str()]);
+        let sync = |m: &Path| std::process::Command::new(izo_bin()).arg("sync").arg(m).output().expect("izo sync");
+        let (sa, sb) = (sync(&ma), sync(&mb));
         let on_server = std::fs::read(ex.join("shared")).expect("server copy");
-        let (loser, lost) = if on_server == b"version from A" {
-            (&mb, &b"version from B, longer"[..])
+        let (loser, lost, (lost_sync, won_sync)) = if on_server == b"version from A" {
+            (&mb, &b"version from B, longer"[..], (sb, sa))
         } else {
             assert_eq!(on_server, b"version from B, longer", "the server has one of the two versions");
-            (&ma, &b"version from A"[..])
+            (&ma, &b"version from A"[..], (sa, sb))
         };
+        // izo sync says which change did not make it, by path
+        assert!(won_sync.status.success(), "the winner syncs: {}", String::from_utf8_lossy(&won_sync.stderr));
+        let err = String::from_utf8_lossy(&lost_sync.stderr);
+        assert!(!lost_sync.status.success() && err.contains("/shared: write"), "the loser's sync fails: {err}");
         let st = izo_out(&["status".as_ref(), loser.as_os_str()]);
         assert!(status_count(&st, "refused") >= 1, "the loser's change was refused: {st}");
         let kept = format!("({} bytes kept)", lost.len());
@@ -1242,4 +1246,275 @@ async fn writes_reach_the_server_before_a_rename_of_the_written_file() {
     })
     .await
     .expect("rename order test");
+}
+
+/// Poll `izo status` of `mnt` until `ok` holds (20 s at most).
+fn wait_status(mnt: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+        if ok(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: izo status still says\n{st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Give every token of a server's state `rights` (`ro` or `rw`).
+fn set_token_rights(state: &Path, rights: &str) {
+    let file = state.join("tokens.toml");
+    let text = std::fs::read_to_string(&file).expect("tokens.toml");
+    let text = text
+        .replace("rights = \"rw\"", &format!("rights = \"{rights}\""))
+        .replace("rights = \"ro\"", &format!("rights = \"{rights}\""));
+    std::fs::write(&file, text).expect("write tokens.toml");
+}
+
+/// Assert that a change failed with EROFS.
+fn erofs(what: &str, r: std::io::Result<()>) {
+    let e = r.err().unwrap_or_else(|| panic!("{what} succeeded on a read-only mount"));
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+}
+
+/// Every kind of change, each of which must fail with EROFS.
+fn every_change_is_refused(mnt: &Path) {
+    erofs("touch of a new file", std::fs::File::create(mnt.join("new")).map(drop));
+    erofs("write", std::fs::write(mnt.join("f"), b"changed"));
+    erofs("rm", std::fs::remove_file(mnt.join("f")));
+    erofs("mkdir", std::fs::create_dir(mnt.join("d")));
+    erofs("chmod", std::fs::set_permissions(mnt.join("f"), std::fs::Permissions::from_mode(0o600)));
+    erofs("setfattr", setxattr(&mnt.join("f"), "user.k", b"v"));
+    erofs("rename", std::fs::rename(mnt.join("f"), mnt.join("g")));
+    erofs("symlink", std::os::unix::fs::symlink("f", mnt.join("l")));
+}
+
+/// Nothing was queued, sent or parked by the refused changes.
+fn nothing_queued_or_parked(mnt: &Path) {
+    let st = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+    assert_eq!(status_count(&st, "changes made here"), 0, "nothing queued: {st}");
+    assert_eq!(status_count(&st, "refused"), 0, "nothing refused by the server: {st}");
+    assert!(!st.contains("parked (refused"), "nothing parked: {st}");
+}
+
+/// Found by trying it: a read-only token gave a writable mount whose
+/// changes vanished a moment later. The mount is read-only (`ro` in its
+/// options), every change fails with EROFS at once, nothing is queued or
+/// parked, and reads work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_gives_a_read_only_mount() {
+    let s = server_with(&[("f", b"kept")]).await;
+    let (addr, fp, tok, ex) = (s.addr.clone(), s.server.fingerprint.clone(), s.ro.clone(), s.dirs.export.clone());
+    tokio::task::spawn_blocking(move || {
+        let m = MountProc::start(&addr, &fp, &tok);
+        let opts = mount_options(&m.mnt).expect("mounted");
+        assert!(opts.split(',').any(|o| o == "ro"), "read-only in the mount options: {opts}");
+        assert_eq!(std::fs::read(m.mnt.join("f")).expect("read"), b"kept");
+        every_change_is_refused(&m.mnt);
+        nothing_queued_or_parked(&m.mnt);
+        let st = izo_out(&["status".as_ref(), m.mnt.as_os_str()]);
+        assert!(st.contains("read-only"), "status says the mount is read-only: {st}");
+        let names: Vec<_> = std::fs::read_dir(&ex)
+            .expect("export")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| !n.as_bytes().starts_with(b".izo-"))
+            .collect();
+        assert_eq!(names, ["f"], "the export is as it was");
+        assert_eq!(std::fs::read(ex.join("f")).expect("f"), b"kept");
+    })
+    .await
+    .expect("read-only test");
+}
+
+/// A token whose rights became read-only while a replica was mounted
+/// (seen at the reconnect after a server restart): the replica refuses
+/// every change with EROFS at once instead of queueing what the server
+/// would refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_made_read_only_refuses_changes_at_once_after_the_reconnect() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    std::fs::write(dirs.export.join("f"), b"one").expect("seed");
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    tokio::task::spawn_blocking(move || {
+        let m = MountProc::start(&addr, &fp, &tok);
+        p.sigterm();
+        set_token_rights(&dirs.state, "ro");
+        let _p = Proc::start(&dirs, &addr, &[]);
+        wait_status(&m.mnt, "reconnected with a read-only token", |st| st.contains("connection: connected (read-only"));
+        every_change_is_refused(&m.mnt);
+        nothing_queued_or_parked(&m.mnt);
+        assert_eq!(std::fs::read(dirs.export.join("f")).expect("f"), b"one");
+    })
+    .await
+    .expect("rights change test");
+}
+
+/// Found by trying it: without `--fingerprint` the client checked no
+/// certificate at all. Now the first mount trusts the certificate it sees
+/// and remembers it in the cache; a server with another certificate on
+/// the same address is refused, by the running mount (it stays
+/// disconnected, says why, and sends it nothing) and by a remount (whose
+/// error says how to accept it); `--fingerprint NEW` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_fingerprint_the_first_certificate_is_trusted_and_a_changed_one_refused() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, first) = (p.addr.clone(), p.fingerprint.clone());
+    tokio::task::spawn_blocking(move || {
+        let tmp = tempfile::Builder::new().prefix("izo-mnt-").tempdir().expect("temp dir");
+        let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+        std::fs::create_dir(&mnt).expect("mount point");
+        let mut m = MountProc::spawn(&addr, &tok, &mnt, &cache, &[]);
+        let pin = cache.join("server-fingerprint");
+        let pinned = || std::fs::read_to_string(&pin).map(|s| s.trim().to_string()).ok();
+        assert_eq!(pinned().as_deref(), Some(first.as_str()), "the first certificate is remembered in the cache");
+        std::fs::write(mnt.join("a"), b"for the real server").expect("write");
+        izo_out(&["sync".as_ref(), mnt.as_os_str()]);
+        // another server (a new state dir: a new certificate) on the address
+        p.sigterm();
+        let other = Dirs::new();
+        let tok2 = other.token(izo_server::auth::Rights::Rw);
+        let q = Proc::start(&other, &addr, &[]);
+        assert_ne!(q.fingerprint, first);
+        let st = wait_status(&mnt, "the mount refuses the new certificate", |st| {
+            st.contains("not connected") && st.contains(&q.fingerprint)
+        });
+        assert!(st.contains(&first), "status names the trusted certificate too: {st}");
+        std::fs::write(mnt.join("b"), b"not for another server").expect("write while refused");
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!other.export.join("b").exists(), "a change reached a server with another certificate");
+        m.stop();
+        let err = mount_fails(&addr, &tok2, &mnt, &cache, &[]);
+        let accept = format!("--fingerprint {}", q.fingerprint);
+        assert!(err.contains(&accept) && err.contains(&pin.display().to_string()), "how to accept it: {err}");
+        assert_eq!(pinned().as_deref(), Some(first.as_str()), "a refused certificate is not remembered");
+        let m = MountProc::spawn(&addr, &tok2, &mnt, &cache, &["--fingerprint", &q.fingerprint]);
+        assert_eq!(pinned().as_deref(), Some(q.fingerprint.as_str()), "the accepted certificate is remembered");
+        drop(m);
+    })
+    .await
+    .expect("fingerprint test");
+}
+
+/// Found by trying it: a second mount over a live one was allowed (and
+/// stopping it took both down), and a missing mount point was reported
+/// after the whole replication as needing /dev/fuse and root. A mount
+/// point that is a mount, missing or not empty (without `--nonempty`) is
+/// refused with a hint that fits, before any cache is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_point_that_is_a_mount_missing_or_not_empty_is_refused_before_replicating() {
+    let s = server_with(&[("f", b"data")]).await;
+    let (addr, fp, tok) = (s.addr.clone(), s.server.fingerprint.clone(), s.rw.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let tmp = tempfile::Builder::new().prefix("izo-mnt-").tempdir().expect("temp dir");
+        let flags = ["--fingerprint", fp.as_str()];
+        let cache = |n: &str| tmp.path().join(n);
+        let err = mount_fails(&addr, &tok, &a.mnt, &cache("c1"), &flags);
+        let by = format!("already an intermezzo mount (by PID {})", a.child.id());
+        assert!(err.contains(&by), "over a live mount: {err}");
+        assert!(!cache("c1").exists(), "refused before its cache was made");
+        assert_eq!(std::fs::read(a.mnt.join("f")).expect("the first mount still serves"), b"data");
+        let err = mount_fails(&addr, &tok, &tmp.path().join("nowhere"), &cache("c2"), &flags);
+        assert!(err.contains("does not exist: create the directory") && !err.contains("root"), "missing: {err}");
+        assert!(!cache("c2").exists(), "refused before its cache was made");
+        let full = tmp.path().join("full");
+        std::fs::create_dir(&full).expect("mkdir");
+        std::fs::write(full.join("x"), b"hidden while mounted").expect("write");
+        let err = mount_fails(&addr, &tok, &full, &cache("c3"), &flags);
+        assert!(err.contains("not empty") && err.contains("--nonempty"), "not empty: {err}");
+        let b = MountProc::spawn(&addr, &tok, &full, &cache("c4"), &["--fingerprint", &fp, "--nonempty"]);
+        assert_eq!(std::fs::read(full.join("f")).expect("mounted over it when asked"), b"data");
+        drop(b);
+        assert_eq!(std::fs::read(full.join("x")).expect("its own file after the unmount"), b"hidden while mounted");
+        assert_eq!(std::fs::read(a.mnt.join("f")).expect("the first mount still serves"), b"data");
+    })
+    .await
+    .expect("mount point test");
+}
+
+/// Found by trying it: mounts unmounted themselves when the server went
+/// away or refused them after a restart. A replica whose token the
+/// restarted server no longer knows keeps its mount, serves what it has,
+/// and `izo status` says what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_keeps_serving_its_cache_when_the_restarted_server_refuses_it() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut m = MountProc::start(&addr, &fp, &tok);
+        std::fs::write(m.mnt.join("a"), b"cached here").expect("write");
+        izo_out(&["sync".as_ref(), m.mnt.as_os_str()]);
+        p.sigterm();
+        std::fs::remove_file(dirs.state.join("tokens.toml")).expect("the token is revoked");
+        let _p = Proc::start(&dirs, &addr, &[]);
+        let st = wait_status(&m.mnt, "the refusal is shown", |st| st.contains("not connected") && st.contains("Auth"));
+        assert!(st.contains("token"), "status says what to do: {st}");
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(m.child.try_wait().expect("wait").is_none(), "the daemon is still running");
+        assert_eq!(std::fs::read(m.mnt.join("a")).expect("read from the cache"), b"cached here");
+        wait_status(&m.mnt, "still refused", |st| st.contains("not connected"));
+    })
+    .await
+    .expect("refused mount test");
+}
+
+/// Found by trying it: `izo sync` exited 0 while the server had refused
+/// changes. Changes made while the server was away, refused once it is
+/// back (the token became read-only): `izo sync` fails and names them by
+/// path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn izo_sync_fails_and_names_by_path_the_changes_the_server_refused() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    std::fs::write(dirs.export.join("f"), b"one").expect("seed");
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    tokio::task::spawn_blocking(move || {
+        let m = MountProc::start(&addr, &fp, &tok);
+        p.sigterm();
+        std::fs::write(m.mnt.join("f"), b"two").expect("write while the server is away");
+        std::fs::write(m.mnt.join("new"), b"fresh").expect("create while the server is away");
+        set_token_rights(&dirs.state, "ro");
+        let _p = Proc::start(&dirs, &addr, &[]);
+        let out = std::process::Command::new(izo_bin()).arg("sync").arg(&m.mnt).output().expect("izo sync");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "izo sync fails: {err}");
+        assert!(err.contains("refused") && err.contains("/f: ") && err.contains("/new: create"), "by path: {err}");
+        let st = izo_out(&["status".as_ref(), m.mnt.as_os_str()]);
+        assert!(status_count(&st, "refused") >= 2 && st.contains("/new: create"), "status lists them: {st}");
+        assert_eq!(std::fs::read(dirs.export.join("f")).expect("f"), b"one");
+        assert!(!dirs.export.join("new").exists());
+    })
+    .await
+    .expect("refused sync test");
+}
+
+/// Found by trying it: a SIGKILLed daemon left its control socket in
+/// /run/izo. The next daemon to start removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_daemon_leaves_no_control_socket_behind_at_the_next_start() {
+    let s = server_with(&[]).await;
+    let (addr, fp, tok) = (s.addr.clone(), s.server.fingerprint.clone(), s.rw.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let sock = Path::new("/run/izo").join(format!("{}.sock", a.child.id()));
+        assert!(sock.exists(), "{} while the daemon runs", sock.display());
+        // (left behind by the kill; a mount of a test beside this one may
+        // sweep it first)
+        a.kill();
+        let _b = MountProc::start(&addr, &fp, &tok);
+        assert!(!sock.exists(), "{} is swept at the next start", sock.display());
+    })
+    .await
+    .expect("socket sweep test");
 }

@@ -191,7 +191,9 @@ async fn a_wrong_pinned_fingerprint_fails_the_connect_and_the_right_one_works() 
     let mut cfg = s.client_config(&s.rw);
     cfg.fingerprint = Some(wrong.clone());
     match Client::connect(cfg).await {
-        Err(ClientError::Connect { why, .. }) => {
+        Err(ClientError::Fingerprint(m)) => {
+            assert_eq!((m.presented.as_str(), m.pinned.as_str()), (s.server.fingerprint.as_str(), wrong.as_str()));
+            let why = m.to_string();
             assert!(why.contains("fingerprint"), "the error names the fingerprint mismatch: {why}");
             assert!(why.contains(&s.server.fingerprint), "the error shows what the server presented: {why}");
         }
