@@ -18,6 +18,10 @@ type R<T> = Result<T, ReplicaError>;
 
 /// How long a call waits for the server without any answer arriving.
 const NO_PROGRESS: Duration = Duration::from_secs(1);
+/// Longest a call waits for a connected server that answers heartbeats but
+/// not yet this op (a backlog of queued changes ahead of it, a loaded
+/// machine); a server that is away is noticed within 1 s instead.
+const BUSY_SERVER_WAIT: Duration = Duration::from_secs(10);
 /// How long `fsync` waits for the server's ack while connected.
 const FSYNC_WAIT: Duration = Duration::from_secs(1);
 /// Unsealed writes are sealed into log entries this often.
@@ -627,6 +631,7 @@ impl Replica {
             lsn
         };
         let mut progress = self.cml_answered.subscribe();
+        let waited = Instant::now();
         loop {
             enum Step {
                 Answer(Result<Applied, OpError>),
@@ -646,6 +651,10 @@ impl Replica {
             match step {
                 Step::Answer(r) => return r.map(Some).map_err(ReplicaError::from),
                 Step::Progress if self.client.is_connected() => continue, // answers are arriving
+                // a connected server answers heartbeats (the connection drops
+                // after 750 ms of silence): it is busy with a backlog, not
+                // away, so the call waits, up to a bound
+                Step::Stuck if self.client.is_connected() && waited.elapsed() < BUSY_SERVER_WAIT => continue,
                 _ => {}
             }
             // no progress (or no connection): withdraw it if still unsent
