@@ -79,7 +79,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     })?;
     replica.check_incarnation().context("checking the volume's incarnation")?;
     rt.block_on(replica.initial_sync(|_| {})).context("initial replication")?;
-    let mounted = izo_fuse::mount(replica.clone(), &mnt)
+    let mounted = izo_fuse::mount(replica.clone(), &mnt, izo_fuse::MountFlags::default())
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;
     let follower = rt.spawn(replica.clone().follow());
     let sender = rt.spawn(replica.clone().send());

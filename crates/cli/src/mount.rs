@@ -43,6 +43,15 @@ pub struct MountArgs {
     /// while the volume is mounted).
     #[arg(long)]
     nonempty: bool,
+    /// Let device nodes on the mount open their devices (mount option
+    /// `dev`; the default is `nodev`). Device nodes exist only on volumes
+    /// served with `--trusted`.
+    #[arg(long)]
+    dev: bool,
+    /// Let set-user-ID and set-group-ID bits take effect (mount option
+    /// `suid`; the default is `nosuid`). Only a `--trusted` volume keeps them.
+    #[arg(long)]
+    suid: bool,
 }
 
 fn parse_volume(v: &str) -> Result<(String, String)> {
@@ -258,7 +267,8 @@ pub fn run(args: MountArgs) -> Result<()> {
     let start = Instant::now();
     rt.block_on(replica.initial_sync(|p| show(p, start))).context("initial replication")?;
     eprintln!();
-    let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint).with_context(|| {
+    let flags = izo_fuse::MountFlags { dev: args.dev, suid: args.suid };
+    let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint, flags).with_context(|| {
         format!("mounting on {} (FUSE needs /dev/fuse, and root or fusermount3)", args.mountpoint.display())
     })?;
     let info =

@@ -233,8 +233,45 @@ impl Replica {
         gid: u32,
         target: Option<&[u8]>,
     ) -> R<Cached> {
+        self.make(parent, name, kind, mode, uid, gid, target, 0)
+    }
+
+    /// Create a fifo, socket or device node (`rdev`: its device number). A
+    /// device node only on a trusted volume, as the server would refuse it;
+    /// it has no data file: opening it opens the device on this machine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+    ) -> R<Cached> {
+        self.make(parent, name, kind, mode, uid, gid, None, rdev)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<&[u8]>,
+        rdev: u64,
+    ) -> R<Cached> {
         self.check_writable()?;
         valid(name)?;
+        // what the server decides, known from the handshake (offline before
+        // any handshake the server decides when the change is sent)
+        if kind.is_device() && self.client.welcome().is_some_and(|w| !w.trusted) {
+            return Err(ReplicaError::NotPermitted);
+        }
         let _g = lock(&self.apply);
         let (pid, pobj) = self.dir(parent)?;
         if self.cache.lookup(pid, name)?.is_some() {
@@ -262,6 +299,7 @@ impl Replica {
             atime: now,
             nlink: if kind == FileKind::Dir { 2 } else { 1 },
             versions: Versions::default(),
+            rdev: if kind.is_device() { rdev } else { 0 },
         };
         let op = match kind {
             FileKind::File => Op::Create { parent: pid, name: name.clone(), id, mode, uid, gid },
@@ -274,7 +312,7 @@ impl Replica {
                 uid,
                 gid,
             },
-            k => Op::Mknod { parent: pid, name: name.clone(), id, kind: k, mode, uid, gid },
+            k => Op::Mknod { parent: pid, name: name.clone(), id, kind: k, mode, uid, gid, rdev: attr.rdev },
         };
         if kind == FileKind::File {
             let path = self.cache.data_path(id);

@@ -128,6 +128,8 @@ fn kind(k: FileKind) -> FileType {
         FileKind::Symlink => FileType::Symlink,
         FileKind::Fifo => FileType::NamedPipe,
         FileKind::Socket => FileType::Socket,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::CharDev => FileType::CharDevice,
     }
 }
 
@@ -151,7 +153,8 @@ fn attr(c: &Cached, blocks: u64) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        // the kernel's dev_t from userspace is the 32-bit new_encode_dev form
+        rdev: a.rdev as u32,
         blksize: 4096,
         flags: 0,
     }
@@ -326,24 +329,22 @@ impl Filesystem for IzoFs {
         }
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let k = match mode & libc::S_IFMT {
             libc::S_IFIFO => FileKind::Fifo,
             libc::S_IFSOCK => FileKind::Socket,
             libc::S_IFREG => FileKind::File,
-            _ => return reply.error(Errno::EPERM), // device nodes are not replicated
+            libc::S_IFBLK => FileKind::BlockDev,
+            libc::S_IFCHR => FileKind::CharDev,
+            _ => return reply.error(Errno::EINVAL),
         };
         let perm = mode & 0o7777 & !umask;
-        self.entry(self.r.create(parent.0, name.as_bytes(), k, perm, req.uid(), req.gid(), None), reply)
+        let (name, uid, gid) = (name.as_bytes(), req.uid(), req.gid());
+        let made = match k {
+            FileKind::File => self.r.create(parent.0, name, k, perm, uid, gid, None),
+            _ => self.r.mknod(parent.0, name, k, perm, uid, gid, u64::from(rdev)),
+        };
+        self.entry(made, reply)
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
@@ -799,19 +800,34 @@ impl Mounted {
     }
 }
 
-/// Mount `replica` at `mountpoint` (allow_other, default_permissions,
-/// nosuid, nodev; read-only when the token is) and start the invalidation
-/// thread.
-pub fn mount(replica: Arc<Replica>, mountpoint: &Path) -> std::io::Result<Mounted> {
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
+/// Kernel mount flags a user may ask for; both off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// Device nodes on the mount open their devices (`dev`; default `nodev`).
+    pub dev: bool,
+    /// Set-user-ID and set-group-ID bits take effect on exec (`suid`;
+    /// default `nosuid`).
+    pub suid: bool,
+}
+
+/// The options `mount` passes to the kernel.
+fn mount_options(flags: MountFlags) -> Vec<MountOption> {
+    vec![
         // the daemon's pid in the source tells a stale mount from a live one
         MountOption::FSName(format!("izo:{}", std::process::id())),
         MountOption::CUSTOM("subtype=izo".into()),
         MountOption::DefaultPermissions,
-        MountOption::NoSuid,
-        MountOption::NoDev,
-    ];
+        if flags.suid { MountOption::Suid } else { MountOption::NoSuid },
+        if flags.dev { MountOption::Dev } else { MountOption::NoDev },
+    ]
+}
+
+/// Mount `replica` at `mountpoint` (allow_other, default_permissions,
+/// nosuid and nodev unless `flags` ask otherwise; read-only when the token
+/// is) and start the invalidation thread.
+pub fn mount(replica: Arc<Replica>, mountpoint: &Path, flags: MountFlags) -> std::io::Result<Mounted> {
+    let mut cfg = Config::default();
+    cfg.mount_options = mount_options(flags);
     if !replica.client.writable() {
         // the kernel refuses every change (EROFS) before it reaches us
         cfg.mount_options.push(MountOption::RO);

@@ -127,7 +127,7 @@ impl Store {
             let bytes = v.value();
             let head = match bytes.split_first() {
                 // both record formats begin with seq, origin, time
-                Some((&ROW_V1 | &RECORD_V2, rest)) => {
+                Some((&ROW_V1 | &RECORD_V2 | &RECORD_V3, rest)) => {
                     postcard::take_from_bytes::<(Seq, izo_proto::Origin, Timestamp)>(rest).ok()
                 }
                 _ => None,

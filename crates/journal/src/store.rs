@@ -299,6 +299,7 @@ pub(crate) fn new_row(
         handle: Vec::new(),
         target: None,
         stale: Vec::new(),
+        rdev: 0,
     }
 }
 

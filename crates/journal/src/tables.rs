@@ -6,6 +6,8 @@ use izo_proto::{Attr, FileKind, ObjectId, Record, ReplicaId, Seq, Timestamp, Ver
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
+mod old;
+
 /// Small named values: incarnation, head seq, checkpoint seq, volume name.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Object id → [`ObjectRow`].
@@ -33,8 +35,12 @@ pub const OWNERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_
 /// Replica id ‖ client seq → encoded reply.
 pub const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
 
-/// Format byte of the current row encoding.
+/// Format byte of rows before object rows carried `rdev` (object rows of
+/// this format are upgraded on read; see [`Row`]).
 pub const ROW_V1: u8 = 1;
+
+/// Format byte of object rows since they carry `rdev`.
+pub const OBJECT_V2: u8 = 2;
 
 /// One object's metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +79,8 @@ pub struct ObjectRow {
     /// Ranges of 1 MiB blocks (first, last; sorted, disjoint) whose hash in
     /// the hashes table is out of date.
     pub stale: Vec<(u64, u64)>,
+    /// Device number of a device node (0 for every other kind).
+    pub rdev: u64,
 }
 
 impl ObjectRow {
@@ -89,6 +97,26 @@ impl ObjectRow {
             atime: self.atime,
             nlink: self.nlink,
             versions: self.versions,
+            rdev: self.rdev,
+        }
+    }
+}
+
+/// A row type with a format byte: [`enc`] writes `FORMAT`, [`dec`] reads it
+/// and hands any other format to `upgrade`.
+pub trait Row: Serialize + for<'a> Deserialize<'a> {
+    /// Format byte written today.
+    const FORMAT: u8;
+    /// Decode a row of an older `format` (`None`: unknown or corrupt).
+    fn upgrade(format: u8, rest: &[u8]) -> Option<Self>;
+}
+
+impl Row for ObjectRow {
+    const FORMAT: u8 = OBJECT_V2;
+    fn upgrade(format: u8, rest: &[u8]) -> Option<Self> {
+        match format {
+            ROW_V1 => postcard::from_bytes::<old::ObjectRowV1>(rest).ok().map(ObjectRow::from),
+            _ => None,
         }
     }
 }
@@ -125,59 +153,37 @@ impl StoredRecord {
 }
 
 /// Encode a row with its format byte.
-pub fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+pub fn enc<T: Row>(v: &T) -> Vec<u8> {
     // postcard only fails on writers that run out of space; a Vec never does.
-    postcard::to_extend(v, vec![ROW_V1]).unwrap_or_default()
+    postcard::to_extend(v, vec![T::FORMAT]).expect("encoding into a Vec cannot fail")
 }
 
-/// Decode a row written by [`enc`].
-pub fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
+/// Decode a row written by [`enc`], of this format or an older one.
+pub fn dec<T: Row>(b: &[u8]) -> Option<T> {
     match b.split_first() {
-        Some((&ROW_V1, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
+        Some((&f, rest)) if f == T::FORMAT => postcard::from_bytes(rest).ok(),
+        Some((&f, rest)) => T::upgrade(f, rest),
+        None => None,
     }
 }
 
 /// Format byte of journal records since they carry `Record::elided`.
 pub const RECORD_V2: u8 = 2;
 
-/// A journal record as version 1 stored it (no `elided`).
-#[derive(Deserialize)]
-struct RecordV1 {
-    seq: izo_proto::Seq,
-    origin: izo_proto::Origin,
-    time: Timestamp,
-    op: izo_proto::Op,
-    attr: Option<Attr>,
-}
-
-#[derive(Deserialize)]
-struct StoredRecordV1 {
-    record: RecordV1,
-    handles: Vec<(ObjectId, Handle)>,
-    payload: Payload,
-}
+/// Format byte of journal records since `Attr` and `Op::Mknod` carry `rdev`.
+pub const RECORD_V3: u8 = 3;
 
 /// Encode a journal record row.
 pub fn enc_record(r: &StoredRecord) -> Vec<u8> {
-    postcard::to_extend(r, vec![RECORD_V2]).unwrap_or_default()
+    postcard::to_extend(r, vec![RECORD_V3]).expect("encoding into a Vec cannot fail")
 }
 
-/// Decode a journal record row of either format.
+/// Decode a journal record row of any format.
 pub fn dec_record(b: &[u8]) -> Option<StoredRecord> {
     match b.split_first() {
-        Some((&RECORD_V2, rest)) => postcard::from_bytes(rest).ok(),
-        Some((&ROW_V1, rest)) => {
-            let old: StoredRecordV1 = postcard::from_bytes(rest).ok()?;
-            let elided = match old.payload {
-                Payload::Staged(n) | Payload::Direct(n) => n,
-                Payload::Inline => 0,
-            };
-            let r = old.record;
-            let record =
-                Record { seq: r.seq, origin: r.origin, time: r.time, op: r.op, attr: r.attr, elided, dirs: Vec::new() };
-            Some(StoredRecord { record, handles: old.handles, payload: old.payload })
-        }
+        Some((&RECORD_V3, rest)) => postcard::from_bytes(rest).ok(),
+        Some((&RECORD_V2, rest)) => postcard::from_bytes::<old::StoredRecordV2>(rest).ok().map(StoredRecord::from),
+        Some((&ROW_V1, rest)) => postcard::from_bytes::<old::StoredRecordV1>(rest).ok().map(StoredRecord::from),
         _ => None,
     }
 }
@@ -227,43 +233,96 @@ pub fn id_at(b: &[u8], at: usize) -> ObjectId {
 
 #[cfg(test)]
 mod tests {
+    use super::old::{ObjectRowV1, RecordV1, StoredRecordV1, StoredRecordV2};
     use super::*;
-    use izo_proto::{Op, Origin};
-
-    #[derive(Serialize)]
-    struct RecordV1 {
-        seq: u64,
-        origin: Origin,
-        time: Timestamp,
-        op: Op,
-        attr: Option<Attr>,
-    }
-
-    #[derive(Serialize)]
-    struct StoredRecordV1 {
-        record: RecordV1,
-        handles: Vec<(ObjectId, Handle)>,
-        payload: Payload,
-    }
+    use izo_proto::{v1, Op, Origin};
 
     #[test]
     fn records_written_by_format_1_still_decode() {
         let id = ObjectId::new();
-        let op = Op::Write { id, base: 3, offset: 4096, data: Vec::new() };
+        let op = v1::Op::Write { id, base: 3, offset: 4096, data: Vec::new() };
         let time = Timestamp { secs: 1_700_000_000, nsec: 5 };
         let v1 = StoredRecordV1 {
-            record: RecordV1 { seq: 9, origin: Origin::Local, time, op: op.clone(), attr: None },
+            record: RecordV1 { seq: 9, origin: Origin::Local, time, op, attr: None },
             handles: vec![(id, vec![1, 2, 3])],
             payload: Payload::Direct(65536),
         };
         let row = postcard::to_extend(&v1, vec![ROW_V1]).expect("encode");
         let r = dec_record(&row).expect("a format-1 row decodes");
         assert_eq!(r.record.seq, 9);
-        assert_eq!(r.record.op, op);
+        assert_eq!(r.record.op, Op::Write { id, base: 3, offset: 4096, data: Vec::new() });
         assert_eq!(r.record.elided, 65536, "elided comes from the payload placement");
         assert_eq!(r.handles, vec![(id, vec![1, 2, 3])]);
-        let again = dec_record(&enc_record(&r)).expect("format 2 round trip");
+        let again = dec_record(&enc_record(&r)).expect("format 3 round trip");
         assert_eq!(again, r);
         assert!(dec_record(&[7, 1, 2]).is_none(), "an unknown format is refused");
+    }
+
+    #[test]
+    fn records_written_by_format_2_decode_with_no_device_number() {
+        let (parent, id) = (ObjectId::ROOT, ObjectId::new());
+        let time = Timestamp { secs: 1_700_000_000, nsec: 5 };
+        let versions = v1::Versions { data: 9, meta: 9 };
+        let attr =
+            |id, kind| v1::Attr { id, kind, mode: 0o600, uid: 0, gid: 0, size: 0, mtime: time, nlink: 1, versions };
+        let op =
+            v1::Op::Mknod { parent, name: b"p".to_vec(), id, kind: v1::FileKind::Fifo, mode: 0o600, uid: 0, gid: 0 };
+        let v2 = StoredRecordV2 {
+            record: v1::Record {
+                seq: 9,
+                origin: Origin::Local,
+                time,
+                op,
+                attr: Some(attr(id, v1::FileKind::Fifo)),
+                elided: 0,
+                dirs: vec![attr(parent, v1::FileKind::Dir)],
+            },
+            handles: vec![(id, vec![4, 5])],
+            payload: Payload::Inline,
+        };
+        let row = postcard::to_extend(&v2, vec![RECORD_V2]).expect("encode");
+        let r = dec_record(&row).expect("a format-2 row decodes");
+        let want =
+            Op::Mknod { parent, name: b"p".to_vec(), id, kind: FileKind::Fifo, mode: 0o600, uid: 0, gid: 0, rdev: 0 };
+        assert_eq!(r.record.op, want);
+        let a = r.record.attr.as_ref().expect("attr");
+        assert_eq!((a.kind, a.rdev, a.versions), (FileKind::Fifo, 0, Versions { data: 9, meta: 9 }));
+        assert_eq!(r.record.dirs.len(), 1);
+        assert_eq!(dec_record(&enc_record(&r)), Some(r));
+    }
+
+    #[test]
+    fn object_rows_written_by_format_1_decode_with_no_device_number() {
+        let old = ObjectRowV1 {
+            kind: v1::FileKind::File,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            size: 3,
+            mtime: Timestamp { secs: 4, nsec: 5 },
+            nlink: 1,
+            versions: v1::Versions { data: 6, meta: 7 },
+            data_writer: None,
+            data_run_start: 0,
+            meta_writer: None,
+            meta_run_start: 0,
+            handle: vec![8, 9],
+            target: None,
+            stale: vec![(0, 0)],
+        };
+        let bytes = postcard::to_extend(&old, vec![ROW_V1]).expect("encode");
+        let row: ObjectRow = dec(&bytes).expect("a format-1 object row decodes");
+        assert_eq!((row.kind, row.size, row.rdev, row.handle.clone()), (FileKind::File, 3, 0, vec![8, 9]));
+        let mut dev = row.clone();
+        (dev.kind, dev.rdev) = (FileKind::CharDev, libc_makedev(1, 3));
+        let again = enc(&dev);
+        assert_eq!(again[0], OBJECT_V2);
+        assert_eq!(dec::<ObjectRow>(&again), Some(dev));
+        assert!(dec::<ObjectRow>(&[9, 0]).is_none(), "an unknown format is refused");
+    }
+
+    /// `makedev(3)` for small numbers.
+    fn libc_makedev(major: u64, minor: u64) -> u64 {
+        (major << 8) | minor
     }
 }

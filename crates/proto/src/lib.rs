@@ -17,12 +17,13 @@ pub use msg::*;
 pub use op::*;
 
 /// Highest protocol version spoken by this build; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Lowest protocol version this build still speaks. Peers use the highest
 /// version both ranges hold (see [`codec::negotiate`]). Version 4 changed
-/// the encoding of `OpError`, so version 3 is not spoken any more.
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+/// the encoding of `OpError`, version 5 that of `Attr`, `Op::Mknod` and
+/// `Welcome` (device numbers), so only version 5 is spoken.
+pub const MIN_PROTOCOL_VERSION: u16 = 5;
 
 /// Size of one content block; block hashes and stale marks use this unit.
 pub const BLOCK_SIZE: u64 = 1 << 20;

@@ -301,6 +301,8 @@ pub struct Welcome {
     pub time: Timestamp,
     /// Whether the token allows mutations.
     pub writable: bool,
+    /// Whether the volume is trusted: device nodes and set-id bits are kept.
+    pub trusted: bool,
 }
 
 /// Why a connection was refused. New reasons go at the end (the order is

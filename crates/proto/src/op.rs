@@ -16,6 +16,17 @@ pub enum FileKind {
     Fifo,
     /// Unix socket node.
     Socket,
+    /// Block device node (made only on a trusted volume).
+    BlockDev,
+    /// Character device node (made only on a trusted volume).
+    CharDev,
+}
+
+impl FileKind {
+    /// A block or character device node.
+    pub fn is_device(self) -> bool {
+        matches!(self, FileKind::BlockDev | FileKind::CharDev)
+    }
 }
 
 /// Data and meta versions of an object (journal seqs of its last changes).
@@ -51,6 +62,8 @@ pub struct Attr {
     pub nlink: u32,
     /// Current versions.
     pub versions: Versions,
+    /// Device number of a block or character device node (`st_rdev`), 0 otherwise.
+    pub rdev: u64,
 }
 
 /// How a rename treats an existing target.
@@ -98,8 +111,9 @@ pub enum Op {
     Mkdir { parent: ObjectId, name: Vec<u8>, id: ObjectId, mode: u32, uid: u32, gid: u32 },
     /// Create a symlink; precondition: `name` absent.
     Symlink { parent: ObjectId, name: Vec<u8>, id: ObjectId, target: Vec<u8>, uid: u32, gid: u32 },
-    /// Create a fifo or socket node; precondition: `name` absent.
-    Mknod { parent: ObjectId, name: Vec<u8>, id: ObjectId, kind: FileKind, mode: u32, uid: u32, gid: u32 },
+    /// Create a fifo, socket or (on a trusted volume) device node, `rdev`
+    /// its device number (0 for fifos and sockets); precondition: `name` absent.
+    Mknod { parent: ObjectId, name: Vec<u8>, id: ObjectId, kind: FileKind, mode: u32, uid: u32, gid: u32, rdev: u64 },
     /// Add a name for an existing non-directory; precondition: `name` absent.
     Link { id: ObjectId, parent: ObjectId, name: Vec<u8> },
     /// Remove a non-directory name; precondition: name → `expect` at its versions.
@@ -389,6 +403,7 @@ mod tests {
             atime: Timestamp { secs: 6, nsec: 7 },
             nlink: 1,
             versions: Versions { data: 8, meta: 9 },
+            rdev: 0,
         };
         let mut all: Vec<OpError> = kinds.iter().map(|&k| OpError::conflict(k, Some(attr.clone()))).collect();
         let s = || "x".to_string();

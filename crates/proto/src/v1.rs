@@ -176,6 +176,8 @@ impl From<Attr> for crate::Attr {
             atime: a.mtime,
             nlink: a.nlink,
             versions: a.versions.into(),
+            // format 1 made no device nodes
+            rdev: 0,
         }
     }
 }
@@ -210,7 +212,7 @@ impl From<Op> for crate::Op {
             Op::Mkdir { parent, name, id, mode, uid, gid } => N::Mkdir { parent, name, id, mode, uid, gid },
             Op::Symlink { parent, name, id, target, uid, gid } => N::Symlink { parent, name, id, target, uid, gid },
             Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
-                N::Mknod { parent, name, id, kind: kind.into(), mode, uid, gid }
+                N::Mknod { parent, name, id, kind: kind.into(), mode, uid, gid, rdev: 0 }
             }
             Op::Link { id, parent, name } => N::Link { id, parent, name },
             Op::Unlink { parent, name, expect } => N::Unlink { parent, name, expect: expect.into() },
@@ -286,6 +288,26 @@ mod tests {
         let bytes = postcard::to_allocvec(&old).expect("encodes");
         let back: Op = postcard::from_bytes(&bytes).expect("decodes");
         let now: crate::Op = back.into();
-        assert!(matches!(now, crate::Op::Mknod { kind: crate::FileKind::Fifo, mode: 0o600, uid: 3, gid: 4, .. }));
+        assert!(matches!(
+            now,
+            crate::Op::Mknod { kind: crate::FileKind::Fifo, mode: 0o600, uid: 3, gid: 4, rdev: 0, .. }
+        ));
+        assert!(postcard::from_bytes::<crate::Op>(&bytes).is_err(), "today's mknod carries rdev");
+        let t = Timestamp { secs: 5, nsec: 6 };
+        let versions = Versions { data: 7, meta: 8 };
+        let a = Attr {
+            id: ObjectId(2),
+            kind: FileKind::Fifo,
+            mode: 0o600,
+            uid: 3,
+            gid: 4,
+            size: 0,
+            mtime: t,
+            nlink: 1,
+            versions,
+        };
+        let b = postcard::to_allocvec(&a).expect("encodes");
+        let up: crate::Attr = postcard::from_bytes::<Attr>(&b).expect("decodes").into();
+        assert_eq!((up.kind, up.rdev, up.mtime), (crate::FileKind::Fifo, 0, t));
     }
 }

@@ -136,6 +136,7 @@ impl Server {
             head_seq: store.head(),
             time: Timestamp::now(),
             writable: rights == Rights::Rw,
+            trusted: self.policy.trusted,
         };
         send(&out, &ServerMsg::Welcome(welcome));
         drop(permit);

@@ -109,10 +109,10 @@ pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) }).map(drop)
 }
 
-/// `mknodat(2)` for fifos and sockets.
-pub fn mknodat(dir: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
+/// `mknodat(2)` for fifos, sockets and device nodes (`rdev`: 0 unless a device).
+pub fn mknodat(dir: BorrowedFd, name: &[u8], mode: u32, rdev: u64) -> io::Result<()> {
     let c = cstr(name)?;
-    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, 0) }).map(drop)
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) }).map(drop)
 }
 
 /// `symlinkat(2)`.

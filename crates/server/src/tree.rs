@@ -176,9 +176,15 @@ impl Tree {
                 sys::symlinkat(target, st, &name)?;
                 None
             }
-            Op::Mknod { kind, mode, .. } => {
-                let ty = if *kind == FileKind::Fifo { libc::S_IFIFO } else { libc::S_IFSOCK };
-                sys::mknodat(st, &name, ty | 0o600)?;
+            Op::Mknod { kind, mode, rdev, .. } => {
+                let (ty, rdev) = match kind {
+                    FileKind::Fifo => (libc::S_IFIFO, 0),
+                    FileKind::BlockDev => (libc::S_IFBLK, *rdev),
+                    FileKind::CharDev => (libc::S_IFCHR, *rdev),
+                    // validation lets nothing else through
+                    _ => (libc::S_IFSOCK, 0),
+                };
+                sys::mknodat(st, &name, ty | 0o600, rdev)?;
                 Some(*mode)
             }
             _ => None,

@@ -29,6 +29,10 @@ pub enum Kind {
     Fifo,
     /// Unix socket node.
     Socket,
+    /// Block device node.
+    BlockDev,
+    /// Character device node.
+    CharDev,
 }
 
 impl Kind {
@@ -39,6 +43,8 @@ impl Kind {
             Kind::Symlink => 3,
             Kind::Fifo => 4,
             Kind::Socket => 5,
+            Kind::BlockDev => 6,
+            Kind::CharDev => 7,
         }
     }
 }
@@ -52,6 +58,8 @@ impl From<izo_proto::FileKind> for Kind {
             F::Symlink => Kind::Symlink,
             F::Fifo => Kind::Fifo,
             F::Socket => Kind::Socket,
+            F::BlockDev => Kind::BlockDev,
+            F::CharDev => Kind::CharDev,
         }
     }
 }
@@ -71,7 +79,8 @@ pub struct Node {
     pub mtime: (i64, u32),
     /// Size in bytes for files; 0 for everything else.
     pub size: u64,
-    /// blake3 of the bytes of a file or of a symlink's target; zeros otherwise.
+    /// blake3 of the bytes of a file, of a symlink's target or of a device
+    /// node's device number (`st_rdev`, 8 bytes LE); zeros otherwise.
     pub content: [u8; 32],
     /// Xattrs named `user.*` or `system.posix_acl*`.
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -245,6 +254,10 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
             Kind::Fifo
         } else if ft.is_socket() {
             Kind::Socket
+        } else if ft.is_block_device() {
+            Kind::BlockDev
+        } else if ft.is_char_device() {
+            Kind::CharDev
         } else {
             bail!("{}: unsupported file type", abs.display());
         };
@@ -254,6 +267,7 @@ pub fn tree_digest(root: &Path) -> Result<Digest> {
                 let target = fs::read_link(&abs).with_context(|| format!("readlink {}", abs.display()))?;
                 (0, *blake3::hash(target.as_os_str().as_bytes()).as_bytes())
             }
+            Kind::BlockDev | Kind::CharDev => (0, *blake3::hash(&md.rdev().to_le_bytes()).as_bytes()),
             _ => (0, [0; 32]),
         };
         let nsec = u32::try_from(md.mtime_nsec()).with_context(|| format!("{}: bad mtime nsec", abs.display()))?;

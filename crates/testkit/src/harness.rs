@@ -148,7 +148,7 @@ impl Harness {
         }
         fs::set_permissions(self.path(rel), fs::Permissions::from_mode(mode)).unwrap();
         let (uid, gid) = (self.uid, self.gid);
-        self.created(rel, id, Op::Mknod { parent, name, id, kind, mode, uid, gid }, t);
+        self.created(rel, id, Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev: 0 }, t);
     }
 
     pub fn link(&mut self, existing: &[u8], rel: &[u8]) {

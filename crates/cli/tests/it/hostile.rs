@@ -53,7 +53,7 @@ fn any_op(rng: &mut Rng, known: &[ObjectId]) -> Op {
         2 => Op::Symlink { parent: p, name: n, id: fresh, target: bytes(rng, 20), uid, gid },
         3 => {
             let kind = [FileKind::Fifo, FileKind::Socket, FileKind::File, FileKind::Dir][rng.below(4) as usize];
-            Op::Mknod { parent: p, name: n, id: fresh, kind, mode, uid, gid }
+            Op::Mknod { parent: p, name: n, id: fresh, kind, mode, uid, gid, rdev: 0 }
         }
         4 => Op::Link { id, parent: p, name: n },
         5 => Op::Unlink { parent: p, name: n, expect: e },

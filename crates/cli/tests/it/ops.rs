@@ -41,13 +41,22 @@ async fn every_op_lands_in_the_export_as_the_model_predicts() {
     both(
         &c,
         &mut m,
-        Op::Mknod { parent: d, name: name("p"), id: fifo, kind: FileKind::Fifo, mode: 0o600, uid: 0, gid: 0 },
+        Op::Mknod { parent: d, name: name("p"), id: fifo, kind: FileKind::Fifo, mode: 0o600, uid: 0, gid: 0, rdev: 0 },
     )
     .await;
     both(
         &c,
         &mut m,
-        Op::Mknod { parent: d, name: name("s"), id: sock, kind: FileKind::Socket, mode: 0o644, uid: 0, gid: 0 },
+        Op::Mknod {
+            parent: d,
+            name: name("s"),
+            id: sock,
+            kind: FileKind::Socket,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        },
     )
     .await;
     let a = both(&c, &mut m, Op::Link { id: f, parent: root, name: name("f-link") }).await;
@@ -138,7 +147,7 @@ async fn each_failed_precondition_is_a_conflict_with_current_versions() {
         Op::Create { parent: root, name: name("f"), id: x, mode: 0o644, uid: 0, gid: 0 },
         Op::Mkdir { parent: root, name: name("f"), id: x, mode: 0o755, uid: 0, gid: 0 },
         Op::Symlink { parent: root, name: name("f"), id: x, target: name("t"), uid: 0, gid: 0 },
-        Op::Mknod { parent: root, name: name("f"), id: x, kind: FileKind::Fifo, mode: 0o644, uid: 0, gid: 0 },
+        Op::Mknod { parent: root, name: name("f"), id: x, kind: FileKind::Fifo, mode: 0o644, uid: 0, gid: 0, rdev: 0 },
         Op::Link { id: f, parent: root, name: name("d") },
         Op::Rename {
             parent: root,

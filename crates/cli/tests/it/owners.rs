@@ -79,6 +79,7 @@ async fn only_fifos_and_sockets_are_special_files_and_only_user_and_acl_xattrs_r
             mode: 0o600,
             uid: 0,
             gid: 0,
+            rdev: 0,
         };
         assert!(matches!(c.mutate(op).await, Err(ClientError::Op(OpError::Invalid(_)))), "{kind:?}");
     }

@@ -139,6 +139,7 @@ fn cases() -> Vec<(&'static str, Vec<Op>, Vec<Op>)> {
                 mode: 0o600,
                 uid: 0,
                 gid: 0,
+                rdev: 0,
             }],
         ),
     ];

@@ -95,9 +95,18 @@ async fn a_read_only_token_can_query_everything_and_change_nothing() {
     rw.mutate(Op::Symlink { parent: root, name: name("l"), id: l, target: target.clone(), uid: 0, gid: 0 })
         .await
         .expect("symlink");
-    rw.mutate(Op::Mknod { parent: d, name: name("p"), id: p, kind: FileKind::Fifo, mode: 0o600, uid: 0, gid: 0 })
-        .await
-        .expect("mknod");
+    rw.mutate(Op::Mknod {
+        parent: d,
+        name: name("p"),
+        id: p,
+        kind: FileKind::Fifo,
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    })
+    .await
+    .expect("mknod");
 
     let ro = Client::connect(s.client_config(&s.ro)).await.expect("ro token connects");
     let before = izo_testkit::tree_digest(&s.dirs.export).expect("digest before");
@@ -118,6 +127,7 @@ async fn a_read_only_token_can_query_everything_and_change_nothing() {
             mode: 0o644,
             uid: 0,
             gid: 0,
+            rdev: 0,
         },
         Op::Link { id: f, parent: d, name: name("f2") },
         Op::Unlink { parent: root, name: name("f"), expect: cur(&fa) },

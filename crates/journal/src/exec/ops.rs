@@ -96,11 +96,19 @@ impl Batch<'_> {
                 row.target = Some(target.clone());
                 self.create_common(cx, *parent, name, *id, row)
             }
-            Op::Mknod { parent, name, id, kind, mode, uid, gid } => {
-                if !matches!(kind, FileKind::Fifo | FileKind::Socket) {
-                    return Err(OpError::Invalid("mknod makes only fifos and sockets".into()));
+            Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev } => {
+                match kind {
+                    FileKind::Fifo | FileKind::Socket => {}
+                    FileKind::BlockDev | FileKind::CharDev if self.trusted() => {}
+                    FileKind::BlockDev | FileKind::CharDev => {
+                        return Err(OpError::NotPermitted(
+                            "device nodes are made only on a trusted volume (izo serve --trusted)".into(),
+                        ))
+                    }
+                    _ => return Err(OpError::Invalid("mknod makes only fifos, sockets and device nodes".into())),
                 }
-                let row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
+                let mut row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
+                row.rdev = if kind.is_device() { *rdev } else { 0 };
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Link { id, parent, name } => self.link(cx, *id, *parent, name),
@@ -328,6 +336,33 @@ pub(crate) fn xkey(id: ObjectId, name: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::add_range;
+    use crate::Store;
+    use izo_proto::{FileKind, ObjectId, Op, OpError, Origin, Timestamp};
+    use std::sync::atomic::Ordering;
+
+    fn device(kind: FileKind, name: &[u8]) -> Op {
+        let (parent, id) = (ObjectId::ROOT, ObjectId::new());
+        Op::Mknod { parent, name: name.to_vec(), id, kind, mode: 0o600, uid: 0, gid: 0, rdev: (7 << 8) | 3 }
+    }
+
+    #[test]
+    fn device_nodes_are_refused_unless_the_volume_is_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Timestamp { secs: 1_700_000_000, nsec: 0 };
+        let store = Store::open(&dir.path().join("volume.redb"), (0, 0, 0o755, t)).expect("open");
+        for kind in [FileKind::BlockDev, FileKind::CharDev] {
+            let mut b = store.batch().expect("batch");
+            let r = b.execute(Origin::Local, &device(kind, b"dev"), t);
+            assert!(matches!(r, Err(OpError::NotPermitted(_))), "{kind:?} on an untrusted volume: {r:?}");
+        }
+        store.trusted.store(true, Ordering::Relaxed);
+        let mut b = store.batch().expect("batch");
+        let op = device(FileKind::CharDev, b"null");
+        let a = b.execute(Origin::Local, &op, t).expect("a trusted volume makes device nodes").attr.expect("attr");
+        assert_eq!((a.kind, a.rdev), (FileKind::CharDev, (7 << 8) | 3));
+        let id = op.new_object().expect("id");
+        assert_eq!(b.object(id).expect("row").rdev, (7 << 8) | 3, "the row keeps the device number");
+    }
 
     #[test]
     fn stale_ranges_stay_sorted_disjoint_and_merged() {

@@ -708,10 +708,17 @@ impl Rc<'_, '_> {
                 let target = sys::readlinkat(dfd.as_fd(), n).map_err(io("readlink"))?;
                 Op::Symlink { parent, name, id, target, uid, gid }
             }
-            libc::S_IFIFO => Op::Mknod { parent, name, id, kind: FileKind::Fifo, mode, uid, gid },
-            libc::S_IFSOCK => Op::Mknod { parent, name, id, kind: FileKind::Socket, mode, uid, gid },
+            libc::S_IFIFO => Op::Mknod { parent, name, id, kind: FileKind::Fifo, mode, uid, gid, rdev: 0 },
+            libc::S_IFSOCK => Op::Mknod { parent, name, id, kind: FileKind::Socket, mode, uid, gid, rdev: 0 },
+            t @ (libc::S_IFBLK | libc::S_IFCHR) if self.b.trusted() => {
+                let kind = if t == libc::S_IFBLK { FileKind::BlockDev } else { FileKind::CharDev };
+                Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev: st.st_rdev }
+            }
             _ => {
-                tracing::debug!("device node {:?} in the export is not replicated", String::from_utf8_lossy(n));
+                tracing::debug!(
+                    "device node {:?} in the export is not replicated (the volume is not trusted)",
+                    String::from_utf8_lossy(n)
+                );
                 return Ok(());
             }
         };
