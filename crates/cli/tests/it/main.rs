@@ -4,6 +4,7 @@
 mod capture;
 mod confine;
 mod crash;
+mod devices;
 mod harness;
 mod hostile;
 mod mount;
