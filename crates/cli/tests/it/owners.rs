@@ -1,5 +1,5 @@
 //! Owners and privilege: preserve and squash, setuid/setgid stripped unless
-//! the volume is trusted, no device nodes, only user.* and POSIX ACL
+//! the volume is trusted, device nodes only on trusted volumes, only user.* and POSIX ACL
 //! extended attributes replicate.
 
 use crate::harness::*;
