@@ -248,7 +248,7 @@ impl Replica {
         mode: u32,
         uid: u32,
         gid: u32,
-        rdev: u64,
+        rdev: u32,
     ) -> R<Cached> {
         self.make(parent, name, kind, mode, uid, gid, None, rdev)
     }
@@ -263,7 +263,7 @@ impl Replica {
         uid: u32,
         gid: u32,
         target: Option<&[u8]>,
-        rdev: u64,
+        rdev: u32,
     ) -> R<Cached> {
         self.check_writable()?;
         valid(name)?;

@@ -153,8 +153,7 @@ fn attr(c: &Cached, blocks: u64) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        // the kernel's dev_t from userspace is the 32-bit new_encode_dev form
-        rdev: a.rdev as u32,
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
     }
@@ -342,7 +341,7 @@ impl Filesystem for IzoFs {
         let (name, uid, gid) = (name.as_bytes(), req.uid(), req.gid());
         let made = match k {
             FileKind::File => self.r.create(parent.0, name, k, perm, uid, gid, None),
-            _ => self.r.mknod(parent.0, name, k, perm, uid, gid, u64::from(rdev)),
+            _ => self.r.mknod(parent.0, name, k, perm, uid, gid, rdev),
         };
         self.entry(made, reply)
     }

@@ -80,7 +80,7 @@ pub struct ObjectRow {
     /// the hashes table is out of date.
     pub stale: Vec<(u64, u64)>,
     /// Device number of a device node (0 for every other kind).
-    pub rdev: u64,
+    pub rdev: u32,
 }
 
 impl ObjectRow {
@@ -322,7 +322,7 @@ mod tests {
     }
 
     /// `makedev(3)` for small numbers.
-    fn libc_makedev(major: u64, minor: u64) -> u64 {
+    fn libc_makedev(major: u32, minor: u32) -> u32 {
         (major << 8) | minor
     }
 }

@@ -62,8 +62,9 @@ pub struct Attr {
     pub nlink: u32,
     /// Current versions.
     pub versions: Versions,
-    /// Device number of a block or character device node (`st_rdev`), 0 otherwise.
-    pub rdev: u64,
+    /// Device number of a block or character device node (`st_rdev`, in the
+    /// kernel's 32-bit encoding as `stat` and FUSE carry it), 0 otherwise.
+    pub rdev: u32,
 }
 
 /// How a rename treats an existing target.
@@ -113,7 +114,7 @@ pub enum Op {
     Symlink { parent: ObjectId, name: Vec<u8>, id: ObjectId, target: Vec<u8>, uid: u32, gid: u32 },
     /// Create a fifo, socket or (on a trusted volume) device node, `rdev`
     /// its device number (0 for fifos and sockets); precondition: `name` absent.
-    Mknod { parent: ObjectId, name: Vec<u8>, id: ObjectId, kind: FileKind, mode: u32, uid: u32, gid: u32, rdev: u64 },
+    Mknod { parent: ObjectId, name: Vec<u8>, id: ObjectId, kind: FileKind, mode: u32, uid: u32, gid: u32, rdev: u32 },
     /// Add a name for an existing non-directory; precondition: `name` absent.
     Link { id: ObjectId, parent: ObjectId, name: Vec<u8> },
     /// Remove a non-directory name; precondition: name → `expect` at its versions.

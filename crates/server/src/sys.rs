@@ -110,9 +110,9 @@ pub fn mkdirat(dir: BorrowedFd, name: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// `mknodat(2)` for fifos, sockets and device nodes (`rdev`: 0 unless a device).
-pub fn mknodat(dir: BorrowedFd, name: &[u8], mode: u32, rdev: u64) -> io::Result<()> {
+pub fn mknodat(dir: BorrowedFd, name: &[u8], mode: u32, rdev: u32) -> io::Result<()> {
     let c = cstr(name)?;
-    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) }).map(drop)
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, libc::dev_t::from(rdev)) }).map(drop)
 }
 
 /// `symlinkat(2)`.

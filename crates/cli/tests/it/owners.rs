@@ -66,7 +66,12 @@ async fn a_trusted_volume_keeps_setuid() {
     assert_eq!(std::fs::metadata(s.dirs.export.join("suid")).expect("stat").mode() & 0o7777, 0o4755);
 }
 
-fn device(n: &str, kind: FileKind, rdev: u64) -> Op {
+/// A device number as `stat` shows it (the kernel's 32-bit encoding).
+fn makedev(major: u32, minor: u32) -> u32 {
+    u32::try_from(libc::makedev(major, minor)).expect("a small device number fits in 32 bits")
+}
+
+fn device(n: &str, kind: FileKind, rdev: u32) -> Op {
     Op::Mknod { parent: ObjectId::ROOT, name: name(n), id: ObjectId::new(), kind, mode: 0o620, uid: 0, gid: 5, rdev }
 }
 
@@ -75,7 +80,7 @@ async fn device_nodes_are_refused_with_not_permitted_unless_the_volume_is_truste
     let s = InProc::start().await;
     let c = s.client().await;
     for kind in [FileKind::BlockDev, FileKind::CharDev] {
-        let r = c.mutate(device("dev", kind, libc::makedev(1, 3))).await;
+        let r = c.mutate(device("dev", kind, makedev(1, 3))).await;
         assert!(matches!(r, Err(ClientError::Op(OpError::NotPermitted(_)))), "{kind:?}: {r:?}");
     }
     assert!(s.dirs.export.join("dev").symlink_metadata().is_err(), "nothing made in the export");
@@ -84,19 +89,19 @@ async fn device_nodes_are_refused_with_not_permitted_unless_the_volume_is_truste
     let s = InProc::start_with(Dirs::new(), |c| c.trusted = true).await;
     let c = s.client().await;
     assert!(c.welcome().expect("welcome").trusted, "the handshake says the volume is trusted");
-    let a = c.mutate(device("loop", FileKind::BlockDev, libc::makedev(7, 0))).await.expect("block device");
+    let a = c.mutate(device("loop", FileKind::BlockDev, makedev(7, 0))).await.expect("block device");
     let a = a.attr.expect("attr");
-    assert_eq!((a.kind, a.rdev, a.mode, a.gid), (FileKind::BlockDev, libc::makedev(7, 0), 0o620, 5));
-    c.mutate(device("null", FileKind::CharDev, libc::makedev(1, 3))).await.expect("char device");
+    assert_eq!((a.kind, a.rdev, a.mode, a.gid), (FileKind::BlockDev, makedev(7, 0), 0o620, 5));
+    c.mutate(device("null", FileKind::CharDev, makedev(1, 3))).await.expect("char device");
     let m = s.dirs.export.join("loop").symlink_metadata().expect("stat loop");
     assert!(m.file_type().is_block_device());
-    assert_eq!((m.rdev(), m.mode() & 0o7777, m.gid()), (libc::makedev(7, 0), 0o620, 5));
+    assert_eq!((m.rdev(), m.mode() & 0o7777, m.gid()), (makedev(7, 0).into(), 0o620, 5));
     let m = s.dirs.export.join("null").symlink_metadata().expect("stat null");
     assert!(m.file_type().is_char_device());
-    assert_eq!(m.rdev(), libc::makedev(1, 3));
+    assert_eq!(m.rdev(), makedev(1, 3).into());
     let (entries, _) = c.snapshot().await.expect("snapshot");
     let dev = |n: &str| entries.iter().find(|e| e.links.iter().any(|(_, l)| l == n.as_bytes())).map(|e| e.attr.rdev);
-    assert_eq!((dev("loop"), dev("null")), (Some(libc::makedev(7, 0)), Some(libc::makedev(1, 3))), "snapshot rdev");
+    assert_eq!((dev("loop"), dev("null")), (Some(makedev(7, 0)), Some(makedev(1, 3))), "snapshot rdev");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

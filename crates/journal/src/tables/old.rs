@@ -35,6 +35,8 @@ impl From<ObjectRowV1> for ObjectRow {
             gid: o.gid,
             size: o.size,
             mtime: o.mtime,
+            // format 1 kept no atime: the mtime stands for it, as a new object's does
+            atime: o.mtime,
             nlink: o.nlink,
             versions: o.versions.into(),
             data_writer: o.data_writer,

@@ -712,7 +712,16 @@ impl Rc<'_, '_> {
             libc::S_IFSOCK => Op::Mknod { parent, name, id, kind: FileKind::Socket, mode, uid, gid, rdev: 0 },
             t @ (libc::S_IFBLK | libc::S_IFCHR) if self.b.trusted() => {
                 let kind = if t == libc::S_IFBLK { FileKind::BlockDev } else { FileKind::CharDev };
-                Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev: st.st_rdev }
+                // stat gives the kernel's 32-bit encoding in a 64-bit field
+                let Ok(rdev) = u32::try_from(st.st_rdev) else {
+                    tracing::warn!(
+                        "device node {:?}: device number {:#x} not kept",
+                        String::from_utf8_lossy(n),
+                        st.st_rdev
+                    );
+                    return Ok(());
+                };
+                Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev }
             }
             _ => {
                 tracing::debug!(
