@@ -505,7 +505,7 @@ impl Cache {
                 for (id, c) in &frozen.objs {
                     match c {
                         Some(c) => {
-                            let row = postcard::to_allocvec(c).unwrap_or_default();
+                            let row = postcard::to_allocvec(c).expect("a row always encodes");
                             objs.insert(id.to_bytes().as_slice(), row.as_slice())?;
                         }
                         None => {
@@ -534,14 +534,14 @@ impl Cache {
                 for (l, e) in &frozen.cml {
                     match e {
                         Some(e) => {
-                            let row = postcard::to_allocvec(e).unwrap_or_default();
+                            let row = postcard::to_allocvec(e).expect("a row always encodes");
                             cml.insert(*l, row.as_slice())?
                         }
                         None => cml.remove(*l)?,
                     };
                 }
                 for (l, p) in &frozen.parked {
-                    let row = postcard::to_allocvec(p).unwrap_or_default();
+                    let row = postcard::to_allocvec(p).expect("a row always encodes");
                     parked.insert(*l, row.as_slice())?;
                 }
                 for (id, on) in &frozen.orphans {

@@ -17,7 +17,7 @@ const CHUNK: u64 = 1 << 20;
 fn answer(qid: u64, result: Result<QueryReply, OpError>) -> Vec<u8> {
     encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_else(|e| {
         let result = Err(OpError::Invalid(format!("answer does not fit in a frame: {e}")));
-        encode_frame(&ServerMsg::Answer { qid, result }).unwrap_or_default()
+        encode_frame(&ServerMsg::Answer { qid, result }).expect("an error answer always fits in a frame")
     })
 }
 
@@ -184,13 +184,19 @@ impl Server {
                 };
                 if recs.first().map(|r| r.record.seq) != Some(next) {
                     let oldest = store.retained_from().unwrap_or(next);
-                    let _ =
-                        out.bulk.send(encode_frame(&ServerMsg::SnapshotRequired { oldest }).unwrap_or_default()).await;
+                    let _ = out
+                        .bulk
+                        .send(
+                            encode_frame(&ServerMsg::SnapshotRequired { oldest })
+                                .expect("a small message always encodes"),
+                        )
+                        .await;
                     return;
                 }
                 for r in recs.into_iter().take_while(|r| r.record.seq <= upto) {
                     next = r.record.seq + 1;
-                    let frame = encode_frame(&ServerMsg::Record(r.record)).unwrap_or_default();
+                    // (records carry at most INLINE_WRITE_MAX bytes, far below a frame)
+                    let frame = encode_frame(&ServerMsg::Record(r.record)).expect("a record always fits in a frame");
                     if out.bulk.send(frame).await.is_err() {
                         return;
                     }
