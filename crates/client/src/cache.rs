@@ -62,6 +62,18 @@ pub struct Parked {
     /// Why the server refused it (a conflict carries the server's current
     /// attributes of the object).
     pub error: izo_proto::OpError,
+    /// A version of a file this replica held that a restored server lacks:
+    /// its path then, and the file its bytes were moved to.
+    pub kept: Option<Kept>,
+}
+
+/// Where a kept version is (see [`Parked::kept`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kept {
+    /// The file's path in the volume when it was kept (from the root, `/…`).
+    pub path: String,
+    /// The file holding its bytes, under the cache's `kept/` directory.
+    pub file: PathBuf,
 }
 
 /// What the append-only log holds (see [`Cache::local`]).
@@ -670,6 +682,11 @@ impl Cache {
     /// Seq of the last record applied to the cache.
     pub fn seq(&self) -> Result<Seq, CacheError> {
         self.meta("seq")
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where data files live (statfs of the mount reports this file system).

@@ -106,7 +106,7 @@ impl From<v1::CmlEntry> for CmlEntry {
 impl From<v1::Parked> for Parked {
     fn from(p: v1::Parked) -> Self {
         let why = format!("refused before the cache was upgraded: {}", p.reason);
-        Parked { op: p.op.into(), error: izo_proto::OpError::Invalid(why) }
+        Parked { op: p.op.into(), error: izo_proto::OpError::Invalid(why), kept: None }
     }
 }
 

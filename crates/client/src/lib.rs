@@ -12,6 +12,7 @@ mod local;
 mod query;
 pub mod refusals;
 pub mod replica;
+mod rollback;
 pub mod tls;
 
 use izo_proto::*;

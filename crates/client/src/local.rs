@@ -1241,7 +1241,7 @@ impl Replica {
                     c.parked += 1;
                     c.resync = true;
                     c.release(lsn);
-                    edits.push(Edit::Park(lsn, Parked { op, error: err.clone() }));
+                    edits.push(Edit::Park(lsn, Parked { op, error: err.clone(), kept: None }));
                 }
             }
         }

@@ -88,6 +88,9 @@ impl Replica {
             .into_iter()
             .map(|(lsn, p)| {
                 let path = match (&p.op, entry_of(&p.op)) {
+                    _ if p.kept.is_some() => {
+                        p.kept.as_ref().map(|k| format!("{} (kept in {})", k.path, k.file.display()))
+                    }
                     (Op::Rename { new_parent, new_name, .. }, Some((parent, name))) => {
                         let or_unknown = |p: Option<String>| p.unwrap_or_else(|| "?".into());
                         Some(format!(

@@ -346,7 +346,9 @@ impl Replica {
             Some(i) if i == w.incarnation => {}
             Some(_) => {
                 tracing::warn!("the volume has a new incarnation (its server state was replaced): resyncing the cache");
-                self.cache.change(&[Edit::Seq(0), Edit::Meta("synced".into(), 0)])?;
+                // (the resync keeps what this replica holds that the new
+                // incarnation lacks: see rollback.rs)
+                self.cache.change(&[Edit::Seq(0), Edit::Meta("synced".into(), 0), Edit::Meta("rollback".into(), 1)])?;
                 self.applied.send_replace(0);
                 self.cache.set_meta128("incarnation", w.incarnation)?;
             }
@@ -364,6 +366,13 @@ impl Replica {
             return Ok(());
         }
         let (entries, seq) = self.client.snapshot().await?;
+        if self.cache.meta("rollback")? == 1 {
+            let kept = self.keep_what_the_restored_server_lacks(&entries)?;
+            if kept > 0 {
+                tracing::warn!("{kept} file versions the restored server lacks are kept as parked changes");
+            }
+            self.cache.local(&[Edit::Meta("rollback".into(), 0)])?;
+        }
         let mut p = Progress { objects: entries.len() as u64, ..Progress::default() };
         // (an earlier initial sync may have been cut short: start clean)
         let present: std::collections::HashSet<ObjectId> = entries.iter().map(|e| e.attr.id).collect();

@@ -15,6 +15,7 @@ mod passthrough;
 mod posix;
 mod replay;
 mod retention;
+mod rollback;
 mod security;
 mod setgid;
 mod sigkill;
