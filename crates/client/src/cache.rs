@@ -428,17 +428,10 @@ impl Cache {
     }
 
     /// Objects a killed daemon had open for writing beside passthrough
-    /// readers (found by [`Cache::replay_log`]), forgotten once taken.
-    pub fn take_writers(&self) -> Result<Vec<ObjectId>, CacheError> {
-        let mut ov = self.ov_mut();
-        let ids: Vec<(ObjectId, u32)> = ov.writers.iter().map(|(id, n)| (*id, *n)).collect();
-        for (id, n) in &ids {
-            for _ in 0..*n {
-                self.append(&mut ov, &LogRec::WriterClosed(*id))?;
-            }
-        }
-        ov.writers.clear();
-        Ok(ids.into_iter().map(|(id, _)| id).collect())
+    /// readers (found by [`Cache::replay_log`]), with their count of such
+    /// opens; each is dropped by a [`Cache::log_writer`] release.
+    pub fn open_writers(&self) -> Vec<(ObjectId, u32)> {
+        self.ov().writers.iter().map(|(id, n)| (*id, *n)).collect()
     }
 
     /// Bytes written to a data file (the write itself is in the file).

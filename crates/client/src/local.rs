@@ -61,7 +61,11 @@ impl Replica {
         let entries = self.cache.cml()?;
         let g = lock(&self.apply);
         let mut c = lock(&self.cml);
-        c.next_lsn = self.client.next_cseq().max(entries.last().map(|(l, _)| l + 1).unwrap_or(0)).max(1);
+        // (after every queued and every parked entry: a parked one's key
+        // is never reused)
+        let parked_next = self.cache.parked()?.last().map(|(l, _)| l + 1).unwrap_or(0);
+        c.next_lsn =
+            self.client.next_cseq().max(entries.last().map(|(l, _)| l + 1).unwrap_or(0)).max(parked_next).max(1);
         // (counted as sent: any of them may have reached the server before
         // the restart, so none may be cancelled or joined any more; the
         // sender sends them all again in order, the server's reply cache
@@ -87,9 +91,14 @@ impl Replica {
         drop(g);
         // files a killed daemon had open beside passthrough readers: what
         // was written to them went to the data file unseen
-        for id in self.cache.take_writers()? {
+        // (each marker is dropped only once its file is taken: a kill
+        // meanwhile leaves it for the next start)
+        for (id, opens) in self.cache.open_writers() {
             if let Some(obj) = self.cache.get(id)? {
                 self.rewritten(obj.ino)?;
+            }
+            for _ in 0..opens {
+                self.cache.log_writer(id, false)?;
             }
         }
         Ok(())
@@ -131,6 +140,18 @@ impl Replica {
     /// Apply `edits` locally and queue `op` after them (if any). Every
     /// object they change gets a new ctime.
     fn commit_local(&self, c: &mut Cml, edits: Vec<Edit>, op: Option<Op>) -> R<Option<u64>> {
+        self.commit_local_at(c, edits, op, None)
+    }
+
+    /// [`Replica::commit_local`] with the op's stamp given (a change whose
+    /// local effect comes only after the server's answer).
+    fn commit_local_at(
+        &self,
+        c: &mut Cml,
+        edits: Vec<Edit>,
+        op: Option<Op>,
+        stamp: Option<Timestamp>,
+    ) -> R<Option<u64>> {
         let mut edits = with_ctime(edits, Timestamp::now());
         // (answers ride along: they need not survive a crash)
         edits.extend(c.done.drain(..).map(Edit::CmlDone));
@@ -147,7 +168,10 @@ impl Replica {
             edits = ready;
         }
         let lsn = op.map(|op| {
-            let e = self.entry(op, 0, &edits);
+            let mut e = self.entry(op, 0, &edits);
+            if stamp.is_some() {
+                e.time = stamp;
+            }
             let lsn = c.push(e.clone());
             edits.push(Edit::Cml(lsn, e));
             lsn
@@ -659,10 +683,16 @@ impl Replica {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let lsn = {
             let _g = lock(&self.apply);
+            // a data op (an append) is stamped now: its local effect comes
+            // with the answer, so the cache's mtime is still the old one
+            let stamp = match op.data_target() {
+                Some(id) => Some(self.stamp_after(self.cached(id)?.attr.mtime, self.now())),
+                None => None,
+            };
             let mut c = lock(&self.cml);
             let lsn = c.next_lsn;
             lock(&self.waiting).insert(lsn, tx);
-            if let Err(e) = self.commit_local(&mut c, Vec::new(), Some(op)) {
+            if let Err(e) = self.commit_local_at(&mut c, Vec::new(), Some(op), stamp) {
                 lock(&self.waiting).remove(&lsn);
                 return Err(e);
             }
@@ -675,12 +705,14 @@ impl Replica {
                 Answer(Result<Applied, OpError>),
                 Progress,
                 Stuck,
+                // the answer went elsewhere (the entry was settled meanwhile)
+                Gone,
             }
             let step = self.rt.block_on(async {
                 tokio::select! {
                     r = &mut rx => match r {
                         Ok(r) => Step::Answer(r),
-                        Err(_) => Step::Stuck,
+                        Err(_) => Step::Gone,
                     },
                     _ = tokio::time::sleep(NO_PROGRESS) => Step::Stuck,
                     _ = progress.changed() => Step::Progress,

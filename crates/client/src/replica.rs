@@ -99,6 +99,15 @@ impl From<OpError> for ReplicaError {
             OpError::Conflict { kind: ConflictKind::NameExists | ConflictKind::TargetAppeared, .. } => {
                 ReplicaError::Exists
             }
+            // (a caller waiting for the answer sees what a local file
+            // system would: the object or its directory is gone)
+            OpError::Conflict {
+                kind: ConflictKind::ObjectGone | ConflictKind::ParentGone | ConflictKind::NameGone,
+                ..
+            } => ReplicaError::NotFound,
+            OpError::Conflict { kind: ConflictKind::Cycle, .. } => {
+                ReplicaError::Invalid("a directory cannot move below itself".into())
+            }
             OpError::Conflict { kind, .. } => ReplicaError::Conflict(kind),
             OpError::Io(m) | OpError::Transient(m) => ReplicaError::Transient(m),
             e @ OpError::ReplyExpired(_) => ReplicaError::Transient(e.to_string()),

@@ -71,3 +71,29 @@ async fn the_mtime_a_write_stamped_stays_when_the_server_record_comes_back() {
     .await
     .expect("mtime test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_stamps_the_time_it_was_made() {
+    sweep_mounts();
+    let s = InProc::start().await;
+    let (addr, fp, tok, ex) = (s.addr.clone(), s.server.fingerprint.clone(), s.rw.clone(), s.dirs.export.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = MountProc::start(&addr, &fp, &tok);
+        let f = a.mnt.join("log");
+        std::fs::write(&f, b"line 1\n").expect("write");
+        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(978_307_200);
+        std::fs::OpenOptions::new().write(true).open(&f).and_then(|h| h.set_modified(old)).expect("utimens");
+        sync(&a.mnt);
+        let before =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(&f).and_then(|mut h| h.write_all(b"line 2\n")).expect("append");
+        let stamped = mtime(&f);
+        assert!(stamped.0 >= before, "the append is stamped now ({stamped:?}), not just after the old mtime");
+        sync(&a.mnt);
+        export_shows(&ex.join("log"), stamped, "log");
+        assert_eq!(std::fs::read(ex.join("log")).expect("read"), b"line 1\nline 2\n");
+    })
+    .await
+    .expect("append mtime test");
+}

@@ -347,7 +347,13 @@ impl Actor {
                 match rc.item(&item, content, &mut items) {
                     Ok(()) => {}
                     // gone from the metadata meanwhile (removed with its directory)
-                    Err(OpError::NotFound(_)) => {}
+                    Err(
+                        OpError::NotFound(_)
+                        | OpError::Conflict {
+                            kind: ConflictKind::ObjectGone | ConflictKind::ParentGone | ConflictKind::NameGone,
+                            ..
+                        },
+                    ) => {}
                     Err(e) => {
                         // Not journaled now: a rescan finds it (and the settled
                         // time stays where it is until then).
