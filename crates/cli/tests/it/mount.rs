@@ -71,6 +71,17 @@ fn server_away(pid: u32) {
     std::thread::sleep(Duration::from_millis(1500));
 }
 
+/// [`server_away`], then wait until the mount at `mnt` says it is not
+/// connected (on a loaded machine noticing the silence may take longer).
+fn server_away_from(pid: u32, mnt: &Path) {
+    server_away(pid);
+    let start = Instant::now();
+    while !izo_out(&["status".as_ref(), mnt.as_os_str()]).contains("not connected") {
+        assert!(start.elapsed() < Duration::from_secs(15), "the mount never noticed the server was away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
     let cn = CString::new(name).expect("name");
@@ -1181,7 +1192,7 @@ async fn set_id_bits_are_cleared_as_the_kernel_would_and_attribute_runs_join() {
 
         // tar's pattern, offline: create, write, utimens, chown, chmod
         let before = status_count(&izo_out(&["status".as_ref(), ma.as_os_str()]), "answered,");
-        server_away(pid);
+        server_away_from(pid, &ma);
         let n = 50u32;
         for i in 0..n {
             let f = ma.join(format!("t{i}"));
