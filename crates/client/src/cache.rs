@@ -24,9 +24,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Object id → [`Cached`].
-const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+pub(crate) const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 /// Inode number → object id.
 const INOS: TableDefinition<u64, &[u8]> = TableDefinition::new("inos");
 /// Parent id ‖ name → child id.
@@ -36,9 +36,9 @@ const ORPHANS: TableDefinition<&[u8], ()> = TableDefinition::new("orphans");
 /// Directory id → its parent's id (for the rename cycle check).
 const PARENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parents");
 /// Client modification log: client seq → [`CmlEntry`] not yet answered.
-const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
+pub(crate) const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
 /// Ops the server refused for good: client seq → [`Parked`].
-const PARKED: TableDefinition<u64, &[u8]> = TableDefinition::new("parked");
+pub(crate) const PARKED: TableDefinition<u64, &[u8]> = TableDefinition::new("parked");
 
 /// One op of the client modification log. Writes are stored as a range
 /// (`len`) whose bytes are read from the data file when sent; bases are

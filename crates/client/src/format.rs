@@ -13,7 +13,7 @@
 // redb's error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
-use crate::cache::{CacheError, Cached, CmlEntry, Edit, LogRec, Parked};
+use crate::cache::{CacheError, Cached, CmlEntry, Edit, LogRec, Parked, CML, META, OBJECTS, PARKED};
 use izo_proto::{ObjectId, Seq};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -24,11 +24,6 @@ pub const CACHE_FORMAT: u64 = 2;
 
 /// The first bytes of a log file of format 2.
 pub(crate) const LOG_MAGIC: &[u8; 8] = b"izolog2\n";
-
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
-const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
-const PARKED: TableDefinition<u64, &[u8]> = TableDefinition::new("parked");
 
 /// The cache's types as format 1 stored them. Frozen.
 pub mod v1 {
@@ -249,6 +244,24 @@ fn upgrade_log(path: &Path) -> Result<(), CacheError> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Re-encode every row of a table keyed by client seq from `Old` to `New`.
+fn reencode<Old, New>(tx: &redb::WriteTransaction, def: TableDefinition<u64, &[u8]>) -> Result<(), redb::Error>
+where
+    Old: for<'a> Deserialize<'a>,
+    New: From<Old> + Serialize,
+{
+    let mut t = tx.open_table(def)?;
+    let rows: Vec<(u64, Vec<u8>)> =
+        t.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
+    for (k, v) in rows {
+        if let Ok(old) = postcard::from_bytes::<Old>(&v) {
+            let new: New = old.into();
+            t.insert(k, postcard::to_allocvec(&new).expect("a row always encodes").as_slice())?;
+        }
+    }
+    Ok(())
+}
+
 /// Re-encode every object, CML entry and parked op, and record the format,
 /// in one commit.
 fn upgrade_rows(db: &Database, db_path: &Path) -> Result<(), CacheError> {
@@ -264,24 +277,8 @@ fn upgrade_rows(db: &Database, db_path: &Path) -> Result<(), CacheError> {
                 objs.insert(k.as_slice(), postcard::to_allocvec(&c).expect("a row always encodes").as_slice())?;
             }
         }
-        let mut cml = tx.open_table(CML)?;
-        let rows: Vec<(u64, Vec<u8>)> =
-            cml.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
-        for (k, v) in rows {
-            if let Ok(old) = postcard::from_bytes::<v1::CmlEntry>(&v) {
-                let e: CmlEntry = old.into();
-                cml.insert(k, postcard::to_allocvec(&e).expect("a row always encodes").as_slice())?;
-            }
-        }
-        let mut parked = tx.open_table(PARKED)?;
-        let rows: Vec<(u64, Vec<u8>)> =
-            parked.iter()?.map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?;
-        for (k, v) in rows {
-            if let Ok(old) = postcard::from_bytes::<v1::Parked>(&v) {
-                let p: Parked = old.into();
-                parked.insert(k, postcard::to_allocvec(&p).expect("a row always encodes").as_slice())?;
-            }
-        }
+        reencode::<v1::CmlEntry, CmlEntry>(&tx, CML)?;
+        reencode::<v1::Parked, Parked>(&tx, PARKED)?;
         tx.open_table(META)?.insert("format", CACHE_FORMAT)?;
         Ok(())
     })();

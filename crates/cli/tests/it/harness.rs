@@ -277,6 +277,18 @@ impl Raw {
         replica: ReplicaId,
         last_acked: u64,
     ) -> (Raw, ServerMsg) {
+        Self::hello_claiming(addr, fingerprint, token, replica, last_acked, 0).await
+    }
+
+    /// A handshake claiming replies through `last_acked` under `incarnation`.
+    pub async fn hello_claiming(
+        addr: &str,
+        fingerprint: &str,
+        token: &str,
+        replica: ReplicaId,
+        last_acked: u64,
+        incarnation: u128,
+    ) -> (Raw, ServerMsg) {
         let mut r = Raw::connect(addr, fingerprint).await;
         let h = Hello {
             version: PROTOCOL_VERSION,
@@ -287,7 +299,7 @@ impl Raw {
             users: vec![],
             groups: vec![],
             min_version: MIN_PROTOCOL_VERSION,
-            incarnation: 0,
+            incarnation,
         };
         r.send(&ClientMsg::Hello(h)).await;
         let w = r.recv().await.expect("welcome");
@@ -616,4 +628,30 @@ impl Drop for MountProc {
             self.stop();
         }
     }
+}
+
+/// `izo sync` on a mount; it must succeed.
+pub fn izo_sync(mnt: &Path) {
+    izo_out(&["sync".as_ref(), mnt.as_os_str()]);
+}
+
+/// Run `check` until it passes, for at most 15 s (the server applies to its
+/// export right after it answers); its last failure is the test's.
+pub fn eventually(check: impl Fn() + std::panic::RefUnwindSafe) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match std::panic::catch_unwind(&check) {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Stop the server process (SIGSTOP) and wait until its clients have
+/// noticed the silence (750 ms) and count as disconnected.
+pub fn server_away(pid: u32) {
+    // SAFETY: plain syscall on a child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1500));
 }

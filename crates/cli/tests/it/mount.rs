@@ -63,14 +63,6 @@ fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Stop the server process (SIGSTOP) and wait until its clients have
-/// noticed the silence (750 ms) and count as disconnected.
-fn server_away(pid: u32) {
-    // SAFETY: plain syscall on a child's pid.
-    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(1500));
-}
-
 /// [`server_away`], then wait until the mount at `mnt` says it is not
 /// connected (on a loaded machine noticing the silence may take longer).
 fn server_away_from(pid: u32, mnt: &Path) {

@@ -12,11 +12,6 @@ fn mtime(p: &Path) -> (i64, i64) {
     (m.mtime(), m.mtime_nsec())
 }
 
-fn sync(mnt: &Path) {
-    let out = std::process::Command::new(izo_bin()).arg("sync").arg(mnt).output().expect("izo sync");
-    assert!(out.status.success(), "izo sync: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Wait until `p` shows `want` (the server applies after it answers).
 fn export_shows(p: &Path, want: (i64, i64), what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -44,7 +39,7 @@ async fn the_mtime_a_write_stamped_stays_when_the_server_record_comes_back() {
             std::fs::OpenOptions::new().append(true).open(&f).expect("open").set_len(3).expect("truncate");
             let truncated = mtime(&f);
             assert!(truncated >= stamped, "an implicit mtime never goes backwards");
-            sync(&a.mnt);
+            izo_sync(&a.mnt);
             std::thread::sleep(Duration::from_millis(100));
             assert_eq!(mtime(&f), truncated, "f{i} on the writing replica after the record came back");
             assert!(mtime(&a.mnt.join("d")) >= dir_stamped, "d after the record came back");
@@ -65,7 +60,7 @@ async fn the_mtime_a_write_stamped_stays_when_the_server_record_comes_back() {
         std::fs::OpenOptions::new().append(true).open(&f).expect("open").set_len(0).expect("truncate");
         let after = mtime(&f);
         assert_eq!(after, (4_000_000_000, 1), "one nanosecond after the future mtime");
-        sync(&a.mnt);
+        izo_sync(&a.mnt);
         export_shows(&ex.join("future"), after, "future");
     })
     .await
@@ -83,14 +78,14 @@ async fn an_append_stamps_the_time_it_was_made() {
         std::fs::write(&f, b"line 1\n").expect("write");
         let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(978_307_200);
         std::fs::OpenOptions::new().write(true).open(&f).and_then(|h| h.set_modified(old)).expect("utimens");
-        sync(&a.mnt);
+        izo_sync(&a.mnt);
         let before =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
         use std::io::Write;
         std::fs::OpenOptions::new().append(true).open(&f).and_then(|mut h| h.write_all(b"line 2\n")).expect("append");
         let stamped = mtime(&f);
         assert!(stamped.0 >= before, "the append is stamped now ({stamped:?}), not just after the old mtime");
-        sync(&a.mnt);
+        izo_sync(&a.mnt);
         export_shows(&ex.join("log"), stamped, "log");
         assert_eq!(std::fs::read(ex.join("log")).expect("read"), b"line 1\nline 2\n");
     })

@@ -338,20 +338,7 @@ async fn a_replica_id_cannot_be_used_by_another_token() {
 
 /// A Hello claiming replies through `last_acked` under `incarnation`.
 async fn hello_claiming(s: &InProc, token: &str, replica: ReplicaId, last_acked: u64, incarnation: u128) -> ServerMsg {
-    let mut r = Raw::connect(&s.addr, &s.server.fingerprint).await;
-    let h = Hello {
-        version: PROTOCOL_VERSION,
-        volume: "vol".into(),
-        token: token.into(),
-        replica,
-        last_acked,
-        users: vec![],
-        groups: vec![],
-        min_version: MIN_PROTOCOL_VERSION,
-        incarnation,
-    };
-    r.send(&ClientMsg::Hello(h)).await;
-    r.recv().await.expect("an answer to the Hello")
+    Raw::hello_claiming(&s.addr, &s.server.fingerprint, token, replica, last_acked, incarnation).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

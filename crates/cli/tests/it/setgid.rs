@@ -6,7 +6,6 @@
 use crate::harness::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::Duration;
 
 fn check(root: &Path, what: &str) {
     let md = |n: &str| std::fs::symlink_metadata(root.join(n)).unwrap_or_else(|e| panic!("{what}: {n}: {e}"));
@@ -36,16 +35,8 @@ async fn a_setgid_directory_passes_its_group_on_even_on_an_untrusted_volume() {
         std::fs::create_dir(m.mnt.join("plain")).expect("mkdir");
         std::fs::write(m.mnt.join("plain/file"), b"y").expect("create");
         check(&m.mnt, "the mount");
-        let out = std::process::Command::new(izo_bin()).arg("sync").arg(&m.mnt).output().expect("izo sync");
-        assert!(out.status.success(), "izo sync: {}", String::from_utf8_lossy(&out.stderr));
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            match std::panic::catch_unwind(|| check(&ex, "the export")) {
-                Ok(()) => break,
-                Err(e) if std::time::Instant::now() > deadline => std::panic::resume_unwind(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        izo_sync(&m.mnt);
+        eventually(|| check(&ex, "the export"));
     })
     .await
     .expect("setgid test");

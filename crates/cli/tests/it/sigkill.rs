@@ -9,7 +9,6 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::Duration;
 
 /// 2001-01-01T00:00:00Z, what `touch -d 2001-01-01` sets (in UTC).
 const Y2001: i64 = 978_307_200;
@@ -102,11 +101,6 @@ fn seed(export: &Path) {
     std::fs::write(export.join("beside-reader"), b"oldold content").expect("seed");
 }
 
-fn sync(mnt: &Path) {
-    let out = std::process::Command::new(izo_bin()).arg("sync").arg(mnt).output().expect("izo sync");
-    assert!(out.status.success(), "izo sync: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 async fn killed_and_remounted(server_away_at_kill: bool) {
     sweep_mounts();
     let dirs = Dirs::new();
@@ -119,32 +113,22 @@ async fn killed_and_remounted(server_away_at_kill: bool) {
         let mut m = MountProc::start(&addr, &fp, &tok);
         let mnt = m.mnt.clone();
         if server_away_at_kill {
-            // SAFETY: plain syscall on a child's pid.
-            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-            std::thread::sleep(Duration::from_millis(1500));
+            server_away(pid);
         }
         let open = change_everything(&mnt, !server_away_at_kill);
         m.kill();
         drop(open);
         if server_away_at_kill {
-            // SAFETY: as above.
+            // SAFETY: plain syscall on a child's pid.
             unsafe { libc::kill(pid as i32, libc::SIGCONT) };
         }
         let cache = m.cache.clone();
         let m = MountProc::start_at(&addr, &fp, &tok, &mnt, &cache);
         check_everything(&m.mnt, "the remounted replica", !server_away_at_kill);
-        sync(&m.mnt);
+        izo_sync(&m.mnt);
         check_everything(&m.mnt, "the replica after izo sync", !server_away_at_kill);
-        // the server applies to its export right after it answers
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let r = std::panic::catch_unwind(|| check_everything(&ex, "the export", !server_away_at_kill));
-            match r {
-                Ok(()) => break,
-                Err(e) if std::time::Instant::now() > deadline => std::panic::resume_unwind(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        // (the server applies to its export right after it answers)
+        eventually(|| check_everything(&ex, "the export", !server_away_at_kill));
         drop(s);
     })
     .await
