@@ -327,6 +327,9 @@ impl Replica {
             open: Mutex::new(Default::default()),
         });
         r.recover_cml()?;
+        // (the log replay may have moved the stream position past what the
+        // database held: waiters on it must see where the cache is now)
+        r.applied.send_replace(r.cache.seq()?);
         Ok(r)
     }
 

@@ -144,3 +144,33 @@ async fn every_returned_change_survives_a_sigkill_of_the_client_while_connected(
 async fn every_returned_change_survives_a_sigkill_of_the_client_while_the_server_is_away() {
     killed_and_remounted(true).await;
 }
+
+/// Found by trying it: after a kill that came once the changes' records
+/// were applied here (but not yet folded), the remounted replica's stream
+/// position was the database's, not the replayed log's, so `izo sync`
+/// waited for records it already had until some later record came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn izo_sync_right_after_a_remount_knows_the_replayed_stream_position() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let s = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let (addr, fp) = (s.addr.clone(), s.fingerprint.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut m = MountProc::start(&addr, &fp, &tok);
+        let mnt = m.mnt.clone();
+        std::fs::write(mnt.join("f"), b"data").expect("write");
+        set_times(&mnt.join("f"), Y2001);
+        // the records of those changes are applied here, in the log only
+        izo_sync(&mnt);
+        m.kill();
+        let cache = m.cache.clone();
+        let m = MountProc::start_at(&addr, &fp, &tok, &mnt, &cache);
+        let t = std::time::Instant::now();
+        izo_sync(&m.mnt);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "izo sync took {:?}", t.elapsed());
+        drop(s);
+    })
+    .await
+    .expect("remount sync test");
+}
