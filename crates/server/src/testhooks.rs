@@ -28,6 +28,10 @@ pub struct TestHooks {
     /// this probability (a crash test's random moments include the window
     /// between the ack point and the reply).
     pub kill_after_commit: u32,
+    /// `IZO_TEST_KILL_ONCE_AFTER_COMMIT=<path>`: die right after the first
+    /// commit that finds this file missing, creating it first, so exactly one
+    /// process of a restarted series dies there (a control that cannot miss).
+    pub kill_once_after_commit: Option<std::path::PathBuf>,
     /// `IZO_TEST_CAPTURE_STALL=<path>`: the capture reader reads nothing
     /// until this file exists, so a burst of changes overflows the kernel queue.
     pub capture_stall: Option<std::path::PathBuf>,
@@ -58,6 +62,7 @@ impl TestHooks {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            kill_once_after_commit: std::env::var_os("IZO_TEST_KILL_ONCE_AFTER_COMMIT").map(Into::into),
             capture_stall: std::env::var_os("IZO_TEST_CAPTURE_STALL").map(Into::into),
             apply_pause_ms: std::env::var("IZO_TEST_APPLY_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         }
@@ -72,6 +77,12 @@ impl TestHooks {
 
     /// Die with the configured probability right after a commit.
     pub fn maybe_kill_after_commit(&self) {
+        if let Some(marker) = &self.kill_once_after_commit {
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok() {
+                eprintln!("izo: test hook crash (once, after commit)");
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        }
         if self.kill_after_commit == 0 {
             return;
         }

@@ -336,7 +336,18 @@ async fn data_records_since_the_checkpoint_are_redone_idempotently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_reply_cache_the_crash_test_fails() {
-    let env = [("IZO_TEST_NO_REPLY_CACHE", "1"), ("IZO_TEST_KILL_AFTER_COMMIT", "30")];
+    // The first server process dies right after its first commit, before its
+    // replies leave, so that batch is always resent: the control cannot miss
+    // (random kills alone could, on a machine fast enough to commit the whole
+    // stream in a few large batches between them).
+    let marker = tempfile::tempdir().expect("temp dir");
+    let once = marker.path().join("killed");
+    let once = once.to_str().expect("utf-8 temp path");
+    let env = [
+        ("IZO_TEST_NO_REPLY_CACHE", "1"),
+        ("IZO_TEST_KILL_AFTER_COMMIT", "30"),
+        ("IZO_TEST_KILL_ONCE_AFTER_COMMIT", once),
+    ];
     let r = run_crash(1000, 5, seed(), &env).await;
     assert!(r.is_err(), "resent ops applied twice must be detected");
     eprintln!("detected as expected: {}", r.err().unwrap_or_default());
