@@ -354,9 +354,7 @@ impl Cache {
                             }
                             self.apply(&mut ov, &edits)?;
                         }
-                        Ok(LogRec::Dirty(id, off, len)) => {
-                            crate::cml::add_range(ov.dirty.entry(id).or_default(), off, len)
-                        }
+                        Ok(LogRec::Dirty(id, off, len)) => add_range(ov.dirty.entry(id).or_default(), off, len),
                         Ok(LogRec::WriterOpen(id)) => *ov.writers.entry(id).or_default() += 1,
                         Ok(LogRec::WriterClosed(id)) => writer_closed(&mut ov.writers, id),
                         Err(_) => break,
@@ -438,7 +436,7 @@ impl Cache {
     pub fn log_dirty(&self, id: ObjectId, offset: u64, len: u64) -> Result<(), CacheError> {
         let mut ov = self.ov_mut();
         self.append(&mut ov, &LogRec::Dirty(id, offset, len))?;
-        crate::cml::add_range(ov.dirty.entry(id).or_default(), offset, len);
+        add_range(ov.dirty.entry(id).or_default(), offset, len);
         Ok(())
     }
 
@@ -1036,4 +1034,76 @@ pub fn with_ctime(mut edits: Vec<Edit>, time: Timestamp) -> Vec<Edit> {
 /// Whether an object kind has a data file.
 pub fn has_data(kind: FileKind) -> bool {
     kind == FileKind::File
+}
+
+/// Add `offset..offset+len` to a sorted set of disjoint ranges, merging
+/// what overlaps or touches.
+pub(crate) fn add_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let (mut lo, mut hi) = (offset, offset + len);
+    let mut out = Vec::with_capacity(v.len() + 1);
+    let mut placed = false;
+    for &(o, l) in v.iter() {
+        let (a, b) = (o, o + l);
+        if b < lo {
+            out.push((a, b - a));
+        } else if a > hi {
+            if !placed {
+                out.push((lo, hi - lo));
+                placed = true;
+            }
+            out.push((a, b - a));
+        } else {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    if !placed {
+        out.push((lo, hi - lo));
+    }
+    *v = out;
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    /// The range set against a byte map, on random inserts.
+    #[test]
+    fn ranges_match_a_bitmap() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut v = Vec::new();
+            let mut bits = [false; 300];
+            for _ in 0..rnd(20) {
+                let (o, l) = (rnd(250), rnd(40));
+                add_range(&mut v, o, l);
+                for b in bits.iter_mut().skip(o as usize).take(l as usize) {
+                    *b = true;
+                }
+            }
+            let mut want = Vec::new();
+            let mut i = 0;
+            while i < bits.len() {
+                if bits[i] {
+                    let s = i;
+                    while i < bits.len() && bits[i] {
+                        i += 1;
+                    }
+                    want.push((s as u64, (i - s) as u64));
+                } else {
+                    i += 1;
+                }
+            }
+            assert_eq!(v, want);
+        }
+    }
 }

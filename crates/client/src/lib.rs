@@ -4,9 +4,10 @@
 //! as it grows; it must never know fuser types.
 
 pub mod cache;
-mod cml;
 pub mod config;
 mod conn;
+pub mod engine;
+pub mod error;
 pub mod format;
 mod local;
 mod query;

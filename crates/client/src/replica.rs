@@ -9,7 +9,7 @@
 //! would overwrite a local change the server has not seen yet.
 
 use crate::cache::{Cache, CacheError, Cached, Edit, ROOT_INO};
-use crate::cml::Cml;
+use crate::engine::{Data, Engine, Need, Planned, Refresh};
 use crate::{Client, ClientError, FileSegment, Segment, StreamEvent};
 use izo_proto::*;
 use std::collections::HashMap;
@@ -18,102 +18,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-/// Errors of replica operations. Each variant is one outcome; the mount
-/// picks the errno from the variant alone (`izo_fuse::errno`).
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
-    /// No such inode or name.
-    #[error("not found")]
-    NotFound,
-    /// The name exists.
-    #[error("exists")]
-    Exists,
-    /// Not a directory.
-    #[error("not a directory")]
-    NotDir,
-    /// Is a directory.
-    #[error("is a directory")]
-    IsDir,
-    /// The operation is not permitted on this object.
-    #[error("operation not permitted")]
-    NotPermitted,
-    /// Directory not empty.
-    #[error("directory not empty")]
-    NotEmpty,
-    /// A name longer than 255 bytes.
-    #[error("name longer than 255 bytes")]
-    NameTooLong,
-    /// A size past the largest file the volume holds.
-    #[error("file too big (the volume holds files up to {0} bytes)")]
-    FileTooBig(u64),
-    /// No room (the server's export, or an inode's xattr room).
-    #[error("no space: {0}")]
-    NoSpace(String),
-    /// Malformed request.
-    #[error("invalid: {0}")]
-    Invalid(String),
-    /// Not allowed.
-    #[error("denied: {0}")]
-    Denied(String),
-    /// The volume is read-only.
-    #[error("read-only volume: {0}")]
-    ReadOnly(String),
-    /// Someone else changed the object first.
-    #[error("conflict: {0}")]
-    Conflict(ConflictKind),
-    /// Not connected to the server (an op that needs it fails at once).
-    #[error("not connected to the server")]
-    NotConnected,
-    /// The server did not answer in time or the connection broke meanwhile.
-    #[error("server unreachable: {0}")]
-    Unreachable(String),
-    /// Not supported by this file system.
-    #[error("not supported")]
-    Unsupported,
-    /// No data (or hole) at or after the offset (SEEK_DATA/SEEK_HOLE).
-    #[error("no data past the offset")]
-    NoData,
-    /// The server could not do it now (I/O, an object that keeps changing).
-    #[error("transient: {0}")]
-    Transient(String),
-    /// The cache failed.
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-}
-
-impl From<OpError> for ReplicaError {
-    fn from(e: OpError) -> Self {
-        match e {
-            OpError::NotFound(_) => ReplicaError::NotFound,
-            OpError::NotDir(_) => ReplicaError::NotDir,
-            OpError::IsDir(_) => ReplicaError::IsDir,
-            OpError::NotEmpty => ReplicaError::NotEmpty,
-            OpError::NameTooLong => ReplicaError::NameTooLong,
-            OpError::FileTooBig { max } => ReplicaError::FileTooBig(max),
-            OpError::NoSpace(m) | OpError::XattrRoom(m) => ReplicaError::NoSpace(m),
-            OpError::NotPermitted(_) => ReplicaError::NotPermitted,
-            OpError::Unsupported(_) => ReplicaError::Unsupported,
-            OpError::BadName(m) | OpError::Invalid(m) => ReplicaError::Invalid(m),
-            OpError::Denied(m) => ReplicaError::Denied(m),
-            OpError::ReadOnly(m) => ReplicaError::ReadOnly(m),
-            OpError::Conflict { kind: ConflictKind::NameExists | ConflictKind::TargetAppeared, .. } => {
-                ReplicaError::Exists
-            }
-            // (a caller waiting for the answer sees what a local file
-            // system would: the object or its directory is gone)
-            OpError::Conflict {
-                kind: ConflictKind::ObjectGone | ConflictKind::ParentGone | ConflictKind::NameGone,
-                ..
-            } => ReplicaError::NotFound,
-            OpError::Conflict { kind: ConflictKind::Cycle, .. } => {
-                ReplicaError::Invalid("a directory cannot move below itself".into())
-            }
-            OpError::Conflict { kind, .. } => ReplicaError::Conflict(kind),
-            OpError::Io(m) | OpError::Transient(m) => ReplicaError::Transient(m),
-            e @ OpError::ReplyExpired(_) => ReplicaError::Transient(e.to_string()),
-        }
-    }
-}
+pub use crate::engine::{visible_change, Inval};
+pub use crate::error::ReplicaError;
 
 impl From<ClientError> for ReplicaError {
     fn from(e: ClientError) -> Self {
@@ -126,17 +32,6 @@ impl From<ClientError> for ReplicaError {
 }
 
 type R<T> = Result<T, ReplicaError>;
-
-/// A kernel cache entry to drop after a remote change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Inval {
-    /// An inode's attributes and data.
-    Inode(u64),
-    /// A name in a directory (by the directory's inode).
-    Entry(u64, Vec<u8>),
-    /// An inode's attributes only (its cached pages stay).
-    Attr(u64),
-}
 
 /// Requests the mount served, by kind (for `izo status` and the tests
 /// that prove a fast path: a passthrough read never reaches the daemon).
@@ -207,12 +102,6 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// Most records applied to the cache in one transaction.
 const BATCH: usize = 256;
 
-/// What one record changes in the cache, and the kernel caches to drop.
-struct Prepared {
-    edits: Vec<Edit>,
-    inval: Vec<Inval>,
-}
-
 /// A replica: cache + connection.
 pub struct Replica {
     /// The connection.
@@ -220,10 +109,12 @@ pub struct Replica {
     /// The cache.
     pub cache: Cache,
     pub(crate) rt: tokio::runtime::Handle,
-    /// Serialises changes to the cache (taken before `cml`).
+    /// Serialises changes to the cache (taken before `engine`).
     pub(crate) apply: Mutex<()>,
-    /// The client modification log.
-    pub(crate) cml: Mutex<Cml>,
+    /// The replica's decisions (and its modification log).
+    pub(crate) engine: Mutex<Engine>,
+    /// Where the engine's monotonic time starts.
+    pub(crate) started: std::time::Instant,
     /// Wakes the sender.
     pub(crate) cml_wake: tokio::sync::Notify,
     /// Bumped whenever an entry is answered.
@@ -246,12 +137,6 @@ pub struct Replica {
     fetched: std::sync::atomic::AtomicU64,
     /// Open file handles per inode: an orphan is dropped at its last close.
     open: Mutex<std::collections::HashMap<u64, u32>>,
-}
-
-/// Do two attribute sets differ in what `stat` shows?
-pub(crate) fn visible_change(a: &Attr, b: &Attr) -> bool {
-    (a.mode, a.uid, a.gid, a.size, a.mtime, a.atime, a.nlink)
-        != (b.mode, b.uid, b.gid, b.size, b.mtime, b.atime, b.nlink)
 }
 
 /// Run `f` until it succeeds, backing off from `pause` to 5 s between tries.
@@ -313,7 +198,8 @@ impl Replica {
             cache,
             rt,
             apply: Mutex::new(()),
-            cml: Mutex::new(Cml::default()),
+            engine: Mutex::new(Engine::new(seq, Default::default())),
+            started: std::time::Instant::now(),
             cml_wake: tokio::sync::Notify::new(),
             cml_answered: tokio::sync::watch::Sender::new(0),
             waiting: Mutex::new(Default::default()),
@@ -329,13 +215,19 @@ impl Replica {
         r.recover_cml()?;
         // (the log replay may have moved the stream position past what the
         // database held: waiters on it must see where the cache is now)
-        r.applied.send_replace(r.cache.seq()?);
+        r.set_applied(r.cache.seq()?);
         Ok(r)
     }
 
     /// Where kernel invalidations go (one notifier thread drains it).
     pub fn set_invalidator(&self, tx: mpsc::Sender<Inval>) {
         *self.inval.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// The stream position the cache holds now (the engine's too).
+    pub(crate) fn set_applied(&self, seq: Seq) {
+        self.engine().set_applied(seq);
+        self.applied.send_replace(seq);
     }
 
     pub(crate) fn invalidate(&self, what: Vec<Inval>) {
@@ -361,7 +253,7 @@ impl Replica {
                 // (the resync keeps what this replica holds that the new
                 // incarnation lacks: see rollback.rs)
                 self.cache.change(&[Edit::Seq(0), Edit::Meta("synced".into(), 0), Edit::Meta("rollback".into(), 1)])?;
-                self.applied.send_replace(0);
+                self.set_applied(0);
                 self.cache.set_meta128("incarnation", w.incarnation)?;
             }
             None => self.cache.set_meta128("incarnation", w.incarnation)?,
@@ -456,7 +348,7 @@ impl Replica {
             progress(&p);
         }
         self.cache.change(&[Edit::Seq(seq), Edit::Meta("synced".into(), 1)])?;
-        self.applied.send_replace(seq);
+        self.set_applied(seq);
         Ok(())
     }
 
@@ -641,11 +533,7 @@ impl Replica {
     /// from a snapshot (the refused op is parked, not lost); attributes a
     /// log replay set are asked for again.
     async fn housekeep(&self) {
-        let (redo, refresh) = {
-            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-            let settled = c.q.is_empty() && c.dirty.is_empty();
-            (c.resync && settled, std::mem::take(&mut c.refresh))
-        };
+        let (redo, refresh) = self.engine().housekeep();
         if !refresh.is_empty() {
             self.refresh(refresh).await;
         }
@@ -661,7 +549,7 @@ impl Replica {
         for (id, all) in ids {
             if let Err(e) = self.refresh_one(id, all).await {
                 tracing::warn!("refreshing {id} from the server: {e}; trying again later");
-                self.cml.lock().unwrap_or_else(|p| p.into_inner()).refresh.push((id, all));
+                self.engine().refresh_again(id, all);
             }
         }
     }
@@ -687,20 +575,8 @@ impl Replica {
         };
         let segs = if all && a.kind == FileKind::File { self.fetch_mem(id, 0, a.size).await? } else { None };
         let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-        let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-        if c.busy(id) {
-            if all {
-                c.stale.insert(id);
-            } else {
-                c.refresh.push((id, false));
-            }
-            return Ok(());
-        }
-        let cur = self.cache.get(id)?;
-        let fresh =
-            cur.is_some_and(|c| a.versions.data >= c.attr.versions.data && a.versions.meta >= c.attr.versions.meta);
-        if !fresh {
-            return Ok(()); // the stream already brought newer
+        if self.engine().refresh_answer(&self.cache, id, all, &a)? == Refresh::Skip {
+            return Ok(()); // busy again (later), or the stream already brought newer
         }
         if let Some(segs) = segs {
             self.put_segments(id, &segs)?;
@@ -721,9 +597,8 @@ impl Replica {
     pub async fn resync(&self) -> R<()> {
         // everything sent must be answered (an answered op is in the
         // snapshot, its echo or not); nothing may be waiting to be sent
-        let settled = |c: &Cml| c.q.is_empty() && c.dirty.is_empty();
         let mut waited = std::time::Instant::now();
-        while !settled(&self.cml.lock().unwrap_or_else(|p| p.into_inner())) {
+        while !self.engine().settled() {
             if waited.elapsed() > Duration::from_secs(10) {
                 tracing::warn!("the resync waits for local changes to reach the server");
                 waited = std::time::Instant::now();
@@ -742,7 +617,7 @@ impl Replica {
         }
         let mut inval = Vec::new();
         for id in self.cache.ids()? {
-            if let Some(i) = self.ino(id)? {
+            if let Some(i) = self.cache.get(id)?.map(|c| c.ino) {
                 inval.push(Inval::Inode(i));
             }
             if !keep.contains(&id) {
@@ -766,19 +641,13 @@ impl Replica {
         edits.push(Edit::Seq(seq));
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-            if !settled(&c) {
+            let mut e = self.engine();
+            if !e.settled() {
                 return Err(ReplicaError::Transient("local changes were made during the resync".into()));
             }
             self.cache.change(&edits)?;
-            c.resync = false;
             // answered before the snapshot: their echoes are in it
-            c.acked_at.clear();
-            c.pending.clear();
-            c.objs_of.clear();
-            c.stash.clear();
-            c.ready.clear();
-            c.stale.clear();
+            e.resynced(seq);
         }
         self.applied.send_replace(seq);
         self.invalidate(inval);
@@ -815,240 +684,56 @@ impl Replica {
         Ok(())
     }
 
-    fn newer(&self, attr: &Attr) -> R<bool> {
-        Ok(match self.cache.get(attr.id)? {
-            Some(c) => attr.versions.data >= c.attr.versions.data && attr.versions.meta >= c.attr.versions.meta,
-            None => true,
-        })
-    }
-
-    fn ino(&self, id: ObjectId) -> R<Option<u64>> {
-        Ok(self.cache.get(id)?.map(|c| c.ino))
-    }
-
-    /// What one record of the stream changes in the cache. Data effects
-    /// happen here (into data files); namespace and attribute edits are
-    /// filtered against local changes when committed ([`Replica::filter`]).
-    /// An own record's effects are already in the cache.
-    async fn prepare(&self, r: &Record, own: bool) -> R<Prepared> {
-        tracing::debug!("apply seq {} own {own}: {:?}", r.seq, r.op);
-        let mut edits = Vec::new();
-        let mut inval = Vec::new();
-        let mut refresh = Vec::new(); // directories whose attributes changed
-                                      // a data effect of someone else's record lands only on an object
-                                      // without local changes, checked with local changes held off
-        let land = |id: ObjectId, f: &dyn Fn() -> R<()>| -> R<()> {
-            if own {
-                return Ok(());
-            }
+    /// What one record of the stream changes in the cache, as the engine
+    /// plans it ([`Engine::plan_record`]), with its data effects landed on
+    /// idle objects and its questions answered by the server.
+    async fn prepare(&self, r: &Record, own: Option<u64>) -> R<Planned> {
+        tracing::debug!("apply seq {} own {}: {:?}", r.seq, own.is_some(), r.op);
+        let mut p = Engine::plan_record(&self.cache, r, own)?;
+        for d in std::mem::take(&mut p.data) {
+            // (elided bytes come from the server before anything is held)
+            let segs = match &d {
+                Data::Fetch { id, offset, len } => match self.fetch_mem(*id, *offset, *len).await? {
+                    Some(segs) => Some(segs),
+                    None => continue, // gone or changed meanwhile
+                },
+                _ => None,
+            };
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-            {
-                let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-                if c.busy(id) {
-                    c.stale.insert(id);
-                    return Ok(());
-                }
-            }
-            f()
-        };
-        match &r.op {
-            Op::Create { parent, name, id, .. }
-            | Op::Mkdir { parent, name, id, .. }
-            | Op::Symlink { parent, name, id, .. }
-            | Op::Mknod { parent, name, id, .. } => {
-                let target = match &r.op {
-                    Op::Symlink { target, .. } => Some(target.clone()),
-                    _ => None,
-                };
-                if let Some(a) = &r.attr {
-                    edits.push(Edit::Put { attr: a.clone(), target, xattrs: Some(Vec::new()) });
-                }
-                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: *id });
-                refresh.push(*parent);
-                if let Some(p) = self.ino(*parent)? {
-                    inval.push(Inval::Entry(p, name.clone()));
-                }
-            }
-            Op::Link { id, parent, name } => {
-                edits.push(Edit::Link { parent: *parent, name: name.clone(), id: *id });
-                refresh.push(*parent);
-                if let Some(p) = self.ino(*parent)? {
-                    inval.push(Inval::Entry(p, name.clone()));
-                }
-                if let Some(i) = self.ino(*id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-            Op::Unlink { parent, name, expect } | Op::Rmdir { parent, name, expect } => {
-                edits.push(Edit::UnlinkIf { parent: *parent, name: name.clone(), id: expect.id });
-                if r.attr.is_none() {
-                    edits.push(Edit::Forget { id: expect.id });
-                }
-                refresh.push(*parent);
-                if let Some(p) = self.ino(*parent)? {
-                    inval.push(Inval::Entry(p, name.clone()));
-                }
-                if let Some(i) = self.ino(expect.id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-            Op::Rename { parent, name, expect, new_parent, new_name, target, mode } => {
-                match mode {
-                    RenameMode::Exchange => {
-                        if let Some(t) = target {
-                            edits.push(Edit::Link { parent: *parent, name: name.clone(), id: t.id });
-                        }
-                    }
-                    _ => edits.push(Edit::UnlinkIf { parent: *parent, name: name.clone(), id: expect.id }),
-                }
-                edits.push(Edit::Link { parent: *new_parent, name: new_name.clone(), id: expect.id });
-                refresh.extend([*parent, *new_parent]);
-                if let (Some(t), false) = (target, *mode == RenameMode::Exchange) {
-                    // the replaced object may be gone
-                    refresh.push(t.id);
-                }
-                for (d, n) in [(*parent, name), (*new_parent, new_name)] {
-                    if let Some(p) = self.ino(d)? {
-                        inval.push(Inval::Entry(p, n.clone()));
-                    }
-                }
-            }
-            Op::Write { id, offset, data, .. } => {
-                if !own {
-                    if !data.is_empty() {
-                        land(*id, &|| {
-                            let path = self.cache.data_path(*id);
-                            open_data(&path)?.write_all_at(data, *offset).map_err(io(&path))
-                        })?;
-                    } else if let Some(segs) = self.fetch_mem(*id, *offset, r.elided).await? {
-                        land(*id, &|| self.put_segments(*id, &segs))?;
-                    }
-                }
-                if let Some(i) = self.ino(*id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-            Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-                land(*id, &|| match &r.op {
-                    Op::PunchHole { offset, len, .. } => punch(&self.cache.data_path(*id), *offset, *len),
-                    Op::Allocate { offset, len, .. } => allocate(&self.cache.data_path(*id), *offset, *len),
-                    _ => Ok(()),
-                })?;
-                if let Some(i) = self.ino(*id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-            Op::SetAttr { id, .. } => {
-                if let Some(i) = self.ino(*id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-            Op::SetXattr { id, .. } | Op::RemoveXattr { id, .. } => {
-                if !own {
-                    match self.client.xattrs(*id).await {
-                        Ok(x) => {
-                            if let Some(a) = &r.attr {
-                                edits.push(Edit::Put { attr: a.clone(), target: None, xattrs: Some(x) });
-                            }
-                        }
-                        Err(ClientError::Op(OpError::NotFound(_))) => {} // removed later
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                if let Some(i) = self.ino(*id)? {
-                    inval.push(Inval::Inode(i));
-                }
-            }
-        }
-        if let Some(a) = &r.attr {
-            if self.newer(a)? {
-                // keep the data file's length with the size
-                if a.kind == FileKind::File {
-                    land(a.id, &|| {
-                        let path = self.cache.data_path(a.id);
-                        if let Ok(f) = open_data(&path) {
-                            let _ = f.set_len(a.size);
-                        }
-                        Ok(())
-                    })?;
-                }
-                edits.push(Edit::attr(a.clone()));
-            }
-        }
-        // Directories' attributes come with the record; a replaced object
-        // (and a record from an older server): ask the server.
-        for id in refresh {
-            if let Some(a) = r.dirs.iter().find(|a| a.id == id) {
-                if self.newer(a)? {
-                    edits.push(Edit::attr(a.clone()));
-                }
-                if let Some(i) = self.ino(id)? {
-                    inval.push(Inval::Inode(i));
-                }
+            if !self.engine().may_land(d.id()) {
                 continue;
             }
-            match self.client.getattr(id).await {
-                Ok(a) => {
-                    if self.newer(&a)? {
-                        edits.push(Edit::attr(a));
+            let path = self.cache.data_path(d.id());
+            match d {
+                Data::Write { offset, data, .. } => open_data(&path)?.write_all_at(&data, offset).map_err(io(&path))?,
+                Data::Fetch { id, .. } => self.put_segments(id, segs.as_deref().unwrap_or_default())?,
+                Data::Punch { offset, len, .. } => punch(&path, offset, len)?,
+                Data::Allocate { offset, len, .. } => allocate(&path, offset, len)?,
+                Data::SetLen { size, .. } => {
+                    if let Ok(f) = open_data(&path) {
+                        let _ = f.set_len(size);
                     }
                 }
-                Err(ClientError::Op(OpError::NotFound(_))) => {
-                    if self.cache.get(id)?.is_some() {
-                        edits.push(Edit::Forget { id });
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-            if let Some(i) = self.ino(id)? {
-                inval.push(Inval::Inode(i));
             }
         }
-        Ok(Prepared { edits, inval: if own { Vec::new() } else { inval } })
-    }
-
-    /// An edit of a record, as it may land on the cache now (called with
-    /// the cache locked). An own record's namespace edits are already
-    /// applied; its attributes only advance versions while the object has
-    /// more local changes on the way. Someone else's never overwrite a
-    /// local change the server has not seen.
-    fn filter(&self, e: Edit, own: bool, c: &mut Cml, inval: &mut Vec<Inval>) -> R<Option<Edit>> {
-        Ok(match e {
-            Edit::Link { .. } | Edit::Unlink { .. } | Edit::UnlinkIf { .. } | Edit::Forget { .. } if own => None,
-            Edit::Put { attr, target, xattrs } if own => match self.cache.get(attr.id)? {
-                None => None, // removed here since
-                Some(_) if c.busy(attr.id) => {
-                    // the server's attributes (its mtime) once idle
-                    let versions = attr.versions;
-                    let id = attr.id;
-                    c.stash.insert(id, attr);
-                    Some(Edit::Versions { id, versions })
+        for n in std::mem::take(&mut p.needs) {
+            match n {
+                Need::Xattrs { id, attr } => match self.client.xattrs(id).await {
+                    Ok(x) => p.edits.push(Edit::Put { attr, target: None, xattrs: Some(x) }),
+                    Err(ClientError::Op(OpError::NotFound(_))) => {} // removed later
+                    Err(e) => return Err(e.into()),
+                },
+                Need::Attr(id) => {
+                    let a = match self.client.getattr(id).await {
+                        Ok(a) => Some(a),
+                        Err(ClientError::Op(OpError::NotFound(_))) => None,
+                        Err(e) => return Err(e.into()),
+                    };
+                    p.edits.extend(Engine::attr_answer(&self.cache, id, a)?);
                 }
-                Some(cur) => {
-                    // newer than anything stashed for it
-                    c.stash.remove(&attr.id);
-                    c.ready.retain(|a| a.id != attr.id);
-                    // the kernel may hold the local values (a local mtime)
-                    if visible_change(&cur.attr, &attr) {
-                        inval.push(Inval::Attr(cur.ino));
-                    }
-                    Some(Edit::Put { attr, target, xattrs })
-                }
-            },
-            Edit::Put { attr, .. } if c.busy(attr.id) => {
-                c.stale.insert(attr.id);
-                None
             }
-            Edit::Forget { id } if c.busy(id) => {
-                c.stale.insert(id);
-                None
-            }
-            Edit::Link { parent, name, id } => match self.cache.lookup(parent, &name)? {
-                Some(o) if o != id && c.busy(o) => None,
-                _ => Some(Edit::Link { parent, name, id }),
-            },
-            e => Some(e),
-        })
+        }
+        Ok(p)
     }
 
     /// Apply records (in order) to the cache in one transaction: their
@@ -1056,68 +741,27 @@ impl Replica {
     async fn apply_batch(&self, recs: &[Record]) -> R<()> {
         let Some(last) = recs.last() else { return Ok(()) };
         let me = self.client.replica();
-        let mut prepared = Vec::with_capacity(recs.len());
+        let mut planned = Vec::with_capacity(recs.len());
         for r in recs {
-            let own = match r.origin {
-                Origin::Replica(id, cseq) if id == me => Some(cseq),
-                _ => None,
-            };
-            prepared.push((own, self.prepare(r, own.is_some()).await?));
+            planned.push(self.prepare(r, Engine::own(r, me)).await?);
         }
-        let mut edits = Vec::new();
-        let mut inval = Vec::new();
-        let mut forgotten = Vec::new();
-        {
+        let batch = {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-            let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-            for (own, p) in prepared {
-                if let Some(lsn) = own {
-                    c.release(lsn); // its echo is here
-                }
-                let from = edits.len();
-                for e in p.edits {
-                    if let Some(e) = self.filter(e, own.is_some(), &mut c, &mut inval)? {
-                        if let Edit::Forget { id } = &e {
-                            forgotten.push((*id, self.ino(*id)?));
-                        }
-                        edits.push(e);
-                    }
-                }
-                if own.is_none() {
-                    // a foreign change moves the ctime of what it changed here
-                    // (an own echo changes nothing that was not already)
-                    let changed = edits.split_off(from);
-                    edits.extend(crate::cache::with_ctime(changed, Timestamp::now()));
-                }
-                inval.extend(p.inval);
-            }
-            // answered ops whose records this batch covers
-            let done: Vec<u64> = c.acked_at.iter().filter(|(s, _)| *s <= last.seq).map(|(_, l)| *l).collect();
-            c.acked_at.retain(|(s, _)| *s > last.seq);
-            for l in done {
-                c.release(l);
-            }
-            for a in std::mem::take(&mut c.ready) {
-                if let Some(cur) = self.cache.get(a.id)? {
-                    if visible_change(&cur.attr, &a) {
-                        inval.push(Inval::Attr(cur.ino));
-                    }
-                    edits.push(Edit::attr(a));
-                }
-            }
-            edits.extend(c.done.drain(..).map(Edit::CmlDone));
-            edits.push(Edit::Seq(last.seq));
+            let mut e = self.engine();
+            let b = e.apply_records(&self.cache, planned, last.seq, self.now())?;
             // (not waiting for the disk: logged, folded every second)
-            self.cache.local(&edits)?;
-        }
-        for (id, ino) in forgotten {
+            self.cache.local(&b.edits)?;
+            e.set_applied(last.seq);
+            b
+        };
+        for (id, ino) in batch.forgotten {
             if !ino.is_some_and(|i| self.is_open(i)) {
                 self.purge(id)?;
             }
         }
         self.applied.send_replace(last.seq);
         *self.last_time.lock().unwrap_or_else(|p| p.into_inner()) = Some(last.time);
-        self.invalidate(inval);
+        self.invalidate(batch.inval);
         Ok(())
     }
 
@@ -1244,9 +888,9 @@ impl Replica {
     /// Changes made here are sent and answered first.
     pub async fn sync(&self) -> R<Seq> {
         self.seal_all()?;
-        let upto = self.cml.lock().unwrap_or_else(|p| p.into_inner()).next_lsn;
+        let upto = self.engine().next_lsn();
         if !self.answered_before(upto, DEADLINE).await {
-            let (ops, bytes) = self.cml.lock().unwrap_or_else(|p| p.into_inner()).backlog();
+            let (ops, bytes) = self.engine().backlog();
             return Err(ReplicaError::Unreachable(format!(
                 "{ops} changes made here ({bytes} bytes) are not answered by the server after {DEADLINE:?}"
             )));

@@ -93,12 +93,7 @@ impl Replica {
             }
             std::fs::create_dir_all(&kept_dir)
                 .map_err(|err| crate::cache::CacheError::Io { path: kept_dir.clone(), err })?;
-            let lsn = {
-                let mut c = self.cml.lock().unwrap_or_else(|p| p.into_inner());
-                let lsn = c.next_lsn;
-                c.next_lsn += 1;
-                lsn
-            };
+            let lsn = self.engine().take_lsn();
             let base = path.rsplit('/').next().unwrap_or("file");
             let file = kept_dir.join(format!("{lsn}-{base}"));
             std::fs::rename(&data, &file).map_err(|err| crate::cache::CacheError::Io { path: file.clone(), err })?;

@@ -13,13 +13,13 @@
 //! next op carries the old base, so the server refuses it as a conflict,
 //! and the refused op is parked with its bytes, never dropped).
 
-use crate::cache::{CmlEntry, DirtyRanges};
+use crate::cache::{add_range, CmlEntry, DirtyRanges};
 use izo_proto::{Attr, ObjectId, Op, RenameMode, Seq, SetAttrs};
 use std::collections::{BTreeMap, HashMap};
 
 /// The in-memory side of the log (the database holds the entries).
 #[derive(Default)]
-pub(crate) struct Cml {
+pub(super) struct Cml {
     /// Queued entries by lsn, with whether they were sent.
     pub q: BTreeMap<u64, (CmlEntry, bool)>,
     /// The next lsn to hand out.
@@ -49,7 +49,7 @@ pub(crate) struct Cml {
     /// the server once idle.
     pub stale: std::collections::HashSet<ObjectId>,
     /// Sending waits until then (after a transient refusal).
-    pub pause_until: Option<std::time::Instant>,
+    pub pause_until: Option<std::time::Duration>,
     /// Transient refusals in a row.
     pub streak: u32,
     /// Answered entries to drop from the database with the next commit.
@@ -75,9 +75,19 @@ impl Cml {
     /// relative to it): its lsn and the joined entry, to log and then put
     /// in its place.
     pub fn merge_setattr(&self, id: ObjectId, next: &SetAttrs) -> Option<(u64, CmlEntry)> {
+        self.merge_setattr_as(id, next, true)
+    }
+
+    /// [`Cml::merge_setattr`] breaking the rule that a sent op is never
+    /// joined (the simulation's proof that it notices).
+    pub fn merge_setattr_ignoring_sent(&self, id: ObjectId, next: &SetAttrs) -> Option<(u64, CmlEntry)> {
+        self.merge_setattr_as(id, next, false)
+    }
+
+    fn merge_setattr_as(&self, id: ObjectId, next: &SetAttrs, respect_sent: bool) -> Option<(u64, CmlEntry)> {
         let (lsn, (e, sent)) = self.q.iter().next_back()?;
         let Op::SetAttr { id: on, .. } = &e.op else { return None };
-        if *sent || *on != id {
+        if (*sent && respect_sent) || *on != id {
             return None;
         }
         let mut e = e.clone();
@@ -140,6 +150,16 @@ impl Cml {
     /// them created it with no other name or replaced object involved: a
     /// later unlink can cancel them all.
     pub fn cancellable(&self, id: ObjectId) -> Option<Vec<u64>> {
+        self.cancellable_as(id, true)
+    }
+
+    /// [`Cml::cancellable`] breaking the rule that a sent op is never
+    /// cancelled (the simulation's proof that it notices).
+    pub fn cancellable_ignoring_sent(&self, id: ObjectId) -> Option<Vec<u64>> {
+        self.cancellable_as(id, false)
+    }
+
+    fn cancellable_as(&self, id: ObjectId, respect_sent: bool) -> Option<Vec<u64>> {
         let mut lsns = Vec::new();
         let mut created = false;
         for (lsn, (e, sent)) in &self.q {
@@ -161,7 +181,7 @@ impl Cml {
                 op => op.changed_object() == Some(id),
             };
             if touches {
-                if *sent {
+                if *sent && respect_sent {
                     return None;
                 }
                 lsns.push(*lsn);
@@ -195,77 +215,5 @@ pub(crate) fn objs(op: &Op) -> Vec<ObjectId> {
             v
         }
         op => op.changed_object().into_iter().collect(),
-    }
-}
-
-/// Add `offset..offset+len` to a sorted set of disjoint ranges, merging
-/// what overlaps or touches.
-pub(crate) fn add_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
-    if len == 0 {
-        return;
-    }
-    let (mut lo, mut hi) = (offset, offset + len);
-    let mut out = Vec::with_capacity(v.len() + 1);
-    let mut placed = false;
-    for &(o, l) in v.iter() {
-        let (a, b) = (o, o + l);
-        if b < lo {
-            out.push((a, b - a));
-        } else if a > hi {
-            if !placed {
-                out.push((lo, hi - lo));
-                placed = true;
-            }
-            out.push((a, b - a));
-        } else {
-            lo = lo.min(a);
-            hi = hi.max(b);
-        }
-    }
-    if !placed {
-        out.push((lo, hi - lo));
-    }
-    *v = out;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The range set against a byte map, on random inserts.
-    #[test]
-    fn ranges_match_a_bitmap() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
-        for _ in 0..200 {
-            let mut v = Vec::new();
-            let mut bits = [false; 300];
-            for _ in 0..rnd(20) {
-                let (o, l) = (rnd(250), rnd(40));
-                add_range(&mut v, o, l);
-                for b in bits.iter_mut().skip(o as usize).take(l as usize) {
-                    *b = true;
-                }
-            }
-            let mut want = Vec::new();
-            let mut i = 0;
-            while i < bits.len() {
-                if bits[i] {
-                    let s = i;
-                    while i < bits.len() && bits[i] {
-                        i += 1;
-                    }
-                    want.push((s as u64, (i - s) as u64));
-                } else {
-                    i += 1;
-                }
-            }
-            assert_eq!(v, want);
-        }
     }
 }

@@ -1,0 +1,593 @@
+//! The replica engine: every decision a replica takes about its local
+//! changes and the server's records, as plain state and plain functions.
+//!
+//! No I/O, no clock, no locks, no runtime: the namespace is read through
+//! [`View`], time comes in as [`Now`], and every effect goes out as a value
+//! the shell (`replica.rs`, `local.rs`) executes: cache [`Edit`]s to log,
+//! ops to send with their bases, kernel invalidations ([`Inval`]), callers
+//! to wake, "resync now", parked entries, data effects to land.
+//!
+//! The contract is the one raft-rs gives its users: an input returns its
+//! outputs ([`Local`], [`Next`], [`Answered`], [`Batch`]); the shell
+//! executes them (logs the edits, writes the data file, sends the op) and
+//! then acknowledges: [`Engine::advance`] when the log took a local change,
+//! [`Engine::abandon`] when it failed (nothing of it happened),
+//! [`Engine::unsend`] when an op handed out could not be sent.
+//!
+//! The state is the client modification log (CML, `cml.rs`), owned here
+//! alone. Its rules:
+//!
+//! - **Queue order is send order.** Every op gets its client seq (lsn) when
+//!   it is queued; the sender hands them out in lsn order, and a transient
+//!   refusal queues the op again *behind* everything queued meanwhile, after
+//!   a pause, so no op overtakes one queued before it.
+//! - **An op once sent is never cancelled or joined** (coalescing works
+//!   only on ops the server has never seen). A test-only switch,
+//!   [`Options::break_never_cancel_sent`], turns this rule off so the
+//!   simulation proves that it notices.
+//! - **Busy objects keep their local state.** An object with ops not yet
+//!   echoed by the stream (or unsealed writes) takes no foreign change; the
+//!   change is noted (`stale`) and fetched once the object is idle.
+//! - **A refusal for good is parked with its bytes** and the replica
+//!   resyncs once nothing local is on the way; nothing is dropped.
+//!
+//! The engine is written for what comes next: a conflict policy is a new
+//! arm in [`Engine::answered`] (a refusal handled instead of parked); an
+//! on-demand file is a data effect the shell defers ([`Data`]).
+
+mod cml;
+mod local;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use crate::cache::{with_ctime, CacheError, Cached, CmlEntry, DirtyRanges, Edit};
+pub use crate::error::ReplicaError;
+pub(crate) use cml::objs;
+use cml::Cml;
+use izo_proto::*;
+use std::collections::HashSet;
+use std::time::Duration;
+
+pub use local::{Make, Withdraw};
+pub use stream::{Batch, Data, Need, Planned, Refresh};
+
+pub(crate) type R<T> = Result<T, ReplicaError>;
+
+/// Sending pauses this long after the first transient refusal, doubling
+/// with each one in a row (up to 6 doublings).
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Unsealed writes are sealed into log entries this often (the sender
+/// looks for work at least this often).
+pub const SEAL_EVERY: Duration = Duration::from_millis(500);
+
+/// A read-only view of the namespace the engine decides on (the cache).
+pub trait View {
+    /// An object.
+    fn get(&self, id: ObjectId) -> Result<Option<Cached>, CacheError>;
+    /// A name in a directory.
+    fn lookup(&self, parent: ObjectId, name: &[u8]) -> Result<Option<ObjectId>, CacheError>;
+    /// A directory's entries.
+    fn children(&self, dir: ObjectId) -> Result<Vec<(Vec<u8>, ObjectId)>, CacheError>;
+    /// A directory's parent.
+    fn parent_of(&self, dir: ObjectId) -> Result<Option<ObjectId>, CacheError>;
+}
+
+impl View for crate::cache::Cache {
+    fn get(&self, id: ObjectId) -> Result<Option<Cached>, CacheError> {
+        crate::cache::Cache::get(self, id)
+    }
+    fn lookup(&self, parent: ObjectId, name: &[u8]) -> Result<Option<ObjectId>, CacheError> {
+        crate::cache::Cache::lookup(self, parent, name)
+    }
+    fn children(&self, dir: ObjectId) -> Result<Vec<(Vec<u8>, ObjectId)>, CacheError> {
+        crate::cache::Cache::children(self, dir)
+    }
+    fn parent_of(&self, dir: ObjectId) -> Result<Option<ObjectId>, CacheError> {
+        crate::cache::Cache::parent_of(self, dir)
+    }
+}
+
+/// The time an input happens at: a monotonic instant (timers) and the wall
+/// clock (stamps, ctimes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Since any fixed origin (the shell's start).
+    pub mono: Duration,
+    /// The wall clock.
+    pub wall: Timestamp,
+}
+
+/// Switches of the engine's rules. The default is the real engine; the
+/// others exist so the simulation can prove it notices a broken rule.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Test only: cancel and join ops even after they were sent.
+    pub break_never_cancel_sent: bool,
+}
+
+/// A kernel cache entry to drop after a remote change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// An inode's attributes and data.
+    Inode(u64),
+    /// A name in a directory (by the directory's inode).
+    Entry(u64, Vec<u8>),
+    /// An inode's attributes only (its cached pages stay).
+    Attr(u64),
+}
+
+/// Do two attribute sets differ in what `stat` shows?
+pub fn visible_change(a: &Attr, b: &Attr) -> bool {
+    (a.mode, a.uid, a.gid, a.size, a.mtime, a.atime, a.nlink)
+        != (b.mode, b.uid, b.gid, b.size, b.mtime, b.atime, b.nlink)
+}
+
+/// A local change as planned: the shell executes its data effect, logs
+/// `edits` (one record), then calls [`Engine::advance`] (or
+/// [`Engine::abandon`] if the log failed).
+#[must_use = "a planned change must be logged and then advanced or abandoned"]
+#[derive(Debug, Default)]
+pub struct Local {
+    /// To log, in order.
+    pub edits: Vec<Edit>,
+    /// Lsns queued by this change.
+    pub queued: Vec<u64>,
+    /// An unsent entry this change joined: replaced once logged.
+    merged: Option<(u64, CmlEntry)>,
+    /// An object whose last name this change removed (and its inode):
+    /// its data goes once no handle holds it.
+    pub gone: Option<(ObjectId, u64)>,
+}
+
+/// What the sender does next.
+#[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // (one at a time, moved once)
+pub enum Next {
+    /// Send this entry (now marked sent; `was_sent`: it was before, as an
+    /// entry reloaded at start is).
+    Send {
+        /// Its client seq.
+        lsn: u64,
+        /// The entry (a write's bytes are read by the shell).
+        entry: CmlEntry,
+        /// Sent before (for [`Engine::unsend`]).
+        was_sent: bool,
+    },
+    /// Nothing to send now; look again after this long (or when woken).
+    Idle(Duration),
+}
+
+/// The engine's decision on an answer.
+#[derive(Debug, Default)]
+pub struct Answered {
+    /// Edits to log now (a parked or re-queued entry must survive).
+    pub now: Vec<Edit>,
+    /// The entry is parked: the shell fills in a write's bytes (`len` of
+    /// them at its offset, read from the data file) and logs the
+    /// [`Edit::Park`] first in `now`.
+    pub park: Option<(u64, Op, OpError, u64)>,
+    /// A caller waits for this answer (its lsn was queued by
+    /// [`Engine::queue_wait`]): hand it over.
+    pub wake: Option<Result<Applied, OpError>>,
+    /// The sender has something to send again.
+    pub wake_sender: bool,
+    /// A transient refusal: the op is queued again, sending pauses this long.
+    pub retry_in: Option<Duration>,
+    /// Stashed server attributes became ready: take them
+    /// ([`Engine::take_ready`]).
+    pub ready: bool,
+}
+
+/// The replica engine (see the module header).
+pub struct Engine {
+    c: Cml,
+    /// Lsns whose caller waits for the answer.
+    waiting: HashSet<u64>,
+    /// The stream position the cache has applied.
+    applied: Seq,
+    opts: Options,
+}
+
+impl Engine {
+    /// An engine for a cache at stream position `applied`.
+    pub fn new(applied: Seq, opts: Options) -> Engine {
+        Engine { c: Cml { next_lsn: 1, ..Cml::default() }, waiting: HashSet::new(), applied, opts }
+    }
+
+    /// Load the log an earlier run left: its entries (all counted as sent:
+    /// any may have reached the server, so none may be cancelled or joined;
+    /// they are sent again in order and the server's reply cache answers
+    /// those it applied), its unsealed writes (sealed now: the edits to
+    /// log), the objects a killed run's log touched (asked for again once
+    /// idle), and the lowest lsn new ops may take.
+    pub fn recover(
+        &mut self,
+        view: &dyn View,
+        entries: Vec<(u64, CmlEntry)>,
+        dirty: DirtyRanges,
+        touched: Vec<ObjectId>,
+        floor: u64,
+    ) -> Vec<Edit> {
+        let last = entries.last().map(|(l, _)| l + 1).unwrap_or(0);
+        self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(1);
+        for (lsn, e) in entries {
+            self.c.hold(lsn, objs(&e.op));
+            self.c.q.insert(lsn, (e, true));
+        }
+        self.c.dirty = dirty;
+        self.c.refresh = touched.into_iter().map(|id| (id, false)).collect();
+        let ids: Vec<ObjectId> = self.c.dirty.keys().copied().collect();
+        let mut edits = Vec::new();
+        for id in ids {
+            self.seal_into(view, id, &mut edits);
+        }
+        edits
+    }
+
+    /// The next lsn this engine hands out.
+    pub fn next_lsn(&self) -> u64 {
+        self.c.next_lsn
+    }
+
+    /// Take an lsn for something kept outside the queue (a parked version
+    /// a rollback keeps): never reused.
+    pub fn take_lsn(&mut self) -> u64 {
+        let l = self.c.next_lsn;
+        self.c.next_lsn += 1;
+        l
+    }
+
+    /// Entries queued and not answered.
+    pub fn queued(&self) -> usize {
+        self.c.q.len()
+    }
+
+    /// The queued entries in order, with whether each was sent (for tests
+    /// and status).
+    pub fn entries(&self) -> Vec<(u64, CmlEntry, bool)> {
+        self.c.q.iter().map(|(l, (e, s))| (*l, e.clone(), *s)).collect()
+    }
+
+    /// Does the object have local changes the server has not echoed?
+    pub fn busy(&self, id: ObjectId) -> bool {
+        self.c.busy(id)
+    }
+
+    /// Has the object unsealed writes?
+    pub fn has_dirty(&self, id: ObjectId) -> bool {
+        self.c.dirty.contains_key(&id)
+    }
+
+    /// Nothing queued, nothing unsealed.
+    pub fn settled(&self) -> bool {
+        self.c.q.is_empty() && self.c.dirty.is_empty()
+    }
+
+    /// No entry below `upto` is queued.
+    pub fn answered_before(&self, upto: u64) -> bool {
+        self.c.q.range(..upto).next().is_none()
+    }
+
+    /// Changes not answered yet (ops, bytes).
+    pub fn backlog(&self) -> (u64, u64) {
+        self.c.backlog()
+    }
+
+    /// Backlog, and ops answered / parked / retried since start.
+    pub fn stats(&self) -> ((u64, u64), u64, u64, u64) {
+        (self.c.backlog(), self.c.sent, self.c.parked, self.c.retried)
+    }
+
+    /// The stream position applied.
+    pub fn applied_seq(&self) -> Seq {
+        self.applied
+    }
+
+    /// The stream position moved (a batch applied, a resync).
+    pub fn set_applied(&mut self, seq: Seq) {
+        self.applied = seq;
+    }
+
+    /// A logged change is acknowledged: a joined entry takes its new form.
+    pub fn advance(&mut self, l: &Local) {
+        if let Some((lsn, e)) = &l.merged {
+            if let Some((q, _)) = self.c.q.get_mut(lsn) {
+                *q = e.clone();
+            }
+        }
+    }
+
+    /// A planned change was not logged: its queued ops never happened.
+    pub fn abandon(&mut self, l: &Local) {
+        for lsn in &l.queued {
+            self.c.q.remove(lsn);
+            self.c.release(*lsn);
+            self.waiting.remove(lsn);
+        }
+    }
+
+    /// An implicit mtime for an object whose mtime is `current`: now, or
+    /// just after `current` if that is later (an implicit stamp never goes
+    /// backwards; the server applies the same rule).
+    pub fn stamp_after(current: Timestamp, now: Timestamp) -> Timestamp {
+        if now > current {
+            return now;
+        }
+        match current.nsec {
+            n if n >= 999_999_999 => Timestamp { secs: current.secs + 1, nsec: 0 },
+            n => Timestamp { secs: current.secs, nsec: n + 1 },
+        }
+    }
+
+    /// When `op` was made here: the implicit mtime it gave the object it
+    /// writes or makes, or the directory whose entries it changes, as
+    /// `edits` (about to be applied) or else the view hold it. `None` for
+    /// attribute and xattr changes, which set no implicit mtime.
+    fn stamp(view: &dyn View, op: &Op, edits: &[Edit]) -> Option<Timestamp> {
+        let target = match op {
+            Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => *id,
+            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => *id,
+            Op::Link { parent, .. } | Op::Unlink { parent, .. } | Op::Rmdir { parent, .. } => *parent,
+            Op::Rename { new_parent, .. } => *new_parent,
+            Op::SetAttr { .. } | Op::SetXattr { .. } | Op::RemoveXattr { .. } => return None,
+        };
+        let queued = edits.iter().rev().find_map(|e| match e {
+            Edit::Put { attr, .. } if attr.id == target => Some(attr.mtime),
+            _ => None,
+        });
+        queued.or_else(|| view.get(target).ok().flatten().map(|c| c.attr.mtime))
+    }
+
+    /// A CML entry for `op` (of `len` bytes for a write), stamped.
+    fn entry(view: &dyn View, op: Op, len: u64, edits: &[Edit]) -> CmlEntry {
+        let time = Self::stamp(view, &op, edits);
+        CmlEntry { op, len, time }
+    }
+
+    /// Turn an object's unsealed write ranges into log entries (each at
+    /// most [`MAX_DATA`] bytes), in `edits`.
+    fn seal_into(&mut self, view: &dyn View, id: ObjectId, edits: &mut Vec<Edit>) -> Vec<u64> {
+        let mut lsns = Vec::new();
+        let Some(ranges) = self.c.dirty.remove(&id) else { return lsns };
+        for (off, len) in ranges {
+            let mut at = off;
+            while at < off + len {
+                let n = (off + len - at).min(MAX_DATA as u64);
+                let e = Self::entry(view, Op::Write { id, base: 0, offset: at, data: Vec::new() }, n, edits);
+                let lsn = self.c.push(e.clone());
+                edits.push(Edit::Cml(lsn, e));
+                lsns.push(lsn);
+                at += n;
+            }
+        }
+        edits.push(Edit::Sealed { id });
+        lsns
+    }
+
+    /// Plan `edits` with `op` queued after them (if any; `stamp` given for
+    /// a change whose local effect comes only with the server's answer).
+    /// Every object they change gets a new ctime; answers and server
+    /// attributes that went idle ride along (first: this change wins).
+    fn commit(
+        &mut self,
+        view: &dyn View,
+        edits: Vec<Edit>,
+        op: Option<Op>,
+        stamp: Option<Timestamp>,
+        now: Now,
+        mut l: Local,
+    ) -> R<Local> {
+        let mut edits = with_ctime(edits, now.wall);
+        edits.extend(self.c.done.drain(..).map(Edit::CmlDone));
+        let mut ready = Vec::new();
+        for a in std::mem::take(&mut self.c.ready) {
+            if view.get(a.id)?.is_some() {
+                ready.push(Edit::attr(a));
+            }
+        }
+        if !ready.is_empty() {
+            ready.append(&mut edits);
+            edits = ready;
+        }
+        if let Some(op) = op {
+            let mut e = Self::entry(view, op, 0, &edits);
+            if stamp.is_some() {
+                e.time = stamp;
+            }
+            let lsn = self.c.push(e.clone());
+            edits.push(Edit::Cml(lsn, e));
+            l.queued.push(lsn);
+        }
+        l.edits.splice(0..0, edits);
+        Ok(l)
+    }
+
+    /// Seal an object's writes (flush, close): `None` if it has none.
+    pub fn seal(&mut self, view: &dyn View, id: ObjectId, now: Now) -> R<Option<Local>> {
+        if !self.c.dirty.contains_key(&id) {
+            return Ok(None);
+        }
+        let mut l = Local::default();
+        let mut edits = Vec::new();
+        l.queued = self.seal_into(view, id, &mut edits);
+        self.commit(view, edits, None, None, now, l).map(Some)
+    }
+
+    /// Seal every unsealed write (the timer, `izo sync`).
+    pub fn seal_all(&mut self, view: &dyn View, now: Now) -> R<Option<Local>> {
+        let ids: Vec<ObjectId> = self.c.dirty.keys().copied().collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut l = Local::default();
+        let mut edits = Vec::new();
+        for id in ids {
+            l.queued.extend(self.seal_into(view, id, &mut edits));
+        }
+        self.commit(view, edits, None, None, now, l).map(Some)
+    }
+
+    /// What a fold commits besides the log: answers, and server
+    /// attributes of objects that went idle.
+    pub fn fold_edits(&mut self, view: &dyn View) -> R<Vec<Edit>> {
+        let mut edits = Vec::new();
+        for a in std::mem::take(&mut self.c.ready) {
+            if view.get(a.id)?.is_some() {
+                edits.push(Edit::attr(a));
+            }
+        }
+        edits.extend(self.c.done.drain(..).map(Edit::CmlDone));
+        Ok(edits)
+    }
+
+    /// The server's attributes of objects that went idle (stashed from
+    /// their echoes), with the kernel caches they make stale.
+    pub fn take_ready(&mut self, view: &dyn View) -> R<(Vec<Edit>, Vec<Inval>)> {
+        let mut edits = Vec::new();
+        let mut inval = Vec::new();
+        for a in std::mem::take(&mut self.c.ready) {
+            if let Some(cur) = view.get(a.id)? {
+                if visible_change(&cur.attr, &a) {
+                    inval.push(Inval::Attr(cur.ino));
+                }
+                edits.push(Edit::attr(a));
+            }
+        }
+        Ok((edits, inval))
+    }
+
+    /// Are stashed attributes ready to take?
+    pub fn has_ready(&self) -> bool {
+        !self.c.ready.is_empty()
+    }
+
+    /// The next entry to send. While disconnected or pausing after a
+    /// transient refusal nothing is handed out: an op once sent is never
+    /// cancelled, and what waits here still coalesces.
+    pub fn next_to_send(&mut self, connected: bool, cursor: u64, now: Now) -> Next {
+        let paused = match self.c.pause_until {
+            Some(t) if t > now.mono => true,
+            Some(_) => {
+                self.c.pause_until = None;
+                false
+            }
+            None => false,
+        };
+        if paused || !connected {
+            return Next::Idle(Duration::from_millis(50));
+        }
+        match self.c.q.range_mut(cursor + 1..).next() {
+            Some((lsn, (e, sent))) => {
+                let was_sent = std::mem::replace(sent, true);
+                Next::Send { lsn: *lsn, entry: e.clone(), was_sent }
+            }
+            None => Next::Idle(SEAL_EVERY),
+        }
+    }
+
+    /// An entry handed out could not be built or sent: as it was.
+    pub fn unsend(&mut self, lsn: u64, was_sent: bool) {
+        if let Some((_, sent)) = self.c.q.get_mut(&lsn) {
+            *sent = was_sent;
+        }
+    }
+
+    /// The op as sent: bases from the versions the view has from the
+    /// server (or those taken when queued, for an object no longer there).
+    /// A write's bytes are the shell's to fill in.
+    pub fn bases(view: &dyn View, mut op: Op) -> Op {
+        let cached = |id: ObjectId| view.get(id).ok().flatten().map(|c| c.attr.versions);
+        match &mut op {
+            Op::Write { id, base: b, .. }
+            | Op::Truncate { id, base: b, .. }
+            | Op::Allocate { id, base: b, .. }
+            | Op::PunchHole { id, base: b, .. } => {
+                if let Some(v) = cached(*id) {
+                    *b = v.data;
+                }
+            }
+            Op::SetAttr { id, base: b, .. }
+            | Op::SetXattr { id, base: b, .. }
+            | Op::RemoveXattr { id, base: b, .. } => {
+                if let Some(v) = cached(*id) {
+                    *b = v.meta;
+                }
+            }
+            Op::Unlink { expect, .. } | Op::Rmdir { expect, .. } => {
+                expect.base = cached(expect.id).unwrap_or(expect.base);
+            }
+            Op::Rename { expect, target, .. } => {
+                expect.base = cached(expect.id).unwrap_or(expect.base);
+                if let Some(t) = target {
+                    t.base = cached(t.id).unwrap_or(t.base);
+                }
+            }
+            _ => {}
+        }
+        op
+    }
+
+    /// The server answered entry `lsn` (`Ok(None)`: nothing was left to
+    /// send). `None` if the entry is no longer queued (settled meanwhile).
+    pub fn answered(&mut self, lsn: u64, r: Result<Option<Applied>, OpError>, now: Now) -> Option<Answered> {
+        let waiter = self.waiting.remove(&lsn);
+        let (e, _) = self.c.q.remove(&lsn)?;
+        let mut out = Answered::default();
+        match &r {
+            Ok(Some(a)) => {
+                self.c.sent += 1;
+                self.c.streak = 0;
+                if a.seq <= self.applied {
+                    self.c.release(lsn);
+                } else {
+                    self.c.acked_at.push((a.seq, lsn));
+                }
+                self.c.done.push(lsn);
+            }
+            Ok(None) | Err(OpError::ReplyExpired(_)) => {
+                // (expired: applied in an earlier run, its record seen or coming)
+                self.c.release(lsn);
+                self.c.done.push(lsn);
+            }
+            Err(_) if waiter => {
+                // the caller hears of it (and applies nothing locally)
+                self.c.release(lsn);
+                self.c.done.push(lsn);
+            }
+            Err(why) if why.is_transient() => {
+                // not applied: again, as a new op after the others, after a
+                // pause that grows while refusals go on
+                self.c.streak = (self.c.streak + 1).min(6);
+                let pause = RETRY_PAUSE * (1 << self.c.streak);
+                self.c.pause_until = Some(now.mono + pause);
+                out.retry_in = Some(pause);
+                self.c.retried += 1;
+                self.c.release(lsn);
+                let again = self.c.push(e.clone());
+                out.now.push(Edit::CmlDone(lsn));
+                out.now.push(Edit::Cml(again, e.clone()));
+                out.wake_sender = true;
+            }
+            Err(err) => {
+                self.c.parked += 1;
+                self.c.resync = true;
+                self.c.release(lsn);
+                out.park = Some((lsn, e.op.clone(), err.clone(), e.len));
+            }
+        }
+        if !out.now.is_empty() || out.park.is_some() {
+            // recorded now (with the answers that ride along)
+            out.now.extend(self.c.done.drain(..).map(Edit::CmlDone));
+        }
+        if waiter {
+            out.wake = Some(match r {
+                Ok(Some(a)) => Ok(a),
+                Ok(None) | Err(OpError::ReplyExpired(_)) => Ok(Applied { seq: 0, time: now.wall, attr: None }),
+                Err(e) => Err(e),
+            });
+        }
+        out.ready = !self.c.ready.is_empty();
+        Some(out)
+    }
+}

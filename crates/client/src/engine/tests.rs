@@ -1,0 +1,392 @@
+//! The engine alone: no runtime, no temp dir, no server. A small view in
+//! memory takes the engine's edits the way the cache does.
+
+use super::*;
+use crate::cache::{CmlEntry, Edit};
+use std::collections::{BTreeMap, HashMap};
+
+/// The namespace part of the cache, in memory.
+#[derive(Default)]
+struct Mem {
+    objs: HashMap<ObjectId, Cached>,
+    dents: BTreeMap<(ObjectId, Vec<u8>), ObjectId>,
+    parents: HashMap<ObjectId, ObjectId>,
+    next_ino: u64,
+}
+
+impl View for Mem {
+    fn get(&self, id: ObjectId) -> Result<Option<Cached>, CacheError> {
+        Ok(self.objs.get(&id).cloned())
+    }
+    fn lookup(&self, parent: ObjectId, name: &[u8]) -> Result<Option<ObjectId>, CacheError> {
+        Ok(self.dents.get(&(parent, name.to_vec())).copied())
+    }
+    fn children(&self, dir: ObjectId) -> Result<Vec<(Vec<u8>, ObjectId)>, CacheError> {
+        Ok(self.dents.iter().filter(|((p, _), _)| *p == dir).map(|((_, n), id)| (n.clone(), *id)).collect())
+    }
+    fn parent_of(&self, dir: ObjectId) -> Result<Option<ObjectId>, CacheError> {
+        Ok(self.parents.get(&dir).copied())
+    }
+}
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp { secs, nsec: 0 }
+}
+
+fn now(ms: u64) -> Now {
+    Now { mono: Duration::from_millis(ms), wall: t(1_000 + ms as i64) }
+}
+
+impl Mem {
+    fn new() -> Mem {
+        let mut m = Mem { next_ino: 2, ..Mem::default() };
+        let root = Attr {
+            id: ObjectId::ROOT,
+            kind: FileKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: t(1),
+            atime: t(1),
+            nlink: 2,
+            versions: Versions::default(),
+            rdev: 0,
+        };
+        m.objs.insert(ObjectId::ROOT, Cached { attr: root, ino: 1, target: None, xattrs: vec![], ctime: t(1) });
+        m
+    }
+
+    fn apply(&mut self, edits: &[Edit]) {
+        for e in edits {
+            match e {
+                Edit::Put { attr, target, xattrs } => {
+                    let old = self.objs.get(&attr.id).cloned();
+                    let ino = old.as_ref().map(|o| o.ino).unwrap_or_else(|| {
+                        self.next_ino += 1;
+                        self.next_ino
+                    });
+                    let target = target.clone().or_else(|| old.as_ref().and_then(|o| o.target.clone()));
+                    let xattrs = xattrs.clone().or_else(|| old.as_ref().map(|o| o.xattrs.clone())).unwrap_or_default();
+                    let ctime = old.map(|o| o.ctime).unwrap_or(attr.mtime);
+                    self.objs.insert(attr.id, Cached { attr: attr.clone(), ino, target, xattrs, ctime });
+                }
+                Edit::Link { parent, name, id } => {
+                    self.dents.insert((*parent, name.clone()), *id);
+                    if self.objs.get(id).is_some_and(|c| c.attr.kind == FileKind::Dir) {
+                        self.parents.insert(*id, *parent);
+                    }
+                }
+                Edit::Unlink { parent, name } => {
+                    self.dents.remove(&(*parent, name.clone()));
+                }
+                Edit::UnlinkIf { parent, name, id } if self.dents.get(&(*parent, name.clone())) == Some(id) => {
+                    self.dents.remove(&(*parent, name.clone()));
+                }
+                Edit::Versions { id, versions } => {
+                    if let Some(c) = self.objs.get_mut(id) {
+                        c.attr.versions = *versions;
+                    }
+                }
+                Edit::Forget { id } => {
+                    if let Some(c) = self.objs.get_mut(id) {
+                        c.attr.nlink = 0;
+                    }
+                }
+                Edit::Ctime { id, time } => {
+                    if let Some(c) = self.objs.get_mut(id) {
+                        c.ctime = *time;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Plan, log (here: apply) and acknowledge a local change.
+    #[allow(clippy::must_use_candidate)]
+    fn run(&mut self, e: &mut Engine, l: R<Local>) -> Local {
+        let l = l.expect("the change is allowed");
+        self.apply(&l.edits);
+        e.advance(&l);
+        l
+    }
+}
+
+fn file(m: &mut Mem, e: &mut Engine, name: &str) -> ObjectId {
+    let id = ObjectId::new();
+    let mk = Make {
+        parent: ObjectId::ROOT,
+        name: name.as_bytes(),
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        target: None,
+        rdev: 0,
+        trusted: Some(true),
+    };
+    let l = e.make(m, mk, id, now(0));
+    let _ = m.run(e, l);
+    id
+}
+
+fn dir(m: &mut Mem, e: &mut Engine, parent: ObjectId, name: &str) -> ObjectId {
+    let id = ObjectId::new();
+    let mk = Make {
+        parent,
+        name: name.as_bytes(),
+        kind: FileKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        target: None,
+        rdev: 0,
+        trusted: Some(true),
+    };
+    let l = e.make(m, mk, id, now(0));
+    let _ = m.run(e, l);
+    id
+}
+
+fn ops(e: &Engine) -> Vec<&'static str> {
+    e.entries().iter().map(|(_, en, _)| en.op.kind()).collect()
+}
+
+/// Hand out every entry to send, as a connected sender does.
+fn send_all(e: &mut Engine) -> Vec<(u64, CmlEntry)> {
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    while let Next::Send { lsn, entry, .. } = e.next_to_send(true, cursor, now(0)) {
+        cursor = lsn;
+        out.push((lsn, entry));
+    }
+    out
+}
+
+fn applied(seq: Seq) -> Result<Option<Applied>, OpError> {
+    Ok(Some(Applied { seq, time: t(5), attr: None }))
+}
+
+#[test]
+fn create_write_unlink_of_unsent_ops_cancels_them_all() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let l = e.wrote(&m, id, 0, 10, now(1));
+    let _ = m.run(&mut e, l);
+    let l = e.seal_all(&m, now(2)).expect("seal").expect("something to seal");
+    let _ = m.run(&mut e, Ok(l));
+    assert_eq!(ops(&e), ["create", "write"]);
+    let l = e.remove(&m, ObjectId::ROOT, b"f", false, now(3));
+    let l = m.run(&mut e, l);
+    assert!(l.queued.is_empty(), "no unlink is queued");
+    assert_eq!(e.queued(), 0, "the create and the write are cancelled");
+    assert!(l.edits.iter().filter(|x| matches!(x, Edit::CmlDone(_))).count() >= 2, "their log entries are dropped");
+}
+
+#[test]
+fn an_op_once_sent_is_never_cancelled() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    file(&mut m, &mut e, "f");
+    assert_eq!(send_all(&mut e).len(), 1, "the create is sent");
+    let l = e.remove(&m, ObjectId::ROOT, b"f", false, now(3));
+    let _ = m.run(&mut e, l);
+    assert_eq!(ops(&e), ["create", "unlink"], "the sent create stays and the unlink follows it");
+    // the test switch breaks exactly this rule
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options { break_never_cancel_sent: true }));
+    file(&mut m, &mut e, "f");
+    send_all(&mut e);
+    let l = e.remove(&m, ObjectId::ROOT, b"f", false, now(3));
+    let _ = m.run(&mut e, l);
+    assert_eq!(e.queued(), 0, "with the rule broken the sent create is cancelled");
+}
+
+#[test]
+fn setattrs_in_a_row_join_into_one_unsent_op() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    for attrs in [
+        SetAttrs { mtime: Some(t(7)), ..Default::default() },
+        SetAttrs { uid: Some(5), ..Default::default() },
+        SetAttrs { mode: Some(0o600), ..Default::default() },
+    ] {
+        let l = e.setattr(&m, id, None, attrs, now(4));
+        let _ = m.run(&mut e, l);
+    }
+    assert_eq!(ops(&e), ["create", "setattr"], "one setattr for three calls");
+    let joined = e.entries().pop().expect("an entry").1;
+    match joined.op {
+        Op::SetAttr { attrs, .. } => {
+            assert_eq!((attrs.mtime, attrs.uid, attrs.mode), (Some(t(7)), Some(5), Some(0o600)), "later values join")
+        }
+        op => panic!("not a setattr: {op:?}"),
+    }
+    // a sent one is not joined
+    send_all(&mut e);
+    let l = e.setattr(&m, id, None, SetAttrs { gid: Some(9), ..Default::default() }, now(5));
+    let _ = m.run(&mut e, l);
+    assert_eq!(ops(&e), ["create", "setattr", "setattr"]);
+}
+
+#[test]
+fn writes_are_sealed_in_pieces_of_at_most_max_data_before_a_rename() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let len = MAX_DATA as u64 * 2 + 5;
+    let l = e.wrote(&m, id, 0, len, now(1));
+    let _ = m.run(&mut e, l);
+    assert!(e.has_dirty(id));
+    let l = e.rename(&m, ObjectId::ROOT, b"f", ObjectId::ROOT, b"g", RenameMode::Replace, now(2));
+    let _ = m.run(&mut e, l);
+    assert!(!e.has_dirty(id), "the rename sealed the writes");
+    assert_eq!(ops(&e), ["create", "write", "write", "write", "rename"], "the bytes go before the new name");
+    let lens: Vec<u64> = e.entries().iter().filter(|(_, x, _)| x.op.kind() == "write").map(|(_, x, _)| x.len).collect();
+    assert_eq!(lens, [MAX_DATA as u64, MAX_DATA as u64, 5]);
+}
+
+#[test]
+fn a_foreign_change_to_a_busy_object_waits_and_an_idle_one_lands() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    assert!(e.busy(id), "not echoed yet");
+    let mut theirs = m.objs[&id].attr.clone();
+    theirs.mode = 0o600;
+    theirs.versions.meta = 3;
+    let rec = |seq, attr: Attr| Record {
+        seq,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), 1),
+        op: Op::SetAttr { id, base: 0, attrs: SetAttrs { mode: Some(0o600), ..Default::default() } },
+        attr: Some(attr),
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &rec(1, theirs.clone()), None).expect("plan");
+    let b = e.apply_records(&m, vec![p], 1, now(3)).expect("apply");
+    assert!(!b.edits.iter().any(|x| matches!(x, Edit::Put { .. })), "held back: the local state stays");
+    assert!(!e.may_land(id), "no data lands on it either");
+    // the echo of the create arrives: idle now, the held-back change is asked for
+    let create = e.entries()[0].0;
+    let echo = Record {
+        seq: 2,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), create),
+        op: e.entries()[0].1.op.clone(),
+        attr: None,
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &echo, Some(create)).expect("plan");
+    e.apply_records(&m, vec![p], 2, now(4)).expect("apply");
+    assert!(!e.busy(id), "the echo released it");
+    let (_, refresh) = e.housekeep();
+    assert_eq!(refresh, [(id, true)], "the stale object is fetched whole once idle");
+    let p = Engine::plan_record(&m, &rec(3, theirs), None).expect("plan");
+    let b = e.apply_records(&m, vec![p], 3, now(5)).expect("apply");
+    assert!(b.edits.iter().any(|x| matches!(x, Edit::Put { attr, .. } if attr.mode == 0o600)), "lands when idle");
+}
+
+#[test]
+fn a_refusal_is_parked_and_the_replica_resyncs_once_settled() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let l = e.setattr(&m, id, None, SetAttrs { mode: Some(0o600), ..Default::default() }, now(1));
+    let _ = m.run(&mut e, l);
+    let sent = send_all(&mut e);
+    let refusal = OpError::conflict(ConflictKind::MetaMoved, None);
+    let out = e.answered(sent[1].0, Err(refusal.clone()), now(2)).expect("queued");
+    let (lsn, op, err, _) = out.park.expect("parked");
+    assert_eq!((lsn, op.kind(), err), (sent[1].0, "setattr", refusal));
+    assert!(!e.housekeep().0, "the create is still on the way: no resync yet");
+    let out = e.answered(sent[0].0, applied(1), now(3)).expect("queued");
+    assert!(out.park.is_none());
+    assert!(e.housekeep().0, "settled: resync now");
+    e.resynced(7);
+    assert!(!e.housekeep().0, "once");
+    assert_eq!(e.applied_seq(), 7);
+}
+
+#[test]
+fn a_transient_refusal_is_queued_again_behind_the_queue_after_a_pause() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    file(&mut m, &mut e, "f");
+    let first = send_all(&mut e)[0].0;
+    file(&mut m, &mut e, "g");
+    let out = e.answered(first, Err(OpError::Transient("busy".into())), now(10)).expect("queued");
+    assert_eq!(out.retry_in, Some(RETRY_PAUSE * 2));
+    assert!(out.wake_sender && out.park.is_none());
+    let lsns: Vec<u64> = e.entries().iter().map(|(l, _, _)| *l).collect();
+    assert_eq!(lsns.len(), 2);
+    assert!(lsns[1] > lsns[0] && lsns[0] > first, "queued again as a new op after the others");
+    assert!(matches!(e.next_to_send(true, first, now(11)), Next::Idle(_)), "paused");
+    assert!(matches!(e.next_to_send(true, first, now(10 + 200)), Next::Send { .. }), "after the pause");
+    assert!(matches!(e.next_to_send(false, first, now(10_000)), Next::Idle(_)), "never while disconnected");
+}
+
+#[test]
+fn an_echo_before_or_after_its_answer_releases_the_object_once() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let (lsn, entry) = send_all(&mut e).remove(0);
+    // answered at seq 4, the stream has applied 2: held until the record
+    e.answered(lsn, applied(4), now(1)).expect("queued");
+    assert!(e.busy(id), "its record is not seen yet");
+    let b = e.apply_records(&m, vec![], 3, now(2)).expect("apply");
+    assert!(e.busy(id));
+    assert!(b.edits.iter().any(|x| matches!(x, Edit::CmlDone(l) if *l == lsn)), "the answer is recorded");
+    let echo = Record { seq: 4, time: t(9), origin: Origin::Local, op: entry.op, attr: None, dirs: vec![], elided: 0 };
+    let p = Engine::plan_record(&m, &echo, None).expect("plan");
+    e.apply_records(&m, vec![p], 4, now(3)).expect("apply");
+    assert!(!e.busy(id), "covered by the batch up to seq 4");
+}
+
+#[test]
+fn a_waited_op_is_withdrawn_only_while_unsent() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let op = Op::SetXattr { id, base: 0, name: b"user.a".to_vec(), value: b"1".to_vec() };
+    let l = e.queue_wait(&m, op.clone(), now(1));
+    let l = m.run(&mut e, l);
+    assert_eq!(e.withdraw(l.queued[0]), Withdraw::Withdrawn);
+    assert_eq!(ops(&e), ["create"]);
+    let l = e.queue_wait(&m, op, now(2));
+    let l = m.run(&mut e, l);
+    send_all(&mut e);
+    assert_eq!(e.withdraw(l.queued[0]), Withdraw::Sent, "sent: it will be applied");
+    // a refusal of a waited op goes to the caller, not to the parked list
+    let l = e.queue_wait(&m, Op::RemoveXattr { id, base: 0, name: b"user.b".to_vec() }, now(3));
+    let l = m.run(&mut e, l);
+    send_all(&mut e);
+    let out = e.answered(l.queued[0], Err(OpError::NotFound("user.b".into())), now(4)).expect("queued");
+    assert!(out.park.is_none());
+    assert!(matches!(out.wake, Some(Err(OpError::NotFound(_)))));
+}
+
+#[test]
+fn a_directory_never_moves_below_itself() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let a = dir(&mut m, &mut e, ObjectId::ROOT, "a");
+    let b = dir(&mut m, &mut e, a, "b");
+    let r = e.rename(&m, ObjectId::ROOT, b"a", b, b"a", RenameMode::Replace, now(1));
+    assert!(matches!(r, Err(ReplicaError::Invalid(_))), "{r:?}");
+    assert_eq!(ops(&e), ["mkdir", "mkdir"], "nothing queued");
+}
+
+#[test]
+fn an_entry_reloaded_at_start_counts_as_sent() {
+    let m = Mem::new();
+    let mut e = Engine::new(0, Options::default());
+    let id = ObjectId::new();
+    let create = CmlEntry {
+        op: Op::Create { parent: ObjectId::ROOT, name: b"f".to_vec(), id, mode: 0o644, uid: 0, gid: 0 },
+        len: 0,
+        time: None,
+    };
+    let mut dirty = crate::cache::DirtyRanges::new();
+    dirty.insert(id, vec![(0, 3)]);
+    let edits = e.recover(&m, vec![(4, create)], dirty, vec![], 9);
+    assert!(edits.iter().any(|x| matches!(x, Edit::Cml(_, c) if c.op.kind() == "write")), "unsealed writes sealed");
+    assert_eq!(e.entries()[0], (4, e.entries()[0].1.clone(), true), "counted as sent");
+    assert!(e.entries()[1].0 >= 9, "new ops number after the floor");
+    assert!(e.cancellable(id).is_none(), "never cancelled");
+}
