@@ -146,7 +146,7 @@ fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHa
     let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat, version));
     let mut st = lock(&inner.state);
     for (cseq, (op, stamp, _)) in st.unanswered.iter() {
-        let f = mutate_frame(*cseq, st.answered_through, op, *stamp);
+        let f = mutate_frame(*cseq, st.acked_through(), op, *stamp);
         inner.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
         let _ = tx.send(f);
     }

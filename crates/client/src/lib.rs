@@ -151,6 +151,16 @@ pub enum FileSegment {
 
 type Waiter = oneshot::Sender<MutateResult>;
 
+impl State {
+    /// What the server may forget replies through.
+    pub fn acked_through(&self) -> u64 {
+        match self.durable_through {
+            Some(d) => self.answered_through.min(d),
+            None => self.answered_through,
+        }
+    }
+}
+
 pub(crate) struct State {
     pub conn: Option<mpsc::UnboundedSender<Vec<u8>>>,
     pub next_cseq: u64,
@@ -159,6 +169,12 @@ pub(crate) struct State {
     /// Highest client seq whose reply the server records (what the Hello
     /// claims).
     pub recorded_through: u64,
+    /// With a modification log: the highest client seq through which every
+    /// answer is durably recorded here. The server may drop its cached
+    /// replies only up to it (a refusal lost to a crash before it was
+    /// recorded is then answered again, not taken as applied). `None`: up
+    /// to what is answered.
+    pub durable_through: Option<u64>,
     pub next_qid: u64,
     pub queries: HashMap<u64, mpsc::Sender<Result<QueryReply, OpError>>>,
     pub sub: Option<(Seq, mpsc::UnboundedSender<StreamEvent>)>,
@@ -217,6 +233,7 @@ impl Client {
                 unanswered: BTreeMap::new(),
                 answered_through: cfg.last_acked,
                 recorded_through: cfg.last_acked,
+                durable_through: None,
                 next_qid: 1,
                 queries: HashMap::new(),
                 sub: None,
@@ -285,6 +302,15 @@ impl Client {
         lock(&self.inner.state).answered_through
     }
 
+    /// Every answer through client seq `cseq` is durably recorded by the
+    /// caller (its modification log was folded): the server may drop its
+    /// cached replies through it. Once called, replies are released only
+    /// this way.
+    pub fn set_durable_through(&self, cseq: u64) {
+        let mut st = lock(&self.inner.state);
+        st.durable_through = Some(st.durable_through.unwrap_or(0).max(cseq));
+    }
+
     /// Mutations sent (or queued) but not answered yet.
     pub fn unanswered(&self) -> usize {
         lock(&self.inner.state).unanswered.len()
@@ -340,7 +366,7 @@ impl Client {
         };
         st.next_cseq = st.next_cseq.max(cseq + 1);
         if let Some(conn) = &st.conn {
-            let frame = conn::mutate_frame(cseq, st.answered_through, &op, stamp);
+            let frame = conn::mutate_frame(cseq, st.acked_through(), &op, stamp);
             self.inner.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
             let _ = conn.send(frame);
         } else if !self.inner.cfg.reconnect {

@@ -524,13 +524,20 @@ impl Replica {
         Ok(())
     }
 
-    /// Make every local change durable (one commit; the log emptied).
+    /// Make every local change durable (one commit; the log emptied);
+    /// then the server may forget its replies to what this fold recorded.
     pub fn fold(&self) -> R<()> {
         let g = lock(&self.apply);
-        let edits = self.engine().fold_edits(&self.cache)?;
+        let (mark, edits) = {
+            let mut e = self.engine();
+            // (answers are recorded under `apply`: every one through the
+            // mark is in the log or in these edits)
+            (e.durable_mark(), e.fold_edits(&self.cache)?)
+        };
         self.cache.local(&edits)?;
         drop(g);
         self.cache.fold()?;
+        self.client.set_durable_through(mark);
         Ok(())
     }
 
@@ -692,23 +699,53 @@ impl Replica {
         }
     }
 
+    /// A write op as parked: with its `len` bytes from the data file.
+    fn with_bytes(&self, mut op: Op, len: u64) -> Op {
+        if let (Op::Write { id, offset, data, .. }, true) = (&mut op, len > 0) {
+            let mut buf = vec![0u8; len as usize];
+            let f = File::open(self.cache.data_path(*id));
+            let n = f.and_then(|f| f.read_at(&mut buf, *offset)).unwrap_or(0);
+            buf.truncate(n);
+            *data = buf;
+        }
+        op
+    }
+
+    /// The server's volume was replaced: every change queued here is
+    /// parked with its bytes instead of being sent to a state it was not
+    /// made against. Returns how many.
+    pub(crate) fn park_for_new_incarnation(&self) -> R<usize> {
+        let _g = lock(&self.apply);
+        let mut e = self.engine();
+        if let Some(l) = e.seal_all(&self.cache, self.now())? {
+            self.log_local(&mut e, l)?;
+        }
+        let why = OpError::conflict(ConflictKind::VolumeReplaced, None);
+        let parked = e.park_all(&why);
+        drop(e);
+        let n = parked.len();
+        let edits: Vec<Edit> = parked
+            .into_iter()
+            .map(|(lsn, op, error, len)| Edit::Park(lsn, Parked { op: self.with_bytes(op, len), error, kept: None }))
+            .collect();
+        self.cache.local(&edits)?;
+        Ok(n)
+    }
+
     /// The server answered entry `lsn` (`Ok(None)`: nothing was left to send).
     fn answered(&self, lsn: u64, r: Result<Option<Applied>, OpError>) {
         let waiter = lock(&self.waiting).remove(&lsn);
         let refusal = r.as_ref().err().cloned();
+        // (the decision and its record under `apply`: a fold's durable
+        // mark never covers an answer not yet logged)
+        let g = lock(&self.apply);
         let Some(out) = self.engine().answered(lsn, r, self.now()) else { return };
         if let (Some(pause), Some(why)) = (out.retry_in, &refusal) {
             tracing::warn!("the server could not apply a change now ({why}); retrying it in {pause:?}");
         }
         let mut now = out.now;
-        if let Some((plsn, mut op, error, len)) = out.park {
-            if let (Op::Write { id, offset, data, .. }, true) = (&mut op, len > 0) {
-                let mut buf = vec![0u8; len as usize];
-                let f = File::open(self.cache.data_path(*id));
-                let n = f.and_then(|f| f.read_at(&mut buf, *offset)).unwrap_or(0);
-                buf.truncate(n);
-                *data = buf;
-            }
+        if let Some((plsn, op, error, len)) = out.park {
+            let op = self.with_bytes(op, len);
             tracing::error!(
                 "the server refused a change made here ({error}): {} on {:?}; it is kept in the cache's parked \
                  list (izo status) and this replica resyncs from the server",
@@ -724,6 +761,7 @@ impl Replica {
                 tracing::warn!("recording the answer to change {lsn}: {e}");
             }
         }
+        drop(g);
         if let (Some(w), Some(v)) = (waiter, out.wake) {
             let _ = w.send(v);
         }

@@ -213,6 +213,8 @@ impl Replica {
             open: Mutex::new(Default::default()),
         });
         r.recover_cml()?;
+        // (every answer before the recovered log's first entry was folded)
+        r.client.set_durable_through(r.engine().durable_mark());
         // (the log replay may have moved the stream position past what the
         // database held: waiters on it must see where the cache is now)
         r.set_applied(r.cache.seq()?);
@@ -250,6 +252,12 @@ impl Replica {
             Some(i) if i == w.incarnation => {}
             Some(_) => {
                 tracing::warn!("the volume has a new incarnation (its server state was replaced): resyncing the cache");
+                let parked = self.park_for_new_incarnation()?;
+                if parked > 0 {
+                    tracing::warn!(
+                        "{parked} changes made here before the volume was replaced are parked, not sent (izo status)"
+                    );
+                }
                 // (the resync keeps what this replica holds that the new
                 // incarnation lacks: see rollback.rs)
                 self.cache.change(&[Edit::Seq(0), Edit::Meta("synced".into(), 0), Edit::Meta("rollback".into(), 1)])?;

@@ -248,6 +248,10 @@ pub enum ConflictKind {
     /// The rename would move a directory below itself (another replica
     /// moved things meanwhile).
     Cycle,
+    /// The change was made against a volume the server no longer has (its
+    /// state was restored or recreated: a new incarnation). Decided by the
+    /// replica, never sent: such a change is parked, not applied blindly.
+    VolumeReplaced,
 }
 
 impl ConflictKind {
@@ -265,6 +269,7 @@ impl ConflictKind {
             ConflictKind::TargetAppeared => "rename target appeared",
             ConflictKind::TargetGone => "rename target is gone",
             ConflictKind::Cycle => "a directory cannot move below itself",
+            ConflictKind::VolumeReplaced => "made before the volume was restored or recreated on the server",
         }
     }
 }
@@ -392,6 +397,7 @@ mod tests {
             ConflictKind::TargetAppeared,
             ConflictKind::TargetGone,
             ConflictKind::Cycle,
+            ConflictKind::VolumeReplaced,
         ];
         let attr = Attr {
             id: ObjectId(7),

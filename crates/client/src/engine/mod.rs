@@ -225,6 +225,22 @@ impl Engine {
         edits
     }
 
+    /// The server's volume was replaced (a new incarnation): every queued
+    /// entry was made against a state it no longer has, so none is sent;
+    /// each is parked (the shell fills in a write's bytes and logs the
+    /// parks). Unsealed writes are sealed into entries first by the shell
+    /// ([`Engine::seal_all`]).
+    pub fn park_all(&mut self, why: &OpError) -> Vec<(u64, Op, OpError, u64)> {
+        let mut out = Vec::new();
+        for (lsn, (e, _)) in std::mem::take(&mut self.c.q) {
+            self.c.release(lsn);
+            self.waiting.remove(&lsn);
+            self.c.parked += 1;
+            out.push((lsn, e.op, why.clone(), e.len));
+        }
+        out
+    }
+
     /// The next lsn this engine hands out.
     pub fn next_lsn(&self) -> u64 {
         self.c.next_lsn
@@ -267,6 +283,15 @@ impl Engine {
     /// No entry below `upto` is queued.
     pub fn answered_before(&self, upto: u64) -> bool {
         self.c.q.range(..upto).next().is_none()
+    }
+
+    /// The highest lsn through which every entry is answered (the answers
+    /// are recorded once the edits taken with them are folded).
+    pub fn durable_mark(&self) -> u64 {
+        match self.c.q.keys().next() {
+            Some(first) => first.saturating_sub(1),
+            None => self.c.next_lsn.saturating_sub(1),
+        }
     }
 
     /// Changes not answered yet (ops, bytes).
