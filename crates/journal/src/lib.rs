@@ -9,6 +9,7 @@
 //! the server's job.
 
 mod exec;
+mod modes;
 mod query;
 mod replies;
 mod retention;
@@ -16,6 +17,7 @@ mod store;
 mod tables;
 
 pub use exec::{storable_time, xattr_replicates, Batch};
+pub use modes::set_id_stripped;
 pub use replies::{reply_frame, reply_of, Intake, ReplyCache, Request, Ticket};
 pub use store::{Store, StoreError};
 pub use tables::{ObjectRow, Payload, StoredRecord};

@@ -4,7 +4,9 @@
 
 use crate::disk::{Access, Attached};
 use crate::export::{Export, ROOT};
-use izo_journal::{reply_frame, reply_of, Intake, Payload, ReplyCache, Request, Store, StoreError, StoredRecord};
+use izo_journal::{
+    reply_frame, reply_of, set_id_stripped, Intake, Payload, ReplyCache, Request, Store, StoreError, StoredRecord,
+};
 use izo_memdisk::MemDisk;
 use izo_proto::{
     MutateResult, ObjectId, Op, OpError, Origin, Record, ReplicaId, Seq, SnapshotEntry, Timestamp, Welcome,
@@ -141,8 +143,9 @@ impl SimServer {
                 }
                 Intake::Execute(ticket) => {
                     let origin = Origin::Replica(m.replica, m.cseq);
+                    let op = volume_policy(&m.op);
                     // write bytes stay in the record, whatever their size
-                    let result = b.execute_stamped_placed(origin, &m.op, now, m.stamp, Payload::Inline);
+                    let result = b.execute_stamped_placed(origin, &op, now, m.stamp, Payload::Inline);
                     let frame = reply_frame(m.cseq, result);
                     cache.remember(&mut b, ticket, &frame)?;
                     frames.push(frame);
@@ -257,6 +260,18 @@ impl Drop for SimServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// What the server's default volume policy makes of an op before the actor
+/// sees it: owners as sent, and on an untrusted volume no set-id bits on
+/// what an op creates (the policy of `izo serve` without options).
+fn volume_policy(op: &Op) -> Op {
+    let mut op = op.clone();
+    let dir = matches!(op, Op::Mkdir { .. });
+    if let Op::Create { mode, .. } | Op::Mkdir { mode, .. } | Op::Mknod { mode, .. } = &mut op {
+        *mode = set_id_stripped(*mode, dir, false);
+    }
+    op
 }
 
 /// The result a reply frame carries; a frame that is not a reply to

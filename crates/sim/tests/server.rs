@@ -220,6 +220,17 @@ fn a_handshake_after_a_crash_tells_the_same_incarnation_and_progress() {
     assert_eq!((w.incarnation, w.last_applied, w.head_seq), (42, 7, 1));
 }
 
+#[test]
+fn what_an_op_creates_keeps_no_set_id_bits_as_on_an_untrusted_server() {
+    let mut s = server(true);
+    let (file, dir) = (ObjectId::new(), ObjectId::new());
+    let setuid = Op::Create { parent: ObjectId::ROOT, name: b"f".to_vec(), id: file, mode: 0o6755, uid: 0, gid: 0 };
+    let setgid = Op::Mkdir { parent: ObjectId::ROOT, name: b"d".to_vec(), id: dir, mode: 0o6755, uid: 0, gid: 0 };
+    let answers = s.mutate(&[m(ALICE, 1, 0, setuid), m(ALICE, 2, 0, setgid)], at(1));
+    let modes: Vec<u32> = answers.iter().map(|a| a.as_ref().expect("made").attr.as_ref().expect("attr").mode).collect();
+    assert_eq!(modes, vec![0o755, 0o2755], "a directory keeps its setgid bit only");
+}
+
 /// Not a check: prints what the server side of a simulation costs (run
 /// with `--run-ignored only --no-capture`; the machine is noisy, so
 /// compare runs, not absolute figures).
