@@ -221,6 +221,23 @@ fn a_handshake_after_a_crash_tells_the_same_incarnation_and_progress() {
 }
 
 #[test]
+fn the_same_calls_give_the_same_answers_records_and_snapshot() {
+    let (mut a, mut b) = (server(true), server(true));
+    let (_, sent) = workload(&mut a);
+    for (t, (x, answer)) in (1..).zip(&sent) {
+        assert_eq!(&b.mutate(std::slice::from_ref(x), at(t))[0], answer);
+    }
+    let resent: Vec<Mutation> = sent.iter().map(|(x, _)| x.clone()).collect();
+    for s in [&mut a, &mut b] {
+        s.crash().expect("restart");
+        s.mutate(&resent, at(77));
+    }
+    assert_eq!(a.records_from(1, 100).expect("a"), b.records_from(1, 100).expect("b"));
+    assert_eq!(a.snapshot().expect("a"), b.snapshot().expect("b"));
+    assert_eq!(a.digest(), b.digest());
+}
+
+#[test]
 fn what_an_op_creates_keeps_no_set_id_bits_as_on_an_untrusted_server() {
     let mut s = server(true);
     let (file, dir) = (ObjectId::new(), ObjectId::new());
