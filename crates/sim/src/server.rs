@@ -72,8 +72,8 @@ pub enum SimError {
     Read(#[from] OpError),
 }
 
-/// The server of a simulation. Not `Sync`-bound to anything: every call
-/// runs to completion on the caller's thread.
+/// The server of a simulation. Every call runs to completion on the
+/// caller's thread; dropping it ends the process as a crash does.
 pub struct SimServer {
     opts: ServerOpts,
     /// The journal disk, surviving crashes.
