@@ -147,9 +147,7 @@ impl Policy {
     /// Set-id bits of what an untrusted volume's op makes are stripped, but
     /// for a directory's setgid bit: that one only passes a group on.
     fn mode(&self, mode: &mut u32, dir: bool) {
-        if !self.trusted {
-            *mode &= if dir { !0o4000 } else { !0o6000 };
-        }
+        *mode = izo_journal::set_id_stripped(*mode, dir, self.trusted);
     }
 
     /// Rewrite `op` to what the volume allows. (Device nodes are refused by

@@ -9,7 +9,7 @@ use crate::hint::Hint;
 use crate::testhooks::TestHooks;
 use crate::tree::{write_stage_name, Mode, Tree};
 use crate::{sys, ServerError};
-use izo_journal::{Store, StoredRecord};
+use izo_journal::{reply_frame, Intake, ReplyCache, Request, Store, StoredRecord};
 use izo_proto::*;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
@@ -40,6 +40,13 @@ pub struct Mutation {
     /// (held only for its drop).
     #[allow(dead_code)]
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Mutation {
+    /// The mutation as the reply cache sees it.
+    fn request(&self) -> Request {
+        Request { replica: self.replica, cseq: self.cseq, acked_through: self.acked_through }
+    }
 }
 
 /// Work for the actor.
@@ -129,11 +136,6 @@ pub(crate) struct Actor {
     /// Records not to apply when next met (a data op on a file another
     /// program removed).
     pub skip_once: std::collections::HashSet<Seq>,
-}
-
-fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
-    // (a reply holds attributes and a short message, far below a frame)
-    encode_frame(&ServerMsg::Reply { cseq, result }).expect("a reply always fits in a frame")
 }
 
 impl Actor {
@@ -237,11 +239,7 @@ impl Actor {
     /// (resends) get their cached reply, the rest a transient error.
     fn refuse_all(&self, batch: Vec<Mutation>, e: &ServerError) {
         for m in batch {
-            let cached = match self.store.replica_last(m.replica) {
-                Ok(last) if m.cseq <= last => self.store.cached_reply(m.replica, m.cseq).ok().flatten(),
-                _ => None,
-            };
-            let frame = cached.unwrap_or_else(|| reply_frame(m.cseq, Err(OpError::Io(e.to_string()))));
+            let frame = self.store.answer_uncommitted(m.request(), OpError::Io(e.to_string()));
             let _ = m.reply.send(frame);
         }
     }
@@ -290,42 +288,29 @@ impl Actor {
         let mut b = store.batch()?;
         let mut outs = Vec::with_capacity(batch.len());
         let mut staged_any = false;
-        // Cached replies a client holds durably are dropped once per replica
-        // per batch, up to the highest point any of its ops reported.
-        let mut release: HashMap<ReplicaId, u64> = HashMap::new();
+        let mut cache = ReplyCache::new(!self.hooks.no_reply_cache);
         let readonly = self.shared.readonly.load(Ordering::Acquire);
         self.direct.clear();
         self.touched.clear();
         for m in batch {
-            let last = b.replica_last(m.replica)?;
-            if m.cseq <= last && !self.hooks.no_reply_cache {
-                Counters::add(&self.shared.counters.reply_cache_hits, 1);
-                let frame = match b.cached_reply(m.replica, m.cseq)? {
-                    Some(f) => f,
-                    None => reply_frame(m.cseq, Err(OpError::ReplyExpired(m.cseq))),
-                };
-                outs.push((m.reply.clone(), frame));
-                continue;
-            }
+            let ticket = match cache.intake(&b, m.request())? {
+                Intake::Answer(frame) => {
+                    Counters::add(&self.shared.counters.reply_cache_hits, 1);
+                    outs.push((m.reply.clone(), frame));
+                    continue;
+                }
+                Intake::Execute(ticket) => ticket,
+            };
             let result = if readonly {
                 Err(OpError::ReadOnly("a journal record failed to apply; see the server log".into()))
             } else {
                 self.record_one(&mut b, m, &mut staged_any)?
             };
             let frame = reply_frame(m.cseq, result);
-            if m.cseq > last {
-                b.put_reply(m.replica, m.cseq, &frame)?;
-            }
-            if m.acked_through > 0 {
-                let upto = m.acked_through.min(m.cseq.saturating_sub(1));
-                let r = release.entry(m.replica).or_default();
-                *r = (*r).max(upto);
-            }
+            cache.remember(&mut b, ticket, &frame)?;
             outs.push((m.reply.clone(), frame));
         }
-        for (replica, upto) in release {
-            b.release_replies(replica, upto)?;
-        }
+        cache.finish(&mut b)?;
         if staged_any {
             sys::fsync(self.tree.stage()).map_err(|e| ServerError::io("fsync stage directory", e))?;
             Counters::add(&self.shared.counters.fsyncs, 1);
