@@ -12,5 +12,6 @@
 mod disk;
 mod export;
 pub mod server;
+pub mod world;
 
 pub use server::{Mutation, ServerOpts, SimError, SimServer, SnapshotObject};

@@ -340,7 +340,14 @@ impl Engine {
                 None
             }
             Edit::Link { parent, name, id } => match view.lookup(parent, &name)? {
-                Some(o) if o != id && c.busy(o) => None,
+                Some(o) if o != id && c.busy(o) => {
+                    // The name is held by a local change the server has not
+                    // seen: the server will refuse that change (and the
+                    // replica resync), unless it never goes out (cancelled by
+                    // an unlink): then only a resync brings the name back.
+                    c.resync = true;
+                    None
+                }
                 _ => Some(Edit::Link { parent, name, id }),
             },
             e => Some(e),

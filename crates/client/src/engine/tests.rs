@@ -390,3 +390,38 @@ fn an_entry_reloaded_at_start_counts_as_sent() {
     assert!(e.entries()[1].0 >= 9, "new ops number after the floor");
     assert!(e.cancellable(id).is_none(), "never cancelled");
 }
+
+/// Found by the simulation (seed 193): a foreign name held back because a
+/// local change holds it, whose local change is then cancelled, came back
+/// only with a resync; without one the replica never had it.
+#[test]
+fn a_foreign_name_held_back_by_a_cancelled_local_change_comes_back_by_resync() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let mine = file(&mut m, &mut e, "n2");
+    let theirs = ObjectId::new();
+    let attr = Attr { id: theirs, kind: FileKind::Symlink, nlink: 1, ..m.objs[&mine].attr.clone() };
+    let rec = Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), 1),
+        op: Op::Symlink {
+            parent: ObjectId::ROOT,
+            name: b"n2".to_vec(),
+            id: theirs,
+            target: b"t".to_vec(),
+            uid: 0,
+            gid: 0,
+        },
+        attr: Some(attr),
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &rec, None).expect("plan");
+    let b = e.apply_records(&m, vec![p], 1, now(2)).expect("apply");
+    m.apply(&b.edits);
+    assert_eq!(m.lookup(ObjectId::ROOT, b"n2").expect("lookup"), Some(mine), "the local name stays");
+    let l = e.remove(&m, ObjectId::ROOT, b"n2", false, now(3));
+    let _ = m.run(&mut e, l);
+    assert_eq!(e.queued(), 0, "the create is cancelled: nothing will be refused");
+    assert!(e.housekeep().0, "settled: a resync brings the server's name back");
+}
