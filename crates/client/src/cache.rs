@@ -91,6 +91,12 @@ pub(crate) enum LogRec {
     WriterClosed(ObjectId),
 }
 
+/// The meta key of the first log generation the database does not hold.
+const LOG_NEXT: &str = "log.next";
+
+/// Prefix of the meta keys counting writable opens (see [`Cache::log_writer`]).
+const WRITERS: &str = "writers.";
+
 /// redb's page cache for the cache database.
 const CACHE_BYTES: usize = 16 << 20;
 
@@ -300,6 +306,22 @@ impl Cache {
         for id in dropped {
             let _ = c.store.data_remove(id);
         }
+        let writers = c.read(|tx| {
+            let meta = tx.open_table(META)?;
+            let mut out = Vec::new();
+            for row in meta.range(WRITERS..)? {
+                let (k, v) = row?;
+                match writers_of(k.value()) {
+                    Some(id) => out.push((id, v.value())),
+                    None if k.value().starts_with(WRITERS) => {}
+                    None => break,
+                }
+            }
+            Ok(out)
+        })?;
+        for (id, n) in writers {
+            set_writers(&mut c.ov_mut().writers, id, n);
+        }
         Ok(c)
     }
 
@@ -320,11 +342,16 @@ impl Cache {
     pub fn replay_log(&self) -> Result<(DirtyRanges, Vec<ObjectId>), CacheError> {
         let gens = self.store.log_gens()?;
         let mut touched = std::collections::BTreeSet::new();
+        let mut legacy_writers = std::collections::BTreeSet::new();
         let mut n = 0u64;
         {
+            // logs the database already holds (a crash after a fold's
+            // commit, before their removal was durable) are not applied
+            // again: their edits are not all idempotent over a later state
+            let from = self.read(|tx| Ok(tx.open_table(META)?.get(LOG_NEXT)?.map(|v| v.value())))?.unwrap_or(0);
             let mut ov = self.ov_mut();
-            ov.gen = gens.last().copied().unwrap_or(0);
-            for g in &gens {
+            ov.gen = gens.last().copied().unwrap_or(0).max(from);
+            for g in gens.iter().filter(|g| **g >= from) {
                 let buf = self.store.log_read(*g)?;
                 let body_at =
                     if buf.starts_with(crate::format::LOG_MAGIC) { crate::format::LOG_MAGIC.len() } else { 0 };
@@ -339,13 +366,26 @@ impl Cache {
                             self.apply(&mut ov, &edits)?;
                         }
                         Ok(LogRec::Dirty(id, off, len)) => add_range(ov.dirty.entry(id).or_default(), off, len),
-                        Ok(LogRec::WriterOpen(id)) => *ov.writers.entry(id).or_default() += 1,
-                        Ok(LogRec::WriterClosed(id)) => writer_closed(&mut ov.writers, id),
+                        // (records of older builds: their counts go into the
+                        // database below)
+                        Ok(LogRec::WriterOpen(id)) => {
+                            *ov.writers.entry(id).or_default() += 1;
+                            legacy_writers.insert(id);
+                        }
+                        Ok(LogRec::WriterClosed(id)) => {
+                            writer_closed(&mut ov.writers, id);
+                            legacy_writers.insert(id);
+                        }
                         Err(_) => break,
                     }
                     n += 1;
                 }
             }
+            let counts: Vec<Edit> = legacy_writers
+                .into_iter()
+                .map(|id| Edit::Meta(writers_key(id), ov.writers.get(&id).copied().unwrap_or(0).into()))
+                .collect();
+            self.apply(&mut ov, &counts)?;
         }
         if n > 0 {
             tracing::info!("replayed {n} changes from the log in {}", self.dir.display());
@@ -386,16 +426,16 @@ impl Cache {
 
     /// A writable open beside passthrough readers began (`true`) or was
     /// released (`false`).
+    /// The count is logged as a number set (not as one more open): a
+    /// replay of a log whose change the database already holds must not
+    /// count an open twice.
     pub fn log_writer(&self, id: ObjectId, open: bool) -> Result<(), CacheError> {
         let mut ov = self.ov_mut();
-        if open {
-            self.append(&mut ov, &LogRec::WriterOpen(id))?;
-            *ov.writers.entry(id).or_default() += 1;
-        } else {
-            self.append(&mut ov, &LogRec::WriterClosed(id))?;
-            writer_closed(&mut ov.writers, id);
-        }
-        Ok(())
+        let n = ov.writers.get(&id).copied().unwrap_or(0);
+        let n = if open { n + 1 } else { n.saturating_sub(1) };
+        let edits = [Edit::Meta(writers_key(id), n.into())];
+        self.append(&mut ov, &LogRec::Edits(edits.to_vec()))?;
+        self.apply(&mut ov, &edits)
     }
 
     /// Objects a killed daemon had open for writing beside passthrough
@@ -445,12 +485,6 @@ impl Cache {
             for (id, o, l) in dirty {
                 self.append(&mut ov, &LogRec::Dirty(id, o, l))?;
             }
-            let writers: Vec<(ObjectId, u32)> = ov.writers.iter().map(|(id, n)| (*id, *n)).collect();
-            for (id, n) in writers {
-                for _ in 0..n {
-                    self.append(&mut ov, &LogRec::WriterOpen(id))?;
-                }
-            }
             (frozen, old_gen)
         };
         // data files first: a durable commit must not claim bytes (a stream
@@ -499,6 +533,7 @@ impl Cache {
                 for (k, v) in &frozen.meta {
                     meta.insert(k.as_str(), *v)?;
                 }
+                meta.insert(LOG_NEXT, old_gen + 1)?;
                 for (l, e) in &frozen.cml {
                     match e {
                         Some(e) => {
@@ -921,6 +956,9 @@ impl Cache {
                 }
                 Edit::Meta(k, v) => {
                     ov.live.meta.insert(k.clone(), *v);
+                    if let Some(id) = writers_of(k) {
+                        set_writers(&mut ov.writers, id, *v);
+                    }
                 }
                 // (here, so a replayed log forgets sealed ranges too: sealed
                 // again at start they became writes after a later utimens)
@@ -937,6 +975,26 @@ impl Cache {
         }
         Ok(())
     }
+}
+
+/// The meta key counting an object's writable opens beside passthrough
+/// readers.
+fn writers_key(id: ObjectId) -> String {
+    format!("{WRITERS}{:032x}", id.0)
+}
+
+/// The object a [`writers_key`] is of.
+fn writers_of(key: &str) -> Option<ObjectId> {
+    let hex = key.strip_prefix(WRITERS)?;
+    u128::from_str_radix(hex, 16).ok().map(ObjectId)
+}
+
+fn set_writers(writers: &mut BTreeMap<ObjectId, u32>, id: ObjectId, n: u64) {
+    match u32::try_from(n) {
+        Ok(0) => writers.remove(&id),
+        Ok(n) => writers.insert(id, n),
+        Err(_) => writers.insert(id, u32::MAX),
+    };
 }
 
 fn writer_closed(writers: &mut BTreeMap<ObjectId, u32>, id: ObjectId) {

@@ -355,6 +355,20 @@ impl Storage for MemStorage {
 }
 
 impl MemStorage {
+    /// A separate copy of what a reader sees now, all of it durable and
+    /// shared with nobody (to run a twin from the same state).
+    pub fn fork(&self) -> MemStorage {
+        use redb::StorageBackend;
+        let st = self.lock();
+        let disk = MemDisk::new();
+        let bytes = st.disk.len().and_then(|n| st.disk.read(0, n as usize));
+        if let Ok(b) = bytes {
+            let _ = disk.write(0, &b).and_then(|_| disk.sync_data(false));
+        }
+        let copy = State { live: st.live.clone(), durable: st.live.clone(), disk, ..State::default() };
+        MemStorage { state: Arc::new(Mutex::new(copy)), epoch: 0 }
+    }
+
     /// A handle of this one's process (a plain clone takes the newest).
     fn clone_same_epoch(&self) -> MemStorage {
         MemStorage { state: self.state.clone(), epoch: self.epoch }
