@@ -16,11 +16,11 @@
 // redb's error is large; it only travels on the rare failure path.
 #![allow(clippy::result_large_err)]
 
+use crate::storage::{Disk, Storage};
 use izo_proto::{Attr, FileKind, ObjectId, Op, Seq, Timestamp, Versions};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -91,6 +91,12 @@ pub(crate) enum LogRec {
     WriterClosed(ObjectId),
 }
 
+/// The meta key of the first log generation the database does not hold.
+const LOG_NEXT: &str = "log.next";
+
+/// Prefix of the meta keys counting writable opens (see [`Cache::log_writer`]).
+const WRITERS: &str = "writers.";
+
 /// redb's page cache for the cache database.
 const CACHE_BYTES: usize = 16 << 20;
 
@@ -139,6 +145,8 @@ pub enum CacheError {
 /// The cache of one volume.
 pub struct Cache {
     db: Database,
+    /// Where the log, the data files and the database live.
+    store: Box<dyn Storage>,
     path: PathBuf,
     data: PathBuf,
     dir: PathBuf,
@@ -191,8 +199,9 @@ struct Overlay {
     /// Opens writing the data file unseen, per object (logged again after
     /// each fold).
     writers: BTreeMap<ObjectId, u32>,
-    /// The log file taking records, and its generation.
-    log: Option<std::fs::File>,
+    /// Whether the log file of `gen` took a record since it was chosen.
+    log_open: bool,
+    /// The generation of the log file taking records.
     gen: u64,
 }
 
@@ -228,29 +237,32 @@ impl Overlay {
 }
 
 impl Cache {
-    /// Open or create the cache in `dir`. Call [`Cache::replay_log`] before
-    /// use: it brings back what a killed daemon had not folded.
+    /// Open or create the cache in `dir` (real files, see [`Disk`]). Call
+    /// [`Cache::replay_log`] before use: it brings back what a killed
+    /// daemon had not folded.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data).map_err(|err| CacheError::Io { path: data.clone(), err })?;
-        let path = dir.join("cache.redb");
+        Cache::open_on(Disk::new(dir)?)
+    }
+
+    /// Open or create a cache on `store` (a [`crate::storage::MemStorage`]
+    /// keeps a whole cache in memory, for tests and the simulation). Call
+    /// [`Cache::replay_log`] before use.
+    pub fn open_on(store: impl Storage + 'static) -> Result<Cache, CacheError> {
         // (redb's own page cache is bounded small: the kernel's page cache
         // holds the file anyway, and the daemon's memory is per file)
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| CacheError::Db { path: path.clone(), why: e.to_string() })?;
+        let db = store.open_db(CACHE_BYTES)?;
+        let dir = store.dir().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<memory>"));
         let c = Cache {
             db,
-            path,
-            data,
-            dir: dir.to_path_buf(),
+            path: store.db_name(),
+            data: dir.join("data"),
+            dir,
+            store: Box::new(store),
             ov: RwLock::new(Overlay::default()),
             fold_lock: Mutex::new(()),
         };
         // (a cache of an older format is upgraded before anything reads it)
-        let logs: Vec<PathBuf> = c.log_gens()?.into_iter().map(|g| c.log_path(g)).collect();
-        crate::format::upgrade(&c.db, &c.path, &logs)?;
+        crate::format::upgrade(&c.db, &c.path, c.store.as_ref())?;
         // Orphans of the last run are no longer open anywhere: drop them
         // (unless a log says otherwise: a replay puts them back).
         let dropped = c.write(|tx| {
@@ -292,7 +304,23 @@ impl Cache {
             Ok(dropped)
         })?;
         for id in dropped {
-            let _ = std::fs::remove_file(c.data_path(id));
+            let _ = c.store.data_remove(id);
+        }
+        let writers = c.read(|tx| {
+            let meta = tx.open_table(META)?;
+            let mut out = Vec::new();
+            for row in meta.range(WRITERS..)? {
+                let (k, v) = row?;
+                match writers_of(k.value()) {
+                    Some(id) => out.push((id, v.value())),
+                    None if k.value().starts_with(WRITERS) => {}
+                    None => break,
+                }
+            }
+            Ok(out)
+        })?;
+        for (id, n) in writers {
+            set_writers(&mut c.ov_mut().writers, id, n);
         }
         Ok(c)
     }
@@ -305,24 +333,6 @@ impl Cache {
         self.ov.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn log_path(&self, gen: u64) -> PathBuf {
-        self.dir.join(format!("changes.{gen:020}.log"))
-    }
-
-    /// Log generations on disk, oldest first.
-    fn log_gens(&self) -> Result<Vec<u64>, CacheError> {
-        let rd = std::fs::read_dir(&self.dir).map_err(|err| CacheError::Io { path: self.dir.clone(), err })?;
-        let mut gens: Vec<u64> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.strip_prefix("changes.")?.strip_suffix(".log")?.parse().ok()
-            })
-            .collect();
-        gens.sort();
-        Ok(gens)
-    }
-
     /// Bring back what a killed daemon had not folded: every change since
     /// the last fold is in the log (one `write(2)` each, so a SIGKILL loses
     /// none that returned), applied again in order, then folded. Returns
@@ -330,18 +340,19 @@ impl Cache {
     /// attributes the log set (ask the server for them again once their
     /// ops are answered: their echoes may have been among the lost).
     pub fn replay_log(&self) -> Result<(DirtyRanges, Vec<ObjectId>), CacheError> {
-        let gens = self.log_gens()?;
+        let gens = self.store.log_gens()?;
         let mut touched = std::collections::BTreeSet::new();
+        let mut legacy_writers = std::collections::BTreeSet::new();
         let mut n = 0u64;
         {
+            // logs the database already holds (a crash after a fold's
+            // commit, before their removal was durable) are not applied
+            // again: their edits are not all idempotent over a later state
+            let from = self.read(|tx| Ok(tx.open_table(META)?.get(LOG_NEXT)?.map(|v| v.value())))?.unwrap_or(0);
             let mut ov = self.ov_mut();
-            ov.gen = gens.last().copied().unwrap_or(0);
-            for g in &gens {
-                let path = self.log_path(*g);
-                let mut buf = Vec::new();
-                std::fs::File::open(&path)
-                    .and_then(|mut f| f.read_to_end(&mut buf))
-                    .map_err(|err| CacheError::Io { path: path.clone(), err })?;
+            ov.gen = gens.last().copied().unwrap_or(0).max(from);
+            for g in gens.iter().filter(|g| **g >= from) {
+                let buf = self.store.log_read(*g)?;
                 let body_at =
                     if buf.starts_with(crate::format::LOG_MAGIC) { crate::format::LOG_MAGIC.len() } else { 0 };
                 for body in crate::format::frames(&buf[body_at..]) {
@@ -355,13 +366,26 @@ impl Cache {
                             self.apply(&mut ov, &edits)?;
                         }
                         Ok(LogRec::Dirty(id, off, len)) => add_range(ov.dirty.entry(id).or_default(), off, len),
-                        Ok(LogRec::WriterOpen(id)) => *ov.writers.entry(id).or_default() += 1,
-                        Ok(LogRec::WriterClosed(id)) => writer_closed(&mut ov.writers, id),
+                        // (records of older builds: their counts go into the
+                        // database below)
+                        Ok(LogRec::WriterOpen(id)) => {
+                            *ov.writers.entry(id).or_default() += 1;
+                            legacy_writers.insert(id);
+                        }
+                        Ok(LogRec::WriterClosed(id)) => {
+                            writer_closed(&mut ov.writers, id);
+                            legacy_writers.insert(id);
+                        }
                         Err(_) => break,
                     }
                     n += 1;
                 }
             }
+            let counts: Vec<Edit> = legacy_writers
+                .into_iter()
+                .map(|id| Edit::Meta(writers_key(id), ov.writers.get(&id).copied().unwrap_or(0).into()))
+                .collect();
+            self.apply(&mut ov, &counts)?;
         }
         if n > 0 {
             tracing::info!("replayed {n} changes from the log in {}", self.dir.display());
@@ -374,23 +398,12 @@ impl Cache {
     fn append(&self, ov: &mut Overlay, rec: &LogRec) -> Result<(), CacheError> {
         let body = postcard::to_allocvec(rec).map_err(|e| self.err(e))?;
         let mut frame = crate::format::frame(&body);
-        if ov.log.is_none() {
-            let path = self.log_path(ov.gen);
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|err| CacheError::Io { path: path.clone(), err })?;
-            let len = f.metadata().map_err(|err| CacheError::Io { path: path.clone(), err })?.len();
-            if len == 0 {
-                // a new file starts with its format (in the same write(2))
-                frame.splice(0..0, crate::format::LOG_MAGIC.iter().copied());
-            }
-            ov.log = Some(f);
+        if !ov.log_open && self.store.log_len(ov.gen)? == 0 {
+            // a new file starts with its format (in the same write(2))
+            frame.splice(0..0, crate::format::LOG_MAGIC.iter().copied());
         }
-        let path = self.log_path(ov.gen);
-        let f = ov.log.as_mut().ok_or_else(|| self.err("no log"))?;
-        f.write_all(&frame).map_err(|err| CacheError::Io { path, err })
+        ov.log_open = true;
+        self.store.log_append(ov.gen, &frame)
     }
 
     /// A change: logged (one `write(2)`: it survives a SIGKILL of the
@@ -413,16 +426,16 @@ impl Cache {
 
     /// A writable open beside passthrough readers began (`true`) or was
     /// released (`false`).
+    /// The count is logged as a number set (not as one more open): a
+    /// replay of a log whose change the database already holds must not
+    /// count an open twice.
     pub fn log_writer(&self, id: ObjectId, open: bool) -> Result<(), CacheError> {
         let mut ov = self.ov_mut();
-        if open {
-            self.append(&mut ov, &LogRec::WriterOpen(id))?;
-            *ov.writers.entry(id).or_default() += 1;
-        } else {
-            self.append(&mut ov, &LogRec::WriterClosed(id))?;
-            writer_closed(&mut ov.writers, id);
-        }
-        Ok(())
+        let n = ov.writers.get(&id).copied().unwrap_or(0);
+        let n = if open { n + 1 } else { n.saturating_sub(1) };
+        let edits = [Edit::Meta(writers_key(id), n.into())];
+        self.append(&mut ov, &LogRec::Edits(edits.to_vec()))?;
+        self.apply(&mut ov, &edits)
     }
 
     /// Objects a killed daemon had open for writing beside passthrough
@@ -466,31 +479,17 @@ impl Cache {
             // a new log generation, starting with the unsealed ranges
             let old_gen = ov.gen;
             ov.gen += 1;
-            ov.log = None;
+            ov.log_open = false;
             let dirty: Vec<(ObjectId, u64, u64)> =
                 ov.dirty.iter().flat_map(|(id, r)| r.iter().map(move |(o, l)| (*id, *o, *l))).collect();
             for (id, o, l) in dirty {
                 self.append(&mut ov, &LogRec::Dirty(id, o, l))?;
             }
-            let writers: Vec<(ObjectId, u32)> = ov.writers.iter().map(|(id, n)| (*id, *n)).collect();
-            for (id, n) in writers {
-                for _ in 0..n {
-                    self.append(&mut ov, &LogRec::WriterOpen(id))?;
-                }
-            }
             (frozen, old_gen)
         };
         // data files first: a durable commit must not claim bytes (a stream
         // position, a sealed write) that a machine crash would lose
-        {
-            use std::os::fd::AsRawFd;
-            let d = std::fs::File::open(&self.data).map_err(|err| CacheError::Io { path: self.data.clone(), err })?;
-            // SAFETY: plain syscall on an open fd.
-            if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-                let err = std::io::Error::last_os_error();
-                return Err(CacheError::Io { path: self.data.clone(), err });
-            }
-        }
+        self.store.sync_all()?;
         if frozen.touched {
             self.write(|tx| {
                 let mut objs = tx.open_table(OBJECTS)?;
@@ -534,6 +533,7 @@ impl Cache {
                 for (k, v) in &frozen.meta {
                     meta.insert(k.as_str(), *v)?;
                 }
+                meta.insert(LOG_NEXT, old_gen + 1)?;
                 for (l, e) in &frozen.cml {
                     match e {
                         Some(e) => {
@@ -558,9 +558,9 @@ impl Cache {
             })?;
         }
         self.ov_mut().frozen = None;
-        for g in self.log_gens()? {
+        for g in self.store.log_gens()? {
             if g <= old_gen {
-                let _ = std::fs::remove_file(self.log_path(g));
+                let _ = self.store.log_remove(g);
             }
         }
         Ok(())
@@ -685,9 +685,71 @@ impl Cache {
         &self.data
     }
 
-    /// The data file of an object.
+    /// The data file of an object, as a real file: only a cache on
+    /// [`Disk`] has one (the FUSE passthrough path hands it to the kernel);
+    /// on other storage the path names nothing. Everything else goes
+    /// through the `data_*` methods.
     pub fn data_path(&self, id: ObjectId) -> PathBuf {
         self.data.join(id.to_string())
+    }
+
+    /// Whether data files are real files (see [`Cache::data_path`]).
+    pub fn has_real_files(&self) -> bool {
+        self.store.dir().is_some()
+    }
+
+    /// Create an empty data file (truncating one that exists).
+    pub fn data_create(&self, id: ObjectId) -> Result<(), CacheError> {
+        self.store.data_create(id)
+    }
+
+    /// Write bytes into a data file at `offset` (created if missing). Log
+    /// the range with [`Cache::log_dirty`] after, not before: a kill in
+    /// between then loses only bytes no record claims.
+    pub fn data_write_at(&self, id: ObjectId, offset: u64, bytes: &[u8]) -> Result<(), CacheError> {
+        self.store.data_write_at(id, offset, bytes)
+    }
+
+    /// Read a data file at `offset` into `buf`: the bytes read (fewer at
+    /// the end of the file, 0 past it or without a file).
+    pub fn data_read_at(&self, id: ObjectId, offset: u64, buf: &mut [u8]) -> Result<usize, CacheError> {
+        self.store.data_read_at(id, offset, buf)
+    }
+
+    /// A data file's length (`None`: no data file).
+    pub fn data_len(&self, id: ObjectId) -> Result<Option<u64>, CacheError> {
+        self.store.data_len(id)
+    }
+
+    /// Truncate or extend a data file (created if missing).
+    pub fn data_set_len(&self, id: ObjectId, len: u64) -> Result<(), CacheError> {
+        self.store.data_set_len(id, len)
+    }
+
+    /// Deallocate a range of a data file, keeping its size.
+    pub fn data_punch(&self, id: ObjectId, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.store.data_punch(id, offset, len)
+    }
+
+    /// Allocate a range of a data file (it may grow, with zeros).
+    pub fn data_allocate(&self, id: ObjectId, offset: u64, len: u64) -> Result<(), CacheError> {
+        self.store.data_allocate(id, offset, len)
+    }
+
+    /// Remove a data file (absent is fine).
+    pub fn data_remove(&self, id: ObjectId) -> Result<(), CacheError> {
+        self.store.data_remove(id)
+    }
+
+    /// Make one data file durable now (fsync(2) of a file; a fold syncs
+    /// them all).
+    pub fn data_sync(&self, id: ObjectId) -> Result<(), CacheError> {
+        self.store.data_sync(id)
+    }
+
+    /// Write ranges not yet in a CML entry (as logged).
+    pub fn dirty(&self) -> DirtyRanges {
+        self.ov().dirty.clone()
     }
 
     fn obj_in(&self, ov: &Overlay, id: ObjectId) -> Result<Option<Cached>, CacheError> {
@@ -894,6 +956,9 @@ impl Cache {
                 }
                 Edit::Meta(k, v) => {
                     ov.live.meta.insert(k.clone(), *v);
+                    if let Some(id) = writers_of(k) {
+                        set_writers(&mut ov.writers, id, *v);
+                    }
                 }
                 // (here, so a replayed log forgets sealed ranges too: sealed
                 // again at start they became writes after a later utimens)
@@ -910,6 +975,26 @@ impl Cache {
         }
         Ok(())
     }
+}
+
+/// The meta key counting an object's writable opens beside passthrough
+/// readers.
+fn writers_key(id: ObjectId) -> String {
+    format!("{WRITERS}{:032x}", id.0)
+}
+
+/// The object a [`writers_key`] is of.
+fn writers_of(key: &str) -> Option<ObjectId> {
+    let hex = key.strip_prefix(WRITERS)?;
+    u128::from_str_radix(hex, 16).ok().map(ObjectId)
+}
+
+fn set_writers(writers: &mut BTreeMap<ObjectId, u32>, id: ObjectId, n: u64) {
+    match u32::try_from(n) {
+        Ok(0) => writers.remove(&id),
+        Ok(n) => writers.insert(id, n),
+        Err(_) => writers.insert(id, u32::MAX),
+    };
 }
 
 fn writer_closed(writers: &mut BTreeMap<ObjectId, u32>, id: ObjectId) {

@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::cache::{CacheError, Cached, CmlEntry, Edit, LogRec, Parked, CML, META, OBJECTS, PARKED};
+use crate::storage::Storage;
 use izo_proto::{ObjectId, Seq};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -147,10 +148,6 @@ fn db_err(path: &Path) -> impl Fn(redb::Error) -> CacheError + '_ {
     move |e| CacheError::Db { path: path.to_path_buf(), why: e.to_string() }
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
-    move |err| CacheError::Io { path: path.to_path_buf(), err }
-}
-
 /// One frame of a log: length, 4 bytes of BLAKE3, body.
 pub(crate) fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(body.len() + 8);
@@ -175,9 +172,10 @@ pub(crate) fn frames(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Bring the cache in `dir` (database `db`) to [`CACHE_FORMAT`]; `logs`
-/// are its log files. Refuses a cache of a newer format.
-pub(crate) fn upgrade(db: &Database, db_path: &Path, logs: &[std::path::PathBuf]) -> Result<(), CacheError> {
+/// Bring the cache on `store` (database `db`) to [`CACHE_FORMAT`]. Refuses
+/// a cache of a newer format.
+pub(crate) fn upgrade(db: &Database, db_path: &Path, store: &dyn Storage) -> Result<(), CacheError> {
+    let logs = store.log_gens()?;
     let format = {
         let tx = db.begin_write().map_err(|e| db_err(db_path)(e.into()))?;
         let (format, empty) = {
@@ -215,16 +213,16 @@ pub(crate) fn upgrade(db: &Database, db_path: &Path, logs: &[std::path::PathBuf]
         return Ok(());
     }
     tracing::info!("upgrading the cache {} from format {format} to {CACHE_FORMAT}", db_path.display());
-    for log in logs {
-        upgrade_log(log)?;
+    for gen in logs {
+        upgrade_log(store, gen)?;
     }
     upgrade_rows(db, db_path)
 }
 
 /// Rewrite one format-1 log file in today's format (a file that already
 /// starts with the magic is left as it is).
-fn upgrade_log(path: &Path) -> Result<(), CacheError> {
-    let buf = std::fs::read(path).map_err(io_err(path))?;
+fn upgrade_log(store: &dyn Storage, gen: u64) -> Result<(), CacheError> {
+    let buf = store.log_read(gen)?;
     if buf.starts_with(LOG_MAGIC) {
         return Ok(());
     }
@@ -235,13 +233,7 @@ fn upgrade_log(path: &Path) -> Result<(), CacheError> {
         let body = postcard::to_allocvec(&rec).expect("a log record always encodes");
         out.extend_from_slice(&frame(&body));
     }
-    let tmp = path.with_extension("log.upgrade");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&out).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    store.log_replace(gen, &out)
 }
 
 /// Re-encode every row of a table keyed by client seq from `Old` to `New`.

@@ -14,6 +14,7 @@ mod query;
 pub mod refusals;
 pub mod replica;
 mod rollback;
+pub mod storage;
 pub mod tls;
 
 use izo_proto::*;
