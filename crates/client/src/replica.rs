@@ -751,7 +751,8 @@ impl Replica {
         let me = self.client.replica();
         let mut planned = Vec::with_capacity(recs.len());
         for r in recs {
-            planned.push(self.prepare(r, Engine::own(r, me)).await?);
+            let own = self.engine().own(r, me);
+            planned.push(self.prepare(r, own).await?);
         }
         let batch = {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());

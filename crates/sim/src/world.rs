@@ -11,11 +11,10 @@
 use crate::server::{Mutation, ServerOpts, SimServer};
 use izo_client::cache::{Cache, Cached, Edit, Parked};
 use izo_client::engine::{self, Data, Engine, Make, Need, Next, Now, Options, Refresh};
+use izo_client::storage::MemStorage;
 use izo_proto::*;
 use izo_testkit::{digest_xattr, Digest, Kind, Node};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Small deterministic generator (xorshift64*).
@@ -28,7 +27,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).max(1))
     }
     /// The next number.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -36,7 +35,7 @@ impl Rng {
     }
     /// Below `n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -68,8 +67,9 @@ pub enum Ev {
     Partition(u8),
     /// Every partition ends.
     Heal,
-    /// Replica `r`'s daemon is SIGKILLed and starts again later.
-    CrashReplica(u8),
+    /// Replica `r`'s daemon is SIGKILLed (`0`) or its machine loses power
+    /// (`1`); it starts again when it next reaches the server.
+    CrashReplica(u8, u8),
     /// The server loses power and restarts from its committed journal.
     CrashServer,
 }
@@ -89,7 +89,7 @@ impl Ev {
             Ev::Connect(r) => format!("C{r}"),
             Ev::Partition(m) => format!("P{m}"),
             Ev::Heal => "H".into(),
-            Ev::CrashReplica(r) => format!("Z{r}"),
+            Ev::CrashReplica(r, h) => format!("Z{r}.{h}"),
             Ev::CrashServer => "Y".into(),
         }
     }
@@ -115,7 +115,7 @@ impl Ev {
             "C" => Ev::Connect(b(0)?),
             "P" => Ev::Partition(b(0)?),
             "H" => Ev::Heal,
-            "Z" => Ev::CrashReplica(b(0)?),
+            "Z" => Ev::CrashReplica(b(0)?, b(1)?),
             "Y" => Ev::CrashServer,
             _ => return None,
         })
@@ -146,7 +146,7 @@ pub fn schedule(seed: u64, replicas: u8, ops: usize) -> Vec<Ev> {
             93..=95 => Ev::Connect(r(&mut rng)),
             96 => Ev::Partition(1 + rng.below((1u64 << replicas) - 1) as u8),
             97 => Ev::Heal,
-            98 => Ev::CrashReplica(r(&mut rng)),
+            98 => Ev::CrashReplica(r(&mut rng), rng.below(2) as u8),
             _ => Ev::CrashServer,
         };
         evs.push(e);
@@ -158,7 +158,7 @@ pub fn schedule(seed: u64, replicas: u8, ops: usize) -> Vec<Ev> {
     let h = p + 1 + at(&mut rng, evs.len() - p - 1);
     evs.insert(h, Ev::Heal);
     let c = at(&mut rng, evs.len());
-    evs.insert(c, Ev::CrashReplica(r(&mut rng)));
+    evs.insert(c, Ev::CrashReplica(r(&mut rng), rng.below(2) as u8));
     let s = at(&mut rng, evs.len());
     evs.insert(s, Ev::CrashServer);
     evs
@@ -181,6 +181,8 @@ pub struct Breaks {
     pub no_reply_cache: bool,
     /// The engine cancels and joins ops even after sending them.
     pub cancel_sent: bool,
+    /// The replica lets the server forget replies it has not folded yet.
+    pub ack_unfolded: bool,
 }
 
 /// Messages from the server to a replica.
@@ -193,7 +195,8 @@ enum Down {
 /// One replica: its cache and engine, and what its connection layer holds.
 struct Rep {
     id: ReplicaId,
-    dir: PathBuf,
+    /// Where its cache lives (in memory; survives the daemon's crashes).
+    store: MemStorage,
     cache: Option<Cache>,
     engine: Engine,
     /// Connected (queues live only while connected).
@@ -205,6 +208,8 @@ struct Rep {
     /// The connection layer (izo_client::Client): sent, not answered.
     unanswered: BTreeMap<u64, (Op, Option<Timestamp>)>,
     answered_through: u64,
+    /// Every answer through this lsn is folded (what the server may forget).
+    durable: u64,
     next_cseq: u64,
     cursor: u64,
     /// Every lsn queued, and those the engine dropped before sending
@@ -213,6 +218,12 @@ struct Rep {
     dropped: BTreeSet<u64>,
     /// Lsns answered as applied (Ok with a seq) by the server.
     acked: BTreeSet<u64>,
+    /// Test switch: tell the server it may forget replies not yet folded.
+    breaks_durable: bool,
+    /// Entries queued when the machine lost power that did not come back
+    /// (never synced: a power loss may take them, as it takes any write
+    /// not fsynced).
+    lost: BTreeSet<u64>,
 }
 
 /// The world of one run.
@@ -222,7 +233,6 @@ pub struct World {
     cut: u8,
     now: Now,
     breaks: Breaks,
-    _tmp: tempfile::TempDir,
     /// Local ops that ran (allowed by the local rules).
     pub ran: usize,
 }
@@ -245,15 +255,11 @@ fn err(e: impl std::fmt::Display) -> String {
 impl World {
     /// A world of `n` replicas.
     pub fn new(n: u8, breaks: Breaks) -> Res<World> {
-        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let tmp = tempfile::Builder::new().prefix("izo-sim-").tempdir_in(base).map_err(err)?;
         let mut reps = Vec::new();
         for i in 0..n {
-            let dir = tmp.path().join(format!("r{i}"));
-            std::fs::create_dir_all(&dir).map_err(err)?;
             reps.push(Rep {
                 id: ReplicaId(0x5eed_0000 + i as u128),
-                dir,
+                store: MemStorage::new(),
                 cache: None,
                 engine: Engine::new(0, Options { break_never_cancel_sent: breaks.cancel_sent }),
                 up: false,
@@ -262,17 +268,20 @@ impl World {
                 sub: 0,
                 unanswered: BTreeMap::new(),
                 answered_through: 0,
+                durable: 0,
                 next_cseq: 1,
                 cursor: 0,
                 queued: BTreeSet::new(),
                 dropped: BTreeSet::new(),
                 acked: BTreeSet::new(),
+                breaks_durable: breaks.ack_unfolded,
+                lost: BTreeSet::new(),
             });
         }
         let server =
             SimServer::new(ServerOpts { reply_cache: !breaks.no_reply_cache, ..ServerOpts::default() }).map_err(err)?;
         let now = Now { mono: Duration::from_secs(1), wall: Timestamp { secs: 1_700_000_000, nsec: 0 } };
-        Ok(World { server, reps, cut: 0, now, breaks, _tmp: tmp, ran: 0 })
+        Ok(World { server, reps, cut: 0, now, breaks, ran: 0 })
     }
 
     fn tick_clock(&mut self, ms: u64) {
@@ -342,7 +351,7 @@ impl World {
                 self.cut = 0;
                 Ok(())
             }
-            Ev::CrashReplica(r) if r < n => self.crash_replica(r as usize),
+            Ev::CrashReplica(r, how) if r < n => self.crash_replica(r as usize, how == 1),
             Ev::CrashServer => {
                 self.server.crash().map_err(err)?;
                 for r in 0..self.reps.len() {
@@ -361,15 +370,24 @@ impl World {
         p.from_server.clear();
     }
 
-    /// The daemon dies (SIGKILL: every returned write survives; nothing
-    /// is folded), and with it the connection layer's memory.
-    fn crash_replica(&mut self, r: usize) -> Res<()> {
+    /// The daemon dies (a SIGKILL: every returned write survives) or the
+    /// machine loses power (only what was synced survives); nothing is
+    /// folded, and the connection layer's memory is gone.
+    fn crash_replica(&mut self, r: usize, power: bool) -> Res<()> {
         self.disconnect(r);
         let p = &mut self.reps[r];
         p.cache = None;
+        if power {
+            // (those that come back are queued again at the restart)
+            p.lost.extend(p.queued.iter().copied());
+            p.store.power_loss();
+        } else {
+            p.store.kill();
+        }
         p.engine = Engine::new(0, Options { break_never_cancel_sent: self.breaks.cancel_sent });
         p.unanswered.clear();
         p.answered_through = 0;
+        p.durable = 0;
         p.next_cseq = 1;
         p.cursor = 0;
         Ok(())
@@ -386,7 +404,7 @@ impl World {
         let p = &mut self.reps[r];
         p.next_cseq = p.next_cseq.max(hello.last_applied + 1);
         if p.cache.is_none() {
-            let cache = Cache::open(&p.dir).map_err(err)?;
+            let cache = Cache::open_on(p.store.clone()).map_err(err)?;
             let (dirty, touched) = cache.replay_log().map_err(err)?;
             let entries = cache.cml().map_err(err)?;
             let parked_next = cache.parked().map_err(err)?.last().map(|(l, _)| l + 1).unwrap_or(0);
@@ -395,6 +413,10 @@ impl World {
             let edits = e.recover(&cache, entries, dirty, touched, p.next_cseq.max(parked_next));
             cache.local(&edits).map_err(err)?;
             p.queued.extend(e.entries().iter().map(|(l, _, _)| *l));
+            for (l, _, _) in e.entries() {
+                p.lost.remove(&l);
+            }
+            p.durable = e.durable_mark();
             if cache.meta("synced").map_err(err)? == 0 && seq == 0 {
                 initial(&self.server, &cache).map_err(|e| format!("initial sync: {e}"))?;
                 e.set_applied(cache.seq().map_err(err)?);
@@ -407,7 +429,7 @@ impl World {
             p.to_server.push_back(Mutation {
                 replica: p.id,
                 cseq: *cseq,
-                acked_through: p.answered_through,
+                acked_through: acked(p),
                 op: op.clone(),
                 stamp: *stamp,
             });
@@ -442,7 +464,7 @@ impl World {
                     p.to_server.push_back(Mutation {
                         replica: p.id,
                         cseq: lsn,
-                        acked_through: p.answered_through,
+                        acked_through: acked(p),
                         op: op.clone(),
                         stamp,
                     });
@@ -541,9 +563,12 @@ impl World {
     fn fold(&mut self, r: usize) -> Res<()> {
         let p = &mut self.reps[r];
         let Some(cache) = &p.cache else { return Ok(()) };
+        let mark = p.engine.durable_mark();
         let edits = p.engine.fold_edits(cache).map_err(err)?;
         cache.local(&edits).map_err(err)?;
-        cache.fold().map_err(err)
+        cache.fold().map_err(err)?;
+        p.durable = p.durable.max(mark);
+        Ok(())
     }
 
     /// Heal: every partition ends, every replica connects, and the world
@@ -642,7 +667,7 @@ impl World {
             let parked: BTreeSet<u64> = cache.parked().map_err(err)?.into_iter().map(|(l, _)| l).collect();
             for lsn in &p.queued {
                 let applied = seen.contains_key(&(p.id, *lsn));
-                if !applied && !parked.contains(lsn) && !p.dropped.contains(lsn) {
+                if !applied && !parked.contains(lsn) && !p.dropped.contains(lsn) && !p.lost.contains(lsn) {
                     return Err(format!("change {lsn} of replica {i} was never applied nor parked"));
                 }
             }
@@ -663,6 +688,15 @@ impl World {
     }
 }
 
+/// What the server may forget replies through (as `Client` sends it once
+/// the shell reports folds: `set_durable_through`).
+fn acked(p: &Rep) -> u64 {
+    if p.breaks_durable {
+        return p.answered_through;
+    }
+    p.answered_through.min(p.durable)
+}
+
 /// Log a planned change, then acknowledge it.
 fn log(cache: &Cache, e: &mut Engine, l: engine::Local) -> Res<()> {
     match cache.local(&l.edits) {
@@ -678,18 +712,16 @@ fn log(cache: &Cache, e: &mut Engine, l: engine::Local) -> Res<()> {
 }
 
 /// The op as sent (as the mount's sender builds it).
-fn build(cache: &Cache, e: izo_client::cache::CmlEntry) -> std::io::Result<Option<Op>> {
+fn build(cache: &Cache, e: izo_client::cache::CmlEntry) -> Res<Option<Op>> {
     let mut op = Engine::bases(cache, e.op);
     if let (Op::Write { id, offset, data, .. }, true) = (&mut op, e.len > 0) {
-        let f = match std::fs::File::open(cache.data_path(*id)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        if cache.data_len(*id).map_err(err)?.is_none() {
+            return Ok(None); // removed since
+        }
         let mut buf = vec![0u8; e.len as usize];
         let mut got = 0;
         while got < buf.len() {
-            match f.read_at(&mut buf[got..], *offset + got as u64)? {
+            match cache.data_read_at(*id, *offset + got as u64, &mut buf[got..]).map_err(err)? {
                 0 => break,
                 n => got += n,
             }
@@ -717,7 +749,7 @@ fn answered(p: &mut Rep, lsn: u64, r: Result<Option<Applied>, OpError>, now: Now
     if let Some((plsn, mut op, error, len)) = out.park {
         if let (Op::Write { id, offset, data, .. }, true) = (&mut op, len > 0) {
             let mut buf = vec![0u8; len as usize];
-            let n = std::fs::File::open(cache.data_path(*id)).and_then(|f| f.read_at(&mut buf, *offset)).unwrap_or(0);
+            let n = cache.data_read_at(*id, *offset, &mut buf).unwrap_or(0);
             buf.truncate(n);
             *data = buf;
         }
@@ -737,36 +769,24 @@ fn apply_batch(server: &SimServer, p: &mut Rep, recs: &[Record], now: Now) -> Re
     let Some(last) = recs.last() else { return Ok(()) };
     let mut planned = Vec::new();
     for r in recs {
-        let mut pl = Engine::plan_record(cache, r, Engine::own(r, p.id)).map_err(err)?;
+        let own = p.engine.own(r, p.id);
+        let mut pl = Engine::plan_record(cache, r, own).map_err(err)?;
         for d in std::mem::take(&mut pl.data) {
             if !p.engine.may_land(d.id()) {
                 continue;
             }
-            let path = cache.data_path(d.id());
-            let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(err)?;
             match d {
-                Data::Write { offset, data, .. } => f.write_all_at(&data, offset).map_err(err)?,
+                Data::Write { id, offset, data } => cache.data_write_at(id, offset, &data).map_err(err)?,
                 Data::Fetch { id, offset, len } => {
                     let Some(all) = server.read(id) else { continue };
                     let end = (offset + len).min(all.len() as u64);
                     if offset < end {
-                        f.write_all_at(&all[offset as usize..end as usize], offset).map_err(err)?;
+                        cache.data_write_at(id, offset, &all[offset as usize..end as usize]).map_err(err)?;
                     }
                 }
-                Data::Punch { offset, len, .. } => {
-                    let cur = f.metadata().map_err(err)?.len();
-                    let end = (offset + len).min(cur);
-                    if offset < end {
-                        f.write_all_at(&vec![0; (end - offset) as usize], offset).map_err(err)?;
-                    }
-                }
-                Data::Allocate { offset, len, .. } => {
-                    let cur = f.metadata().map_err(err)?.len();
-                    if offset + len > cur {
-                        f.set_len(offset + len).map_err(err)?;
-                    }
-                }
-                Data::SetLen { size, .. } => f.set_len(size).map_err(err)?,
+                Data::Punch { id, offset, len } => cache.data_punch(id, offset, len).map_err(err)?,
+                Data::Allocate { id, offset, len } => cache.data_allocate(id, offset, len).map_err(err)?,
+                Data::SetLen { id, size } => cache.data_set_len(id, size).map_err(err)?,
             }
         }
         for n in std::mem::take(&mut pl.needs) {
@@ -803,8 +823,8 @@ fn refresh_one(server: &SimServer, p: &mut Rep, id: ObjectId, all: bool) -> Res<
     let x = if all { server.store().xattrs(id).ok() } else { None };
     if all && a.kind == FileKind::File {
         if let Some(bytes) = server.read(id) {
-            let path = cache.data_path(id);
-            std::fs::write(&path, &bytes).map_err(err)?;
+            cache.data_create(id).map_err(err)?;
+            cache.data_write_at(id, 0, &bytes).map_err(err)?;
         }
     }
     cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }]).map_err(err)
@@ -817,7 +837,8 @@ fn initial(server: &SimServer, cache: &Cache) -> Res<()> {
     for o in entries {
         let e = o.entry;
         if e.attr.kind == FileKind::File {
-            std::fs::write(cache.data_path(e.attr.id), o.data.unwrap_or_default()).map_err(err)?;
+            cache.data_create(e.attr.id).map_err(err)?;
+            cache.data_write_at(e.attr.id, 0, &o.data.unwrap_or_default()).map_err(err)?;
         }
         edits.push(Edit::Put { attr: e.attr.clone(), target: e.target, xattrs: Some(e.xattrs) });
         for (parent, name) in e.links {
@@ -841,7 +862,8 @@ fn resync(server: &SimServer, p: &mut Rep) -> Res<()> {
     for o in entries {
         let e = o.entry;
         if e.attr.kind == FileKind::File {
-            std::fs::write(cache.data_path(e.attr.id), o.data.unwrap_or_default()).map_err(err)?;
+            cache.data_create(e.attr.id).map_err(err)?;
+            cache.data_write_at(e.attr.id, 0, &o.data.unwrap_or_default()).map_err(err)?;
         }
         edits.push(Edit::Put { attr: e.attr.clone(), target: e.target, xattrs: Some(e.xattrs) });
         for (parent, name) in e.links {
@@ -902,8 +924,14 @@ fn node(cache: &Cache, o: &Cached) -> Res<Node> {
     let kind = Kind::from(o.attr.kind);
     let content = match kind {
         Kind::File => {
-            let mut data = std::fs::read(cache.data_path(o.attr.id)).unwrap_or_default();
-            data.resize(o.attr.size as usize, 0);
+            let mut data = vec![0u8; o.attr.size as usize];
+            let mut got = 0;
+            while got < data.len() {
+                match cache.data_read_at(o.attr.id, got as u64, &mut data[got..]).map_err(err)? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
             *blake3::hash(&data).as_bytes()
         }
         Kind::Symlink => *blake3::hash(o.target.as_deref().unwrap_or_default()).as_bytes(),
@@ -945,7 +973,7 @@ impl World {
         let pick = names.get(a as usize % names.len().max(1)).cloned();
         let before: BTreeSet<u64> = p.engine.entries().iter().map(|(l, _, _)| *l).collect();
         let planned = match (k, &pick) {
-            (0 | 1 | 2, _) => {
+            (0..=2, _) => {
                 let kind = match k {
                     0 => FileKind::File,
                     1 => FileKind::Dir,
@@ -965,11 +993,11 @@ impl World {
                 };
                 let l = p.engine.make(cache, m, id, now);
                 if l.is_ok() && kind == FileKind::File {
-                    std::fs::write(cache.data_path(id), b"").map_err(err)?;
+                    cache.data_create(id).map_err(err)?;
                 }
                 l
             }
-            (3 | 4 | 5, Some((_, _, id))) => {
+            (3..=5, Some((_, _, id))) => {
                 // a write of a few bytes somewhere near the end
                 let Some(o) = cache.get(*id).map_err(err)? else { return Ok(()) };
                 if o.attr.kind != FileKind::File {
@@ -977,10 +1005,7 @@ impl World {
                 }
                 let off = (b as u64 * 7) % (o.attr.size + 8);
                 let data = vec![(a % 251) as u8 + 1; 1 + (b as usize % 40)];
-                let path = cache.data_path(*id);
-                let f =
-                    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(err)?;
-                f.write_all_at(&data, off).map_err(err)?;
+                cache.data_write_at(*id, off, &data).map_err(err)?;
                 if Engine::write_is_shared(cache, *id).map_err(err)? {
                     cache.log_dirty(*id, off, data.len() as u64).map_err(err)?;
                 }
@@ -1001,19 +1026,12 @@ impl World {
                 }
                 let l = p.engine.setattr(cache, *id, size, attrs, now);
                 if let (Ok(_), Some(size)) = (&l, size) {
-                    let path = cache.data_path(*id);
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(&path)
-                        .map_err(err)?;
-                    f.set_len(size).map_err(err)?;
+                    cache.data_set_len(*id, size).map_err(err)?;
                 }
                 l
             }
             (7 | 8, Some((parent, n, _))) => {
-                let mode = if a % 5 == 0 { RenameMode::NoReplace } else { RenameMode::Replace };
+                let mode = if a.is_multiple_of(5) { RenameMode::NoReplace } else { RenameMode::Replace };
                 p.engine.rename(cache, *parent, n, dir, &name, mode, now)
             }
             (9, Some((parent, n, id))) => {
@@ -1041,7 +1059,7 @@ impl World {
         if let Some((id, _)) = gone {
             if cache.get(id).map_err(err)?.is_some_and(|c| c.attr.nlink == 0) {
                 cache.purge(id).map_err(err)?;
-                let _ = std::fs::remove_file(cache.data_path(id));
+                cache.data_remove(id).map_err(err)?;
             }
         }
         Ok(())

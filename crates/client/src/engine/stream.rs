@@ -135,10 +135,15 @@ fn newer(view: &dyn View, attr: &Attr) -> R<bool> {
 }
 
 impl Engine {
-    /// Is a record's origin this replica (`me`)? Its lsn then.
-    pub fn own(r: &Record, me: ReplicaId) -> Option<u64> {
+    /// Is a record the echo of an op this engine holds (made here, its
+    /// local effect in the cache)? Its lsn then. A record of this replica
+    /// the engine does not hold (its op was made before a power loss took
+    /// the local effect, or answered in an earlier run) is taken as
+    /// someone else's: its effects land, unless a local change holds them
+    /// off (the busy rule).
+    pub fn own(&self, r: &Record, me: ReplicaId) -> Option<u64> {
         match r.origin {
-            Origin::Replica(id, cseq) if id == me => Some(cseq),
+            Origin::Replica(id, cseq) if id == me && self.c.objs_of.contains_key(&cseq) => Some(cseq),
             _ => None,
         }
     }

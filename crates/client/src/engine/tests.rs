@@ -425,3 +425,35 @@ fn a_foreign_name_held_back_by_a_cancelled_local_change_comes_back_by_resync() {
     assert_eq!(e.queued(), 0, "the create is cancelled: nothing will be refused");
     assert!(e.housekeep().0, "settled: a resync brings the server's name back");
 }
+
+/// Found by the simulation (seed 16): a mkdir applied by the server whose
+/// local effect a power loss took came back as this replica's own record,
+/// and an own record's namespace edits are skipped: the replica never had
+/// the directory. A record of this replica the engine does not hold is now
+/// someone else's.
+#[test]
+fn an_own_record_whose_local_effect_was_lost_lands_as_someone_elses() {
+    let me = ReplicaId(5);
+    let (m, e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = ObjectId::new();
+    let mut attr = m.objs[&ObjectId::ROOT].attr.clone();
+    attr.id = id;
+    let rec = Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(me, 1),
+        op: Op::Mkdir { parent: ObjectId::ROOT, name: b"d".to_vec(), id, mode: 0o755, uid: 0, gid: 0 },
+        attr: Some(attr),
+        dirs: vec![],
+        elided: 0,
+    };
+    assert_eq!(e.own(&rec, me), None, "lsn 1 is not held here (the restarted engine never queued it)");
+    let p = Engine::plan_record(&m, &rec, e.own(&rec, me)).expect("plan");
+    assert!(p.edits.iter().any(|x| matches!(x, Edit::Link { name, .. } if name == b"d")), "the name lands");
+    // an op the engine holds is its echo
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    dir(&mut m, &mut e, ObjectId::ROOT, "d");
+    let lsn = e.entries()[0].0;
+    let echo = Record { origin: Origin::Replica(me, lsn), ..rec };
+    assert_eq!(e.own(&echo, me), Some(lsn));
+}
