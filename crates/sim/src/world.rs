@@ -226,10 +226,29 @@ struct Rep {
     lost: BTreeSet<u64>,
 }
 
+/// What a replica last left of an object it changed: whether it has a
+/// name, and a file's or symlink's size, content and mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Snap {
+    exists: bool,
+    kind: Option<FileKind>,
+    size: u64,
+    content: [u8; 32],
+    mode: u32,
+}
+
 /// The world of one run.
 pub struct World {
     server: SimServer,
     reps: Vec<Rep>,
+    /// The replicas that changed each object.
+    touched: HashMap<ObjectId, BTreeSet<usize>>,
+    /// Each replica's last state of each object it changed.
+    last: Vec<HashMap<ObjectId, Snap>>,
+    /// Objects each replica changed since its last fold (a power loss may
+    /// take those changes back: they are not checked).
+    since_fold: Vec<BTreeSet<ObjectId>>,
+    unsure: BTreeSet<ObjectId>,
     cut: u8,
     now: Now,
     breaks: Breaks,
@@ -281,7 +300,19 @@ impl World {
         let server =
             SimServer::new(ServerOpts { reply_cache: !breaks.no_reply_cache, ..ServerOpts::default() }).map_err(err)?;
         let now = Now { mono: Duration::from_secs(1), wall: Timestamp { secs: 1_700_000_000, nsec: 0 } };
-        Ok(World { server, reps, cut: 0, now, breaks, ran: 0 })
+        let n = reps.len();
+        Ok(World {
+            server,
+            reps,
+            touched: HashMap::new(),
+            last: vec![HashMap::new(); n],
+            since_fold: vec![BTreeSet::new(); n],
+            unsure: BTreeSet::new(),
+            cut: 0,
+            now,
+            breaks,
+            ran: 0,
+        })
     }
 
     fn tick_clock(&mut self, ms: u64) {
@@ -375,6 +406,10 @@ impl World {
     /// folded, and the connection layer's memory is gone.
     fn crash_replica(&mut self, r: usize, power: bool) -> Res<()> {
         self.disconnect(r);
+        if power {
+            self.unsure.extend(std::mem::take(&mut self.since_fold[r]));
+        }
+        let breaks = self.breaks;
         let p = &mut self.reps[r];
         p.cache = None;
         if power {
@@ -384,7 +419,7 @@ impl World {
         } else {
             p.store.kill();
         }
-        p.engine = Engine::new(0, Options { break_never_cancel_sent: self.breaks.cancel_sent });
+        p.engine = Engine::new(0, Options { break_never_cancel_sent: breaks.cancel_sent });
         p.unanswered.clear();
         p.answered_through = 0;
         p.durable = 0;
@@ -568,6 +603,7 @@ impl World {
         cache.local(&edits).map_err(err)?;
         cache.fold().map_err(err)?;
         p.durable = p.durable.max(mark);
+        self.since_fold[r].clear();
         Ok(())
     }
 
@@ -669,6 +705,22 @@ impl World {
                 let applied = seen.contains_key(&(p.id, *lsn));
                 if !applied && !parked.contains(lsn) && !p.dropped.contains(lsn) && !p.lost.contains(lsn) {
                     return Err(format!("change {lsn} of replica {i} was never applied nor parked"));
+                }
+            }
+            // each replica's last state of every object only it changed
+            // survives (in the tree, or parked)
+            let parked_objs: BTreeSet<ObjectId> =
+                cache.parked().map_err(err)?.into_iter().flat_map(|(_, pk)| op_objects(&pk.op)).collect();
+            for (id, want) in &self.last[i] {
+                let only_here = self.touched.get(id).is_some_and(|t| t.len() == 1);
+                if !only_here || self.unsure.contains(id) || parked_objs.contains(id) {
+                    continue;
+                }
+                let have = snap(cache, *id)?;
+                if &have != want {
+                    return Err(format!(
+                        "replica {i}'s last change of {id} is lost: it left {want:?}, the volume has {have:?}"
+                    ));
                 }
             }
             let got = digest(cache).map_err(|e| format!("replica {i}: {e}"))?;
@@ -884,6 +936,44 @@ fn resync(server: &SimServer, p: &mut Rep) -> Res<()> {
     Ok(())
 }
 
+/// Every object an op names.
+fn op_objects(op: &Op) -> Vec<ObjectId> {
+    let mut v = Vec::new();
+    match op {
+        Op::Create { parent, id, .. }
+        | Op::Mkdir { parent, id, .. }
+        | Op::Symlink { parent, id, .. }
+        | Op::Mknod { parent, id, .. }
+        | Op::Link { parent, id, .. } => v.extend([*parent, *id]),
+        Op::Unlink { parent, expect, .. } | Op::Rmdir { parent, expect, .. } => v.extend([*parent, expect.id]),
+        Op::Rename { parent, expect, new_parent, target, .. } => {
+            v.extend([*parent, expect.id, *new_parent]);
+            v.extend(target.iter().map(|t| t.id));
+        }
+        op => v.extend(op.changed_object()),
+    }
+    v
+}
+
+/// What a cache holds of an object (see [`Snap`]).
+fn snap(cache: &Cache, id: ObjectId) -> Res<Snap> {
+    let Some(o) = cache.get(id).map_err(err)? else {
+        return Ok(Snap { exists: false, kind: None, size: 0, content: [0; 32], mode: 0 });
+    };
+    if o.attr.nlink == 0 {
+        return Ok(Snap { exists: false, kind: None, size: 0, content: [0; 32], mode: 0 });
+    }
+    let n = node(cache, &o)?;
+    let dir = o.attr.kind == FileKind::Dir;
+    Ok(Snap {
+        exists: true,
+        kind: Some(o.attr.kind),
+        size: if dir { 0 } else { n.size },
+        content: if dir { [0; 32] } else { n.content },
+        mode: n.mode,
+    })
+}
+
 /// A replica's tree as the testkit describes trees.
 fn digest(cache: &Cache) -> Res<Digest> {
     let mut nodes = BTreeMap::new();
@@ -987,7 +1077,7 @@ impl World {
                     mode: 0o644,
                     uid: 0,
                     gid: 0,
-                    target: Some(b"t"),
+                    target: (kind == FileKind::Symlink).then_some(b"t".as_slice()),
                     rdev: 0,
                     trusted: Some(false),
                 };
@@ -1049,7 +1139,25 @@ impl World {
         self.ran += 1;
         let queued = l.queued.clone();
         let gone = l.gone;
+        let mut changed: BTreeSet<ObjectId> = BTreeSet::new();
+        for e in &l.edits {
+            match e {
+                Edit::Put { attr, .. } => {
+                    changed.insert(attr.id);
+                }
+                Edit::Link { id, .. } | Edit::UnlinkIf { id, .. } | Edit::Forget { id } => {
+                    changed.insert(*id);
+                }
+                _ => {}
+            }
+        }
         log(cache, &mut p.engine, l)?;
+        for id in &changed {
+            let s = snap(cache, *id)?;
+            self.last[r].insert(*id, s);
+            self.touched.entry(*id).or_default().insert(r);
+            self.since_fold[r].insert(*id);
+        }
         let after: BTreeSet<u64> = p.engine.entries().iter().map(|(l, _, _)| *l).collect();
         p.queued.extend(queued);
         // cancelled or joined before ever being sent

@@ -87,13 +87,23 @@ fn a_thousand_schedules_keep_every_invariant() {
 fn without_the_reply_cache_the_simulation_fails() {
     let r = sweep(1, 200, Breaks { no_reply_cache: true, ..Breaks::default() });
     let e = r.expect_err("resent ops applied twice must be found");
+    eprintln!("found as expected: {e}");
     assert!(e.contains("applied twice") || e.contains("differs"), "{e}");
 }
 
 #[test]
 fn cancelling_a_sent_op_makes_the_simulation_fail() {
     let r = sweep(1, 200, Breaks { cancel_sent: true, ..Breaks::default() });
-    r.expect_err("a cancelled op the server applied must be found");
+    let e = r.expect_err("a cancelled op the server applied must be found");
+    eprintln!("found as expected: {e}");
+    assert!(e.contains("is lost") || e.contains("differs"), "{e}");
+}
+
+#[test]
+fn forgetting_replies_before_they_are_folded_makes_the_simulation_fail() {
+    let r = sweep(1, 400, Breaks { ack_unfolded: true, ..Breaks::default() });
+    let e = r.expect_err("a refusal lost to a power loss and then taken as applied must be found");
+    eprintln!("found as expected: {e}");
 }
 
 #[test]
