@@ -649,6 +649,20 @@ impl Cache {
         self.read(|tx| Ok(tx.open_table(META)?.get(k)?.map(|v| v.value()).unwrap_or(0)))
     }
 
+    /// The highest lsn whose change this cache holds (logged with it), for
+    /// a start whose lowest new lsn is `floor`. A cache that never tracked
+    /// it (an earlier release's, or a new one) starts tracking now, taking
+    /// every lsn below `floor` as held: what its owner sent was logged.
+    pub fn logged_lsn(&self, floor: u64) -> Result<u64, CacheError> {
+        use crate::engine::{LOGGED, TRACKED};
+        if self.meta(TRACKED)? == 1 {
+            return self.meta(LOGGED);
+        }
+        let held = floor.saturating_sub(1).max(self.meta(LOGGED)?);
+        self.change(&[Edit::Meta(TRACKED.into(), 1), Edit::Meta(LOGGED.into(), held)])?;
+        Ok(held)
+    }
+
     /// A stored number (stream position, incarnation halves, ...).
     pub fn meta(&self, k: &str) -> Result<u64, CacheError> {
         self.meta_in(&self.ov(), k)

@@ -85,7 +85,8 @@ impl Replica {
         // is never reused)
         let parked_next = self.cache.parked()?.last().map(|(l, _)| l + 1).unwrap_or(0);
         let floor = self.client.next_cseq().max(parked_next);
-        let edits = e.recover(&self.cache, entries, dirty, touched, floor);
+        let logged = self.cache.logged_lsn(floor)?;
+        let edits = e.recover(&self.cache, entries, dirty, touched, floor, logged);
         if !edits.is_empty() {
             self.cache.local(&edits)?;
         }

@@ -445,7 +445,9 @@ impl World {
             let parked_next = cache.parked().map_err(err)?.last().map(|(l, _)| l + 1).unwrap_or(0);
             let seq = cache.seq().map_err(err)?;
             let mut e = Engine::new(seq, Options { break_never_cancel_sent: self.breaks.cancel_sent });
-            let edits = e.recover(&cache, entries, dirty, touched, p.next_cseq.max(parked_next));
+            let floor = p.next_cseq.max(parked_next);
+            let logged = cache.logged_lsn(floor).map_err(err)?;
+            let edits = e.recover(&cache, entries, dirty, touched, floor, logged);
             cache.local(&edits).map_err(err)?;
             p.queued.extend(e.entries().iter().map(|(l, _, _)| *l));
             for (l, _, _) in e.entries() {

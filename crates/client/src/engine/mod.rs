@@ -61,6 +61,13 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// looks for work at least this often).
 pub const SEAL_EVERY: Duration = Duration::from_millis(500);
 
+/// The cache's meta key holding the highest lsn whose change is logged
+/// (written with the change, in the same log record).
+pub const LOGGED: &str = "lsn.logged";
+/// Set once the cache tracks [`LOGGED`] (a cache of an earlier release
+/// does not: all its own records count as its own).
+pub const TRACKED: &str = "lsn.tracked";
+
 /// A read-only view of the namespace the engine decides on (the cache).
 pub trait View {
     /// An object.
@@ -186,13 +193,16 @@ pub struct Engine {
     waiting: HashSet<u64>,
     /// The stream position the cache has applied.
     applied: Seq,
+    /// Lsns up to this one were logged here before the start: their local
+    /// effect is in the cache (see [`Engine::own`]).
+    logged: u64,
     opts: Options,
 }
 
 impl Engine {
     /// An engine for a cache at stream position `applied`.
     pub fn new(applied: Seq, opts: Options) -> Engine {
-        Engine { c: Cml { next_lsn: 1, ..Cml::default() }, waiting: HashSet::new(), applied, opts }
+        Engine { c: Cml { next_lsn: 1, ..Cml::default() }, waiting: HashSet::new(), applied, logged: 0, opts }
     }
 
     /// Load the log an earlier run left: its entries (all counted as sent:
@@ -200,7 +210,9 @@ impl Engine {
     /// they are sent again in order and the server's reply cache answers
     /// those it applied), its unsealed writes (sealed now: the edits to
     /// log), the objects a killed run's log touched (asked for again once
-    /// idle), and the lowest lsn new ops may take.
+    /// idle), the lowest lsn new ops may take, and the highest lsn whose
+    /// change the cache holds (its [`LOGGED`] meta).
+    #[allow(clippy::too_many_arguments)]
     pub fn recover(
         &mut self,
         view: &dyn View,
@@ -208,7 +220,9 @@ impl Engine {
         dirty: DirtyRanges,
         touched: Vec<ObjectId>,
         floor: u64,
+        logged: u64,
     ) -> Vec<Edit> {
+        self.logged = logged;
         let last = entries.last().map(|(l, _)| l + 1).unwrap_or(0);
         self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(1);
         for (lsn, e) in entries {
@@ -219,8 +233,12 @@ impl Engine {
         self.c.refresh = touched.into_iter().map(|id| (id, false)).collect();
         let ids: Vec<ObjectId> = self.c.dirty.keys().copied().collect();
         let mut edits = Vec::new();
+        let mut lsns = Vec::new();
         for id in ids {
-            self.seal_into(view, id, &mut edits);
+            lsns.extend(self.seal_into(view, id, &mut edits));
+        }
+        if let Some(m) = lsns.iter().max() {
+            edits.push(Edit::Meta(LOGGED.into(), *m));
         }
         edits
     }
@@ -424,6 +442,9 @@ impl Engine {
             edits.push(Edit::Cml(lsn, e));
             l.queued.push(lsn);
         }
+        if let Some(m) = l.queued.iter().max() {
+            edits.push(Edit::Meta(LOGGED.into(), *m));
+        }
         l.edits.splice(0..0, edits);
         Ok(l)
     }
@@ -592,6 +613,7 @@ impl Engine {
                 let again = self.c.push(e.clone());
                 out.now.push(Edit::CmlDone(lsn));
                 out.now.push(Edit::Cml(again, e.clone()));
+                out.now.push(Edit::Meta(LOGGED.into(), again));
                 out.wake_sender = true;
             }
             Err(err) => {

@@ -135,15 +135,17 @@ fn newer(view: &dyn View, attr: &Attr) -> R<bool> {
 }
 
 impl Engine {
-    /// Is a record the echo of an op this engine holds (made here, its
-    /// local effect in the cache)? Its lsn then. A record of this replica
-    /// the engine does not hold (its op was made before a power loss took
-    /// the local effect, or answered in an earlier run) is taken as
+    /// Is a record the echo of an op made here whose local effect is in
+    /// the cache (one this engine holds, or one logged before the start)?
+    /// Its lsn then. A record of this replica past what the cache logged
+    /// (a power loss took the change before it was synced) is taken as
     /// someone else's: its effects land, unless a local change holds them
     /// off (the busy rule).
     pub fn own(&self, r: &Record, me: ReplicaId) -> Option<u64> {
         match r.origin {
-            Origin::Replica(id, cseq) if id == me && self.c.objs_of.contains_key(&cseq) => Some(cseq),
+            Origin::Replica(id, cseq) if id == me && (cseq <= self.logged || self.c.objs_of.contains_key(&cseq)) => {
+                Some(cseq)
+            }
             _ => None,
         }
     }
