@@ -649,18 +649,78 @@ impl Cache {
         self.read(|tx| Ok(tx.open_table(META)?.get(k)?.map(|v| v.value()).unwrap_or(0)))
     }
 
-    /// The highest lsn whose change this cache holds (logged with it), for
-    /// a start whose lowest new lsn is `floor`. A cache that never tracked
-    /// it (an earlier release's, or a new one) starts tracking now, taking
+    /// The lsns of this replica whose changes this cache holds, for a start
+    /// whose lowest new lsn is `floor` (see [`crate::engine::Engine::own`]):
+    /// every lsn up to the highest logged, but for the gaps earlier starts
+    /// found (lsns the server has that a power loss took from here,
+    /// recorded durably at the start that found them). A cache that never
+    /// tracked this (an earlier release's, or a new one) starts now, taking
     /// every lsn below `floor` as held: what its owner sent was logged.
-    pub fn logged_lsn(&self, floor: u64) -> Result<u64, CacheError> {
-        use crate::engine::{LOGGED, TRACKED};
-        if self.meta(TRACKED)? == 1 {
-            return self.meta(LOGGED);
+    pub fn logged_lsn(&self, floor: u64) -> Result<crate::engine::Logged, CacheError> {
+        use crate::engine::{Logged, GAP, LOGGED, TRACKED};
+        let tracked = self.meta(TRACKED)? == 1;
+        let logged = self.meta(LOGGED)?;
+        let mut gaps = Vec::new();
+        for (k, end) in self.meta_prefix(GAP)? {
+            if let Ok(start) = k[GAP.len()..].parse::<u64>() {
+                gaps.push((start, end));
+            }
         }
-        let held = floor.saturating_sub(1).max(self.meta(LOGGED)?);
-        self.change(&[Edit::Meta(TRACKED.into(), 1), Edit::Meta(LOGGED.into(), held)])?;
-        Ok(held)
+        let top = floor.saturating_sub(1);
+        let mut edits = Vec::new();
+        if !tracked {
+            edits.push(Edit::Meta(TRACKED.into(), 1));
+        } else if top > logged {
+            // the server has changes of ours this cache lost
+            gaps.push((logged + 1, top));
+            edits.push(Edit::Meta(format!("{GAP}{:020}", logged + 1), top));
+        }
+        let through = top.max(logged);
+        if through != logged {
+            edits.push(Edit::Meta(LOGGED.into(), through));
+        }
+        if !edits.is_empty() {
+            self.change(&edits)?;
+        }
+        Ok(Logged { through, gaps })
+    }
+
+    /// Every stored number whose key starts with `prefix`.
+    pub fn meta_prefix(&self, prefix: &str) -> Result<BTreeMap<String, u64>, CacheError> {
+        let ov = self.ov();
+        let mut keys: BTreeMap<String, u64> = self.read(|tx| {
+            let meta = tx.open_table(META)?;
+            let mut out = BTreeMap::new();
+            for row in meta.range(prefix..)? {
+                let (k, v) = row?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.insert(k.value().to_string(), v.value());
+            }
+            Ok(out)
+        })?;
+        for m in ov.layers().collect::<Vec<_>>().into_iter().rev() {
+            for (k, v) in &m.meta {
+                if k.starts_with(prefix) {
+                    keys.insert(k.clone(), *v);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Objects whose attributes to ask the server for again (a directory
+    /// whose local mtime came from changes that were cancelled before the
+    /// server saw them), as flagged by [`crate::engine::refresh_flag`].
+    pub fn flagged_refreshes(&self) -> Result<Vec<ObjectId>, CacheError> {
+        let prefix = crate::engine::REFRESH;
+        Ok(self
+            .meta_prefix(prefix)?
+            .into_iter()
+            .filter(|(_, v)| *v == 1)
+            .filter_map(|(k, _)| u128::from_str_radix(&k[prefix.len()..], 16).ok().map(ObjectId))
+            .collect())
     }
 
     /// A stored number (stream position, incarnation halves, ...).

@@ -77,7 +77,8 @@ impl Replica {
     /// Load the modification log left by an earlier run (a SIGKILL's log
     /// replayed, unsealed writes sealed) and number new ops after it.
     pub(crate) fn recover_cml(&self) -> R<()> {
-        let (dirty, touched) = self.cache.replay_log()?;
+        let (dirty, mut touched) = self.cache.replay_log()?;
+        touched.extend(self.cache.flagged_refreshes()?);
         let entries = self.cache.cml()?;
         let g = lock(&self.apply);
         let mut e = self.engine();

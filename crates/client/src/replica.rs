@@ -593,7 +593,7 @@ impl Replica {
                 f.set_len(a.size).map_err(io(&path))?;
             }
         }
-        self.cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }])?;
+        self.cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }, crate::engine::refresh_flag(id, false)])?;
         Ok(())
     }
 

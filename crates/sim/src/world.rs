@@ -440,7 +440,8 @@ impl World {
         p.next_cseq = p.next_cseq.max(hello.last_applied + 1);
         if p.cache.is_none() {
             let cache = Cache::open_on(p.store.clone()).map_err(err)?;
-            let (dirty, touched) = cache.replay_log().map_err(err)?;
+            let (dirty, mut touched) = cache.replay_log().map_err(err)?;
+            touched.extend(cache.flagged_refreshes().map_err(err)?);
             let entries = cache.cml().map_err(err)?;
             let parked_next = cache.parked().map_err(err)?.last().map(|(l, _)| l + 1).unwrap_or(0);
             let seq = cache.seq().map_err(err)?;
@@ -881,7 +882,7 @@ fn refresh_one(server: &SimServer, p: &mut Rep, id: ObjectId, all: bool) -> Res<
             cache.data_write_at(id, 0, &bytes).map_err(err)?;
         }
     }
-    cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }]).map_err(err)
+    cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }, engine::refresh_flag(id, false)]).map_err(err)
 }
 
 /// Fill an empty cache from the server's snapshot.

@@ -137,6 +137,12 @@ fn schedules_that_found_bugs_stay_fixed() {
         // an own op answered before a kill, its record after it
         "L0.1.41.18 S0 D0.4 R0.1 L0.7.32.56 Z0.0",
         "L0.1.23.5 S0 D0.1 R0.4 L0.7.14.60 Z0.0",
+        // an own op the server has, lost here to a power loss, then a later
+        // op logged past it (a gap in what the cache holds)
+        "L0.0.41.4 S0 D0.4 Z0.1 C0 L0.2.33.44 Z0.0",
+        // a directory's mtime from cancelled changes, refreshed after a
+        // fold and a power loss
+        "L0.2.15.24 L0.9.14.24 F0 Z0.1",
     ];
     for line in found {
         let evs = parse_line(line).expect("a replay line");

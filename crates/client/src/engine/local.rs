@@ -155,8 +155,10 @@ impl Engine {
                     self.c.release(l);
                     edits.push(Edit::CmlDone(l));
                 }
-                // the directory's server mtime, once it is idle
+                // the directory's server mtime, once it is idle (flagged
+                // with this change: a crash after the next fold keeps it)
                 self.c.refresh.push((pid, false));
+                edits.push(super::refresh_flag(pid, true));
                 None
             }
             None => {

@@ -67,6 +67,35 @@ pub const LOGGED: &str = "lsn.logged";
 /// Set once the cache tracks [`LOGGED`] (a cache of an earlier release
 /// does not: all its own records count as its own).
 pub const TRACKED: &str = "lsn.tracked";
+/// Meta keys `lsn.gap.<first>` = last: lsns the server has whose changes a
+/// power loss took from this cache.
+pub const GAP: &str = "lsn.gap.";
+
+/// Meta keys `refresh.<id>` = 1: an object to ask the server about again
+/// once idle, flagged in the same log record as the change that needs it
+/// (so a crash after a fold does not forget it); 0 once done.
+pub const REFRESH: &str = "refresh.";
+
+/// The edit flagging (`on`) or clearing an object's refresh (see [`REFRESH`]).
+pub fn refresh_flag(id: ObjectId, on: bool) -> Edit {
+    Edit::Meta(format!("{REFRESH}{:032x}", id.0), on as u64)
+}
+
+/// Which lsns of this replica the cache holds the changes of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Logged {
+    /// Every lsn up to this one ...
+    pub through: u64,
+    /// ... but for these ranges (inclusive).
+    pub gaps: Vec<(u64, u64)>,
+}
+
+impl Logged {
+    /// Does the cache hold the change of `lsn`?
+    pub fn holds(&self, lsn: u64) -> bool {
+        lsn <= self.through && !self.gaps.iter().any(|(a, b)| (*a..=*b).contains(&lsn))
+    }
+}
 
 /// A read-only view of the namespace the engine decides on (the cache).
 pub trait View {
@@ -193,16 +222,22 @@ pub struct Engine {
     waiting: HashSet<u64>,
     /// The stream position the cache has applied.
     applied: Seq,
-    /// Lsns up to this one were logged here before the start: their local
-    /// effect is in the cache (see [`Engine::own`]).
-    logged: u64,
+    /// The lsns logged here before the start: their local effect is in the
+    /// cache (see [`Engine::own`]).
+    logged: Logged,
     opts: Options,
 }
 
 impl Engine {
     /// An engine for a cache at stream position `applied`.
     pub fn new(applied: Seq, opts: Options) -> Engine {
-        Engine { c: Cml { next_lsn: 1, ..Cml::default() }, waiting: HashSet::new(), applied, logged: 0, opts }
+        Engine {
+            c: Cml { next_lsn: 1, ..Cml::default() },
+            waiting: HashSet::new(),
+            applied,
+            logged: Logged::default(),
+            opts,
+        }
     }
 
     /// Load the log an earlier run left: its entries (all counted as sent:
@@ -220,7 +255,7 @@ impl Engine {
         dirty: DirtyRanges,
         touched: Vec<ObjectId>,
         floor: u64,
-        logged: u64,
+        logged: Logged,
     ) -> Vec<Edit> {
         self.logged = logged;
         let last = entries.last().map(|(l, _)| l + 1).unwrap_or(0);

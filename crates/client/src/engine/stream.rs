@@ -143,7 +143,9 @@ impl Engine {
     /// off (the busy rule).
     pub fn own(&self, r: &Record, me: ReplicaId) -> Option<u64> {
         match r.origin {
-            Origin::Replica(id, cseq) if id == me && (cseq <= self.logged || self.c.objs_of.contains_key(&cseq)) => {
+            Origin::Replica(id, cseq)
+                if id == me && (self.logged.holds(cseq) || self.c.objs_of.contains_key(&cseq)) =>
+            {
                 Some(cseq)
             }
             _ => None,

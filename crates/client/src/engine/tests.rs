@@ -384,7 +384,7 @@ fn an_entry_reloaded_at_start_counts_as_sent() {
     };
     let mut dirty = crate::cache::DirtyRanges::new();
     dirty.insert(id, vec![(0, 3)]);
-    let edits = e.recover(&m, vec![(4, create)], dirty, vec![], 9, 3);
+    let edits = e.recover(&m, vec![(4, create)], dirty, vec![], 9, Logged { through: 3, gaps: vec![] });
     assert!(edits.iter().any(|x| matches!(x, Edit::Cml(_, c) if c.op.kind() == "write")), "unsealed writes sealed");
     assert_eq!(e.entries()[0], (4, e.entries()[0].1.clone(), true), "counted as sent");
     assert!(e.entries()[1].0 >= 9, "new ops number after the floor");
@@ -461,7 +461,7 @@ fn an_own_record_whose_local_effect_was_lost_lands_as_someone_elses() {
     // own: its record must not land a second name for a directory renamed
     // since
     let mut e = Engine::new(0, Options::default());
-    let _ = e.recover(&m, vec![], Default::default(), vec![], 3, 2);
+    let _ = e.recover(&m, vec![], Default::default(), vec![], 3, Logged { through: 2, gaps: vec![] });
     assert_eq!(e.own(&rec, me), Some(1), "logged before the restart: its effect is in the cache");
     let later = Record { origin: Origin::Replica(me, 3), ..rec };
     assert_eq!(e.own(&later, me), None, "past what the cache logged");
