@@ -116,7 +116,7 @@ pub enum StartError {
         volume: String,
         /// What failed.
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// The changes an earlier run queued could not be loaded.
     #[error("loading the changes queued in {}", dir.display())]
@@ -241,7 +241,7 @@ pub async fn start(opts: StartOpts, mut progress: impl FnMut(&Progress)) -> Resu
             let given = opts.fingerprint.is_some();
             return Err(StartError::Fingerprint { addr: opts.addr, mismatch, file: pin.file, given });
         }
-        Err(source) => return Err(StartError::Connect { addr: opts.addr, volume: opts.volume, source }),
+        Err(e) => return Err(StartError::Connect { addr: opts.addr, volume: opts.volume, source: Box::new(e) }),
     };
     if let Some(fp) = client.server_fingerprint() {
         match (&opts.fingerprint, &remembered) {
