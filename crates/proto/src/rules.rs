@@ -10,6 +10,11 @@
 //! refusal) or a [`ConflictKind`] conflict (the namespace moved under the
 //! op); conflicts carry [`Namespace::current`] when the view has it.
 //!
+//! The client's engine can wrap its view in a newtype whose `Error` is its
+//! `ReplicaError` (which converts from `OpError`, so the errno follows from
+//! the variant): `node` from the cached attributes (`kind`, `nlink`),
+//! `is_empty` from `children`, `parent_of` as the view has it.
+//!
 //! How the client calls each rule, before it edits its cache:
 //! - create, mkdir, symlink, mknod: [`name`], then [`create`]; a symlink
 //!   also [`symlink_target`]; mknod also [`mknod_kind`] with the volume's
