@@ -6,9 +6,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use izo_client::cache::Cache;
-use izo_client::replica::Replica;
-use izo_client::{Client, ClientConfig};
+use izo_client::start::{start, StartOpts};
 use izo_server::auth::{Rights, Tokens};
 use izo_server::{Server, ServerConfig};
 use std::path::{Path, PathBuf};
@@ -25,6 +23,12 @@ pub struct DemoArgs {
 }
 
 fn walk_through(mnt: &Path, export: &Path, sync: &dyn Fn() -> Result<()>) -> Result<()> {
+    // (a demo dir used before holds the last walk's files)
+    if mnt.join("notes").exists() {
+        std::fs::remove_dir_all(mnt.join("notes")).context("rm -r notes on the mount")?;
+        std::fs::remove_file(mnt.join("greeting-link")).context("rm greeting-link on the mount")?;
+        println!("mount: removed notes/ and greeting-link, left by an earlier demo");
+    }
     std::fs::create_dir(mnt.join("notes")).context("mkdir on the mount")?;
     let text = b"hello from intermezzo\n";
     std::fs::write(mnt.join("notes/hello.txt"), text).context("write on the mount")?;
@@ -46,6 +50,29 @@ fn walk_through(mnt: &Path, export: &Path, sync: &dyn Fn() -> Result<()>) -> Res
     Ok(())
 }
 
+/// The demo client's token, kept in `file` so that a demo run again on its
+/// directory is the same client (a replica id belongs to one token).
+fn demo_token(file: &Path, tokens: &Tokens, volume: &str) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(kept) = std::fs::read_to_string(file) {
+        let kept = kept.trim();
+        if tokens.check(kept, volume).is_some() {
+            return Ok(kept.to_string());
+        }
+    }
+    let token = tokens.create(volume, Rights::Rw, "demo").context("creating a token")?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("keeping the demo's token in {}", file.display()))?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
+        .with_context(|| format!("keeping the demo's token in {}", file.display()))?;
+    Ok(token)
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("izo-demo-{}", std::process::id()));
     let base = args.dir.unwrap_or(tmp);
@@ -60,7 +87,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let (server, replica) = rt.block_on(async {
+    let cache_dir = base.join("cache");
+    let (server, started) = rt.block_on(async {
         let server = Server::open(&cfg).context("opening the demo volume")?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen).await.context("binding loopback")?;
         let addr = listener.local_addr()?.to_string();
@@ -69,27 +97,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
         tokio::spawn(server.clone().serve(listener));
         println!("server: volume {volume:?} exported from {}", export.display());
         println!("server: listening on {addr}, certificate {fp}");
-        let token = Tokens::new(&state).create(&volume, Rights::Rw, "demo").context("creating a token")?;
-        let mut cc = ClientConfig::new(addr, volume, token);
-        cc.fingerprint = Some(fp);
-        let c = Client::connect(cc).await.context("connecting")?;
-        let cache = Cache::open(&base.join("cache")).context("opening the cache")?;
-        let replica = Replica::new(c, cache, tokio::runtime::Handle::current()).context("loading the cache")?;
-        Ok::<_, anyhow::Error>((server, replica))
+        let token = demo_token(&base.join("token"), &Tokens::new(&state), &volume)?;
+        // the client starts as `izo mount` starts one (its replica id,
+        // pinned certificate, queued changes and incarnation check)
+        let opts =
+            StartOpts { addr, volume, token, fingerprint: Some(fp), cache_dir: cache_dir.clone(), sync_close: false };
+        let started = start(opts, |_| {}).await?;
+        Ok::<_, anyhow::Error>((server, started))
     })?;
-    replica.check_incarnation().context("checking the volume's incarnation")?;
-    rt.block_on(replica.initial_sync(|_| {})).context("initial replication")?;
+    let replica = started.replica.clone();
     let mounted = izo_fuse::mount(replica.clone(), &mnt, izo_fuse::MountFlags::default())
         .with_context(|| format!("mounting on {} (needs /dev/fuse and root)", mnt.display()))?;
-    let follower = rt.spawn(replica.clone().follow());
-    let sender = rt.spawn(replica.clone().send());
     // `izo sync` and `izo status` work on the demo's mount too
-    let info = std::sync::Arc::new(crate::control::Info::new(
-        "export".into(),
-        "this process".into(),
-        base.join("cache"),
-        mnt.clone(),
-    ));
+    let info =
+        std::sync::Arc::new(crate::control::Info::new("export".into(), "this process".into(), cache_dir, mnt.clone()));
+    let tasks = rt.block_on(async { started.spawn(crate::mount::stream_stopped(info.clone())) });
     let sock = match crate::control::listen(&rt) {
         Ok((sock, l)) => {
             rt.spawn(crate::control::serve(l, replica.clone(), info));
@@ -125,8 +147,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     mounted.unmount().with_context(|| format!("unmounting {}", mnt.display()))?;
     crate::mount::finish(&rt, &replica);
-    follower.abort();
-    sender.abort();
+    tasks.follower.abort();
+    tasks.sender.abort();
     if !server.shutdown(Duration::from_secs(10)) {
         eprintln!("izo: the demo volume did not stop in time; its next start replays the journal");
     }

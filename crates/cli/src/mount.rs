@@ -3,10 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use izo_client::cache::Cache;
-use izo_client::replica::{Progress, Replica};
-use izo_client::tls::Mismatch;
-use izo_client::{Client, ClientConfig, ClientError};
+use izo_client::replica::Replica;
+use izo_client::start::{start, Progress, StartOpts};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,66 +130,22 @@ fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<()> {
     Ok(())
 }
 
-/// The server certificate a cache trusts, kept beside it: taken at the
-/// first mount without `--fingerprint`, replaced by a `--fingerprint`.
-struct Pin {
-    file: PathBuf,
-}
-
-impl Pin {
-    fn of(cache_dir: &Path) -> Pin {
-        Pin { file: cache_dir.join("server-fingerprint") }
-    }
-
-    /// The fingerprint remembered, if any.
-    fn read(&self) -> Result<Option<String>> {
-        let text = match std::fs::read_to_string(&self.file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.file.display())),
-        };
-        let fp = text.trim();
-        let hex = fp.strip_prefix("SHA256:").unwrap_or_default();
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!(
-                "{} does not hold a certificate fingerprint (SHA256:…): remove it, or pass --fingerprint",
-                self.file.display()
-            );
+/// What happens while the client starts, on stderr.
+fn say(p: &Progress, addr: &str, began: Instant) {
+    match p {
+        Progress::FirstTrust { fingerprint, file } => eprintln!(
+            "izo: first mount from {addr}: trusting its certificate {fingerprint} (remembered in {}; compare \
+             it with the fingerprint `izo serve` printed)",
+            file.display()
+        ),
+        Progress::Replaced { fingerprint, old, file } => {
+            eprintln!("izo: the server's new certificate {fingerprint} replaces {old} in {}", file.display())
         }
-        Ok(Some(fp.to_string()))
-    }
-
-    /// Remember `fp` (when it is not what the file holds already).
-    fn remember(&self, fp: &str, had: Option<&str>) -> Result<()> {
-        if had.is_some_and(|h| h.eq_ignore_ascii_case(fp)) {
-            return Ok(());
-        }
-        let tmp = self.file.with_extension("tmp");
-        std::fs::write(&tmp, format!("{fp}\n"))
-            .and_then(|_| std::fs::rename(&tmp, &self.file))
-            .with_context(|| format!("remembering the server's certificate in {}", self.file.display()))
-    }
-
-    /// What to tell the user when the server's certificate is not the one trusted.
-    fn refused(&self, addr: &str, m: &Mismatch, given: bool) -> anyhow::Error {
-        let (file, new) = (self.file.display(), &m.presented);
-        match given {
-            true => anyhow::anyhow!(
-                "the server at {addr} presents certificate {new}, not {} given with --fingerprint: check the \
-                 fingerprint `izo serve` printed",
-                m.pinned
-            ),
-            false => anyhow::anyhow!(
-                "the server at {addr} presents certificate {new}, but this cache trusts {} (remembered in {file} at \
-                 its first mount). Someone may be impersonating the server. If its certificate changed on purpose \
-                 (a new state dir, for example), accept the new one with --fingerprint {new}, or remove {file}",
-                m.pinned
-            ),
-        }
+        Progress::Replicating(p) => show(p, began),
     }
 }
 
-fn show(p: &Progress, start: Instant) {
+fn show(p: &izo_client::replica::Progress, start: Instant) {
     let secs = start.elapsed().as_secs_f64().max(0.001);
     let rate = p.bytes_done as f64 / secs;
     let left = p.bytes.saturating_sub(p.bytes_done) as f64;
@@ -228,53 +182,25 @@ pub fn run(args: MountArgs) -> Result<()> {
     check_mountpoint(&args.mountpoint, args.nonempty)?;
     let cache_dir = args.cache.clone().unwrap_or_else(|| default_cache(&volume));
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let cache = Cache::open(&cache_dir).with_context(|| format!("opening the cache in {}", cache_dir.display()))?;
-    let pin = Pin::of(&cache_dir);
-    let remembered = pin.read()?;
-    let mut cfg = ClientConfig::new(addr.clone(), volume.clone(), args.token.clone());
-    cfg.fingerprint = args.fingerprint.clone().or(remembered.clone());
-    // a remount speaks as the same replica
-    if let Some(r) = cache.meta128("replica").context("reading the cache")? {
-        cfg.replica = izo_proto::ReplicaId(r);
-    }
-    let client = match rt.block_on(Client::connect(cfg)) {
-        Ok(c) => c,
-        Err(ClientError::Fingerprint(m)) => return Err(pin.refused(&addr, &m, args.fingerprint.is_some())),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("connecting to {addr} for volume {volume:?} (check the address, token and fingerprint)")
-            })
-        }
+    let opts = StartOpts {
+        addr: addr.clone(),
+        volume: volume.clone(),
+        token: args.token.clone(),
+        fingerprint: args.fingerprint.clone(),
+        cache_dir: cache_dir.clone(),
+        sync_close: args.sync_close,
     };
-    if let Some(fp) = client.server_fingerprint() {
-        match (&args.fingerprint, &remembered) {
-            (None, None) => eprintln!(
-                "izo: first mount from {addr}: trusting its certificate {fp} (remembered in {}; compare it with \
-                 the fingerprint `izo serve` printed)",
-                pin.file.display()
-            ),
-            (Some(_), Some(old)) if !old.eq_ignore_ascii_case(&fp) => {
-                eprintln!("izo: the server's new certificate {fp} replaces {old} in {}", pin.file.display())
-            }
-            _ => {}
-        }
-        pin.remember(&fp, remembered.as_deref())?;
-    }
-    let replica = Replica::new(client, cache, rt.handle().clone())
-        .with_context(|| format!("loading the changes queued in {}", cache_dir.display()))?;
-    replica.sync_close.store(args.sync_close, std::sync::atomic::Ordering::Relaxed);
-    replica.check_incarnation().context("checking the volume's incarnation against the cache")?;
-    let start = Instant::now();
-    rt.block_on(replica.initial_sync(|p| show(p, start))).context("initial replication")?;
+    let began = Instant::now();
+    let started = rt.block_on(start(opts, |p| say(p, &addr, began)))?;
     eprintln!();
+    let replica = started.replica.clone();
     let flags = izo_fuse::MountFlags { dev: args.dev, suid: args.suid };
     let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint, flags).with_context(|| {
         format!("mounting on {} (FUSE needs /dev/fuse, and root or fusermount3)", args.mountpoint.display())
     })?;
     let info =
         Arc::new(crate::control::Info::new(volume.clone(), addr.clone(), cache_dir.clone(), args.mountpoint.clone()));
-    rt.spawn(follow(replica.clone(), info.clone()));
-    rt.spawn(replica.clone().send());
+    let _tasks = rt.block_on(async { started.spawn(stream_stopped(info.clone())) });
     let (sock, listener) = crate::control::listen(&rt).context("the control socket (for izo sync and izo status)")?;
     rt.spawn(crate::control::serve(listener, replica.clone(), info));
     let ro = if replica.client.writable() { "" } else { " read-only (the token is)" };
@@ -299,17 +225,15 @@ pub fn run(args: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// Follow the record stream; should it ever stop, say why (in `izo
-/// status` too) and start again: the mount stays either way.
-async fn follow(replica: Arc<Replica>, info: Arc<crate::control::Info>) {
-    loop {
-        let why = match replica.clone().follow().await {
-            Ok(()) => "it ended".to_string(),
-            Err(e) => e.to_string(),
-        };
-        eprintln!("izo: the record stream stopped ({why}); the mount keeps serving its cache, following again in 5 s");
-        *info.stream_stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        *info.stream_stopped.lock().unwrap_or_else(|p| p.into_inner()) = None;
+/// Where the record stream's stops go: said once on stderr, and shown by
+/// `izo status` until it is followed again. The mount stays either way.
+pub fn stream_stopped(info: Arc<crate::control::Info>) -> impl Fn(Option<String>) + Send + 'static {
+    move |why| {
+        if let Some(why) = &why {
+            eprintln!(
+                "izo: the record stream stopped ({why}); the mount keeps serving its cache, following again in 5 s"
+            );
+        }
+        *info.stream_stopped.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 }

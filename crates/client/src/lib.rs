@@ -14,6 +14,7 @@ mod query;
 pub mod refusals;
 pub mod replica;
 mod rollback;
+pub mod start;
 pub mod storage;
 pub mod tls;
 

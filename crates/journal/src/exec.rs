@@ -1,10 +1,16 @@
 //! Validating ops against the metadata and recording them: the "validate"
 //! and "record" steps of the redo log. Everything an op changes in the
 //! metadata, its record and its reply go into one write transaction.
+//!
+//! The POSIX rules themselves (names, kinds, emptiness, cycles, what a
+//! setattr may change) are `izo_proto::rules`, called here through the
+//! [`rules::Namespace`] view of the batch; what is this crate's own is the
+//! preconditions (names expected at versions) and the records.
 
 use crate::store::{db, new_row, Store, StoreError};
 use crate::tables::*;
 use crate::Handle;
+use izo_proto::rules::{self, Namespace, Node};
 use izo_proto::*;
 use redb::{Durability, ReadableTable, WriteTransaction};
 use std::sync::atomic::Ordering;
@@ -28,14 +34,6 @@ pub(crate) type Out = (Option<Attr>, Vec<(ObjectId, Handle)>);
 
 fn conflict(kind: ConflictKind, current: Option<Attr>) -> OpError {
     OpError::Conflict { kind, current }
-}
-
-fn check_name(name: &[u8]) -> R<()> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(OpError::bad_name(name))
-    }
 }
 
 /// Does a precondition on a version hold? The object's own run of changes by
@@ -442,24 +440,8 @@ impl Batch<'_> {
         Ok(row.handle)
     }
 
-    pub(crate) fn lookup_parent_dir(&self, parent: ObjectId) -> R<ObjectRow> {
-        let p = match self.row(parent) {
-            Err(OpError::NotFound(_)) => return Err(conflict(ConflictKind::ParentGone, None)),
-            r => r?,
-        };
-        if p.kind != FileKind::Dir {
-            return Err(OpError::NotDir(format!("{parent}")));
-        }
-        Ok(p)
-    }
-
     fn create_common(&mut self, cx: &Cx, parent: ObjectId, name: &[u8], id: ObjectId, row: ObjectRow) -> R<Out> {
-        check_name(name)?;
-        self.lookup_parent_dir(parent)?;
-        if let Some(other) = self.dentry(parent, name)? {
-            let cur = self.row(other).ok().map(|r| r.attr(other));
-            return Err(conflict(ConflictKind::NameExists, cur));
-        }
+        rules::create(self, parent, name)?;
         if self.row(id).is_ok() {
             return Err(OpError::Invalid(format!("object id {id} already exists")));
         }
@@ -504,10 +486,35 @@ impl Cx {
     }
 }
 
-/// A time every exported file system can store (ext4's range):
-/// 1901-12-13 to 2446-05-10, nanoseconds below one second.
-pub fn storable_time(t: Timestamp) -> bool {
-    (-(1i64 << 31)..=15_032_385_535).contains(&t.secs) && t.nsec <= 999_999_999
+pub use izo_proto::rules::storable_time;
+
+/// The namespace as this batch sees it, for the rules.
+impl Namespace for Batch<'_> {
+    type Error = OpError;
+
+    fn lookup(&self, parent: ObjectId, name: &[u8]) -> R<Option<ObjectId>> {
+        self.dentry(parent, name)
+    }
+
+    fn node(&self, id: ObjectId) -> R<Option<Node>> {
+        match self.row(id) {
+            Ok(row) => Ok(Some(Node { kind: row.kind, nlink: row.nlink })),
+            Err(OpError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_empty(&self, dir: ObjectId) -> R<bool> {
+        self.dir_is_empty(dir)
+    }
+
+    fn parent_of(&self, dir: ObjectId) -> R<Option<ObjectId>> {
+        self.dir_parent(dir)
+    }
+
+    fn current(&self, id: ObjectId) -> Option<Attr> {
+        self.row(id).ok().map(|r| r.attr(id))
+    }
 }
 
 pub(crate) fn bump_data(row: &mut ObjectRow, cx: &Cx) {

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod ids;
 pub mod msg;
 pub mod op;
+pub mod rules;
 pub mod v1;
 
 pub use codec::{decode_frame, encode_frame, FrameError, MAX_FRAME};

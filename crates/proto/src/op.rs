@@ -373,9 +373,10 @@ impl OpError {
     }
 }
 
-/// Check a name: 1–255 bytes, no `/` or NUL, not `.` or `..`.
+/// Check a name: 1–255 bytes, no `/` or NUL, not `.` or `..` (the rule
+/// is [`crate::rules::name`]).
 pub fn valid_name(name: &[u8]) -> bool {
-    !name.is_empty() && name.len() <= 255 && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+    crate::rules::name(name).is_ok()
 }
 
 #[cfg(test)]

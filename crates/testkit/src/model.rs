@@ -86,6 +86,11 @@ impl Model {
                 self.create(*parent, name, *id, o, time)
             }
             Op::Symlink { parent, name, id, target, uid, gid } => {
+                // Linux: an empty target is ENOENT, a longer one than
+                // PATH_MAX less its NUL is ENAMETOOLONG
+                if target.is_empty() || target.len() > 4095 || target.contains(&0) {
+                    return Err(format!("symlink target of {} bytes", target.len()));
+                }
                 let o = Self::fresh(FileKind::Symlink, 0o777, *uid, *gid, time, target.clone());
                 self.create(*parent, name, *id, o, time)
             }
@@ -147,11 +152,18 @@ impl Model {
                 Ok(())
             }
             Op::SetAttr { id, attrs, .. } => {
+                for t in [attrs.mtime, attrs.atime].into_iter().flatten() {
+                    if !ext4_time(t) {
+                        return Err(format!("time {t:?} outside what ext4 stores"));
+                    }
+                }
                 let o = self.obj_mut(*id)?;
                 if let Some(mode) = attrs.mode {
-                    if o.kind != FileKind::Symlink {
-                        o.mode = mode & 0o7777;
+                    // Linux refuses a mode change on a symlink inode (EOPNOTSUPP)
+                    if o.kind == FileKind::Symlink {
+                        return Err("a symlink has no mode of its own".into());
                     }
+                    o.mode = mode & 0o7777;
                 }
                 if let Some(uid) = attrs.uid {
                     o.uid = uid;
@@ -248,6 +260,11 @@ impl Model {
         }
         Digest { nodes }
     }
+}
+
+/// A time ext4 stores: 1901-12-13 to 2446-05-10, nanoseconds below one second.
+fn ext4_time(t: Timestamp) -> bool {
+    t.secs >= i32::MIN as i64 && t.secs <= 15_032_385_535 && t.nsec < 1_000_000_000
 }
 
 fn resize(data: &mut Vec<u8>, size: u64) -> Res {

@@ -374,6 +374,41 @@ fn the_demo_mounts_a_client_and_its_changes_reach_the_export() {
     assert!(!info.contains(&*dir.path().join("mnt").to_string_lossy()), "unmounted at the end");
 }
 
+/// `izo demo` starts its client as `izo mount` does: run again on the same
+/// directory, its cache speaks as the same replica (it used to take a new
+/// random id at every start, so the server's reply cache could not know
+/// its queued changes).
+#[test]
+fn a_demo_run_again_on_its_directory_speaks_as_the_same_replica() {
+    sweep_mounts();
+    let dir = tempfile::Builder::new().prefix("izo-mnt-demo-").tempdir().expect("temp dir");
+    for run in ["first", "second"] {
+        let out = std::process::Command::new(izo_bin())
+            .args(["demo", "--once", "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run izo demo");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the {run} izo demo --once failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = dir.path().join("state/volume.redb");
+    let store = izo_journal::Store::open(&path, (0o755, 0, 0, izo_proto::Timestamp::default())).expect("journal");
+    let records = store.records_from(1, 100_000).expect("records");
+    let replicas: std::collections::BTreeSet<_> = records
+        .iter()
+        .filter_map(|r| match r.record.origin {
+            izo_proto::Origin::Replica(id, _) => Some(id),
+            izo_proto::Origin::Local => None,
+        })
+        .collect();
+    assert!(records.len() > 8, "both runs changed the volume ({} records)", records.len());
+    assert_eq!(replicas.len(), 1, "every change came from one replica: {replicas:?}");
+}
+
 fn run(dir: &Path, cmd: &str) {
     let out = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().expect("sh");
     assert!(

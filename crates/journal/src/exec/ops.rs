@@ -88,25 +88,14 @@ impl Batch<'_> {
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Symlink { parent, name, id, target, uid, gid } => {
-                if target.is_empty() || target.len() > 4095 || target.contains(&0) {
-                    return Err(OpError::Invalid("symlink target must be 1–4095 bytes without NUL".into()));
-                }
+                rules::symlink_target(target)?;
                 let mut row = new_row(FileKind::Symlink, 0o777, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 row.size = target.len() as u64;
                 row.target = Some(target.clone());
                 self.create_common(cx, *parent, name, *id, row)
             }
             Op::Mknod { parent, name, id, kind, mode, uid, gid, rdev } => {
-                match kind {
-                    FileKind::Fifo | FileKind::Socket => {}
-                    FileKind::BlockDev | FileKind::CharDev if self.trusted() => {}
-                    FileKind::BlockDev | FileKind::CharDev => {
-                        return Err(OpError::NotPermitted(
-                            "device nodes are made only on a trusted volume (izo serve --trusted)".into(),
-                        ))
-                    }
-                    _ => return Err(OpError::Invalid("mknod makes only fifos, sockets and device nodes".into())),
-                }
+                rules::mknod_kind(*kind, self.trusted())?;
                 let mut row = new_row(*kind, *mode, *uid, *gid, cx.obj_mtime(), cx.who, cx.seq);
                 row.rdev = if kind.is_device() { *rdev } else { 0 };
                 self.create_common(cx, *parent, name, *id, row)
@@ -212,18 +201,9 @@ impl Batch<'_> {
     fn setattr(&mut self, cx: &Cx, id: ObjectId, base: Seq, attrs: &SetAttrs) -> R<Out> {
         let trusted = self.trusted();
         self.meta_op(cx, id, base, |row| {
-            if attrs.mode.is_some() && row.kind == FileKind::Symlink {
-                return Err(OpError::Unsupported("symlinks have no mode of their own".into()));
-            }
+            let attrs = rules::setattr(row.kind, attrs, trusted)?;
             if let Some(m) = attrs.mode {
-                // an untrusted volume keeps no set-id bits, but for a
-                // directory's setgid (it only passes a group on)
-                let strip = match (trusted, row.kind) {
-                    (true, _) => 0,
-                    (false, FileKind::Dir) => 0o4000,
-                    (false, _) => 0o6000,
-                };
-                row.mode = m & 0o7777 & !strip;
+                row.mode = m;
             }
             if let Some(u) = attrs.uid {
                 row.uid = u;
@@ -232,17 +212,9 @@ impl Batch<'_> {
                 row.gid = g;
             }
             if let Some(t) = attrs.mtime {
-                // What every exported file system can store (ext4's range):
-                // anything else would be clamped by the kernel at apply.
-                if !crate::exec::storable_time(t) {
-                    return Err(OpError::Invalid("mtime outside 1901-12-13..2446-05-10".into()));
-                }
                 row.mtime = t;
             }
             if let Some(t) = attrs.atime {
-                if !crate::exec::storable_time(t) {
-                    return Err(OpError::Invalid("atime outside 1901-12-13..2446-05-10".into()));
-                }
                 row.atime = t;
             }
             Ok(())
@@ -252,12 +224,7 @@ impl Batch<'_> {
     /// A content change needing `space` bytes of new room on the export.
     fn data_op(&mut self, cx: &Cx, id: ObjectId, base: Seq, space: u64, f: impl FnOnce(&mut ObjectRow)) -> R<Out> {
         let mut row = self.live_row(id)?;
-        if row.kind == FileKind::Dir {
-            return Err(OpError::IsDir(format!("{id}")));
-        }
-        if row.kind != FileKind::File {
-            return Err(OpError::Invalid(format!("{id} is not a regular file")));
-        }
+        rules::data_target(id, row.kind)?;
         if !base_ok(row.versions.data, row.data_writer, row.data_run_start, base, cx.who) {
             return Err(conflict(ConflictKind::DataMoved, Some(row.attr(id))));
         }
@@ -284,16 +251,8 @@ impl Batch<'_> {
     }
 
     fn link(&mut self, cx: &Cx, id: ObjectId, parent: ObjectId, name: &[u8]) -> R<Out> {
-        check_name(name)?;
+        rules::link(self, id, parent, name)?;
         let mut row = self.live_row(id)?;
-        if row.kind == FileKind::Dir {
-            return Err(OpError::NotPermitted("cannot hard-link a directory".into()));
-        }
-        self.lookup_parent_dir(parent)?;
-        if let Some(other) = self.dentry(parent, name)? {
-            let cur = self.row(other).ok().map(|r| r.attr(other));
-            return Err(conflict(ConflictKind::NameExists, cur));
-        }
         row.nlink += 1;
         self.put_row(id, &row)?;
         self.add_name(parent, name, id)?;
@@ -302,17 +261,11 @@ impl Batch<'_> {
     }
 
     fn remove(&mut self, cx: &Cx, parent: ObjectId, name: &[u8], expect: &Expect, dir: bool) -> R<Out> {
-        check_name(name)?;
-        self.lookup_parent_dir(parent)?;
+        rules::name(name)?;
+        rules::parent_dir(self, parent)?;
         let mut row = self.check_expect(cx, parent, name, expect)?;
         let id = expect.id;
-        if dir != (row.kind == FileKind::Dir) {
-            let what = format!("{:?}", String::from_utf8_lossy(name));
-            return Err(if dir { OpError::NotDir(what) } else { OpError::IsDir(what) });
-        }
-        if dir && !self.dir_is_empty(id)? {
-            return Err(OpError::NotEmpty);
-        }
+        rules::removable(self, id, dir, name)?;
         self.drop_name(parent, name, id)?;
         let ph = self.touch_dir(cx, parent, if dir { -1 } else { 0 })?;
         let handle = row.handle.clone();

@@ -13,10 +13,10 @@ impl Batch<'_> {
         target: Option<&Expect>,
         mode: RenameMode,
     ) -> R<Out> {
-        check_name(n)?;
-        check_name(nn)?;
-        self.lookup_parent_dir(p)?;
-        self.lookup_parent_dir(np)?;
+        rules::name(n)?;
+        rules::name(nn)?;
+        rules::parent_dir(self, p)?;
+        rules::parent_dir(self, np)?;
         let Some(src) = self.dentry(p, n)? else {
             return Err(conflict(ConflictKind::NameGone, None));
         };
@@ -25,56 +25,23 @@ impl Batch<'_> {
             return Err(conflict(ConflictKind::NameMoved, Some(srow.attr(src))));
         }
         let existing = self.dentry(np, nn)?;
-        let trow = match (existing, target, mode) {
-            (Some(t), _, RenameMode::NoReplace) => {
-                let cur = self.row(t).ok().map(|r| r.attr(t));
-                return Err(conflict(ConflictKind::NameExists, cur));
-            }
-            (None, _, RenameMode::Exchange) => return Err(conflict(ConflictKind::TargetGone, None)),
-            (None, None, _) => None,
-            (None, Some(_), _) => return Err(conflict(ConflictKind::TargetGone, None)),
-            (Some(t), None, _) => {
+        rules::rename_target(self, mode, existing)?;
+        let trow = match (existing, target) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(conflict(ConflictKind::TargetGone, None)),
+            (Some(t), None) => {
                 let cur = self.row(t).ok().map(|r| r.attr(t));
                 return Err(conflict(ConflictKind::TargetAppeared, cur));
             }
-            (Some(_), Some(e), _) => Some(self.check_expect(cx, np, nn, e)?),
+            (Some(_), Some(e)) => Some(self.check_expect(cx, np, nn, e)?),
         };
         let src_dir = srow.kind == FileKind::Dir;
-        // A directory may not move below itself.
-        let ancestors = |b: &Self, start: ObjectId, of: ObjectId| -> R<bool> {
-            let mut cur = start;
-            for _ in 0..100_000 {
-                if cur == of {
-                    return Ok(true);
-                }
-                match b.dir_parent(cur)? {
-                    Some(up) => cur = up,
-                    None => return Ok(false),
-                }
-            }
-            Ok(true)
-        };
-        if src_dir && ancestors(self, np, src)? {
-            return Err(conflict(ConflictKind::Cycle, None));
-        }
+        rules::rename_cycle(self, src, (p, np), existing, mode)?;
+        let case = rules::rename_case(self, src, existing, mode, nn)?;
         let mut handles = vec![(p, self.row(p)?.handle), (np, self.row(np)?.handle), (src, srow.handle.clone())];
-        let same = existing == Some(src);
+        let same = case == rules::RenameCase::Same;
         if let (Some(t), Some(trow)) = (existing, &trow) {
             handles.push((t, trow.handle.clone()));
-            let t_dir = trow.kind == FileKind::Dir;
-            if mode == RenameMode::Exchange {
-                if t_dir && ancestors(self, p, t)? {
-                    return Err(conflict(ConflictKind::Cycle, None));
-                }
-            } else if !same {
-                if src_dir != t_dir {
-                    let t = format!("rename target {nn:?}", nn = String::from_utf8_lossy(nn));
-                    return Err(if t_dir { OpError::IsDir(t) } else { OpError::NotDir(t) });
-                }
-                if t_dir && !self.dir_is_empty(t)? {
-                    return Err(OpError::NotEmpty);
-                }
-            }
         }
         let mut dl_src = 0i32;
         let mut dl_dst = 0i32;
