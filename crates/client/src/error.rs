@@ -87,7 +87,8 @@ impl From<OpError> for ReplicaError {
             // (a caller waiting for the answer sees what a local file
             // system would: the object or its directory is gone)
             OpError::Conflict {
-                kind: ConflictKind::ObjectGone | ConflictKind::ParentGone | ConflictKind::NameGone,
+                kind:
+                    ConflictKind::ObjectGone | ConflictKind::ParentGone | ConflictKind::NameGone | ConflictKind::TargetGone,
                 ..
             } => ReplicaError::NotFound,
             OpError::Conflict { kind: ConflictKind::Cycle, .. } => {

@@ -7,7 +7,7 @@
 
 use crate::cache::{with_ctime, Cached, CmlEntry, Edit, Parked, ROOT_INO};
 use crate::engine::{objs, Engine, Local, Make, Next, Now, Withdraw, SEAL_EVERY};
-use crate::replica::{io, open_data, punch_fd, Replica, ReplicaError};
+use crate::replica::{io, open_data, Replica, ReplicaError};
 use crate::{ClientError, Pending};
 use izo_proto::*;
 use std::fs::File;
@@ -182,10 +182,9 @@ impl Replica {
         let m = Make { parent: pid, name, kind, mode, uid, gid, target, rdev, trusted };
         let l = e.make(&self.cache, m, id, self.now())?;
         if kind == FileKind::File {
-            let path = self.cache.data_path(id);
-            if let Err(err) = File::create(&path) {
+            if let Err(err) = self.cache.data_create(id) {
                 e.abandon(&l);
-                return Err(io(&path)(err));
+                return Err(err.into());
             }
         }
         self.log_local(&mut e, l)?;
@@ -295,8 +294,7 @@ impl Replica {
                 match self.queue_and_wait(op) {
                     Ok(applied) => {
                         let _g = lock(&self.apply);
-                        let path = self.cache.data_path(id);
-                        open_data(&path)?.write_all_at(chunk, at).map_err(io(&path))?;
+                        self.cache.data_write_at(id, at, chunk)?;
                         let a = Engine::appended(&self.cache, id, at, chunk.len() as u64, applied.as_ref())?;
                         self.cache.local(&with_ctime(vec![a], Timestamp::now()))?;
                         done += chunk.len();
@@ -393,19 +391,13 @@ impl Replica {
         self.check_writable()?;
         let _g = lock(&self.apply);
         let (id, _) = self.get(ino)?;
-        let path = self.cache.data_path(id);
-        let f = open_data(&path)?;
         let punch = match mode {
             0 => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: plain syscall on an open fd.
-                if unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) } != 0 {
-                    return Err(io(&path)(std::io::Error::last_os_error()));
-                }
+                self.cache.data_allocate(id, offset, len)?;
                 false
             }
             m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => {
-                punch_fd(&f, offset, len).map_err(io(&path))?;
+                self.cache.data_punch(id, offset, len)?;
                 true
             }
             _ => return Err(ReplicaError::Unsupported),
@@ -426,16 +418,30 @@ impl Replica {
         if kill_privs && attrs.mode.is_none() && obj.attr.kind != FileKind::Dir {
             attrs.mode = killed_mode(obj.attr.mode);
         }
+        // (unknown before any handshake: the server's answer corrects it)
+        let trusted = self.client.welcome().is_none_or(|w| w.trusted);
         let mut e = self.engine();
-        let l = e.setattr(&self.cache, id, size, attrs, self.now())?;
-        if let Some(size) = size {
-            let path = self.cache.data_path(id);
-            if let Err(err) = open_data(&path).and_then(|f| f.set_len(size).map_err(io(&path))) {
-                e.abandon(&l);
-                return Err(err);
+        let l = e.setattr(&self.cache, id, size, attrs, trusted, self.now())?;
+        match size {
+            // shorter: the size is logged first, then the data file cut (a
+            // crash between leaves bytes past the size, never a size past
+            // the bytes)
+            Some(size) if size < obj.attr.size => {
+                self.log_local(&mut e, l)?;
+                self.cache.data_set_len(id, size)?;
+            }
+            // longer (zeros) or the same: the data file first
+            Some(size) => {
+                if let Err(err) = self.cache.data_set_len(id, size) {
+                    e.abandon(&l);
+                    return Err(err.into());
+                }
+                self.log_local(&mut e, l)?;
+            }
+            None => {
+                self.log_local(&mut e, l)?;
             }
         }
-        self.log_local(&mut e, l)?;
         drop(e);
         self.cached(id)
     }
@@ -477,8 +483,7 @@ impl Replica {
         if obj.attr.kind != FileKind::File {
             return Ok(());
         }
-        let path = self.cache.data_path(id);
-        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        let size = self.cache.data_len(id)?.unwrap_or(0);
         if obj.attr.nlink > 0 && size > 0 {
             self.cache.log_dirty(id, 0, size)?;
         }
@@ -513,9 +518,8 @@ impl Replica {
     pub fn fsync(&self, ino: u64) -> R<()> {
         self.seal(ino)?;
         if let Ok((id, _)) = self.get(ino) {
-            let path = self.cache.data_path(id);
-            if let Ok(f) = File::open(&path) {
-                f.sync_data().map_err(io(&path))?;
+            if self.cache.data_len(id)?.is_some() {
+                self.cache.data_sync(id)?;
             }
         }
         self.fold()?;
@@ -593,22 +597,18 @@ impl Replica {
     /// The op as sent: bases from the engine, bytes of a write read from
     /// the data file now (the newest; `None` if nothing is left to send:
     /// the file is gone or shorter).
-    fn build(&self, e: CmlEntry) -> std::io::Result<Option<Op>> {
+    fn build(&self, e: CmlEntry) -> Result<Option<Op>, crate::cache::CacheError> {
         let mut op = Engine::bases(&self.cache, e.op);
         if let (Op::Write { id, offset, data, .. }, true) = (&mut op, e.len > 0) {
-            let f = match File::open(self.cache.data_path(*id)) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None), // removed since
-                Err(e) => return Err(e),
-            };
+            if self.cache.data_len(*id)?.is_none() {
+                return Ok(None); // removed since
+            }
             let mut buf = vec![0u8; e.len as usize];
             let mut got = 0;
             while got < buf.len() {
-                match f.read_at(&mut buf[got..], *offset + got as u64) {
-                    Ok(0) => break, // truncated since: the truncate follows
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                match self.cache.data_read_at(*id, *offset + got as u64, &mut buf[got..])? {
+                    0 => break, // truncated since: the truncate follows
+                    n => got += n,
                 }
             }
             if got == 0 {
@@ -705,8 +705,7 @@ impl Replica {
     fn with_bytes(&self, mut op: Op, len: u64) -> Op {
         if let (Op::Write { id, offset, data, .. }, true) = (&mut op, len > 0) {
             let mut buf = vec![0u8; len as usize];
-            let f = File::open(self.cache.data_path(*id));
-            let n = f.and_then(|f| f.read_at(&mut buf, *offset)).unwrap_or(0);
+            let n = self.cache.data_read_at(*id, *offset, &mut buf).unwrap_or(0);
             buf.truncate(n);
             *data = buf;
         }

@@ -14,7 +14,6 @@ use crate::{Client, ClientError, FileSegment, Segment, StreamEvent};
 use izo_proto::*;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -150,32 +149,6 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
     }
-}
-
-/// Deallocate a range of an open data file (reads as zeros after).
-pub(crate) fn punch_fd(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: plain syscall on an open fd.
-    if unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn allocate(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
-    use std::os::fd::AsRawFd;
-    let f = open_data(path)?;
-    // SAFETY: plain syscall on an open fd.
-    if unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) } != 0 {
-        return Err(io(path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn punch(path: &std::path::Path, offset: u64, len: u64) -> R<()> {
-    let f = open_data(path)?;
-    punch_fd(&f, offset, len).map_err(io(path))
 }
 
 /// Open (creating) a data file for writing, keeping its content.
@@ -360,27 +333,36 @@ impl Replica {
         Ok(())
     }
 
-    /// Put a fetched segment into a data file (bytes counted as fetched).
-    fn land(&self, f: &File, seg: Segment) -> std::io::Result<()> {
+    /// Put a fetched segment into a file's data file (bytes counted as
+    /// fetched), through the cache's storage.
+    fn land(&self, id: ObjectId, seg: Segment) -> R<()> {
         match seg {
             Segment::Data(at, bytes) => {
                 self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                f.write_all_at(&bytes, at)
+                Ok(self.cache.data_write_at(id, at, &bytes)?)
             }
-            Segment::Hole(at, n) => punch_fd(f, at, n),
+            Segment::Hole(at, n) => Ok(self.cache.data_punch(id, at, n)?),
         }
+    }
+
+    /// A file's data file, created empty if missing (its content kept).
+    fn ensure_data(&self, id: ObjectId) -> R<()> {
+        if self.cache.data_len(id)?.is_none() {
+            self.cache.data_create(id)?;
+        }
+        Ok(())
     }
 
     /// Copy the first `size` bytes of each of `files` from the server into
     /// their data files (one query), and set each file's size.
     async fn fetch_files(&self, files: Vec<(ObjectId, u64)>) -> R<()> {
         let sizes: HashMap<ObjectId, u64> = files.iter().copied().collect();
-        // the file being written: its data file, path and size
-        let mut cur: Option<(std::fs::File, std::path::PathBuf, u64)> = None;
+        // the file being written, and its size
+        let mut cur: Option<(ObjectId, u64)> = None;
         let mut failed: Option<ReplicaError> = None;
-        let finish = |cur: &mut Option<(std::fs::File, std::path::PathBuf, u64)>| -> R<()> {
+        let finish = |cur: &mut Option<(ObjectId, u64)>| -> R<()> {
             match cur.take() {
-                Some((f, path, size)) => f.set_len(size).map_err(io(&path)),
+                Some((id, size)) => Ok(self.cache.data_set_len(id, size)?),
                 None => Ok(()),
             }
         };
@@ -392,20 +374,17 @@ impl Replica {
                 }
                 let r = match seg {
                     FileSegment::Start { id, .. } => finish(&mut cur).and_then(|()| {
-                        let path = self.cache.data_path(id);
                         let size = sizes.get(&id).copied().unwrap_or(0);
-                        cur = Some((open_data(&path)?, path, size));
+                        self.ensure_data(id)?;
+                        cur = Some((id, size));
                         Ok(())
                     }),
                     // gone or changed meanwhile: a later record says what
                     // happened (its data file is there, empty, as for a
                     // fetch that found it gone)
-                    FileSegment::Missing(id) => finish(&mut cur).and_then(|()| {
-                        let path = self.cache.data_path(id);
-                        open_data(&path).map(drop)
-                    }),
+                    FileSegment::Missing(id) => finish(&mut cur).and_then(|()| self.ensure_data(id)),
                     FileSegment::Seg(seg) => match &cur {
-                        Some((f, path, _)) => self.land(f, seg).map_err(io(path)),
+                        Some((id, _)) => self.land(*id, seg),
                         None => Err(ReplicaError::Invalid("file data before its start".into())),
                     },
                 };
@@ -425,14 +404,13 @@ impl Replica {
     /// Copy `offset..offset+len` of a file from the server into its data
     /// file, then set the file's size to `size` if given.
     async fn fetch(&self, id: ObjectId, offset: u64, len: u64, size: Option<u64>) -> R<()> {
-        let path = self.cache.data_path(id);
-        let f = open_data(&path)?;
+        self.ensure_data(id)?;
         if len > 0 {
             let mut failed = None;
             let r = self
                 .client
                 .read_with(id, offset, len, |seg| {
-                    if let Err(e) = self.land(&f, seg) {
+                    if let Err(e) = self.land(id, seg) {
                         failed = Some(e);
                     }
                     Ok(())
@@ -445,11 +423,11 @@ impl Replica {
                 Err(e) => return Err(e.into()),
             }
             if let Some(e) = failed {
-                return Err(io(&path)(e));
+                return Err(e);
             }
         }
         if let Some(size) = size {
-            f.set_len(size).map_err(io(&path))?;
+            self.cache.data_set_len(id, size)?;
         }
         Ok(())
     }
@@ -477,12 +455,10 @@ impl Replica {
 
     /// Write fetched pieces into a data file.
     fn put_segments(&self, id: ObjectId, segs: &[Segment]) -> R<()> {
-        let path = self.cache.data_path(id);
-        let f = open_data(&path)?;
-        for s in segs {
-            match s {
-                Segment::Data(at, b) => f.write_all_at(b, *at).map_err(io(&path))?,
-                Segment::Hole(at, n) => punch_fd(&f, *at, *n).map_err(io(&path))?,
+        for seg in segs {
+            match seg {
+                Segment::Data(at, b) => self.cache.data_write_at(id, *at, b)?,
+                Segment::Hole(at, n) => self.cache.data_punch(id, *at, *n)?,
             }
         }
         Ok(())
@@ -588,9 +564,8 @@ impl Replica {
         }
         if let Some(segs) = segs {
             self.put_segments(id, &segs)?;
-            let path = self.cache.data_path(id);
-            if let Ok(f) = OpenOptions::new().write(true).open(&path) {
-                f.set_len(a.size).map_err(io(&path))?;
+            if self.cache.data_len(id)?.is_some() {
+                self.cache.data_set_len(id, a.size)?;
             }
         }
         self.cache.local(&[Edit::Put { attr: a, target: None, xattrs: x }, crate::engine::refresh_flag(id, false)])?;
@@ -668,20 +643,17 @@ impl Replica {
         if blocks.len() as u64 != nblocks {
             return self.fetch(id, 0, size, Some(size)).await;
         }
-        let path = self.cache.data_path(id);
-        let f =
-            OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io(&path))?;
-        f.set_len(size).map_err(io(&path))?;
+        self.ensure_data(id)?;
+        self.cache.data_set_len(id, size)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         for (i, want) in blocks.iter().enumerate() {
             let start = i as u64 * BLOCK_SIZE;
             let len = (size - start).min(BLOCK_SIZE) as usize;
             let mut got = 0;
             while got < len {
-                match f.read_at(&mut buf[got..len], start + got as u64) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) => return Err(io(&path)(e)),
+                match self.cache.data_read_at(id, start + got as u64, &mut buf[got..len])? {
+                    0 => break,
+                    n => got += n,
                 }
             }
             buf[got..len].fill(0);
@@ -711,15 +683,14 @@ impl Replica {
             if !self.engine().may_land(d.id()) {
                 continue;
             }
-            let path = self.cache.data_path(d.id());
             match d {
-                Data::Write { offset, data, .. } => open_data(&path)?.write_all_at(&data, offset).map_err(io(&path))?,
+                Data::Write { id, offset, data } => self.cache.data_write_at(id, offset, &data)?,
                 Data::Fetch { id, .. } => self.put_segments(id, segs.as_deref().unwrap_or_default())?,
-                Data::Punch { offset, len, .. } => punch(&path, offset, len)?,
-                Data::Allocate { offset, len, .. } => allocate(&path, offset, len)?,
-                Data::SetLen { size, .. } => {
-                    if let Ok(f) = open_data(&path) {
-                        let _ = f.set_len(size);
+                Data::Punch { id, offset, len } => self.cache.data_punch(id, offset, len)?,
+                Data::Allocate { id, offset, len } => self.cache.data_allocate(id, offset, len)?,
+                Data::SetLen { id, size } => {
+                    if let Err(e) = self.cache.data_set_len(id, size) {
+                        tracing::warn!("keeping the length of {id}'s data file with its size: {e}");
                     }
                 }
             }
@@ -855,7 +826,9 @@ impl Replica {
         let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
         if self.cache.get(id)?.is_some_and(|c| c.attr.nlink == 0) {
             self.cache.purge(id)?;
-            let _ = std::fs::remove_file(self.cache.data_path(id));
+            if let Err(e) = self.cache.data_remove(id) {
+                tracing::warn!("removing the data of {id}: {e}");
+            }
         }
         Ok(())
     }

@@ -1114,10 +1114,7 @@ impl World {
                         SetAttrs { mtime: Some(Timestamp { secs: 1_000 + a as i64, nsec: 0 }), ..Default::default() },
                     ),
                 };
-                if o.attr.kind == FileKind::Symlink && attrs.mode.is_some() {
-                    return Ok(());
-                }
-                let l = p.engine.setattr(cache, *id, size, attrs, now);
+                let l = p.engine.setattr(cache, *id, size, attrs, false, now);
                 if let (Ok(_), Some(size)) = (&l, size) {
                     cache.data_set_len(*id, size).map_err(err)?;
                 }

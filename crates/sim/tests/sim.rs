@@ -139,7 +139,7 @@ fn a_refusal_lost_to_a_power_loss_is_answered_again_and_parked() {
         panic!("fails at {:?}: {}", f.at, f.why);
     }
     let broken = run(&evs, Breaks { ack_unfolded: true, ..Breaks::default() });
-    let e = broken.err().expect("forgetting an unfolded refusal must be found");
+    let e = broken.expect_err("forgetting an unfolded refusal must be found");
     eprintln!("found as expected: {}", e.why);
     assert!(e.why.contains("never applied nor parked"), "{}", e.why);
 }

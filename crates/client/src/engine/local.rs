@@ -4,6 +4,7 @@
 
 use super::{Engine, Local, Now, ReplicaError, View, R};
 use crate::cache::{Cached, Edit};
+use izo_proto::rules::{self, Namespace, RenameCase};
 use izo_proto::*;
 
 /// What became of a waited op that got no answer in time.
@@ -17,11 +18,23 @@ pub enum Withdraw {
     Gone,
 }
 
-fn valid(name: &[u8]) -> R<()> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(OpError::bad_name(name).into())
+/// The engine's view as the namespace rules see it (`izo_proto::rules`:
+/// the same rules the server's journal applies).
+struct Ns<'a>(&'a dyn View);
+
+impl Namespace for Ns<'_> {
+    type Error = ReplicaError;
+    fn lookup(&self, parent: ObjectId, name: &[u8]) -> R<Option<ObjectId>> {
+        Ok(self.0.lookup(parent, name)?)
+    }
+    fn node(&self, id: ObjectId) -> R<Option<rules::Node>> {
+        Ok(self.0.get(id)?.map(|c| rules::Node { kind: c.attr.kind, nlink: c.attr.nlink }))
+    }
+    fn is_empty(&self, dir: ObjectId) -> R<bool> {
+        Ok(self.0.children(dir)?.is_empty())
+    }
+    fn parent_of(&self, dir: ObjectId) -> R<Option<ObjectId>> {
+        Ok(self.0.parent_of(dir)?)
     }
 }
 
@@ -72,15 +85,15 @@ impl Engine {
     /// Create a file, directory, symlink, fifo, socket or device node with
     /// the new id `id`. The shell creates a file's (empty) data file.
     pub fn make(&mut self, view: &dyn View, m: Make<'_>, id: ObjectId, now: Now) -> R<Local> {
-        valid(m.name)?;
-        if m.kind.is_device() && m.trusted == Some(false) {
-            return Err(ReplicaError::NotPermitted);
+        rules::create(&Ns(view), m.parent, m.name)?;
+        match m.kind {
+            FileKind::Symlink => rules::symlink_target(m.target.unwrap_or_default())?,
+            FileKind::File | FileKind::Dir => {}
+            // (before any handshake the server decides when it is sent)
+            k => rules::mknod_kind(k, m.trusted.unwrap_or(true))?,
         }
         let pobj = dir(view, m.parent)?;
         let pid = m.parent;
-        if view.lookup(pid, m.name)?.is_some() {
-            return Err(ReplicaError::Exists);
-        }
         // a setgid directory passes on its group, and to a subdirectory its
         // setgid bit too, as local file systems do
         let (mode, gid) = match (pobj.attr.mode & libc::S_ISGID != 0, m.kind) {
@@ -128,15 +141,10 @@ impl Engine {
     /// Remove a name (a directory with `is_dir`). A file whose every op is
     /// still unsent goes without a trace (its ops are cancelled).
     pub fn remove(&mut self, view: &dyn View, pid: ObjectId, name: &[u8], is_dir: bool, now: Now) -> R<Local> {
-        dir(view, pid)?;
+        rules::parent_dir(&Ns(view), pid)?;
         let id = view.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+        rules::removable(&Ns(view), id, is_dir, name)?;
         let obj = cached(view, id)?;
-        if is_dir != (obj.attr.kind == FileKind::Dir) {
-            return Err(if is_dir { ReplicaError::NotDir } else { ReplicaError::IsDir });
-        }
-        if is_dir && !view.children(id)?.is_empty() {
-            return Err(ReplicaError::NotEmpty);
-        }
         let name = name.to_vec();
         let mut edits = vec![Edit::UnlinkIf { parent: pid, name: name.clone(), id }];
         let mut a = obj.attr.clone();
@@ -200,58 +208,15 @@ impl Engine {
         mode: RenameMode,
         now: Now,
     ) -> R<Local> {
-        valid(new_name)?;
-        dir(view, pid)?;
-        dir(view, npid)?;
-        let id = view.lookup(pid, name)?.ok_or(ReplicaError::NotFound)?;
+        let r = rules::rename(&Ns(view), (pid, name), (npid, new_name), mode)?;
+        let id = r.src;
         let obj = cached(view, id)?;
-        let target = view.lookup(npid, new_name)?;
-        if mode == RenameMode::Exchange && target.is_none() {
-            return Err(ReplicaError::NotFound);
-        }
-        if mode == RenameMode::NoReplace && target.is_some() {
-            return Err(ReplicaError::Exists);
-        }
-        if target == Some(id) {
-            return Ok(Local::default()); // two names of one object: rename(2) does nothing
-        }
-        let tobj = match target {
-            Some(t) => Some(cached(view, t)?),
-            None => None,
+        let tobj = match r.case {
+            RenameCase::Same => return Ok(Local::default()), // two names of one object: nothing
+            RenameCase::Move => None,
+            RenameCase::Replace(t) | RenameCase::Exchange(t) => Some(cached(view, t)?),
         };
         let is_dir = obj.attr.kind == FileKind::Dir;
-        if let (Some(t), RenameMode::Replace | RenameMode::NoReplace) = (&tobj, mode) {
-            let tdir = t.attr.kind == FileKind::Dir;
-            if tdir && !is_dir {
-                return Err(ReplicaError::IsDir);
-            }
-            if !tdir && is_dir {
-                return Err(ReplicaError::NotDir);
-            }
-            if tdir && !view.children(t.attr.id)?.is_empty() {
-                return Err(ReplicaError::NotEmpty);
-            }
-        }
-        // a directory never moves under itself (nor, exchanged, does the
-        // other one)
-        let mut moved = vec![(id, npid)];
-        if let (Some(t), RenameMode::Exchange) = (&tobj, mode) {
-            moved.push((t.attr.id, pid));
-        }
-        for (d, into) in moved {
-            let mut at = Some(into);
-            let mut steps = 0;
-            while let Some(p) = at {
-                if p == d {
-                    return Err(ReplicaError::Invalid("a directory cannot move under itself".into()));
-                }
-                if p == ObjectId::ROOT || steps > 4096 {
-                    break;
-                }
-                at = view.parent_of(p)?;
-                steps += 1;
-            }
-        }
         let (name, new_name) = (name.to_vec(), new_name.to_vec());
         let mut edits = Vec::new();
         let mut last = None;
@@ -323,18 +288,8 @@ impl Engine {
 
     /// A new name for a non-directory.
     pub fn link(&mut self, view: &dyn View, id: ObjectId, npid: ObjectId, new_name: &[u8], now: Now) -> R<Local> {
-        valid(new_name)?;
+        rules::link(&Ns(view), id, npid, new_name)?;
         let obj = cached(view, id)?;
-        dir(view, npid)?;
-        if obj.attr.kind == FileKind::Dir {
-            return Err(ReplicaError::NotPermitted);
-        }
-        if obj.attr.nlink == 0 {
-            return Err(ReplicaError::NotFound);
-        }
-        if view.lookup(npid, new_name)?.is_some() {
-            return Err(ReplicaError::Exists);
-        }
         let mut a = obj.attr.clone();
         a.nlink += 1;
         let mut edits = vec![
@@ -353,9 +308,7 @@ impl Engine {
     /// while open keeps them local.
     pub fn wrote(&mut self, view: &dyn View, id: ObjectId, offset: u64, len: u64, now: Now) -> R<Local> {
         let obj = cached(view, id)?;
-        if obj.attr.kind != FileKind::File {
-            return Err(ReplicaError::IsDir);
-        }
+        rules::data_target(id, obj.attr.kind)?;
         let mut a = obj.attr.clone();
         a.size = a.size.max(offset + len);
         a.mtime = Self::stamp_after(a.mtime, now.wall);
@@ -368,9 +321,7 @@ impl Engine {
     /// Does a write to this object need its range logged (it has names)?
     pub fn write_is_shared(view: &dyn View, id: ObjectId) -> R<bool> {
         let obj = cached(view, id)?;
-        if obj.attr.kind != FileKind::File {
-            return Err(ReplicaError::IsDir);
-        }
+        rules::data_target(id, obj.attr.kind)?;
         Ok(obj.attr.nlink > 0)
     }
 
@@ -436,8 +387,19 @@ impl Engine {
 
     /// Change attributes; `size` truncates (the shell sets the data file's
     /// length). `attrs` is what the caller asks, set-id clearing included.
-    pub fn setattr(&mut self, view: &dyn View, id: ObjectId, size: Option<u64>, attrs: SetAttrs, now: Now) -> R<Local> {
+    pub fn setattr(
+        &mut self,
+        view: &dyn View,
+        id: ObjectId,
+        size: Option<u64>,
+        attrs: SetAttrs,
+        trusted: bool,
+        now: Now,
+    ) -> R<Local> {
         let obj = cached(view, id)?;
+        // what the server will store (a symlink has no mode; an untrusted
+        // volume keeps no set-id bits)
+        let attrs = rules::setattr(obj.attr.kind, &attrs, trusted)?;
         if size.is_none() && attrs == SetAttrs::default() {
             // nothing to set (a chown to -1:-1): the status still changed
             return Ok(Local { edits: vec![Edit::Ctime { id, time: now.wall }], ..Local::default() });
@@ -445,9 +407,7 @@ impl Engine {
         let mut a = obj.attr.clone();
         let mut ops = Vec::new();
         if let Some(size) = size {
-            if a.kind != FileKind::File {
-                return Err(ReplicaError::IsDir);
-            }
+            rules::data_target(id, a.kind)?;
             a.size = size;
             a.mtime = Self::stamp_after(a.mtime, now.wall);
             ops.push(Op::Truncate { id, base: 0, size });

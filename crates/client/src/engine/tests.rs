@@ -210,7 +210,7 @@ fn setattrs_in_a_row_join_into_one_unsent_op() {
         SetAttrs { uid: Some(5), ..Default::default() },
         SetAttrs { mode: Some(0o600), ..Default::default() },
     ] {
-        let l = e.setattr(&m, id, None, attrs, now(4));
+        let l = e.setattr(&m, id, None, attrs, true, now(4));
         let _ = m.run(&mut e, l);
     }
     assert_eq!(ops(&e), ["create", "setattr"], "one setattr for three calls");
@@ -223,7 +223,7 @@ fn setattrs_in_a_row_join_into_one_unsent_op() {
     }
     // a sent one is not joined
     send_all(&mut e);
-    let l = e.setattr(&m, id, None, SetAttrs { gid: Some(9), ..Default::default() }, now(5));
+    let l = e.setattr(&m, id, None, SetAttrs { gid: Some(9), ..Default::default() }, true, now(5));
     let _ = m.run(&mut e, l);
     assert_eq!(ops(&e), ["create", "setattr", "setattr"]);
 }
@@ -290,7 +290,7 @@ fn a_foreign_change_to_a_busy_object_waits_and_an_idle_one_lands() {
 fn a_refusal_is_parked_and_the_replica_resyncs_once_settled() {
     let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
     let id = file(&mut m, &mut e, "f");
-    let l = e.setattr(&m, id, None, SetAttrs { mode: Some(0o600), ..Default::default() }, now(1));
+    let l = e.setattr(&m, id, None, SetAttrs { mode: Some(0o600), ..Default::default() }, true, now(1));
     let _ = m.run(&mut e, l);
     let sent = send_all(&mut e);
     let refusal = OpError::conflict(ConflictKind::MetaMoved, None);
