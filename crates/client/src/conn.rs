@@ -145,10 +145,17 @@ fn install_writer(inner: &Arc<Inner>, wr: WriteHalf<Tls>) -> tokio::task::JoinHa
     let version = lock(&inner.welcome).as_ref().map(|w| w.version).unwrap_or(PROTOCOL_VERSION);
     let handle = tokio::spawn(write_loop(wr, rx, inner.cfg.heartbeat, version));
     let mut st = lock(&inner.state);
-    for (cseq, (op, stamp, _)) in st.unanswered.iter() {
-        let f = mutate_frame(*cseq, st.acked_through(), op, *stamp);
-        inner.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
-        let _ = tx.send(f);
+    if inner.cfg.resend {
+        for (cseq, (op, stamp, _)) in st.unanswered.iter() {
+            let f = mutate_frame(*cseq, st.acked_through(), op, *stamp);
+            inner.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
+            let _ = tx.send(f);
+        }
+    } else {
+        // the caller sends them again itself: its waiters hear of the loss
+        for _ in std::mem::take(&mut st.unanswered) {
+            inner.window.add_permits(1);
+        }
     }
     if let Some((from, _)) = &st.sub {
         if let Ok(f) = encode_frame(&ClientMsg::Subscribe { from_seq: *from }) {
@@ -214,10 +221,10 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
                 if !unrecorded {
                     st.recorded_through = st.recorded_through.max(cseq);
                 }
-                if let Some((_, _, waiter)) = st.unanswered.remove(&cseq) {
+                if let Some((_, _, waiters)) = st.unanswered.remove(&cseq) {
                     inner.window.add_permits(1);
-                    if let Some(w) = waiter {
-                        let _ = w.send(result);
+                    for w in waiters {
+                        let _ = w.send(result.clone());
                     }
                 }
                 let first_open = st.unanswered.keys().next().copied().unwrap_or(st.next_cseq);
@@ -280,9 +287,9 @@ fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
         ClientError::Op(o) => o.clone(),
         other => OpError::Transient(other.to_string()),
     };
-    for (_, (_, _, w)) in std::mem::take(&mut st.unanswered) {
+    for (_, (_, _, ws)) in std::mem::take(&mut st.unanswered) {
         inner.window.add_permits(1);
-        if let Some(w) = w {
+        for w in ws {
             let _ = w.send(Err(err.clone()));
         }
     }

@@ -76,6 +76,11 @@ pub struct ClientConfig {
     pub last_acked: u64,
     /// Reconnect and resend after a dropped connection.
     pub reconnect: bool,
+    /// Send unanswered mutations again after a reconnect, in client-seq
+    /// order. Off for a caller that sends them again itself, in its own
+    /// order (a replica's modification log: its waiters see the
+    /// connection's loss instead).
+    pub resend: bool,
     /// Ping interval.
     pub heartbeat: Duration,
     /// Silence after which the connection is considered dead.
@@ -98,6 +103,7 @@ impl ClientConfig {
             replica: ReplicaId::random(),
             last_acked: 0,
             reconnect: true,
+            resend: true,
             heartbeat: Duration::from_millis(250),
             silence: Duration::from_millis(750),
             users: Vec::new(),
@@ -166,7 +172,7 @@ impl State {
 pub(crate) struct State {
     pub conn: Option<mpsc::UnboundedSender<Vec<u8>>>,
     pub next_cseq: u64,
-    pub unanswered: BTreeMap<u64, (Op, Option<Timestamp>, Option<Waiter>)>,
+    pub unanswered: BTreeMap<u64, (Op, Option<Timestamp>, Vec<Waiter>)>,
     pub answered_through: u64,
     /// Highest client seq whose reply the server records (what the Hello
     /// claims).
@@ -375,7 +381,17 @@ impl Client {
             self.inner.window.add_permits(1);
             return Err(ClientError::Disconnected);
         }
-        st.unanswered.insert(cseq, (op, stamp, Some(tx)));
+        match st.unanswered.get_mut(&cseq) {
+            // sent again before its answer came: one slot, every waiter
+            // hears the answer
+            Some((_, _, waiters)) => {
+                waiters.push(tx);
+                self.inner.window.add_permits(1);
+            }
+            None => {
+                st.unanswered.insert(cseq, (op, stamp, vec![tx]));
+            }
+        }
         Ok(Pending { cseq, rx })
     }
 

@@ -620,12 +620,19 @@ impl Replica {
         Ok(Some(op))
     }
 
+    /// A write op carrying `len` zero bytes (see `send`).
+    fn zeros(mut op: Op, len: u64) -> Op {
+        if let Op::Write { data, .. } = &mut op {
+            *data = vec![0; len as usize];
+        }
+        op
+    }
+
     /// Send the log's entries in order, pipelined, forever; seal writes and
     /// fold the log on a timer.
     pub async fn send(self: Arc<Self>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Pending)>();
         tokio::spawn(self.clone().replies(rx));
-        let mut cursor = 0u64;
         let mut sealed = Instant::now();
         let mut folded = Instant::now();
         loop {
@@ -647,7 +654,7 @@ impl Replica {
                 }
             }
             let connected = self.client.is_connected();
-            let next = self.engine().next_to_send(connected, cursor, self.now());
+            let next = self.engine().next_to_send(connected, self.now());
             let (lsn, e, was_sent) = match next {
                 Next::Send { lsn, entry, was_sent } => (lsn, entry, was_sent),
                 Next::Idle(pause) => {
@@ -659,7 +666,15 @@ impl Replica {
                 }
             };
             let stamp = e.time;
-            match self.build(e) {
+            let (len, op) = (e.len, e.op.clone());
+            let built = match self.build(e) {
+                // an entry sent before goes again whatever the data file
+                // holds now (the server waits for it: zeros, which the
+                // truncate or unlink after it settles)
+                Ok(None) if was_sent => Ok(Some(Self::zeros(Engine::bases(&self.cache, op), len))),
+                b => b,
+            };
+            match built {
                 Err(err) => {
                     // not sent: again shortly (never dropped; an entry
                     // reloaded at start stays counted as sent)
@@ -668,13 +683,9 @@ impl Replica {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
-                Ok(None) => {
-                    cursor = lsn;
-                    self.answered(lsn, Ok(None))
-                }
+                Ok(None) => self.answered(lsn, Ok(None)),
                 Ok(Some(op)) => match self.client.submit_stamped(lsn, op, stamp).await {
                     Ok(p) => {
-                        cursor = lsn;
                         let _ = tx.send((lsn, p));
                     }
                     Err(e) => {
@@ -694,8 +705,11 @@ impl Replica {
                 Ok(a) => self.answered(lsn, Ok(Some(a))),
                 Err(ClientError::Op(e)) => self.answered(lsn, Err(e)),
                 Err(e) => {
-                    tracing::warn!("change {lsn} has no answer ({e}); it is sent again at the next start");
-                    return;
+                    // (the connection broke: the sender sends it again, and
+                    // what follows it, in order)
+                    tracing::debug!("change {lsn} has no answer ({e}); it is sent again");
+                    self.engine().lost(lsn);
+                    self.cml_wake.notify_one();
                 }
             }
         }

@@ -541,7 +541,7 @@ impl Replica {
     /// Attributes (with `all`, also xattrs and a file's content) of one
     /// object from the server, unless it is busy again (then later).
     async fn refresh_one(&self, id: ObjectId, all: bool) -> R<()> {
-        if self.cache.get(id)?.is_none() {
+        if !all && self.cache.get(id)?.is_none() {
             return Ok(());
         }
         let a = match self.client.getattr(id).await {

@@ -229,6 +229,9 @@ pub async fn start(opts: StartOpts, mut progress: impl FnMut(&Progress)) -> Resu
     let pin = Pin { file: dir.join("server-fingerprint") };
     let remembered = pin.read()?;
     let mut cfg = ClientConfig::new(opts.addr.clone(), opts.volume.clone(), opts.token.clone());
+    // (the replica's sender sends what a broken connection left unanswered
+    // again, in its log's order: see Engine::lost)
+    cfg.resend = false;
     cfg.fingerprint = opts.fingerprint.clone().or(remembered.clone());
     // a restart speaks as the same replica (its queued changes keep their
     // seqs, which the server's reply cache knows under this id)

@@ -18,7 +18,7 @@ mod tables;
 
 pub use exec::{storable_time, xattr_replicates, Batch};
 pub use modes::set_id_stripped;
-pub use replies::{reply_frame, reply_of, Intake, ReplyCache, Request, Ticket};
+pub use replies::{reply_frame, reply_of, Fences, Intake, ReplyCache, Request, Ticket};
 pub use store::{Store, StoreError};
 pub use tables::{ObjectRow, Payload, StoredRecord};
 

@@ -7,7 +7,38 @@
 use crate::store::{Store, StoreError};
 use crate::Batch;
 use izo_proto::{encode_frame, MutateResult, OpError, ReplicaId, ServerMsg};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Replicas with a change refused for now (not applied, not recorded):
+/// until that client seq comes again, every later change of the replica is
+/// refused for now too, so no change overtakes one sent before it, and no
+/// later change records a client seq past a hole (a resend of the refused
+/// one would then be answered "expired" and taken as applied). Kept by the
+/// volume actor across batches, in memory: a restart breaks every
+/// connection, and a replica resends from its first unanswered change.
+#[derive(Debug, Default)]
+pub struct Fences {
+    lowest: HashMap<ReplicaId, u64>,
+}
+
+impl Fences {
+    /// A change of `replica` at `cseq` was refused for now.
+    fn raise(&mut self, replica: ReplicaId, cseq: u64) {
+        let f = self.lowest.entry(replica).or_insert(cseq);
+        *f = (*f).min(cseq);
+    }
+
+    /// The client seq a replica must send again first, if any.
+    pub fn of(&self, replica: ReplicaId) -> Option<u64> {
+        self.lowest.get(&replica).copied()
+    }
+}
+
+/// The refusal of a change held behind an earlier refused one.
+fn fenced(cseq: u64, first: u64) -> Vec<u8> {
+    let why = format!("change {first} of this replica is refused for now; this one follows it");
+    reply_frame(cseq, Err(OpError::Transient(why)))
+}
 
 /// The reply frame for client seq `cseq`, as sent and as cached.
 pub fn reply_frame(cseq: u64, result: MutateResult) -> Vec<u8> {
@@ -70,8 +101,10 @@ impl ReplyCache {
         ReplyCache { enabled, release: BTreeMap::new() }
     }
 
-    /// Decide what to do with `r`: answer it from the cache or execute it.
-    pub fn intake(&mut self, b: &Batch<'_>, r: Request) -> Result<Intake, StoreError> {
+    /// Decide what to do with `r`: answer it from the cache, refuse it for
+    /// now (an earlier change of its replica is refused for now and not sent
+    /// again yet), or execute it.
+    pub fn intake(&mut self, b: &Batch<'_>, r: Request, fences: &mut Fences) -> Result<Intake, StoreError> {
         let last = b.replica_last(r.replica)?;
         if r.cseq <= last && self.enabled {
             let frame = match b.cached_reply(r.replica, r.cseq)? {
@@ -80,15 +113,34 @@ impl ReplyCache {
             };
             return Ok(Intake::Answer(frame));
         }
+        match fences.of(r.replica) {
+            Some(first) if r.cseq > first => return Ok(Intake::Answer(fenced(r.cseq, first))),
+            // the refused change (or one before it) again: the fence lifts
+            Some(_) => {
+                fences.lowest.remove(&r.replica);
+            }
+            None => {}
+        }
         Ok(Intake::Execute(Ticket { request: r, last }))
     }
 
     /// Keep the reply `frame` of an executed op with its record (a client
     /// seq not above the replica's last is not recorded again), and note
-    /// what the client says it holds.
-    pub fn remember(&mut self, b: &mut Batch<'_>, t: Ticket, frame: &[u8]) -> Result<(), StoreError> {
+    /// what the client says it holds. A refusal for now (`transient`) is
+    /// not recorded: the client sends the change again, and until it does
+    /// its later changes are refused for now too ([`Fences`]).
+    pub fn remember(
+        &mut self,
+        b: &mut Batch<'_>,
+        t: Ticket,
+        frame: &[u8],
+        transient: bool,
+        fences: &mut Fences,
+    ) -> Result<(), StoreError> {
         let r = t.request;
-        if r.cseq > t.last {
+        if transient {
+            fences.raise(r.replica, r.cseq);
+        } else if r.cseq > t.last {
             b.put_reply(r.replica, r.cseq, frame)?;
         }
         if r.acked_through > 0 {
@@ -114,12 +166,16 @@ impl Store {
     /// The answer to `r` when its batch failed before the commit: a resend
     /// of an op committed earlier gets its cached reply, any other op
     /// `error` (nothing of it was kept).
-    pub fn answer_uncommitted(&self, r: Request, error: OpError) -> Vec<u8> {
+    pub fn answer_uncommitted(&self, r: Request, error: OpError, fences: &mut Fences) -> Vec<u8> {
         let cached = match self.replica_last(r.replica) {
             Ok(last) if r.cseq <= last => self.cached_reply(r.replica, r.cseq).ok().flatten(),
             _ => None,
         };
-        cached.unwrap_or_else(|| reply_frame(r.cseq, Err(error)))
+        cached.unwrap_or_else(|| {
+            // (nothing of it was kept: a refusal for now, and a fence)
+            fences.raise(r.replica, r.cseq);
+            reply_frame(r.cseq, Err(error))
+        })
     }
 }
 
@@ -148,15 +204,17 @@ mod tests {
     fn batch(s: &Store, enabled: bool, replica: ReplicaId, ops: &[(u64, u64, Op)]) -> Vec<MutateResult> {
         let mut b = s.batch().expect("batch");
         let mut cache = ReplyCache::new(enabled);
+        let mut fences = Fences::default();
         let mut out = Vec::new();
         for (cseq, acked_through, op) in ops {
             let r = Request { replica, cseq: *cseq, acked_through: *acked_through };
-            let frame = match cache.intake(&b, r).expect("intake") {
+            let frame = match cache.intake(&b, r, &mut fences).expect("intake") {
                 Intake::Answer(f) => f,
                 Intake::Execute(t) => {
                     let result = b.execute(Origin::Replica(replica, *cseq), op, Timestamp::default());
+                    let transient = matches!(&result, Err(e) if e.is_transient());
                     let f = reply_frame(*cseq, result);
-                    cache.remember(&mut b, t, &f).expect("remember");
+                    cache.remember(&mut b, t, &f, transient, &mut fences).expect("remember");
                     f
                 }
             };

@@ -218,6 +218,7 @@ impl Server {
             staged_ids: Vec::new(),
             replay_marked: replayed.marked,
             local,
+            fences: Default::default(),
             skip_once: Default::default(),
         };
         let (done_tx, done_rx) = mpsc::channel();

@@ -9,7 +9,7 @@ use crate::hint::Hint;
 use crate::testhooks::TestHooks;
 use crate::tree::{write_stage_name, Mode, Tree};
 use crate::{sys, ServerError};
-use izo_journal::{reply_frame, Intake, ReplyCache, Request, Store, StoredRecord};
+use izo_journal::{reply_frame, Fences, Intake, ReplyCache, Request, Store, StoredRecord};
 use izo_proto::*;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
@@ -136,6 +136,9 @@ pub(crate) struct Actor {
     /// Records not to apply when next met (a data op on a file another
     /// program removed).
     pub skip_once: std::collections::HashSet<Seq>,
+    /// Replicas with a change refused for now: their later changes wait
+    /// for it (see `izo_journal::Fences`).
+    pub fences: Fences,
 }
 
 impl Actor {
@@ -237,9 +240,9 @@ impl Actor {
 
     /// Answer a batch that failed before its commit: ops committed earlier
     /// (resends) get their cached reply, the rest a transient error.
-    fn refuse_all(&self, batch: Vec<Mutation>, e: &ServerError) {
+    fn refuse_all(&mut self, batch: Vec<Mutation>, e: &ServerError) {
         for m in batch {
-            let frame = self.store.answer_uncommitted(m.request(), OpError::Io(e.to_string()));
+            let frame = self.store.answer_uncommitted(m.request(), OpError::Io(e.to_string()), &mut self.fences);
             let _ = m.reply.send(frame);
         }
     }
@@ -293,7 +296,7 @@ impl Actor {
         self.direct.clear();
         self.touched.clear();
         for m in batch {
-            let ticket = match cache.intake(&b, m.request())? {
+            let ticket = match cache.intake(&b, m.request(), &mut self.fences)? {
                 Intake::Answer(frame) => {
                     Counters::add(&self.shared.counters.reply_cache_hits, 1);
                     outs.push((m.reply.clone(), frame));
@@ -306,8 +309,9 @@ impl Actor {
             } else {
                 self.record_one(&mut b, m, &mut staged_any)?
             };
+            let transient = matches!(&result, Err(e) if e.is_transient());
             let frame = reply_frame(m.cseq, result);
-            cache.remember(&mut b, ticket, &frame)?;
+            cache.remember(&mut b, ticket, &frame, transient, &mut self.fences)?;
             outs.push((m.reply.clone(), frame));
         }
         cache.finish(&mut b)?;

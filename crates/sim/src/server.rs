@@ -5,7 +5,8 @@
 use crate::disk::{Access, Attached};
 use crate::export::{Export, ROOT};
 use izo_journal::{
-    reply_frame, reply_of, set_id_stripped, Intake, Payload, ReplyCache, Request, Store, StoreError, StoredRecord,
+    reply_frame, reply_of, set_id_stripped, Fences, Intake, Payload, ReplyCache, Request, Store, StoreError,
+    StoredRecord,
 };
 use izo_memdisk::MemDisk;
 use izo_proto::{
@@ -84,6 +85,11 @@ pub struct SimServer {
     export: Export,
     /// Mutations answered from the reply cache.
     cache_hits: u64,
+    /// The next batch fails before its commit (a transient refusal).
+    refuse_next: bool,
+    /// Replicas with a change refused for now (lost with a crash, as the
+    /// volume actor's).
+    fences: Fences,
 }
 
 impl SimServer {
@@ -92,7 +98,16 @@ impl SimServer {
         let disk = MemDisk::new();
         let (attached, access) = Attached::new(&disk);
         let store = Store::open_on_as(attached, ROOT, opts.incarnation)?;
-        Ok(SimServer { opts, disk, access, store, export: Export::new(), cache_hits: 0 })
+        Ok(SimServer {
+            opts,
+            disk,
+            access,
+            store,
+            export: Export::new(),
+            cache_hits: 0,
+            refuse_next: false,
+            fences: Fences::default(),
+        })
     }
 
     /// What the handshake tells `replica`: the incarnation, the last client
@@ -116,7 +131,12 @@ impl SimServer {
     /// commit; the answers in order. A batch that fails before its commit
     /// keeps nothing and is answered as the server answers it.
     pub fn mutate(&mut self, batch: &[Mutation], now: Timestamp) -> Vec<MutateResult> {
-        let frames = match self.record(batch, now) {
+        let recorded = match std::mem::take(&mut self.refuse_next) {
+            // (as a batch whose commit failed: nothing of it is kept)
+            true => Err(StoreError::Db("injected: the batch failed before its commit".into())),
+            false => self.record(batch, now),
+        };
+        let frames = match recorded {
             Ok((records, frames)) => {
                 for r in &records {
                     self.export.apply(&r.record);
@@ -125,7 +145,8 @@ impl SimServer {
             }
             Err(e) => {
                 let error = || OpError::Io(e.to_string());
-                batch.iter().map(|m| self.store.answer_uncommitted(m.request(), error())).collect()
+                let fences = &mut self.fences;
+                batch.iter().map(|m| self.store.answer_uncommitted(m.request(), error(), fences)).collect()
             }
         };
         frames.iter().zip(batch).map(|(f, m)| answer(f, m.cseq)).collect()
@@ -136,7 +157,7 @@ impl SimServer {
         let mut cache = ReplyCache::new(self.opts.reply_cache);
         let mut frames = Vec::with_capacity(batch.len());
         for m in batch {
-            match cache.intake(&b, m.request())? {
+            match cache.intake(&b, m.request(), &mut self.fences)? {
                 Intake::Answer(frame) => {
                     self.cache_hits += 1;
                     frames.push(frame);
@@ -146,8 +167,9 @@ impl SimServer {
                     let op = volume_policy(&m.op);
                     // write bytes stay in the record, whatever their size
                     let result = b.execute_stamped_placed(origin, &op, now, m.stamp, Payload::Inline);
+                    let transient = matches!(&result, Err(e) if e.is_transient());
                     let frame = reply_frame(m.cseq, result);
-                    cache.remember(&mut b, ticket, &frame)?;
+                    cache.remember(&mut b, ticket, &frame, transient, &mut self.fences)?;
                     frames.push(frame);
                 }
             }
@@ -185,6 +207,16 @@ impl SimServer {
 
     /// From now on the journal disk refuses writes: every batch fails
     /// before its commit, until [`SimServer::crash`] restarts the server.
+    /// The next batch fails before its commit, as one does when the
+    /// export's disk fails for a moment: every fresh op in it is refused
+    /// transiently (not applied, not recorded), resends get their cached
+    /// replies.
+    pub fn refuse_next_batch(&mut self) {
+        self.refuse_next = true;
+    }
+
+    /// From now on the journal disk refuses writes: every batch fails
+    /// before its commit, until [`SimServer::crash`] restarts the server.
     pub fn fail_disk(&mut self) {
         self.access.fail_writes();
     }
@@ -194,6 +226,7 @@ impl SimServer {
     /// committed records.
     pub fn crash(&mut self) -> Result<(), SimError> {
         self.kill();
+        self.fences = Fences::default();
         self.disk.power_loss();
         let (attached, access) = Attached::new(&self.disk);
         let store = Store::open_on_as(attached, ROOT, self.opts.incarnation)?;

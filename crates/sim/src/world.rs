@@ -72,6 +72,9 @@ pub enum Ev {
     CrashReplica(u8, u8),
     /// The server loses power and restarts from its committed journal.
     CrashServer,
+    /// The server's next batch fails before its commit (a transient
+    /// refusal of every fresh op in it).
+    FailBatch,
 }
 
 impl Ev {
@@ -91,6 +94,7 @@ impl Ev {
             Ev::Heal => "H".into(),
             Ev::CrashReplica(r, h) => format!("Z{r}.{h}"),
             Ev::CrashServer => "Y".into(),
+            Ev::FailBatch => "B".into(),
         }
     }
 
@@ -117,6 +121,7 @@ impl Ev {
             "H" => Ev::Heal,
             "Z" => Ev::CrashReplica(b(0)?, b(1)?),
             "Y" => Ev::CrashServer,
+            "B" => Ev::FailBatch,
             _ => return None,
         })
     }
@@ -147,6 +152,7 @@ pub fn schedule(seed: u64, replicas: u8, ops: usize) -> Vec<Ev> {
             96 => Ev::Partition(1 + rng.below((1u64 << replicas) - 1) as u8),
             97 => Ev::Heal,
             98 => Ev::CrashReplica(r(&mut rng), rng.below(2) as u8),
+            99 if rng.below(2) == 0 => Ev::FailBatch,
             _ => Ev::CrashServer,
         };
         evs.push(e);
@@ -383,6 +389,10 @@ impl World {
                 Ok(())
             }
             Ev::CrashReplica(r, how) if r < n => self.crash_replica(r as usize, how == 1),
+            Ev::FailBatch => {
+                self.server.refuse_next_batch();
+                Ok(())
+            }
             Ev::CrashServer => {
                 self.server.crash().map_err(err)?;
                 for r in 0..self.reps.len() {
@@ -463,14 +473,10 @@ impl World {
             p.engine = e;
         }
         p.up = true;
-        for (cseq, (op, stamp)) in &p.unanswered {
-            p.to_server.push_back(Mutation {
-                replica: p.id,
-                cseq: *cseq,
-                acked_through: acked(p),
-                op: op.clone(),
-                stamp: *stamp,
-            });
+        // (the mount's connection sends nothing again itself: the sender
+        // sends what went unanswered, in its log's order)
+        for lsn in std::mem::take(&mut p.unanswered).into_keys() {
+            p.engine.lost(lsn);
         }
         p.sub = p.cache.as_ref().map(|c| c.seq()).transpose().map_err(err)?.unwrap_or(0);
         Ok(())
@@ -481,11 +487,23 @@ impl World {
         let p = &mut self.reps[r];
         loop {
             let Some(cache) = &p.cache else { return Ok(()) };
-            let Next::Send { lsn, entry, was_sent } = p.engine.next_to_send(p.up, p.cursor, now) else {
+            let Next::Send { lsn, entry, was_sent } = p.engine.next_to_send(p.up, now) else {
                 return Ok(());
             };
             let stamp = entry.time;
-            let built = build(cache, entry);
+            let (len, op) = (entry.len, entry.op.clone());
+            let built = match build(cache, entry) {
+                // (sent before: again whatever the data file holds, as the
+                // mount's sender does)
+                Ok(None) if was_sent => {
+                    let mut op = Engine::bases(cache, op);
+                    if let Op::Write { data, .. } = &mut op {
+                        *data = vec![0; len as usize];
+                    }
+                    Ok(Some(op))
+                }
+                b => b,
+            };
             match built {
                 Err(e) => {
                     p.engine.unsend(lsn, was_sent);
@@ -698,6 +716,11 @@ impl World {
                 }
             }
         }
+        if std::env::var_os("IZO_SIM_TRACE").is_some() {
+            for rec in self.server.records_from(0, usize::MAX).map_err(err)? {
+                eprintln!("record {} from {:?}: {}", rec.seq, rec.origin, rec.op.kind());
+            }
+        }
         let want = self.server.digest();
         for (i, p) in self.reps.iter().enumerate() {
             let cache = p.cache.as_ref().ok_or(format!("replica {i} is not running after the heal"))?;
@@ -868,7 +891,7 @@ fn apply_batch(server: &SimServer, p: &mut Rep, recs: &[Record], now: Now) -> Re
 /// Ask the server about an object again (as the mount's `refresh_one`).
 fn refresh_one(server: &SimServer, p: &mut Rep, id: ObjectId, all: bool) -> Res<()> {
     let Some(cache) = &p.cache else { return Ok(()) };
-    if cache.get(id).map_err(err)?.is_none() {
+    if !all && cache.get(id).map_err(err)?.is_none() {
         return Ok(());
     }
     let Ok(a) = server.store().getattr(id) else { return Ok(()) };

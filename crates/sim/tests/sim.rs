@@ -161,6 +161,14 @@ fn schedules_that_found_bugs_stay_fixed() {
         // a directory's mtime from cancelled changes, refreshed after a
         // fold and a power loss
         "L0.2.15.24 L0.9.14.24 F0 Z0.1",
+        // a change refused for now (a failed batch) overtaken by later ones
+        "L1.1.21.49 L1.1.5.30 L1.8.36.41 B L1.6.22.58 L1.1.61.44 S1 D1.4 D1.1 Y",
+        // an object removed here while another replica gave it a new name
+        "L1.1.51.40 L2.0.30.31 S2 D2.2 L2.9.32.28 T1 R1.2 L1.9.17.22 L1.10.51.35",
+        // a foreign name for a busy object, removed on the server by this
+        // replica's own change after it
+        "L1.0.41.56 L1.10.47.33 S1 D1.4 L2.0.27.12 T2 L2.0.27.33 L1.9.55.62 R2.6 B L2.7.49.39 L2.9.28.22 L2.8.36.18 \
+         L2.10.1.63",
     ];
     for line in found {
         let evs = parse_line(line).expect("a replay line");

@@ -48,6 +48,10 @@ pub(super) struct Cml {
     /// Busy objects whose foreign changes were held back: refreshed from
     /// the server once idle.
     pub stale: std::collections::HashSet<ObjectId>,
+    /// The last lsn handed to the sender (it hands out what follows).
+    pub cursor: u64,
+    /// The cursor before the last hand-out (restored by an unsend).
+    pub cursor_before: u64,
     /// Sending waits until then (after a transient refusal).
     pub pause_until: Option<std::time::Duration>,
     /// Transient refusals in a row.

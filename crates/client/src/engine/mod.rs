@@ -546,7 +546,7 @@ impl Engine {
     /// The next entry to send. While disconnected or pausing after a
     /// transient refusal nothing is handed out: an op once sent is never
     /// cancelled, and what waits here still coalesces.
-    pub fn next_to_send(&mut self, connected: bool, cursor: u64, now: Now) -> Next {
+    pub fn next_to_send(&mut self, connected: bool, now: Now) -> Next {
         let paused = match self.c.pause_until {
             Some(t) if t > now.mono => true,
             Some(_) => {
@@ -558,9 +558,11 @@ impl Engine {
         if paused || !connected {
             return Next::Idle(Duration::from_millis(50));
         }
-        match self.c.q.range_mut(cursor + 1..).next() {
+        match self.c.q.range_mut(self.c.cursor + 1..).next() {
             Some((lsn, (e, sent))) => {
                 let was_sent = std::mem::replace(sent, true);
+                self.c.cursor_before = self.c.cursor;
+                self.c.cursor = *lsn;
                 Next::Send { lsn: *lsn, entry: e.clone(), was_sent }
             }
             None => Next::Idle(SEAL_EVERY),
@@ -571,6 +573,18 @@ impl Engine {
     pub fn unsend(&mut self, lsn: u64, was_sent: bool) {
         if let Some((_, sent)) = self.c.q.get_mut(&lsn) {
             *sent = was_sent;
+        }
+        if self.c.cursor == lsn {
+            self.c.cursor = self.c.cursor_before;
+        }
+    }
+
+    /// An entry sent will get no answer (its connection broke and the
+    /// connection does not send it again): the sender sends it again, and
+    /// everything after it, in order.
+    pub fn lost(&mut self, lsn: u64) {
+        if self.c.q.contains_key(&lsn) {
+            self.c.cursor = self.c.cursor.min(lsn.saturating_sub(1));
         }
     }
 
@@ -631,25 +645,29 @@ impl Engine {
                 self.c.release(lsn);
                 self.c.done.push(lsn);
             }
+            Err(why) if why.is_transient() => {
+                // Not applied, not recorded: sent again under the same lsn,
+                // and so is everything after it (the server refuses those
+                // for now until this one comes again: nothing overtakes it),
+                // after a pause that grows while refusals go on.
+                self.c.q.insert(lsn, (e, true));
+                self.c.cursor = self.c.cursor.min(lsn.saturating_sub(1));
+                if self.c.pause_until.is_none_or(|t| t <= now.mono) {
+                    self.c.streak = (self.c.streak + 1).min(6);
+                    let pause = RETRY_PAUSE * (1 << self.c.streak);
+                    self.c.pause_until = Some(now.mono + pause);
+                    out.retry_in = Some(pause);
+                    self.c.retried += 1;
+                }
+                out.wake_sender = true;
+                // (a caller waiting for it hears nothing: it will happen,
+                // as an op sent whose answer did not come in time)
+                return Some(out);
+            }
             Err(_) if waiter => {
                 // the caller hears of it (and applies nothing locally)
                 self.c.release(lsn);
                 self.c.done.push(lsn);
-            }
-            Err(why) if why.is_transient() => {
-                // not applied: again, as a new op after the others, after a
-                // pause that grows while refusals go on
-                self.c.streak = (self.c.streak + 1).min(6);
-                let pause = RETRY_PAUSE * (1 << self.c.streak);
-                self.c.pause_until = Some(now.mono + pause);
-                out.retry_in = Some(pause);
-                self.c.retried += 1;
-                self.c.release(lsn);
-                let again = self.c.push(e.clone());
-                out.now.push(Edit::CmlDone(lsn));
-                out.now.push(Edit::Cml(again, e.clone()));
-                out.now.push(Edit::Meta(LOGGED.into(), again));
-                out.wake_sender = true;
             }
             Err(err) => {
                 self.c.parked += 1;

@@ -357,7 +357,16 @@ impl Engine {
                     c.resync = true;
                     None
                 }
-                _ => Some(Edit::Link { parent, name, id }),
+                _ => {
+                    // A new name for an object with local changes on the way:
+                    // one of those may remove that name on the server after
+                    // this one, and its echo (an own record) changes nothing
+                    // here: once settled, a resync says which names are left.
+                    if c.busy(id) {
+                        c.resync = true;
+                    }
+                    Some(Edit::Link { parent, name, id })
+                }
             },
             e => Some(e),
         })
@@ -427,9 +436,12 @@ impl Engine {
             }
             return Ok(Refresh::Skip);
         }
-        let cur = view.get(id)?;
-        let fresh = cur
-            .is_some_and(|c| attr.versions.data >= c.attr.versions.data && attr.versions.meta >= c.attr.versions.meta);
+        let fresh = match view.get(id)? {
+            Some(c) => attr.versions.data >= c.attr.versions.data && attr.versions.meta >= c.attr.versions.meta,
+            // removed here while someone else gave it a new name: the
+            // server has it, and the name came here; taken back whole
+            None => all,
+        };
         Ok(if fresh { Refresh::Apply } else { Refresh::Skip })
     }
 

@@ -156,9 +156,7 @@ fn ops(e: &Engine) -> Vec<&'static str> {
 /// Hand out every entry to send, as a connected sender does.
 fn send_all(e: &mut Engine) -> Vec<(u64, CmlEntry)> {
     let mut out = Vec::new();
-    let mut cursor = 0;
-    while let Next::Send { lsn, entry, .. } = e.next_to_send(true, cursor, now(0)) {
-        cursor = lsn;
+    while let Next::Send { lsn, entry, .. } = e.next_to_send(true, now(0)) {
         out.push((lsn, entry));
     }
     out
@@ -306,21 +304,50 @@ fn a_refusal_is_parked_and_the_replica_resyncs_once_settled() {
     assert_eq!(e.applied_seq(), 7);
 }
 
+/// Found by the simulation (a batch failing before its commit): a change
+/// refused for now was queued again behind the changes sent after it, so
+/// they were applied first, and a later one recorded a client seq past it:
+/// its resend was answered "expired" and taken as applied. Now it keeps its
+/// lsn, the sender goes back to it, and the server refuses what follows it
+/// until it comes again (`izo_journal::Fences`).
 #[test]
-fn a_transient_refusal_is_queued_again_behind_the_queue_after_a_pause() {
+fn a_transient_refusal_sends_the_change_again_first_under_its_lsn() {
     let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
     file(&mut m, &mut e, "f");
-    let first = send_all(&mut e)[0].0;
     file(&mut m, &mut e, "g");
-    let out = e.answered(first, Err(OpError::Transient("busy".into())), now(10)).expect("queued");
+    let sent = send_all(&mut e);
+    assert_eq!(sent.len(), 2);
+    let out = e.answered(sent[0].0, Err(OpError::Io("disk".into())), now(10)).expect("queued");
     assert_eq!(out.retry_in, Some(RETRY_PAUSE * 2));
-    assert!(out.wake_sender && out.park.is_none());
+    assert!(out.wake_sender && out.park.is_none() && out.now.is_empty());
     let lsns: Vec<u64> = e.entries().iter().map(|(l, _, _)| *l).collect();
-    assert_eq!(lsns.len(), 2);
-    assert!(lsns[1] > lsns[0] && lsns[0] > first, "queued again as a new op after the others");
-    assert!(matches!(e.next_to_send(true, first, now(11)), Next::Idle(_)), "paused");
-    assert!(matches!(e.next_to_send(true, first, now(10 + 200)), Next::Send { .. }), "after the pause");
-    assert!(matches!(e.next_to_send(false, first, now(10_000)), Next::Idle(_)), "never while disconnected");
+    assert_eq!(lsns, [sent[0].0, sent[1].0], "same lsns, same order");
+    // the second's answer (refused for now too) changes nothing more
+    let out = e.answered(sent[1].0, Err(OpError::Transient("follows".into())), now(11)).expect("queued");
+    assert_eq!(out.retry_in, None, "one pause for the run of refusals");
+    assert!(matches!(e.next_to_send(true, now(12)), Next::Idle(_)), "paused");
+    match e.next_to_send(true, now(10 + 200)) {
+        Next::Send { lsn, was_sent, .. } => assert_eq!((lsn, was_sent), (sent[0].0, true), "the refused one first"),
+        n => panic!("{n:?}"),
+    }
+    assert!(matches!(e.next_to_send(true, now(10 + 201)), Next::Send { lsn, .. } if lsn == sent[1].0));
+    assert!(matches!(e.next_to_send(false, now(10_000)), Next::Idle(_)), "never while disconnected");
+    // a sent change (refused for now) is never cancelled
+    let l = e.remove(&m, ObjectId::ROOT, b"f", false, now(20));
+    let _ = m.run(&mut e, l);
+    assert!(e.entries().iter().any(|(l, _, _)| *l == sent[0].0), "the create stays and its unlink follows");
+}
+
+#[test]
+fn a_change_whose_answer_is_lost_is_sent_again_in_order() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    file(&mut m, &mut e, "f");
+    file(&mut m, &mut e, "g");
+    let sent = send_all(&mut e);
+    e.lost(sent[1].0);
+    e.lost(sent[0].0);
+    let again = send_all(&mut e);
+    assert_eq!(again.iter().map(|(l, _)| *l).collect::<Vec<_>>(), [sent[0].0, sent[1].0]);
 }
 
 #[test]
@@ -465,4 +492,32 @@ fn an_own_record_whose_local_effect_was_lost_lands_as_someone_elses() {
     assert_eq!(e.own(&rec, me), Some(1), "logged before the restart: its effect is in the cache");
     let later = Record { origin: Origin::Replica(me, 3), ..rec };
     assert_eq!(e.own(&later, me), None, "past what the cache logged");
+}
+
+/// Found by the simulation: a foreign new name for an object this replica
+/// is changing may be removed on the server by this replica's own change
+/// (whose echo changes nothing here): the name lands, and once settled a
+/// resync says which names are left.
+#[test]
+fn a_foreign_name_for_a_busy_object_lands_and_a_resync_follows() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let rec = Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), 1),
+        op: Op::Link { id, parent: ObjectId::ROOT, name: b"g".to_vec() },
+        attr: None,
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &rec, None).expect("plan");
+    let b = e.apply_records(&m, vec![p], 1, now(2)).expect("apply");
+    assert!(b.edits.iter().any(|x| matches!(x, Edit::Link { name, .. } if name == b"g")), "the name lands");
+    let create = e.entries()[0].0;
+    e.answered(create, applied(2), now(3)).expect("queued");
+    let echo = Record { seq: 2, origin: Origin::Replica(ReplicaId(5), create), ..rec };
+    let p = Engine::plan_record(&m, &echo, Some(create)).expect("plan");
+    e.apply_records(&m, vec![p], 2, now(4)).expect("apply");
+    assert!(e.housekeep().0, "settled: a resync");
 }
