@@ -88,6 +88,9 @@ impl Replica {
         let floor = self.client.next_cseq().max(parked_next);
         let logged = self.cache.logged_lsn(floor)?;
         let edits = e.recover(&self.cache, entries, dirty, touched, floor, logged);
+        if self.cache.meta(crate::engine::RESYNC)? == 1 {
+            e.resync_due();
+        }
         if !edits.is_empty() {
             self.cache.local(&edits)?;
         }
@@ -543,6 +546,7 @@ impl Replica {
         self.cache.local(&edits)?;
         drop(g);
         self.cache.fold()?;
+        self.engine().reported_durable(mark);
         self.client.set_durable_through(mark);
         Ok(())
     }

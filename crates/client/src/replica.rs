@@ -187,7 +187,9 @@ impl Replica {
         });
         r.recover_cml()?;
         // (every answer before the recovered log's first entry was folded)
-        r.client.set_durable_through(r.engine().durable_mark());
+        let mark = r.engine().durable_mark();
+        r.engine().reported_durable(mark);
+        r.client.set_durable_through(mark);
         // (the log replay may have moved the stream position past what the
         // database held: waiters on it must see where the cache is now)
         r.set_applied(r.cache.seq()?);
@@ -622,6 +624,7 @@ impl Replica {
             }
         }
         edits.push(Edit::Seq(seq));
+        edits.push(Edit::Meta(crate::engine::RESYNC.into(), 0));
         {
             let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
             let mut e = self.engine();

@@ -459,12 +459,16 @@ impl World {
             let floor = p.next_cseq.max(parked_next);
             let logged = cache.logged_lsn(floor).map_err(err)?;
             let edits = e.recover(&cache, entries, dirty, touched, floor, logged);
+            if cache.meta(engine::RESYNC).map_err(err)? == 1 {
+                e.resync_due();
+            }
             cache.local(&edits).map_err(err)?;
             p.queued.extend(e.entries().iter().map(|(l, _, _)| *l));
             for (l, _, _) in e.entries() {
                 p.lost.remove(&l);
             }
             p.durable = e.durable_mark();
+            e.reported_durable(p.durable);
             if cache.meta("synced").map_err(err)? == 0 && seq == 0 {
                 initial(&self.server, &cache).map_err(|e| format!("initial sync: {e}"))?;
                 e.set_applied(cache.seq().map_err(err)?);
@@ -624,6 +628,7 @@ impl World {
         cache.local(&edits).map_err(err)?;
         cache.fold().map_err(err)?;
         p.durable = p.durable.max(mark);
+        p.engine.reported_durable(mark);
         self.since_fold[r].clear();
         Ok(())
     }
@@ -954,6 +959,7 @@ fn resync(server: &SimServer, p: &mut Rep) -> Res<()> {
         }
     }
     edits.push(Edit::Seq(seq));
+    edits.push(Edit::Meta(engine::RESYNC.into(), 0));
     cache.change(&edits).map_err(err)?;
     p.engine.resynced(seq);
     p.sub = p.sub.max(seq);

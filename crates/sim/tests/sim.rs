@@ -169,6 +169,11 @@ fn schedules_that_found_bugs_stay_fixed() {
         // replica's own change after it
         "L1.0.41.56 L1.10.47.33 S1 D1.4 L2.0.27.12 T2 L2.0.27.33 L1.9.55.62 R2.6 B L2.7.49.39 L2.9.28.22 L2.8.36.18 \
          L2.10.1.63",
+        // a cancellation a power loss took: the change comes back under an
+        // lsn below one the server recorded since
+        "L0.2.3.9 F0 L0.9.51.35 L0.0.45.2 S0 D0.1 Z0.1",
+        // a resync due when the daemon was killed
+        "L1.2.4.43 S1 D1.2 L2.0.26.25 T2 S2 D2.4 R2.6 Z2.0",
     ];
     for line in found {
         let evs = parse_line(line).expect("a replay line");

@@ -71,6 +71,10 @@ pub const TRACKED: &str = "lsn.tracked";
 /// power loss took from this cache.
 pub const GAP: &str = "lsn.gap.";
 
+/// Meta key set to 1 while a resync is due (with the change that makes it
+/// due: a crash before it does not forget it), 0 once done.
+pub const RESYNC: &str = "resync.due";
+
 /// Meta keys `refresh.<id>` = 1: an object to ask the server about again
 /// once idle, flagged in the same log record as the change that needs it
 /// (so a crash after a fold does not forget it); 0 once done.
@@ -225,6 +229,10 @@ pub struct Engine {
     /// The lsns logged here before the start: their local effect is in the
     /// cache (see [`Engine::own`]).
     logged: Logged,
+    /// The highest lsn through which this replica let the server forget
+    /// its replies: a change above it the server calls expired was never
+    /// recorded there.
+    reported: u64,
     opts: Options,
 }
 
@@ -236,6 +244,7 @@ impl Engine {
             waiting: HashSet::new(),
             applied,
             logged: Logged::default(),
+            reported: 0,
             opts,
         }
     }
@@ -336,6 +345,16 @@ impl Engine {
     /// No entry below `upto` is queued.
     pub fn answered_before(&self, upto: u64) -> bool {
         self.c.q.range(..upto).next().is_none()
+    }
+
+    /// The server may forget replies through `mark` (reported after a fold).
+    pub fn reported_durable(&mut self, mark: u64) {
+        self.reported = self.reported.max(mark);
+    }
+
+    /// A resync was due when the last run ended (its [`RESYNC`] meta).
+    pub fn resync_due(&mut self) {
+        self.c.resync = true;
     }
 
     /// The highest lsn through which every entry is answered (the answers
@@ -640,6 +659,23 @@ impl Engine {
                 }
                 self.c.done.push(lsn);
             }
+            Err(OpError::ReplyExpired(_)) if lsn > self.reported => {
+                // This replica never let the server forget that reply: the
+                // server never recorded the change (a power loss here took
+                // its cancellation, and a later change went first). It is
+                // queued again, as a new change after the others.
+                self.c.release(lsn);
+                let again = self.c.push(e.clone());
+                if let Some((_, sent)) = self.c.q.get_mut(&again) {
+                    *sent = true;
+                }
+                out.now.push(Edit::CmlDone(lsn));
+                out.now.push(Edit::Cml(again, e));
+                out.now.push(Edit::Meta(LOGGED.into(), again));
+                out.wake_sender = true;
+                self.waiting.remove(&lsn);
+                return Some(out);
+            }
             Ok(None) | Err(OpError::ReplyExpired(_)) => {
                 // (expired: applied in an earlier run, its record seen or coming)
                 self.c.release(lsn);
@@ -672,6 +708,7 @@ impl Engine {
             Err(err) => {
                 self.c.parked += 1;
                 self.c.resync = true;
+                out.now.push(Edit::Meta(RESYNC.into(), 1));
                 self.c.release(lsn);
                 out.park = Some((lsn, e.op.clone(), err.clone(), e.len));
             }

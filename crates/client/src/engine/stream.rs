@@ -377,6 +377,7 @@ impl Engine {
     /// attributes that went idle, then the stream position.
     pub fn apply_records(&mut self, view: &dyn View, planned: Vec<Planned>, last: Seq, now: Now) -> R<Batch> {
         let mut b = Batch::default();
+        let resync_before = self.c.resync;
         for p in planned {
             if let Some(lsn) = p.own {
                 self.c.release(lsn); // its echo is here
@@ -408,6 +409,9 @@ impl Engine {
         b.edits.extend(ready);
         b.inval.extend(inval);
         b.edits.extend(self.c.done.drain(..).map(Edit::CmlDone));
+        if self.c.resync && !resync_before {
+            b.edits.push(Edit::Meta(super::RESYNC.into(), 1));
+        }
         b.edits.push(Edit::Seq(last));
         Ok(b)
     }
