@@ -226,6 +226,8 @@ struct Rep {
     acked: BTreeSet<u64>,
     /// Test switch: tell the server it may forget replies not yet folded.
     breaks_durable: bool,
+    /// Entries queued again as new ones: new lsn → the one it replaced.
+    requeued: BTreeMap<u64, u64>,
     /// Entries queued when the machine lost power that did not come back
     /// (never synced: a power loss may take them, as it takes any write
     /// not fsynced).
@@ -301,6 +303,7 @@ impl World {
                 acked: BTreeSet::new(),
                 breaks_durable: breaks.ack_unfolded,
                 lost: BTreeSet::new(),
+                requeued: BTreeMap::new(),
             });
         }
         let server =
@@ -328,8 +331,34 @@ impl World {
         self.now.wall = Timestamp { secs: t.secs + (ns / 1_000_000_000) as i64, nsec: (ns % 1_000_000_000) as u32 };
     }
 
+    /// Run a schedule, then heal everything and check the invariants. A
+    /// schedule whose replicas were down or refused too much is topped up
+    /// after the heal with local ops (drawn from the schedule's length, so
+    /// a replay draws the same) until `min_ops` ran, and heals again.
+    pub fn run_at_least(&mut self, evs: &[Ev], min_ops: usize) -> Result<(), Failure> {
+        self.run_events(evs)?;
+        self.settle().map_err(|why| Failure { at: None, why })?;
+        let mut rng = Rng::new(0x70_70 ^ evs.len() as u64);
+        let n = self.reps.len() as u64;
+        let mut tries = 0;
+        while self.ran < min_ops && tries < 20 * min_ops {
+            tries += 1;
+            let e = Ev::Local(rng.below(n) as u8, rng.below(12) as u8, rng.below(64) as u16, rng.below(64) as u16);
+            self.tick_clock(10);
+            self.step(e).map_err(|why| Failure { at: None, why: format!("top-up {}: {why}", e.code()) })?;
+        }
+        self.settle().map_err(|why| Failure { at: None, why })?;
+        self.check().map_err(|why| Failure { at: None, why })
+    }
+
     /// Run a schedule, then heal everything and check the invariants.
     pub fn run(&mut self, evs: &[Ev]) -> Result<(), Failure> {
+        self.run_events(evs)?;
+        self.settle().map_err(|why| Failure { at: None, why })?;
+        self.check().map_err(|why| Failure { at: None, why })
+    }
+
+    fn run_events(&mut self, evs: &[Ev]) -> Result<(), Failure> {
         // every replica starts mounted (a crash later takes one down until
         // it reaches the server again)
         for r in 0..self.reps.len() {
@@ -356,8 +385,7 @@ impl World {
                 }
             }
         }
-        self.settle().map_err(|why| Failure { at: None, why })?;
-        self.check().map_err(|why| Failure { at: None, why })
+        Ok(())
     }
 
     fn step(&mut self, e: Ev) -> Res<()> {
@@ -732,6 +760,21 @@ impl World {
             // every entry queued is accounted for: applied once, parked,
             // or dropped by the engine before it was ever sent
             let parked: BTreeSet<u64> = cache.parked().map_err(err)?.into_iter().map(|(l, _)| l).collect();
+            // a change queued again (as never recorded) was not applied before
+            for (new, old) in &p.requeued {
+                if seen.contains_key(&(p.id, *new)) && seen.contains_key(&(p.id, *old)) {
+                    return Err(format!("change {old} of replica {i} was applied twice (again as {new})"));
+                }
+            }
+            for lsn in &parked {
+                let mut at = *lsn;
+                while let Some(old) = p.requeued.get(&at) {
+                    if seen.contains_key(&(p.id, *old)) {
+                        return Err(format!("change {old} of replica {i} was applied, and parked again as {lsn}"));
+                    }
+                    at = *old;
+                }
+            }
             for lsn in &p.queued {
                 let applied = seen.contains_key(&(p.id, *lsn));
                 if !applied && !parked.contains(lsn) && !p.dropped.contains(lsn) && !p.lost.contains(lsn) {
@@ -827,6 +870,7 @@ fn answered(p: &mut Rep, lsn: u64, r: Result<Option<Applied>, OpError>, now: Now
         if let Edit::Cml(l, _) = e {
             p.queued.insert(*l);
             p.dropped.insert(lsn); // (retried as a new entry)
+            p.requeued.insert(*l, lsn);
         }
     }
     if let Some((plsn, mut op, error, len)) = out.park {
@@ -1091,8 +1135,22 @@ impl World {
             names.push((ObjectId::ROOT, n, id));
         }
         let dir = dirs[a as usize % dirs.len()];
-        let name = format!("n{}", b % 6).into_bytes();
+        // a new name: the first free one from `b` on (creates mostly succeed)
+        let free = (0..6u16)
+            .map(|i| format!("n{}", (b + i) % 6).into_bytes())
+            .find(|n| cache.lookup(dir, n).ok().flatten().is_none());
+        let name = match (k, free) {
+            (0..=2 | 10, Some(n)) => n,
+            _ => format!("n{}", b % 6).into_bytes(),
+        };
         let pick = names.get(a as usize % names.len().max(1)).cloned();
+        let mut files = Vec::new();
+        for n in &names {
+            if cache.get(n.2).map_err(err)?.is_some_and(|c| c.attr.kind == FileKind::File) {
+                files.push(n.clone());
+            }
+        }
+        let fpick = files.get(a as usize % files.len().max(1)).cloned();
         let before: BTreeSet<u64> = p.engine.entries().iter().map(|(l, _, _)| *l).collect();
         let planned = match (k, &pick) {
             (0..=2, _) => {
@@ -1119,7 +1177,8 @@ impl World {
                 }
                 l
             }
-            (3..=5, Some((_, _, id))) => {
+            (3..=5, _) => {
+                let Some((_, _, id)) = &fpick else { return Ok(()) };
                 // a write of a few bytes somewhere near the end
                 let Some(o) = cache.get(*id).map_err(err)? else { return Ok(()) };
                 if o.attr.kind != FileKind::File {
@@ -1157,7 +1216,10 @@ impl World {
                 let is_dir = cache.get(*id).map_err(err)?.is_some_and(|c| c.attr.kind == FileKind::Dir);
                 p.engine.remove(cache, *parent, n, is_dir, now)
             }
-            (10, Some((_, _, id))) => p.engine.link(cache, *id, dir, &name, now),
+            (10, _) => {
+                let Some((_, _, id)) = &fpick else { return Ok(()) };
+                p.engine.link(cache, *id, dir, &name, now)
+            }
             (11, Some((_, _, id))) => match p.engine.seal(cache, *id, now).map_err(err)? {
                 Some(l) => Ok(l),
                 None => return Ok(()),
