@@ -9,7 +9,8 @@ use crate::Batch;
 use izo_proto::{encode_frame, MutateResult, OpError, ReplicaId, ServerMsg};
 use std::collections::{BTreeMap, HashMap};
 
-/// Replicas with a change refused for now (not applied, not recorded):
+/// Replicas with a change whose batch failed before its commit (not
+/// applied, not recorded: answered `Io`):
 /// until that client seq comes again, every later change of the replica is
 /// refused for now too, so no change overtakes one sent before it, and no
 /// later change records a client seq past a hole (a resend of the refused
@@ -34,10 +35,12 @@ impl Fences {
     }
 }
 
-/// The refusal of a change held behind an earlier refused one.
+/// The refusal of a change held behind an earlier refused one: `Io`, as
+/// the refusal of a batch whose commit failed (not applied, not recorded:
+/// send it again under its seq).
 fn fenced(cseq: u64, first: u64) -> Vec<u8> {
-    let why = format!("change {first} of this replica is refused for now; this one follows it");
-    reply_frame(cseq, Err(OpError::Transient(why)))
+    let why = format!("change {first} of this replica failed before its commit; this one follows it");
+    reply_frame(cseq, Err(OpError::Io(why)))
 }
 
 /// The reply frame for client seq `cseq`, as sent and as cached.
@@ -126,21 +129,12 @@ impl ReplyCache {
 
     /// Keep the reply `frame` of an executed op with its record (a client
     /// seq not above the replica's last is not recorded again), and note
-    /// what the client says it holds. A refusal for now (`transient`) is
-    /// not recorded: the client sends the change again, and until it does
-    /// its later changes are refused for now too ([`Fences`]).
-    pub fn remember(
-        &mut self,
-        b: &mut Batch<'_>,
-        t: Ticket,
-        frame: &[u8],
-        transient: bool,
-        fences: &mut Fences,
-    ) -> Result<(), StoreError> {
+    /// what the client says it holds. (A refusal for now that the op
+    /// itself met, as `NoSpace`, is recorded like any answer: a resend is
+    /// answered the same, and the client queues it again as a new change.)
+    pub fn remember(&mut self, b: &mut Batch<'_>, t: Ticket, frame: &[u8]) -> Result<(), StoreError> {
         let r = t.request;
-        if transient {
-            fences.raise(r.replica, r.cseq);
-        } else if r.cseq > t.last {
+        if r.cseq > t.last {
             b.put_reply(r.replica, r.cseq, frame)?;
         }
         if r.acked_through > 0 {
@@ -212,9 +206,8 @@ mod tests {
                 Intake::Answer(f) => f,
                 Intake::Execute(t) => {
                     let result = b.execute(Origin::Replica(replica, *cseq), op, Timestamp::default());
-                    let transient = matches!(&result, Err(e) if e.is_transient());
                     let f = reply_frame(*cseq, result);
-                    cache.remember(&mut b, t, &f, transient, &mut fences).expect("remember");
+                    cache.remember(&mut b, t, &f).expect("remember");
                     f
                 }
             };

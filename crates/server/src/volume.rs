@@ -309,9 +309,8 @@ impl Actor {
             } else {
                 self.record_one(&mut b, m, &mut staged_any)?
             };
-            let transient = matches!(&result, Err(e) if e.is_transient());
             let frame = reply_frame(m.cseq, result);
-            cache.remember(&mut b, ticket, &frame, transient, &mut self.fences)?;
+            cache.remember(&mut b, ticket, &frame)?;
             outs.push((m.reply.clone(), frame));
         }
         cache.finish(&mut b)?;

@@ -167,9 +167,8 @@ impl SimServer {
                     let op = volume_policy(&m.op);
                     // write bytes stay in the record, whatever their size
                     let result = b.execute_stamped_placed(origin, &op, now, m.stamp, Payload::Inline);
-                    let transient = matches!(&result, Err(e) if e.is_transient());
                     let frame = reply_frame(m.cseq, result);
-                    cache.remember(&mut b, ticket, &frame, transient, &mut self.fences)?;
+                    cache.remember(&mut b, ticket, &frame)?;
                     frames.push(frame);
                 }
             }

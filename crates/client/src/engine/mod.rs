@@ -681,8 +681,10 @@ impl Engine {
                 self.c.release(lsn);
                 self.c.done.push(lsn);
             }
-            Err(why) if why.is_transient() => {
-                // Not applied, not recorded: sent again under the same lsn,
+            Err(OpError::Io(_)) => {
+                // Not applied, not recorded (its batch failed before the
+                // commit, or it follows one that did): sent again under the
+                // same lsn,
                 // and so is everything after it (the server refuses those
                 // for now until this one comes again: nothing overtakes it),
                 // after a pause that grows while refusals go on.
@@ -704,6 +706,23 @@ impl Engine {
                 // the caller hears of it (and applies nothing locally)
                 self.c.release(lsn);
                 self.c.done.push(lsn);
+            }
+            Err(why) if why.is_transient() => {
+                // Refused for now and recorded (no space): queued again as
+                // a new change after the others, after a pause that grows
+                // while refusals go on. (Changes sent after it may land
+                // first: the full-disk work is issue 14's.)
+                self.c.streak = (self.c.streak + 1).min(6);
+                let pause = RETRY_PAUSE * (1 << self.c.streak);
+                self.c.pause_until = Some(now.mono + pause);
+                out.retry_in = Some(pause);
+                self.c.retried += 1;
+                self.c.release(lsn);
+                let again = self.c.push(e.clone());
+                out.now.push(Edit::CmlDone(lsn));
+                out.now.push(Edit::Cml(again, e.clone()));
+                out.now.push(Edit::Meta(LOGGED.into(), again));
+                out.wake_sender = true;
             }
             Err(err) => {
                 self.c.parked += 1;

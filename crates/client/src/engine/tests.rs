@@ -322,8 +322,8 @@ fn a_transient_refusal_sends_the_change_again_first_under_its_lsn() {
     assert!(out.wake_sender && out.park.is_none() && out.now.is_empty());
     let lsns: Vec<u64> = e.entries().iter().map(|(l, _, _)| *l).collect();
     assert_eq!(lsns, [sent[0].0, sent[1].0], "same lsns, same order");
-    // the second's answer (refused for now too) changes nothing more
-    let out = e.answered(sent[1].0, Err(OpError::Transient("follows".into())), now(11)).expect("queued");
+    // the second's answer (held behind it) changes nothing more
+    let out = e.answered(sent[1].0, Err(OpError::Io("follows".into())), now(11)).expect("queued");
     assert_eq!(out.retry_in, None, "one pause for the run of refusals");
     assert!(matches!(e.next_to_send(true, now(12)), Next::Idle(_)), "paused");
     match e.next_to_send(true, now(10 + 200)) {
@@ -520,4 +520,20 @@ fn a_foreign_name_for_a_busy_object_lands_and_a_resync_follows() {
     let p = Engine::plan_record(&m, &echo, Some(create)).expect("plan");
     e.apply_records(&m, vec![p], 2, now(4)).expect("apply");
     assert!(e.housekeep().0, "settled: a resync");
+}
+
+/// A refusal for now that the server recorded (no space) is queued again
+/// as a new change after the others: the server answers its resend the
+/// same.
+#[test]
+fn a_recorded_refusal_for_now_is_queued_again_as_a_new_change() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    file(&mut m, &mut e, "f");
+    let first = send_all(&mut e)[0].0;
+    file(&mut m, &mut e, "g");
+    let out = e.answered(first, Err(OpError::NoSpace("full".into())), now(10)).expect("queued");
+    assert_eq!(out.retry_in, Some(RETRY_PAUSE * 2));
+    assert!(out.now.iter().any(|x| matches!(x, Edit::Cml(l, _) if *l > first)), "a new lsn, logged now");
+    let lsns: Vec<u64> = e.entries().iter().map(|(l, _, _)| *l).collect();
+    assert!(lsns.len() == 2 && lsns[1] > lsns[0] && lsns[0] > first, "behind the others: {lsns:?}");
 }
