@@ -537,3 +537,32 @@ fn a_recorded_refusal_for_now_is_queued_again_as_a_new_change() {
     let lsns: Vec<u64> = e.entries().iter().map(|(l, _, _)| *l).collect();
     assert!(lsns.len() == 2 && lsns[1] > lsns[0] && lsns[0] > first, "behind the others: {lsns:?}");
 }
+
+/// The engine does no I/O and reads no clock: its sources name none of
+/// what would let it.
+#[test]
+fn the_engine_names_no_io_clock_or_lock() {
+    let sources = [
+        ("mod.rs", include_str!("mod.rs")),
+        ("cml.rs", include_str!("cml.rs")),
+        ("local.rs", include_str!("local.rs")),
+        ("stream.rs", include_str!("stream.rs")),
+    ];
+    let banned = [
+        "std::fs",
+        "std::net",
+        "std::thread",
+        "tokio",
+        "redb",
+        "fuser",
+        "Instant::now",
+        "SystemTime::now",
+        "Timestamp::now",
+        "Mutex",
+    ];
+    for (file, src) in sources {
+        for word in banned {
+            assert!(!src.contains(word), "engine/{file} names {word}");
+        }
+    }
+}
