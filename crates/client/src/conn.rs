@@ -289,8 +289,12 @@ fn fail_all(inner: &Arc<Inner>, e: &ClientError) {
     };
     for (_, (_, _, ws)) in std::mem::take(&mut st.unanswered) {
         inner.window.add_permits(1);
-        for w in ws {
-            let _ = w.send(Err(err.clone()));
+        // (a caller that sends again itself hears of the loss, not of a
+        // refusal: the change may have been applied)
+        if inner.cfg.resend {
+            for w in ws {
+                let _ = w.send(Err(err.clone()));
+            }
         }
     }
     st.queries.clear();

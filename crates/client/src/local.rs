@@ -639,7 +639,15 @@ impl Replica {
         tokio::spawn(self.clone().replies(rx));
         let mut sealed = Instant::now();
         let mut folded = Instant::now();
+        let mut connections = self.client.wire_counters().2;
         loop {
+            // a new connection since the last look: what went unanswered
+            // goes first, in order (before anything after it is sent there)
+            let now_connections = self.client.wire_counters().2;
+            if now_connections != connections {
+                connections = now_connections;
+                self.engine().reconnected();
+            }
             if sealed.elapsed() >= SEAL_EVERY {
                 sealed = Instant::now();
                 if let Err(e) = self.seal_all() {
@@ -688,6 +696,12 @@ impl Replica {
                     continue;
                 }
                 Ok(None) => self.answered(lsn, Ok(None)),
+                // (a connection made meanwhile takes what went unanswered
+                // first: this one waits its turn)
+                Ok(Some(_)) if self.client.wire_counters().2 != connections => {
+                    self.engine().unsend(lsn, was_sent);
+                    continue;
+                }
                 Ok(Some(op)) => match self.client.submit_stamped(lsn, op, stamp).await {
                     Ok(p) => {
                         let _ = tx.send((lsn, p));

@@ -17,21 +17,29 @@ use std::collections::{BTreeMap, HashMap};
 /// one would then be answered "expired" and taken as applied). Kept by the
 /// volume actor across batches, in memory: a restart breaks every
 /// connection, and a replica resends from its first unanswered change.
+/// A fence holds only on the connection it was raised on: a replica on a
+/// new connection sends what went unanswered again first, in order (and a
+/// change a power loss took from it is never sent again at all).
 #[derive(Debug, Default)]
 pub struct Fences {
-    lowest: HashMap<ReplicaId, u64>,
+    lowest: HashMap<ReplicaId, (u64, u64)>,
 }
 
 impl Fences {
-    /// A change of `replica` at `cseq` was refused for now.
-    fn raise(&mut self, replica: ReplicaId, cseq: u64) {
-        let f = self.lowest.entry(replica).or_insert(cseq);
-        *f = (*f).min(cseq);
+    /// A change of `replica` at `cseq`, on connection `conn`, was refused
+    /// for now.
+    fn raise(&mut self, replica: ReplicaId, cseq: u64, conn: u64) {
+        let f = self.lowest.entry(replica).or_insert((cseq, conn));
+        if f.1 != conn {
+            *f = (cseq, conn);
+        }
+        f.0 = f.0.min(cseq);
     }
 
-    /// The client seq a replica must send again first, if any.
-    pub fn of(&self, replica: ReplicaId) -> Option<u64> {
-        self.lowest.get(&replica).copied()
+    /// The client seq a replica must send again first on this connection,
+    /// if any.
+    pub fn of(&self, replica: ReplicaId, conn: u64) -> Option<u64> {
+        self.lowest.get(&replica).filter(|(_, c)| *c == conn).map(|(s, _)| *s)
     }
 }
 
@@ -66,6 +74,8 @@ pub struct Request {
     pub cseq: u64,
     /// Replies through this client seq are durable at the client.
     pub acked_through: u64,
+    /// The connection it came on (unique per server process).
+    pub conn: u64,
 }
 
 /// What to do with a mutation of a batch.
@@ -116,13 +126,13 @@ impl ReplyCache {
             };
             return Ok(Intake::Answer(frame));
         }
-        match fences.of(r.replica) {
+        match fences.of(r.replica, r.conn) {
             Some(first) if r.cseq > first => return Ok(Intake::Answer(fenced(r.cseq, first))),
-            // the refused change (or one before it) again: the fence lifts
-            Some(_) => {
+            // the refused change (or one before it) again, or a new
+            // connection: the fence lifts
+            _ => {
                 fences.lowest.remove(&r.replica);
             }
-            None => {}
         }
         Ok(Intake::Execute(Ticket { request: r, last }))
     }
@@ -167,7 +177,7 @@ impl Store {
         };
         cached.unwrap_or_else(|| {
             // (nothing of it was kept: a refusal for now, and a fence)
-            fences.raise(r.replica, r.cseq);
+            fences.raise(r.replica, r.cseq, r.conn);
             reply_frame(r.cseq, Err(error))
         })
     }
@@ -201,7 +211,7 @@ mod tests {
         let mut fences = Fences::default();
         let mut out = Vec::new();
         for (cseq, acked_through, op) in ops {
-            let r = Request { replica, cseq: *cseq, acked_through: *acked_through };
+            let r = Request { replica, cseq: *cseq, acked_through: *acked_through, conn: 1 };
             let frame = match cache.intake(&b, r, &mut fences).expect("intake") {
                 Intake::Answer(f) => f,
                 Intake::Execute(t) => {

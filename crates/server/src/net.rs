@@ -209,9 +209,11 @@ impl Server {
         // queries running at once (further frames wait: TCP backpressure),
         // and one subscription.
         let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_UNANSWERED as usize));
+        static CONNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let conn = CONNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let queries = Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES));
         let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
-        let limits = Limits { inflight: &inflight, queries: &queries, idmap };
+        let limits = Limits { inflight: &inflight, queries: &queries, idmap, conn };
         let result = self.frame_loop(rd, out, replica, rights, &limits, &mut subscription).await;
         if let Some(s) = subscription {
             s.abort();
@@ -267,6 +269,7 @@ impl Server {
                         op,
                         stamp,
                         reply: out.replies.clone(),
+                        conn: limits.conn,
                         slot: Some(slot),
                     };
                     let sent = self.tx.lock().map(|tx| tx.send(Work::Mutate(m)).is_ok()).unwrap_or(false);
@@ -314,6 +317,8 @@ struct Limits<'a> {
     inflight: &'a Arc<tokio::sync::Semaphore>,
     queries: &'a Arc<tokio::sync::Semaphore>,
     idmap: Option<&'a crate::policy::IdMap>,
+    /// This connection (unique in the process).
+    conn: u64,
 }
 
 struct Writer {

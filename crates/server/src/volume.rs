@@ -36,6 +36,8 @@ pub struct Mutation {
     pub stamp: Option<Timestamp>,
     /// Where the reply frame goes.
     pub reply: FrameTx,
+    /// The connection it came on (unique in this process).
+    pub conn: u64,
     /// The connection's in-flight slot, freed when the mutation is answered
     /// (held only for its drop).
     #[allow(dead_code)]
@@ -45,7 +47,7 @@ pub struct Mutation {
 impl Mutation {
     /// The mutation as the reply cache sees it.
     fn request(&self) -> Request {
-        Request { replica: self.replica, cseq: self.cseq, acked_through: self.acked_through }
+        Request { replica: self.replica, cseq: self.cseq, acked_through: self.acked_through, conn: self.conn }
     }
 }
 
@@ -309,6 +311,13 @@ impl Actor {
             } else {
                 self.record_one(&mut b, m, &mut staged_any)?
             };
+            // An I/O failure of one op fails its whole batch: nothing of it
+            // is kept, and `Io` always means "not applied, not recorded:
+            // send it again" (a recorded `Io` would be answered to every
+            // resend, and the change never applied).
+            if let Err(OpError::Io(why)) = &result {
+                return Err(ServerError::io("recording a change", std::io::Error::other(why.clone())));
+            }
             let frame = reply_frame(m.cseq, result);
             cache.remember(&mut b, ticket, &frame)?;
             outs.push((m.reply.clone(), frame));

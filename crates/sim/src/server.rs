@@ -45,11 +45,13 @@ pub struct Mutation {
     pub op: Op,
     /// When the replica made the change (its implicit mtimes), if it said.
     pub stamp: Option<Timestamp>,
+    /// The connection it came on (a fence holds only on its connection).
+    pub conn: u64,
 }
 
 impl Mutation {
     fn request(&self) -> Request {
-        Request { replica: self.replica, cseq: self.cseq, acked_through: self.acked_through }
+        Request { replica: self.replica, cseq: self.cseq, acked_through: self.acked_through, conn: self.conn }
     }
 }
 
@@ -167,6 +169,10 @@ impl SimServer {
                     let op = volume_policy(&m.op);
                     // write bytes stay in the record, whatever their size
                     let result = b.execute_stamped_placed(origin, &op, now, m.stamp, Payload::Inline);
+                    // (as the server: an op's I/O failure fails its batch)
+                    if let Err(OpError::Io(why)) = &result {
+                        return Err(StoreError::Db(why.clone()));
+                    }
                     let frame = reply_frame(m.cseq, result);
                     cache.remember(&mut b, ticket, &frame)?;
                     frames.push(frame);

@@ -207,6 +207,8 @@ struct Rep {
     engine: Engine,
     /// Connected (queues live only while connected).
     up: bool,
+    /// Which connection (a new number at each connect).
+    conn: u64,
     to_server: VecDeque<Mutation>,
     from_server: VecDeque<Down>,
     /// Stream position of the connection's subscription.
@@ -290,6 +292,7 @@ impl World {
                 cache: None,
                 engine: Engine::new(0, Options { break_never_cancel_sent: breaks.cancel_sent }),
                 up: false,
+                conn: 0,
                 to_server: VecDeque::new(),
                 from_server: VecDeque::new(),
                 sub: 0,
@@ -505,6 +508,7 @@ impl World {
             p.engine = e;
         }
         p.up = true;
+        p.conn += 1;
         // (the mount's connection sends nothing again itself: the sender
         // sends what went unanswered, in its log's order)
         for lsn in std::mem::take(&mut p.unanswered).into_keys() {
@@ -555,6 +559,7 @@ impl World {
                         acked_through: acked(p),
                         op: op.clone(),
                         stamp,
+                        conn: p.conn,
                     });
                     p.unanswered.insert(lsn, (op, stamp));
                 }
@@ -724,11 +729,14 @@ impl World {
             .enumerate()
             .map(|(i, p)| {
                 format!(
-                    "replica {i}: {} queued, {} unanswered, applied {} of {}",
+                    "replica {i}: {} queued {:?}, {} unanswered, applied {} of {}, sender {:?}, up {}",
                     p.engine.queued(),
+                    p.engine.entries().iter().map(|(l, e, s)| (*l, e.op.kind(), *s)).collect::<Vec<_>>(),
                     p.unanswered.len(),
                     p.engine.applied_seq(),
-                    self.server.head()
+                    self.server.head(),
+                    p.engine.sender(),
+                    p.up,
                 )
             })
             .collect();

@@ -18,7 +18,7 @@ fn server(reply_cache: bool) -> SimServer {
 }
 
 fn m(replica: ReplicaId, cseq: u64, acked_through: u64, op: Op) -> Mutation {
-    Mutation { replica, cseq, acked_through, op, stamp: None }
+    Mutation { replica, cseq, acked_through, op, stamp: None, conn: 1 }
 }
 
 fn create(parent: ObjectId, name: &str, id: ObjectId) -> Op {

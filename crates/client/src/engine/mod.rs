@@ -327,6 +327,11 @@ impl Engine {
         self.c.q.iter().map(|(l, (e, s))| (*l, e.clone(), *s)).collect()
     }
 
+    /// The sender's position and until when it pauses (status and tests).
+    pub fn sender(&self) -> (u64, Option<Duration>) {
+        (self.c.cursor, self.c.pause_until)
+    }
+
     /// Does the object have local changes the server has not echoed?
     pub fn busy(&self, id: ObjectId) -> bool {
         self.c.busy(id)
@@ -595,6 +600,15 @@ impl Engine {
         }
         if self.c.cursor == lsn {
             self.c.cursor = self.c.cursor_before;
+        }
+    }
+
+    /// A new connection: every entry sent and not answered goes again, in
+    /// order, before anything after it (the connection sends nothing
+    /// again itself).
+    pub fn reconnected(&mut self) {
+        if let Some(first) = self.c.q.iter().find(|(_, (_, sent))| *sent).map(|(l, _)| *l) {
+            self.c.cursor = self.c.cursor.min(first.saturating_sub(1));
         }
     }
 
