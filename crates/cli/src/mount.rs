@@ -142,6 +142,10 @@ fn say(p: &Progress, addr: &str, began: Instant) {
             eprintln!("izo: the server's new certificate {fingerprint} replaces {old} in {}", file.display())
         }
         Progress::Replicating(p) => show(p, began),
+        Progress::Offline { why } => eprintln!(
+            "izo: offline: {why}; the mount works from its cache, keeps what you change, and connects to {addr} \
+             in the background (izo status shows when)"
+        ),
     }
 }
 

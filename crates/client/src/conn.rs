@@ -306,8 +306,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(2);
 
 /// Keep a connection up until the client is closed, whatever the server
 /// says (the caller sees why it is down in `problem`).
-pub(crate) async fn supervise(inner: Arc<Inner>, first: Installed) {
-    let mut current = Some(first);
+pub(crate) async fn supervise(inner: Arc<Inner>, first: Option<Installed>) {
+    let mut current = first;
     let mut backoff = Duration::from_millis(20);
     loop {
         if let Some(Installed { rd, writer }) = current.take() {

@@ -234,7 +234,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Client {
     /// Connect, handshake, and keep the connection up in the background.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
-        let inner = Arc::new(Inner {
+        let inner = Self::inner(cfg);
+        let live = conn::establish(&inner).await?;
+        let installed = conn::install(&inner, live);
+        tokio::spawn(conn::supervise(inner.clone(), Some(installed)));
+        Ok(Client { inner })
+    }
+
+    /// Like [`Client::connect`], but a server that cannot be reached
+    /// within `first` is no error: the client starts disconnected and
+    /// keeps trying in the background ([`Client::problem`] says why it is
+    /// down). A refusal or a certificate mismatch still is an error.
+    pub async fn connect_within(cfg: ClientConfig, first: std::time::Duration) -> Result<Client, ClientError> {
+        let inner = Self::inner(cfg);
+        let addr = inner.cfg.addr.clone();
+        let attempt = match tokio::time::timeout(first, conn::establish(&inner)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect { addr, why: format!("no answer within {first:?}") }),
+        };
+        let installed = match attempt {
+            Ok(live) => Some(conn::install(&inner, live)),
+            Err(e @ ClientError::Connect { .. }) => {
+                *lock(&inner.problem) = Some(e);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        tokio::spawn(conn::supervise(inner.clone(), installed));
+        Ok(Client { inner })
+    }
+
+    fn inner(cfg: ClientConfig) -> Arc<Inner> {
+        Arc::new(Inner {
             state: Mutex::new(State {
                 conn: None,
                 next_cseq: cfg.last_acked + 1,
@@ -256,11 +287,7 @@ impl Client {
             bytes_out: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-        });
-        let live = conn::establish(&inner).await?;
-        let installed = conn::install(&inner, live);
-        tokio::spawn(conn::supervise(inner.clone(), installed));
-        Ok(Client { inner })
+        })
     }
 
     /// Whether a connection to the server is up now.

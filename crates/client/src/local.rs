@@ -5,7 +5,7 @@
 //! data file and its range in the append-only log (durable against a
 //! SIGKILL of the daemon); `fsync` and `izo sync` wait for the server.
 
-use crate::cache::{with_ctime, Cached, CmlEntry, Edit, Parked, ROOT_INO};
+use crate::cache::{Cached, CmlEntry, Edit, Parked, ROOT_INO};
 use crate::engine::{objs, Engine, Local, Make, Next, Now, Withdraw, SEAL_EVERY};
 use crate::replica::{io, open_data, Replica, ReplicaError};
 use crate::{ClientError, Pending};
@@ -175,9 +175,7 @@ impl Replica {
         rdev: u32,
     ) -> R<Cached> {
         self.check_writable()?;
-        // what the server decides, known from the handshake (offline before
-        // any handshake the server decides when the change is sent)
-        let trusted = self.client.welcome().map(|w| w.trusted);
+        let trusted = self.trusted();
         let _g = lock(&self.apply);
         let (pid, _) = self.get(parent)?;
         let id = ObjectId::new();
@@ -191,6 +189,54 @@ impl Replica {
             }
         }
         self.log_local(&mut e, l)?;
+        drop(e);
+        self.cached(id)
+    }
+
+    /// Whether the volume keeps device nodes and set-id bits: from the
+    /// handshake, or the rules kept for offline use (`None` before any:
+    /// the server decides when the change is sent).
+    fn trusted(&self) -> Option<bool> {
+        self.client.welcome().map(|w| w.trusted).or_else(|| self.rules().map(|r| r.trusted))
+    }
+
+    /// An O_EXCL create (a lock file: git's `index.lock`): while connected,
+    /// the server makes it first and another replica's file of that name
+    /// is EEXIST here too; with the server away (no answer within 1 s, or
+    /// no connection) it is made here, as any create, and a name taken
+    /// meanwhile elsewhere is a conflict found when it is sent.
+    pub fn create_excl(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> R<Cached> {
+        self.check_writable()?;
+        if !self.client.is_connected() || !self.checked.load(std::sync::atomic::Ordering::Acquire) {
+            return self.make(parent, name, FileKind::File, mode, uid, gid, None, 0);
+        }
+        let id = ObjectId::new();
+        let op = {
+            let _g = lock(&self.apply);
+            let (pid, _) = self.get(parent)?;
+            let m =
+                Make { parent: pid, name, kind: FileKind::File, mode, uid, gid, target: None, rdev: 0, trusted: None };
+            Engine::plan_make(&self.cache, m, id, self.now())?.1
+        };
+        let pid = match &op {
+            Op::Create { parent, .. } => *parent,
+            _ => return Err(ReplicaError::Invalid("an O_EXCL create plans a create".into())),
+        };
+        let applied = match self.queue_and_wait(op) {
+            Ok(a) => a,
+            // (not sent: made here, sent when the server answers again)
+            Err(ReplicaError::NotConnected | ReplicaError::Unreachable(_)) => {
+                return self.make(parent, name, FileKind::File, mode, uid, gid, None, 0);
+            }
+            Err(e) => return Err(e),
+        };
+        let _g = lock(&self.apply);
+        let mut e = self.engine();
+        let m = Make { parent: pid, name, kind: FileKind::File, mode, uid, gid, target: None, rdev: 0, trusted: None };
+        if let Some(l) = e.made_remotely(&self.cache, m, id, applied.as_ref(), self.now())? {
+            self.cache.data_create(id)?;
+            self.log_local(&mut e, l)?;
+        }
         drop(e);
         self.cached(id)
     }
@@ -279,45 +325,22 @@ impl Replica {
         Ok(f)
     }
 
-    /// Append at the end of the file as the server has it: sent at once
-    /// (after what is queued before it) and answered before returning; if
-    /// another replica appended first, catch up and try again.
+    /// An O_APPEND write: at the local end of file at once, online or
+    /// not, queued with its bytes as one append (see [`Engine::append`]).
     pub fn append(&self, ino: u64, data: &[u8]) -> R<usize> {
         self.check_writable()?;
-        for _ in 0..5 {
-            let (id, obj) = self.get(ino)?;
-            if obj.attr.nlink == 0 {
-                return self.write(ino, obj.attr.size, data);
-            }
-            let mut done = 0;
-            let mut refused = None;
-            for chunk in data.chunks(MAX_DATA) {
-                let at = self.cached(id)?.attr.size;
-                let op = Op::Write { id, base: 0, offset: at, data: chunk.to_vec() };
-                match self.queue_and_wait(op) {
-                    Ok(applied) => {
-                        let _g = lock(&self.apply);
-                        self.cache.data_write_at(id, at, chunk)?;
-                        let a = Engine::appended(&self.cache, id, at, chunk.len() as u64, applied.as_ref())?;
-                        self.cache.local(&with_ctime(vec![a], Timestamp::now()))?;
-                        done += chunk.len();
-                    }
-                    Err(ReplicaError::Conflict(m)) => {
-                        refused = Some(m);
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            match refused {
-                None => return Ok(done),
-                Some(_) if done > 0 => return Ok(done),
-                Some(_) => {
-                    self.rt.block_on(self.sync())?;
-                }
-            }
-        }
-        Err(ReplicaError::Transient("the file kept changing under the append".into()))
+        let _g = lock(&self.apply);
+        let (id, obj) = self.get(ino)?;
+        let at = obj.attr.size;
+        Engine::write_is_shared(&self.cache, id)?;
+        let path = self.cache.data_path(id);
+        let f = self.writer(ino, id)?;
+        f.write_all_at(data, at).map_err(io(&path))?;
+        // (durable with its log record, which carries the bytes)
+        let mut e = self.engine();
+        let l = e.append(&self.cache, id, at, data.to_vec(), self.now())?;
+        self.log_local(&mut e, l)?;
+        Ok(data.len())
     }
 
     /// Queue an op behind everything queued and wait for its answer (ops
@@ -449,31 +472,17 @@ impl Replica {
         self.cached(id)
     }
 
-    /// Set or remove an extended attribute (answered by the server before
-    /// it returns: the server decides which names a volume replicates).
+    /// Set or remove an extended attribute: in the cache at once, online
+    /// or not, and sent in order (see [`Engine::set_xattr`]); what the
+    /// volume would refuse is refused here, with the server's errno.
     pub fn set_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> R<()> {
         self.check_writable()?;
-        let (id, obj) = self.get(ino)?;
-        let op = match value {
-            Some(v) => Op::SetXattr { id, base: 0, name: name.to_vec(), value: v.to_vec() },
-            None => {
-                if !obj.xattrs.iter().any(|(n, _)| n == name) {
-                    return Err(ReplicaError::NotFound);
-                }
-                Op::RemoveXattr { id, base: 0, name: name.to_vec() }
-            }
-        };
-        self.queue_and_wait(op)?;
+        let rules = self.rules();
         let _g = lock(&self.apply);
-        let obj = self.cached(id)?;
-        let mut x = obj.xattrs.clone();
-        x.retain(|(n, _)| n != name);
-        if let Some(v) = value {
-            x.push((name.to_vec(), v.to_vec()));
-            x.sort();
-        }
-        let put = Edit::Put { attr: obj.attr, target: None, xattrs: Some(x) };
-        self.cache.local(&with_ctime(vec![put], Timestamp::now()))?;
+        let (id, _) = self.get(ino)?;
+        let mut e = self.engine();
+        let l = e.set_xattr(&self.cache, id, name, value, rules.as_ref(), self.now())?;
+        self.log_local(&mut e, l)?;
         Ok(())
     }
 
@@ -603,6 +612,13 @@ impl Replica {
     /// the file is gone or shorter).
     fn build(&self, e: CmlEntry) -> Result<Option<Op>, crate::cache::CacheError> {
         let mut op = Engine::bases(&self.cache, e.op);
+        if let Op::Append { id, base, local_offset, data } = &mut op {
+            // (a server before protocol 6 takes it as the write it was here)
+            if self.client.welcome().is_some_and(|w| w.version < izo_proto::APPEND_VERSION) {
+                op = Op::Write { id: *id, base: *base, offset: *local_offset, data: std::mem::take(data) };
+            }
+            return Ok(Some(op));
+        }
         if let (Op::Write { id, offset, data, .. }, true) = (&mut op, e.len > 0) {
             if self.cache.data_len(*id)?.is_none() {
                 return Ok(None); // removed since
@@ -647,6 +663,9 @@ impl Replica {
             if now_connections != connections {
                 connections = now_connections;
                 self.engine().reconnected();
+                if let Err(e) = self.learn_rules().await {
+                    tracing::debug!("asking the server for the volume's rules: {e}");
+                }
             }
             if sealed.elapsed() >= SEAL_EVERY {
                 sealed = Instant::now();
@@ -665,7 +684,9 @@ impl Replica {
                     }
                 }
             }
-            let connected = self.client.is_connected();
+            // (a mount that came up offline sends nothing before the
+            // volume's incarnation was checked at its first connection)
+            let connected = self.client.is_connected() && self.checked.load(std::sync::atomic::Ordering::Acquire);
             let next = self.engine().next_to_send(connected, self.now());
             let (lsn, e, was_sent) = match next {
                 Next::Send { lsn, entry, was_sent } => (lsn, entry, was_sent),

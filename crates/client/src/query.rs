@@ -31,6 +31,14 @@ impl Client {
         }
     }
 
+    /// The volume's rules (protocol 6 on: [`Query::Rules`]).
+    pub async fn rules(&self) -> Result<VolumeRules, ClientError> {
+        match self.query(Query::Rules).await? {
+            QueryReply::Rules(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("rules answered {other:?}"))),
+        }
+    }
+
     /// Resolve a name.
     pub async fn lookup(&self, parent: ObjectId, name: &[u8]) -> Result<Attr, ClientError> {
         match self.query(Query::Lookup { parent, name: name.to_vec() }).await? {

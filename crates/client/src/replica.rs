@@ -136,6 +136,13 @@ pub struct Replica {
     fetched: std::sync::atomic::AtomicU64,
     /// Open file handles per inode: an orphan is dropped at its last close.
     open: Mutex<std::collections::HashMap<u64, u32>>,
+    /// The volume's rules as the server last sent them (kept in the cache
+    /// for offline use; `None` before any server of protocol 6 answered).
+    rules: Mutex<Option<VolumeRules>>,
+    /// The volume's incarnation was checked on a live connection (at the
+    /// start, or at the first connection of a mount that came up offline):
+    /// nothing is sent or followed before.
+    pub(crate) checked: std::sync::atomic::AtomicBool,
 }
 
 /// Run `f` until it succeeds, backing off from `pause` to 5 s between tries.
@@ -184,7 +191,10 @@ impl Replica {
             last_time: Mutex::new(None),
             fetched: Default::default(),
             open: Mutex::new(Default::default()),
+            rules: Mutex::new(None),
+            checked: Default::default(),
         });
+        *r.rules.lock().unwrap_or_else(|p| p.into_inner()) = r.cache_rules()?;
         r.recover_cml()?;
         // (every answer before the recovered log's first entry was folded)
         let mark = r.engine().durable_mark();
@@ -194,6 +204,46 @@ impl Replica {
         // database held: waiters on it must see where the cache is now)
         r.set_applied(r.cache.seq()?);
         Ok(r)
+    }
+
+    /// The volume's rules as last known (see [`Query::Rules`]).
+    pub fn rules(&self) -> Option<VolumeRules> {
+        *self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The rules kept in the cache (each meta key holds its value plus
+    /// one: 0 is "never heard").
+    fn cache_rules(&self) -> R<Option<VolumeRules>> {
+        let m = |k: &str| self.cache.meta(&format!("rules.{k}"));
+        let (max, room, trusted, owners) = (m("max_file_size")?, m("xattr_room")?, m("trusted")?, m("owners")?);
+        if max == 0 || room == 0 || trusted == 0 || owners == 0 {
+            return Ok(None);
+        }
+        Ok(Some(VolumeRules {
+            max_file_size: max - 1,
+            xattr_room: room - 1,
+            trusted: trusted == 2,
+            owners: (owners - 1) as u8,
+        }))
+    }
+
+    /// Ask a server of protocol 6 or later for the volume's rules, and keep
+    /// them (in the cache too, for offline use). Older servers decide
+    /// everything when a change is sent.
+    pub async fn learn_rules(&self) -> R<()> {
+        if self.client.welcome().is_none_or(|w| w.version < izo_proto::APPEND_VERSION) {
+            return Ok(());
+        }
+        let r = self.client.rules().await?;
+        let plus = |v: u64| v.saturating_add(1);
+        self.cache.local(&[
+            Edit::Meta("rules.max_file_size".into(), plus(r.max_file_size)),
+            Edit::Meta("rules.xattr_room".into(), plus(r.xattr_room)),
+            Edit::Meta("rules.trusted".into(), if r.trusted { 2 } else { 1 }),
+            Edit::Meta("rules.owners".into(), plus(r.owners as u64)),
+        ])?;
+        *self.rules.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        Ok(())
     }
 
     /// Where kernel invalidations go (one notifier thread drains it).

@@ -53,6 +53,12 @@ pub enum Progress<'a> {
     },
     /// The initial replication moved on.
     Replicating(&'a replica::Progress),
+    /// The server cannot be reached now: the client starts from its cache
+    /// (changes are kept and sent once it connects, in the background).
+    Offline {
+        /// Why it is not connected.
+        why: String,
+    },
 }
 
 /// Why a client did not start. Each says what failed and where; the
@@ -173,6 +179,7 @@ impl Started {
     pub fn spawn(&self, stopped: impl Fn(Option<String>) + Send + 'static) -> Tasks {
         let replica = self.replica.clone();
         let follower = tokio::spawn(async move {
+            first_connection(&replica).await;
             loop {
                 let why = match replica.clone().follow().await {
                     Ok(()) => "it ended".to_string(),
@@ -238,7 +245,14 @@ pub async fn start(opts: StartOpts, mut progress: impl FnMut(&Progress)) -> Resu
     if let Some(r) = cache.meta128("replica").map_err(StartError::CacheRead)? {
         cfg.replica = izo_proto::ReplicaId(r);
     }
-    let client = match Client::connect(cfg).await {
+    // a cache that follows the volume already comes up without the server
+    // (a laptop rebooted on a train) and connects in the background
+    let synced =
+        cache.seq().map_err(StartError::CacheRead)? > 0 || cache.meta("synced").map_err(StartError::CacheRead)? == 1;
+    let can_wait = synced && cfg.fingerprint.is_some();
+    let connected =
+        if can_wait { Client::connect_within(cfg, OFFLINE_AFTER).await } else { Client::connect(cfg).await };
+    let client = match connected {
         Ok(c) => c,
         Err(ClientError::Fingerprint(mismatch)) => {
             let given = opts.fingerprint.is_some();
@@ -259,7 +273,48 @@ pub async fn start(opts: StartOpts, mut progress: impl FnMut(&Progress)) -> Resu
     let replica = Replica::new(client, cache, tokio::runtime::Handle::current())
         .map_err(|source| StartError::Load { dir: dir.clone(), source })?;
     replica.sync_close.store(opts.sync_close, std::sync::atomic::Ordering::Relaxed);
+    if !replica.client.is_connected() {
+        let why = replica.client.problem().map(|e| e.to_string()).unwrap_or_else(|| "not connected".into());
+        progress(&Progress::Offline { why });
+        return Ok(Started { replica });
+    }
     replica.check_incarnation().map_err(StartError::Incarnation)?;
     replica.initial_sync(|p| progress(&Progress::Replicating(p))).await.map_err(StartError::InitialSync)?;
+    replica.checked.store(true, std::sync::atomic::Ordering::Release);
+    if let Err(e) = replica.learn_rules().await {
+        tracing::warn!("asking the server for the volume's rules: {e}; the server decides when changes are sent");
+    }
     Ok(Started { replica })
+}
+
+/// How long a start from a filled cache waits for the server before it
+/// comes up offline.
+const OFFLINE_AFTER: Duration = Duration::from_secs(1);
+
+/// A mount that came up offline, at its first connection: the volume's
+/// incarnation is checked (changes queued for a replaced volume are
+/// parked) and a cache never filled is filled, before anything is sent or
+/// followed. Retried until it works.
+async fn first_connection(replica: &Replica) {
+    use std::sync::atomic::Ordering;
+    let mut pause = Duration::from_millis(100);
+    while !replica.checked.load(Ordering::Acquire) {
+        if replica.client.is_connected() {
+            let checked = match replica.check_incarnation() {
+                Ok(()) => replica.initial_sync(|_| {}).await,
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(()) => {
+                    tracing::info!("connected to the server: sending the changes made offline");
+                    replica.checked.store(true, Ordering::Release);
+                    replica.cml_wake.notify_one();
+                    break;
+                }
+                Err(e) => tracing::warn!("checking the volume at the first connection: {e}; retrying"),
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }

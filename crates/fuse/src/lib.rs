@@ -747,7 +747,13 @@ impl Filesystem for IzoFs {
         reply: ReplyCreate,
     ) {
         let perm = mode & 0o7777 & !umask;
-        match self.r.create(parent.0, name.as_bytes(), FileKind::File, perm, req.uid(), req.gid(), None) {
+        // O_EXCL (a lock file): the server's answer decides while connected
+        let made = if flags & libc::O_EXCL != 0 {
+            self.r.create_excl(parent.0, name.as_bytes(), perm, req.uid(), req.gid())
+        } else {
+            self.r.create(parent.0, name.as_bytes(), FileKind::File, perm, req.uid(), req.gid(), None)
+        };
+        match made {
             Ok(c) => {
                 let fh = self.handle(c.ino, flags);
                 let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());

@@ -347,6 +347,26 @@ impl Batch<'_> {
         self.execute_full(origin, op, time, place, (stamp, stamp))
     }
 
+    /// The op as it is recorded: an [`Op::Append`] becomes the write it
+    /// is, at its placement (`local_offset` when the data version is its
+    /// base or `origin`'s own run, else the end of the file as this batch
+    /// has it), on the current version; every other op is itself.
+    pub fn placed(&self, origin: Origin, op: &Op) -> R<Op> {
+        let Op::Append { id, base, local_offset, data } = op else { return Ok(op.clone()) };
+        let row = self.live_row(*id)?;
+        izo_proto::rules::data_target(*id, row.kind)?;
+        let who = match origin {
+            Origin::Replica(r, _) => Some(r),
+            Origin::Local => None,
+        };
+        let at = if base_ok(row.versions.data, row.data_writer, row.data_run_start, *base, who) {
+            *local_offset
+        } else {
+            row.size
+        };
+        Ok(Op::Write { id: *id, base: row.versions.data, offset: at, data: data.clone() })
+    }
+
     /// Metadata row of an object as this batch sees it.
     pub fn object(&self, id: ObjectId) -> R<ObjectRow> {
         self.row(id)
@@ -380,6 +400,14 @@ impl Batch<'_> {
         place: Payload,
         (mtime, dir_mtime): (Option<Timestamp>, Option<Timestamp>),
     ) -> R<Applied> {
+        let placed;
+        let op = match op {
+            Op::Append { .. } => {
+                placed = self.placed(origin, op)?;
+                &placed
+            }
+            _ => op,
+        };
         let who = match origin {
             Origin::Replica(r, _) => Some(r),
             Origin::Local => None,

@@ -18,13 +18,19 @@ pub use msg::*;
 pub use op::*;
 
 /// Highest protocol version spoken by this build; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Lowest protocol version this build still speaks. Peers use the highest
 /// version both ranges hold (see [`codec::negotiate`]). Version 4 changed
 /// the encoding of `OpError`, version 5 that of `Attr`, `Op::Mknod` and
-/// `Welcome` (device numbers), so only version 5 is spoken.
+/// `Welcome` (device numbers), so version 5 is the oldest spoken. Version
+/// 6 only adds: `Op::Append`, `Query::Rules` and `QueryReply::Rules`, which
+/// a client sends only on a connection that settled on 6 or later (see
+/// [`APPEND_VERSION`]); everything else is encoded as in 5.
 pub const MIN_PROTOCOL_VERSION: u16 = 5;
+
+/// First protocol version with `Op::Append` and `Query::Rules`.
+pub const APPEND_VERSION: u16 = 6;
 
 /// Size of one content block; block hashes and stale marks use this unit.
 pub const BLOCK_SIZE: u64 = 1 << 20;

@@ -167,6 +167,10 @@ pub enum Query {
     Snapshot,
     /// Server counters.
     Stats,
+    /// What the volume refuses that only the server knows (protocol 6 on):
+    /// answered with [`QueryReply::Rules`]; a client keeps it for offline
+    /// use and refuses locally what the server would.
+    Rules,
 }
 
 /// One directory entry in a listing.
@@ -216,6 +220,27 @@ pub enum QueryReply {
     Stats(Vec<(String, u64)>),
     /// End of a stream; for a snapshot, the seq it is consistent at.
     End { seq: Seq },
+    /// The volume's rules ([`Query::Rules`]).
+    Rules(VolumeRules),
+}
+
+/// What only the server knows of what a volume accepts (see
+/// [`Query::Rules`]); which xattr names replicate follows from `trusted`
+/// ([`crate::rules::xattr`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct VolumeRules {
+    /// The export's largest file size (a write or truncate past it is
+    /// `FileTooBig`).
+    pub max_file_size: u64,
+    /// Room for extended attributes in one inode of the export (names,
+    /// values and a 24-byte header each; more is `NoSpace`).
+    pub xattr_room: u64,
+    /// Device nodes, set-id bits, `trusted.*` and `security.capability`
+    /// are kept.
+    pub trusted: bool,
+    /// How owners are stored: 0 as sent, 1 all squashed to one owner, 2
+    /// mapped by name.
+    pub owners: u8,
 }
 
 /// One object of a snapshot with all its names.

@@ -158,6 +158,20 @@ pub enum Op {
     },
     /// Remove an extended attribute; precondition: meta version = `base`.
     RemoveXattr { id: ObjectId, base: Seq, name: Vec<u8> },
+    /// An O_APPEND write (protocol 6 on). With no precondition: when the
+    /// data version is `base` (or this replica's own run, as for a write),
+    /// the bytes go at `local_offset`, where the replica put them, so both
+    /// layouts stay the same; otherwise at the server's end of file (another
+    /// replica appended first: the replica fetches the file again once its
+    /// changes are through). Never refused for a moved version; recorded as
+    /// the [`Op::Write`] it became, at its placement.
+    Append {
+        id: ObjectId,
+        base: Seq,
+        local_offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -173,9 +187,11 @@ impl Op {
     /// punch-hole) changes.
     pub fn data_target(&self) -> Option<ObjectId> {
         match self {
-            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => {
-                Some(*id)
-            }
+            Op::Write { id, .. }
+            | Op::Append { id, .. }
+            | Op::Truncate { id, .. }
+            | Op::Allocate { id, .. }
+            | Op::PunchHole { id, .. } => Some(*id),
             _ => None,
         }
     }
@@ -206,6 +222,7 @@ impl Op {
             Op::SetAttr { .. } => "setattr",
             Op::SetXattr { .. } => "setxattr",
             Op::RemoveXattr { .. } => "removexattr",
+            Op::Append { .. } => "append",
         }
     }
 }

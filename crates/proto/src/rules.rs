@@ -28,12 +28,17 @@
 //!   Linux does; act on the returned [`RenameCase`] (`Same` changes nothing).
 //!   [`ConflictKind::TargetGone`] from it means ENOENT to a local caller.
 //! - truncate and other data ops: [`data_target`].
+//! - setxattr, removexattr: [`xattr::check`] with the volume's trust (from
+//!   the rules the server sent, kept for offline use), then the room one
+//!   inode has ([`xattr::fits`]).
 //! - setattr: [`setattr`] with the volume's trust (unknown: `true`, the
 //!   server's answer then corrects the mode); store the attributes it
 //!   returns, not the ones asked for.
 //!
 //! The journal calls the same rules with its own preconditions (names
 //! expected at versions) between them: see `journal/src/exec`.
+
+pub mod xattr;
 
 use crate::ids::ObjectId;
 use crate::op::{Attr, ConflictKind, FileKind, OpError, RenameMode, SetAttrs};

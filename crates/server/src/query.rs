@@ -71,6 +71,19 @@ impl Server {
                     }
                 }
             }
+            Query::Rules => {
+                use std::sync::atomic::Ordering::Relaxed;
+                QueryReply::Rules(VolumeRules {
+                    max_file_size: store.max_file_size.load(Relaxed),
+                    xattr_room: store.xattr_room.load(Relaxed),
+                    trusted: self.policy.trusted,
+                    owners: match self.policy.owners {
+                        crate::policy::Owners::Preserve => 0,
+                        crate::policy::Owners::Squash => 1,
+                        crate::policy::Owners::Map => 2,
+                    },
+                })
+            }
             Query::Stats => {
                 let mut c = self.counters();
                 // where the stream is: a client waits for this in `izo sync`

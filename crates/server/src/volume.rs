@@ -385,9 +385,12 @@ impl Actor {
             }
         }
         let origin = Origin::Replica(m.replica, m.cseq);
+        // an append is the write it is placed as (its bytes staged like one)
+        let placed = b.placed(origin, &m.op)?;
+        let op = &placed;
         // a new object's inode is made with its final mtime: the replica's stamp
         let made = m.stamp.filter(|t| izo_journal::storable_time(*t)).unwrap_or(time);
-        let handle = match self.tree.stage_new(&m.op, made) {
+        let handle = match self.tree.stage_new(op, made) {
             Ok(h) => h,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(OpError::Invalid("object id already in use".into()))
@@ -395,11 +398,11 @@ impl Actor {
             Err(e) => return Err(crate::sys::op_io("staging new inode", e)),
         };
         *staged_any |= handle.is_some();
-        if let (Some(_), Some(id)) = (&handle, m.op.new_object()) {
+        if let (Some(_), Some(id)) = (&handle, op.new_object()) {
             self.staged_ids.push(id);
         }
-        let large = matches!(&m.op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
-        if let (true, Op::Write { data, .. }) = (large, &m.op) {
+        let large = matches!(op, Op::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
+        if let (true, Op::Write { data, .. }) = (large, op) {
             let name = write_stage_name(origin, 0);
             if let Err(e) = self.tree.stage_write(&name, data) {
                 return Err(crate::sys::op_io("staging write", e));
@@ -407,9 +410,9 @@ impl Actor {
             Counters::add(&self.shared.counters.fsyncs, 1);
             *staged_any = true;
         }
-        match b.execute_stamped(origin, &m.op, time, m.stamp) {
+        match b.execute_stamped(origin, op, time, m.stamp) {
             Ok(applied) => {
-                if let (Some(h), Some(id)) = (handle, m.op.new_object()) {
+                if let (Some(h), Some(id)) = (handle, op.new_object()) {
                     b.set_handle(id, h).map_err(OpError::from)?;
                 }
                 if large {
@@ -418,7 +421,7 @@ impl Actor {
                 Ok(applied)
             }
             Err(e) => {
-                self.tree.unstage(&m.op);
+                self.tree.unstage(op);
                 if large {
                     let _ = sys::unlinkat(self.tree.stage(), &write_stage_name(origin, 0), false);
                 }
@@ -439,7 +442,7 @@ const BULK_WAIT: Duration = Duration::from_millis(3);
 
 fn payload_len(op: &Op) -> usize {
     match op {
-        Op::Write { data, .. } => data.len(),
+        Op::Write { data, .. } | Op::Append { data, .. } => data.len(),
         Op::SetXattr { value, .. } => value.len(),
         _ => 0,
     }

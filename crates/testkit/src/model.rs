@@ -127,6 +127,14 @@ impl Model {
                 f.mtime = time;
                 Ok(())
             }
+            Op::Append { id, data, .. } => {
+                // (no versions here: an append lands at the end of the file,
+                // where a replica that saw every change before it put it)
+                let f = self.file_mut(*id)?;
+                f.data.extend_from_slice(data);
+                f.mtime = time;
+                Ok(())
+            }
             Op::Truncate { id, size, .. } => {
                 let f = self.file_mut(*id)?;
                 resize(&mut f.data, *size)?;

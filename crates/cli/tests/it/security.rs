@@ -77,9 +77,10 @@ fn variant(op: &Op) -> usize {
         Op::SetAttr { .. } => 12,
         Op::SetXattr { .. } => 13,
         Op::RemoveXattr { .. } => 14,
+        Op::Append { .. } => 15,
     }
 }
-const OP_VARIANTS: usize = 15;
+const OP_VARIANTS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_token_can_query_everything_and_change_nothing() {
@@ -148,6 +149,7 @@ async fn a_read_only_token_can_query_everything_and_change_nothing() {
         Op::SetAttr { id: f, base: fa.versions.meta, attrs: SetAttrs { mode: Some(0o777), ..Default::default() } },
         Op::SetXattr { id: f, base: fa.versions.meta, name: name("user.k"), value: b"changed".to_vec() },
         Op::RemoveXattr { id: f, base: fa.versions.meta, name: name("user.k") },
+        Op::Append { id: f, base: fa.versions.data, local_offset: fa.size, data: b"APPENDED".to_vec() },
     ];
     let covered: BTreeSet<usize> = ops.iter().map(variant).collect();
     assert_eq!(covered.len(), OP_VARIANTS, "the test covers every op kind");

@@ -85,6 +85,34 @@ impl Engine {
     /// Create a file, directory, symlink, fifo, socket or device node with
     /// the new id `id`. The shell creates a file's (empty) data file.
     pub fn make(&mut self, view: &dyn View, m: Make<'_>, id: ObjectId, now: Now) -> R<Local> {
+        let (edits, op) = Self::plan_make(view, m, id, now)?;
+        self.commit(view, edits, Some(op), None, now, Local::default())
+    }
+
+    /// The local effect of a create the server applied first (an O_EXCL
+    /// create while connected: sent, then made here with the server's
+    /// attributes). `None` if the cache has it already (its record came
+    /// first).
+    pub fn made_remotely(
+        &mut self,
+        view: &dyn View,
+        m: Make<'_>,
+        id: ObjectId,
+        applied: Option<&Applied>,
+        now: Now,
+    ) -> R<Option<Local>> {
+        if view.get(id)?.is_some() {
+            return Ok(None);
+        }
+        let (mut edits, _) = Self::plan_make(view, m, id, now)?;
+        if let (Some(Edit::Put { attr, .. }), Some(a)) = (edits.first_mut(), applied.and_then(|a| a.attr.as_ref())) {
+            *attr = a.clone();
+        }
+        self.commit(view, edits, None, None, now, Local::default()).map(Some)
+    }
+
+    /// What a create changes here, and the op it sends.
+    pub fn plan_make(view: &dyn View, m: Make<'_>, id: ObjectId, now: Now) -> R<(Vec<Edit>, Op)> {
         rules::create(&Ns(view), m.parent, m.name)?;
         match m.kind {
             FileKind::Symlink => rules::symlink_target(m.target.unwrap_or_default())?,
@@ -135,7 +163,7 @@ impl Engine {
             Edit::Link { parent: pid, name, id },
             touch(view, pid, if kind == FileKind::Dir { 1 } else { 0 }, now.wall)?,
         ];
-        self.commit(view, edits, Some(op), None, now, Local::default())
+        Ok((edits, op))
     }
 
     /// Remove a name (a directory with `is_dir`). A file whose every op is
@@ -318,6 +346,49 @@ impl Engine {
         self.commit(view, vec![Edit::attr(a)], None, None, now, Local::default())
     }
 
+    /// An O_APPEND write of `data`, already in the data file at `at` (the
+    /// local end of file): queued at once, online or not, as one
+    /// [`Op::Append`] carrying its bytes (a `write(2)` is never split),
+    /// behind the object's unsealed writes (so the server's end of file is
+    /// where this replica's was). The server places it at `at` when
+    /// nothing moved there, else at its own end of file; the replica then
+    /// takes the file from the server once its changes are through (the
+    /// foreign records held back while it was busy mark it stale).
+    pub fn append(&mut self, view: &dyn View, id: ObjectId, at: u64, data: Vec<u8>, now: Now) -> R<Local> {
+        let obj = cached(view, id)?;
+        rules::data_target(id, obj.attr.kind)?;
+        let len = data.len() as u64;
+        let mut a = obj.attr.clone();
+        a.size = a.size.max(at + len);
+        a.mtime = Self::stamp_after(a.mtime, now.wall);
+        if obj.attr.nlink == 0 {
+            // open but removed: nobody else will see these bytes
+            return self.commit(view, vec![Edit::attr(a)], None, None, now, Local::default());
+        }
+        let mut l = Local::default();
+        let mut edits = Vec::new();
+        l.queued.extend(self.seal_into(view, id, &mut edits));
+        edits.push(Edit::attr(a));
+        let op = Op::Append { id, base: 0, local_offset: at, data };
+        let mut l = self.commit(view, edits, Some(op), None, now, l)?;
+        // (its bytes count in the backlog; they are in the op, not read
+        // from the data file when sent)
+        if let Some(&lsn) = l.queued.last() {
+            if let Some((e, _)) = self.c.q.get_mut(&lsn) {
+                e.len = len;
+            }
+            for edit in l.edits.iter_mut().rev() {
+                if let Edit::Cml(n, e) = edit {
+                    if *n == lsn {
+                        e.len = len;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(l)
+    }
+
     /// Does a write to this object need its range logged (it has names)?
     pub fn write_is_shared(view: &dyn View, id: ObjectId) -> R<bool> {
         let obj = cached(view, id)?;
@@ -462,6 +533,61 @@ impl Engine {
             }
         }
         self.commit(view, edits, last, None, now, l)
+    }
+
+    /// Set (`value`) or remove an extended attribute: in the cache at once,
+    /// online or not, and queued. Refused here as the server would refuse
+    /// it, by the volume's `rules` as last known (`None`: never connected;
+    /// the names and values are still checked as on a trusted volume, and
+    /// the server decides the rest when the change is sent). An access ACL
+    /// sets the mode bits it implies, as the server does.
+    pub fn set_xattr(
+        &mut self,
+        view: &dyn View,
+        id: ObjectId,
+        name: &[u8],
+        value: Option<&[u8]>,
+        rules: Option<&VolumeRules>,
+        now: Now,
+    ) -> R<Local> {
+        let obj = cached(view, id)?;
+        if value.is_none() && !obj.xattrs.iter().any(|(n, _)| n == name) {
+            return Err(ReplicaError::NotFound);
+        }
+        rules::xattr::check(name, value, obj.attr.kind, rules.is_none_or(|r| r.trusted))?;
+        if let (Some(v), Some(r)) = (value, rules) {
+            let others = obj.xattrs.iter().map(|(n, v)| (n.as_slice(), v.len()));
+            rules::xattr::fits(rules::xattr::room_taken(others, name, v.len()), r.xattr_room, id)?;
+        }
+        let mut x = obj.xattrs.clone();
+        x.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            x.push((name.to_vec(), v.to_vec()));
+            x.sort();
+        }
+        let mut a = obj.attr.clone();
+        if let (Some(v), true) = (value, rules::xattr::is_access_acl(name)) {
+            a.mode = (a.mode & 0o7000) | rules::xattr::acl_mode(v);
+        }
+        let edits = vec![Edit::Put { attr: a, target: None, xattrs: Some(x) }];
+        if obj.attr.nlink == 0 && obj.attr.kind == FileKind::File {
+            // open but removed: local only
+            return self.commit(view, edits, None, None, now, Local::default());
+        }
+        let op = match value {
+            Some(v) => Op::SetXattr { id, base: 0, name: name.to_vec(), value: v.to_vec() },
+            None => Op::RemoveXattr { id, base: 0, name: name.to_vec() },
+        };
+        self.commit(view, edits, Some(op), None, now, Local::default())
+    }
+
+    /// A write or truncate to `end` bytes, by the volume's largest file size
+    /// as last known (refused here as the server would: EFBIG).
+    pub fn size_allowed(end: u64, rules: Option<&VolumeRules>) -> R<()> {
+        match rules {
+            Some(r) if end > r.max_file_size => Err(OpError::FileTooBig { max: r.max_file_size }.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Queue an op whose result the caller waits for (an append, an

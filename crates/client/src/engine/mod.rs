@@ -429,7 +429,11 @@ impl Engine {
     fn stamp(view: &dyn View, op: &Op, edits: &[Edit]) -> Option<Timestamp> {
         let target = match op {
             Op::Create { id, .. } | Op::Mkdir { id, .. } | Op::Symlink { id, .. } | Op::Mknod { id, .. } => *id,
-            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Allocate { id, .. } | Op::PunchHole { id, .. } => *id,
+            Op::Write { id, .. }
+            | Op::Append { id, .. }
+            | Op::Truncate { id, .. }
+            | Op::Allocate { id, .. }
+            | Op::PunchHole { id, .. } => *id,
             Op::Link { parent, .. } | Op::Unlink { parent, .. } | Op::Rmdir { parent, .. } => *parent,
             Op::Rename { new_parent, .. } => *new_parent,
             Op::SetAttr { .. } | Op::SetXattr { .. } | Op::RemoveXattr { .. } => return None,
@@ -628,6 +632,7 @@ impl Engine {
         let cached = |id: ObjectId| view.get(id).ok().flatten().map(|c| c.attr.versions);
         match &mut op {
             Op::Write { id, base: b, .. }
+            | Op::Append { id, base: b, .. }
             | Op::Truncate { id, base: b, .. }
             | Op::Allocate { id, base: b, .. }
             | Op::PunchHole { id, base: b, .. } => {

@@ -220,7 +220,9 @@ impl Engine {
                     }
                 }
             }
-            Op::Write { id, offset, data, .. } => {
+            // (the journal records an append as the write it was placed as;
+            // a record naming one is taken as that write at its offset)
+            Op::Write { id, offset, data, .. } | Op::Append { id, local_offset: offset, data, .. } => {
                 if !is_own {
                     p.data.push(match data.is_empty() {
                         false => Data::Write { id: *id, offset: *offset, data: data.clone() },

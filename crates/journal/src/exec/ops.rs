@@ -52,19 +52,13 @@ impl Batch<'_> {
         let room = self.store.xattr_room.load(std::sync::atomic::Ordering::Relaxed);
         let t = self.tx.open_table(XATTRS).map_err(db)?;
         let (lo, hi) = prefix_range(id);
-        let mut total = (name.len() + len + 24) as u64;
+        let mut others = Vec::new();
         for row in t.range(lo.as_slice()..hi.as_slice()).map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            if &k.value()[16..] != name {
-                total += (k.value().len() - 16 + v.value().len() + 24) as u64;
-            }
+            others.push((k.value()[16..].to_vec(), v.value().len()));
         }
-        if total > room {
-            return Err(OpError::XattrRoom(format!(
-                "extended attributes of {id} would take {total} bytes; the export holds {room} per file"
-            )));
-        }
-        Ok(())
+        let taken = super::xattr::room_taken(others.iter().map(|(n, l)| (n.as_slice(), *l)), name, len);
+        super::xattr::fits(taken, room, id)
     }
 
     /// Reserve room for `bytes` of new data, or refuse before the ack: a full
@@ -195,6 +189,8 @@ impl Batch<'_> {
                 self.tx.open_table(XATTRS).map_err(db)?.remove(k.as_slice()).map_err(db)?;
                 Ok(out)
             }
+            // (`execute_full` records an append as the write it is placed as)
+            Op::Append { .. } => Err(OpError::Invalid("an append is placed before it is executed".into())),
         }
     }
 

@@ -214,6 +214,10 @@ impl Tree {
                     Err(e) => return Err(ApplyError::Io { what: "removexattr".into(), err: e }),
                 }
             }
+            Op::Append { .. } => {
+                let err = io::Error::new(io::ErrorKind::InvalidData, "an append is recorded as the write it became");
+                return Err(ApplyError::Io { what: "applying a record".into(), err });
+            }
         }
         Ok(outcome)
     }
