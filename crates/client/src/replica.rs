@@ -582,6 +582,14 @@ impl Replica {
     /// Take the server's attributes of objects that have no local change
     /// on the way (after a log replay: the replay set local values).
     async fn refresh(&self, ids: Vec<(ObjectId, bool)>) {
+        if !self.client.is_connected() {
+            // (asked again once the server answers)
+            let mut e = self.engine();
+            for (id, all) in ids {
+                e.refresh_again(id, all);
+            }
+            return;
+        }
         for (id, all) in ids {
             if let Err(e) = self.refresh_one(id, all).await {
                 tracing::warn!("refreshing {id} from the server: {e}; trying again later");

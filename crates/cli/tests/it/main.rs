@@ -9,6 +9,7 @@ mod harness;
 mod hostile;
 mod mount;
 mod mtime;
+mod offline;
 mod ops;
 mod owners;
 mod passthrough;

@@ -18,7 +18,7 @@ fn digest(p: &Path) -> Digest {
 
 /// Wait until every tree has the digest of the first (a tree changing
 /// under the walk counts as not there yet).
-fn converge(trees: &[&Path], what: &str) {
+pub(crate) fn converge(trees: &[&Path], what: &str) {
     let start = Instant::now();
     loop {
         let want = digest(trees[0]);
@@ -51,7 +51,7 @@ fn renameat2(dir: &Path, a: &str, b: &str, flags: u32) -> std::io::Result<()> {
     }
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+pub(crate) fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
     let cn = CString::new(name).expect("name");
     // SAFETY: valid C strings and buffer.
@@ -74,7 +74,7 @@ fn server_away_from(pid: u32, mnt: &Path) {
     }
 }
 
-fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+pub(crate) fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cp = CString::new(p.as_os_str().as_bytes()).expect("path");
     let cn = CString::new(name).expect("name");
     let mut buf = vec![0u8; 4096];

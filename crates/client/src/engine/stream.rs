@@ -423,12 +423,23 @@ impl Engine {
     /// on the way), and the objects to ask the server about again.
     pub fn housekeep(&mut self) -> (bool, Vec<(ObjectId, bool)>) {
         let redo = self.c.resync && self.settled();
-        (redo, std::mem::take(&mut self.c.refresh))
+        // (each object once: with its content if any asked for it)
+        let mut want: Vec<(ObjectId, bool)> = Vec::new();
+        for (id, all) in std::mem::take(&mut self.c.refresh) {
+            match want.iter_mut().find(|(w, _)| *w == id) {
+                Some((_, a)) => *a |= all,
+                None => want.push((id, all)),
+            }
+        }
+        (redo, want)
     }
 
-    /// A refresh failed: ask again later.
+    /// A refresh failed (or the server is away): ask again later.
     pub fn refresh_again(&mut self, id: ObjectId, all: bool) {
-        self.c.refresh.push((id, all));
+        match self.c.refresh.iter_mut().find(|(w, _)| *w == id) {
+            Some((_, a)) => *a |= all,
+            None => self.c.refresh.push((id, all)),
+        }
     }
 
     /// The server answered a refresh of `id` with `attr`: take it unless

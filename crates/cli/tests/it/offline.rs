@@ -1,0 +1,158 @@
+//! Disconnected operation as a laptop on a train sees it: the server is
+//! stopped, two replicas go on working (git with reflogs, `>>` appends to
+//! one log file from both, xattrs, directory moves), one is even rebooted
+//! offline, and when the server returns everything reaches it and every
+//! replica ends with the same tree.
+
+use crate::harness::*;
+use crate::mount::{converge, setxattr, xattr_get};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `git` in `dir` with a clean default configuration (reflogs on), which
+/// must succeed; its stdout.
+fn git(home: &Path, dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "A")
+        .env("GIT_AUTHOR_EMAIL", "a@example.invalid")
+        .env("GIT_COMMITTER_NAME", "A")
+        .env("GIT_COMMITTER_EMAIL", "a@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One `>>` append (one write(2)), which must succeed at once.
+fn append(p: &Path, line: &str) {
+    let t = Instant::now();
+    let mut f = std::fs::OpenOptions::new().append(true).open(p).expect("open for append");
+    f.write_all(line.as_bytes()).expect("append");
+    assert!(t.elapsed() < Duration::from_secs(1), "an append took {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laptop_works_offline_with_git_appends_and_xattrs_and_everything_converges() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let ex = dirs.export.clone();
+    let home = tempfile::tempdir().expect("home");
+    let dirs = tokio::task::spawn_blocking(move || {
+        let h = home.path();
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let b = MountProc::start(&addr, &fp, &tok);
+        let (ma, mb) = (a.mnt.clone(), b.mnt.clone());
+        // online: a repository with two directories, a log, a file of B's
+        let repo = ma.join("repo");
+        for d in ["src/a", "src/b"] {
+            std::fs::create_dir_all(repo.join(d)).expect("mkdir");
+        }
+        for i in 0..3 {
+            std::fs::write(repo.join(format!("src/a/f{i}.txt")), format!("a{i}\n")).expect("write");
+            std::fs::write(repo.join(format!("src/b/g{i}.txt")), format!("b{i}\n")).expect("write");
+        }
+        git(h, &repo, &["init", "-q", "-b", "main"]);
+        git(h, &repo, &["add", "-A"]);
+        git(h, &repo, &["commit", "-q", "-m", "first"]);
+        std::fs::write(ma.join("app.log"), b"start\n").expect("log");
+        std::fs::write(ma.join("notes.txt"), b"notes\n").expect("notes");
+        izo_sync(&ma);
+        izo_sync(&mb);
+
+        // the server stops: both replicas work on
+        p.sigterm();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut a_lines = Vec::new();
+        let mut b_lines = Vec::new();
+        for i in 0..20 {
+            let dir = if i < 12 { "src/a" } else { "src/moved" };
+            std::fs::write(repo.join(format!("{dir}/f{}.txt", i % 3)), format!("a{i} changed offline\n"))
+                .expect("edit");
+            git(h, &repo, &["add", "-A"]);
+            git(h, &repo, &["commit", "-q", "-m", &format!("offline {i}")]);
+            if i == 8 {
+                git(h, &repo, &["branch", "topic"]);
+            }
+            if i == 11 {
+                // a directory holding files changed offline moves
+                git(h, &repo, &["mv", "src/a", "src/moved"]);
+                git(h, &repo, &["commit", "-q", "-m", "move src/a"]);
+            }
+            let line = format!("A {i}\n");
+            append(&ma.join("app.log"), &line);
+            a_lines.push(line);
+            let line = format!("B {i}\n");
+            append(&mb.join("app.log"), &line);
+            b_lines.push(line);
+            if i % 5 == 0 {
+                std::fs::write(mb.join("notes.txt"), format!("notes by B {i}\n")).expect("B edits");
+            }
+        }
+        setxattr(&repo.join("src/moved/f0.txt"), "user.tag", b"offline").expect("setxattr offline");
+        assert_eq!(xattr_get(&repo.join("src/moved/f0.txt"), "user.tag").as_deref(), Some(&b"offline"[..]));
+
+        // A reboots while the server is still away: it mounts from its cache
+        let cache = a.cache.clone();
+        a.stop();
+        let t = Instant::now();
+        let a = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        assert!(t.elapsed() < Duration::from_secs(10), "the offline mount took {:?}", t.elapsed());
+        let status = izo_out(&["status".as_ref(), ma.as_os_str()]);
+        assert!(status.contains("not connected"), "status after an offline mount: {status}");
+        git(h, &repo, &["commit", "-q", "--allow-empty", "-m", "after the reboot"]);
+        let line = "A after the reboot\n".to_string();
+        append(&ma.join("app.log"), &line);
+        a_lines.push(line);
+
+        // the server returns: everything reaches it, every replica agrees
+        let p = Proc::start(&dirs, &addr, &[]);
+        let settle = || {
+            izo_sync(&ma);
+            izo_sync(&mb);
+            izo_sync(&ma);
+        };
+        let t = Instant::now();
+        loop {
+            let out = Command::new(izo_bin()).arg("sync").arg(&ma).output().expect("izo sync");
+            if out.status.success() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "A never synced: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        settle();
+        converge(&[&ex, &ma, &mb], "after the server returned");
+        let log = String::from_utf8(std::fs::read(ex.join("app.log")).expect("log")).expect("utf-8");
+        for l in a_lines.iter().chain(&b_lines) {
+            assert_eq!(log.matches(l.as_str()).count(), 1, "line {l:?} once in the log:\n{log}");
+        }
+        assert!(log.starts_with("start\n"), "{log}");
+        let want = git(h, &ex.join("repo"), &["log", "--oneline", "--all"]);
+        assert_eq!(want.lines().count(), 23, "every commit: {want}");
+        for m in [&ma, &mb, &ex] {
+            git(h, &m.join("repo"), &["fsck", "--strict"]);
+            assert_eq!(git(h, &m.join("repo"), &["log", "--oneline", "--all"]), want, "git log in {}", m.display());
+        }
+        assert_eq!(xattr_get(&ex.join("repo/src/moved/f0.txt"), "user.tag").as_deref(), Some(&b"offline"[..]));
+        drop((a, b, p));
+        dirs
+    })
+    .await
+    .expect("laptop test");
+    drop(dirs);
+}
