@@ -156,3 +156,65 @@ async fn a_laptop_works_offline_with_git_appends_and_xattrs_and_everything_conve
     .expect("laptop test");
     drop(dirs);
 }
+
+/// An O_EXCL create (a lock file) is the server's decision while it
+/// answers: a name another replica took there is EEXIST here even before
+/// this replica heard of it (this replica follows no stream, so it never
+/// does); a free name is on the server when the call returns. With the
+/// server away the create is made here within about a second, and sent
+/// once the server answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_o_excl_create_asks_the_server_while_connected_and_is_local_once_it_is_away() {
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let other = izo_client::Client::connect(p.client_config(&tok)).await.expect("another replica");
+    let root = izo_proto::ObjectId::ROOT;
+    let create = |n: &str| izo_proto::Op::Create {
+        parent: root,
+        name: n.as_bytes().to_vec(),
+        id: izo_proto::ObjectId::new(),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    let cache = tempfile::tempdir().expect("cache");
+    let opts = izo_client::start::StartOpts {
+        addr: p.addr.clone(),
+        volume: "vol".into(),
+        token: tok.clone(),
+        fingerprint: Some(p.fingerprint.clone()),
+        cache_dir: cache.path().to_path_buf(),
+        sync_close: false,
+    };
+    let started = izo_client::start::start(opts, |_| {}).await.expect("start");
+    let r = started.replica.clone();
+    // (the sender only: this replica hears nothing of the other's changes)
+    tokio::spawn(r.clone().send());
+    other.mutate(create("taken.lock")).await.expect("the other replica takes the lock");
+    let pid = p.pid();
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let ino = r.root_ino();
+        let e = r.create_excl(ino, b"taken.lock", 0o644, 0, 0).map(|_| ()).expect_err("a taken lock");
+        assert!(matches!(e, izo_client::replica::ReplicaError::Exists), "{e:?}");
+        assert!(r.lookup(ino, b"taken.lock").is_err(), "nothing of it made here");
+        r.create_excl(ino, b"mine.lock", 0o644, 0, 0).expect("a free lock");
+        rt.block_on(other.lookup(root, b"mine.lock")).expect("on the server when the call returned");
+        // the server stops answering: made here after the usual deadline
+        server_away(pid);
+        let t = Instant::now();
+        r.create_excl(ino, b"offline.lock", 0o644, 0, 0).expect("an offline lock");
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+        r.lookup(ino, b"offline.lock").expect("made here");
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let t = Instant::now();
+        while rt.block_on(other.lookup(root, b"offline.lock")).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "the offline lock never reached the server");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .expect("o_excl test");
+}
