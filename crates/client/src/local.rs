@@ -297,6 +297,7 @@ impl Replica {
         let _g = lock(&self.apply);
         let (id, _) = self.get(ino)?;
         let shared = Engine::write_is_shared(&self.cache, id)?;
+        Engine::size_allowed(offset.saturating_add(data.len() as u64), self.rules().as_ref())?;
         let path = self.cache.data_path(id);
         let f = self.writer(ino, id)?;
         f.write_all_at(data, offset).map_err(io(&path))?;
@@ -333,6 +334,7 @@ impl Replica {
         let (id, obj) = self.get(ino)?;
         let at = obj.attr.size;
         Engine::write_is_shared(&self.cache, id)?;
+        Engine::size_allowed(at.saturating_add(data.len() as u64), self.rules().as_ref())?;
         let path = self.cache.data_path(id);
         let f = self.writer(ino, id)?;
         f.write_all_at(data, at).map_err(io(&path))?;
@@ -445,7 +447,10 @@ impl Replica {
             attrs.mode = killed_mode(obj.attr.mode);
         }
         // (unknown before any handshake: the server's answer corrects it)
-        let trusted = self.client.welcome().is_none_or(|w| w.trusted);
+        let trusted = self.trusted().unwrap_or(true);
+        if let Some(size) = size {
+            Engine::size_allowed(size, self.rules().as_ref())?;
+        }
         let mut e = self.engine();
         let l = e.setattr(&self.cache, id, size, attrs, trusted, self.now())?;
         match size {

@@ -372,4 +372,40 @@ mod tests {
         assert!(s.claim_replica(r, b"new-name", never).expect("claim"), "the new name is what is stored now");
         assert!(!s.claim_replica(r, b"old-name", never).expect("claim"));
     }
+
+    #[test]
+    fn an_append_lands_where_its_replica_put_it_unless_another_wrote_first_then_at_the_end() {
+        use izo_proto::{Op, Origin, ReplicaId};
+        let s = Store::open_on_as(izo_memdisk::MemDisk::new(), (0o755, 0, 0, Timestamp::default()), 1).expect("store");
+        let f = ObjectId::new();
+        let (a, b) = (ReplicaId(1), ReplicaId(2));
+        let t = Timestamp::default();
+        let mut batch = s.batch().expect("batch");
+        let create = Op::Create { parent: ObjectId::ROOT, name: b"log".to_vec(), id: f, mode: 0o644, uid: 0, gid: 0 };
+        batch.execute(Origin::Replica(a, 1), &create, t).expect("create");
+        let v0 = batch.object(f).expect("row").versions.data;
+        let append = |base, at: u64, data: &[u8]| Op::Append { id: f, base, local_offset: at, data: data.to_vec() };
+        // nothing moved: at the replica's offset
+        let r = batch.execute(Origin::Replica(a, 2), &append(v0, 0, b"A1\n"), t).expect("A1");
+        assert_eq!(r.attr.expect("attr").size, 3);
+        // B saw A1 (its base is A1's version): at its offset too
+        let r = batch.execute(Origin::Replica(b, 1), &append(r.seq, 3, b"B1\n"), t).expect("B1");
+        assert_eq!(r.attr.expect("attr").size, 6);
+        // A appended on A1's version, not knowing B1: at the end, never over B1
+        let r = batch.execute(Origin::Replica(a, 3), &append(v0, 3, b"A2\n"), t).expect("A2");
+        assert_eq!(r.attr.expect("attr").size, 9);
+        // and it is recorded as the write it became
+        let recs = batch.records();
+        match &recs[recs.len() - 1].record.op {
+            Op::Write { offset, data, .. } => assert_eq!((*offset, data.as_slice()), (6, &b"A2\n"[..])),
+            op => panic!("recorded as {op:?}"),
+        }
+        match &recs[recs.len() - 2].record.op {
+            Op::Write { offset, .. } => assert_eq!(*offset, 3, "B1 where B put it"),
+            op => panic!("recorded as {op:?}"),
+        }
+        // an append to a directory is refused as a write would be
+        let d = Op::Append { id: ObjectId::ROOT, base: 0, local_offset: 0, data: b"x".to_vec() };
+        assert!(batch.execute(Origin::Replica(a, 4), &d, t).is_err());
+    }
 }

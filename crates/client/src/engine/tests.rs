@@ -541,6 +541,106 @@ fn a_recorded_refusal_for_now_is_queued_again_as_a_new_change() {
 /// The engine does no I/O and reads no clock: its sources name none of
 /// what would let it.
 #[test]
+fn an_append_is_queued_at_once_with_its_bytes_behind_the_files_unsealed_writes() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "log");
+    let l = e.wrote(&m, id, 0, 5, now(1));
+    m.run(&mut e, l);
+    // offline: nothing is sent, the append is made here all the same
+    assert_eq!(e.next_to_send(false, now(2)), Next::Idle(Duration::from_millis(50)));
+    let l = e.append(&m, id, 5, b"xy\n".to_vec(), now(2));
+    m.run(&mut e, l);
+    assert_eq!(m.objs[&id].attr.size, 8, "at the local end of file at once");
+    assert_eq!(ops(&e), ["create", "write", "append"], "the unsealed write goes first");
+    let (_, entry, _) = e.entries().pop().expect("the append");
+    assert_eq!(entry.op, Op::Append { id, base: 0, local_offset: 5, data: b"xy\n".to_vec() });
+    assert_eq!(entry.len, 3, "its bytes count in the backlog");
+    assert_eq!(e.backlog(), (3, 8));
+    // another replica appended meanwhile: held back while this one's append
+    // is on the way, then the file is taken whole from the server
+    send_all(&mut e);
+    let theirs = Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), 1),
+        op: Op::Write { id, base: 0, offset: 0, data: b"theirs\n".to_vec() },
+        attr: Some(Attr { size: 7, ..m.objs[&id].attr.clone() }),
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &theirs, None).expect("plan");
+    let b = e.apply_records(&m, vec![p], 1, now(3)).expect("apply");
+    assert!(b.edits.iter().all(|x| !matches!(x, Edit::Put { .. })), "held back");
+    for (n, (lsn, entry, _)) in e.entries().into_iter().enumerate() {
+        let echo = Record {
+            seq: 2 + n as u64,
+            time: t(9),
+            origin: Origin::Replica(ReplicaId(5), lsn),
+            op: entry.op,
+            attr: None,
+            dirs: vec![],
+            elided: 0,
+        };
+        let p = Engine::plan_record(&m, &echo, Some(lsn)).expect("plan");
+        e.apply_records(&m, vec![p], 2 + n as u64, now(4)).expect("apply");
+    }
+    assert!(!e.busy(id));
+    assert_eq!(e.housekeep().1, [(id, true)], "fetched whole once idle: the server's layout wins");
+}
+
+#[test]
+fn xattrs_are_set_here_at_once_and_refused_as_the_server_would() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let rules = VolumeRules { max_file_size: 1 << 20, xattr_room: 100, trusted: false, owners: 0 };
+    let l = e.set_xattr(&m, id, b"user.k", Some(b"v"), Some(&rules), now(1));
+    m.run(&mut e, l);
+    assert_eq!(m.objs[&id].xattrs, [(b"user.k".to_vec(), b"v".to_vec())], "in the cache at once");
+    assert_eq!(ops(&e), ["create", "setxattr"]);
+    let refused = |r: R<Local>| r.map(|_| ()).expect_err("refused");
+    assert!(matches!(
+        refused(e.set_xattr(&m, id, b"trusted.x", Some(b"v"), Some(&rules), now(2))),
+        ReplicaError::Unsupported
+    ));
+    assert!(matches!(
+        refused(e.set_xattr(&m, id, b"user.big", Some(&[0u8; 80]), Some(&rules), now(2))),
+        ReplicaError::NoSpace(_)
+    ));
+    assert!(matches!(refused(e.set_xattr(&m, id, b"user.none", None, Some(&rules), now(2))), ReplicaError::NotFound));
+    // before any rules came, a trusted name is the server's to decide
+    let l = e.set_xattr(&m, id, b"trusted.x", Some(b"v"), None, now(3));
+    m.run(&mut e, l);
+    let l = e.set_xattr(&m, id, b"user.k", None, Some(&rules), now(4));
+    m.run(&mut e, l);
+    assert_eq!(m.objs[&id].xattrs, [(b"trusted.x".to_vec(), b"v".to_vec())]);
+    assert_eq!(ops(&e), ["create", "setxattr", "setxattr", "removexattr"]);
+    assert!(matches!(Engine::size_allowed(2 << 20, Some(&rules)), Err(ReplicaError::FileTooBig(_))));
+    assert!(Engine::size_allowed(2 << 20, None).is_ok());
+}
+
+#[test]
+fn a_create_the_server_made_first_lands_once() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = ObjectId::new();
+    let mk = || Make {
+        parent: ObjectId::ROOT,
+        name: b"index.lock",
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        target: None,
+        rdev: 0,
+        trusted: None,
+    };
+    let l = e.made_remotely(&m, mk(), id, None, now(1)).expect("plan").expect("not there yet");
+    assert!(l.queued.is_empty(), "the server has it: nothing to send");
+    m.run(&mut e, Ok(l));
+    assert_eq!(m.dents.get(&(ObjectId::ROOT, b"index.lock".to_vec())), Some(&id));
+    assert!(e.made_remotely(&m, mk(), id, None, now(2)).expect("plan").is_none(), "its record came first");
+}
+
+#[test]
 fn the_engine_names_no_io_clock_or_lock() {
     let sources = [
         ("mod.rs", include_str!("mod.rs")),
