@@ -74,9 +74,14 @@ impl Info {
 fn connection(r: &Replica, answering: bool) -> String {
     use izo_client::ClientError;
     let ro = if r.client.writable() { "" } else { " (read-only token: the mount is read-only)" };
+    let link = r.client.link();
+    let offline = match link.offline.as_secs() {
+        0 => String::new(),
+        s => format!("; {s} s offline since the mount"),
+    };
     if r.client.is_connected() {
         let slow = if answering { "" } else { ", but the server is not answering" };
-        return format!("connected{ro}{slow}");
+        return format!("connected{ro}{slow} since {} ({} s){offline}", when(link.since), link.for_.as_secs());
     }
     let hint = match r.client.problem() {
         None => "connecting".to_string(),
@@ -88,7 +93,28 @@ fn connection(r: &Replica, answering: bool) -> String {
         }
         Some(e) => e.to_string(),
     };
-    format!("not connected{ro}: {hint}; the mount serves its cache and keeps trying")
+    format!(
+        "not connected{ro} since {} ({} s){offline}: {hint}; the mount serves its cache and keeps trying",
+        when(link.since),
+        link.for_.as_secs()
+    )
+}
+
+/// A wall-clock time as people read it (UTC).
+fn when(t: izo_proto::Timestamp) -> String {
+    let days = t.secs.div_euclid(86_400);
+    let secs = t.secs.rem_euclid(86_400);
+    // (days since 1970-01-01 to a civil date: Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// The refused (parked) changes, one line each, named by path.
@@ -144,6 +170,10 @@ async fn status(r: &Replica, info: &Info) -> String {
         None => "server position unknown".into(),
     };
     let (pend, sent, parked, retried) = r.cml_stats();
+    let oldest = match r.oldest_pending() {
+        Some(t) => format!("; the oldest was made {} s ago", (izo_proto::Timestamp::now().secs - t.secs).max(0)),
+        None => String::new(),
+    };
     let ops: Vec<String> = r.ops.list().iter().map(|(k, v)| format!("{k} {v}")).collect();
     let kept = refused_lines(r);
     let kept = if kept.is_empty() {
@@ -157,8 +187,8 @@ async fn status(r: &Replica, info: &Info) -> String {
         "volume: {} from {} mounted at {} (replicate mode, replica {:?})\n\
          connection: {conn}\n\
          stream: applied through seq {at}; {lag}{stopped}\n\
-         pending: {} changes made here not answered yet ({} bytes); {} answered, {} retried, {} refused \
-         (parked) since start\n\
+         pending: {} changes made here not answered yet ({} bytes){oldest}; {} answered, {} retried, {} \
+         refused (parked) since start\n\
          {commits}fetched: {} bytes from the server since start\n\
          cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n\
          requests served: {}\n{kept}",
@@ -189,23 +219,27 @@ pub async fn serve(listener: tokio::net::UnixListener, r: Arc<Replica>, info: Ar
             if BufReader::new(rd).read_line(&mut line).await.is_err() {
                 return;
             }
-            let answer = match line.trim() {
-                "sync" => match r.sync().await {
-                    Ok(seq) => {
-                        let refused = refused_lines(&r);
-                        if refused.is_empty() {
-                            format!("synced: this replica has everything the server had applied (seq {seq})\n")
-                        } else {
-                            format!(
-                                "error: the server refused {} changes made here; they are kept in the cache \
+            let mut words = line.split_whitespace();
+            let (cmd, arg) = (words.next().unwrap_or_default(), words.next());
+            let answer = match cmd {
+                "sync" => {
+                    match r.sync_within(Duration::from_secs(arg.and_then(|a| a.parse().ok()).unwrap_or(10))).await {
+                        Ok(seq) => {
+                            let refused = refused_lines(&r);
+                            if refused.is_empty() {
+                                format!("synced: this replica has everything the server had applied (seq {seq})\n")
+                            } else {
+                                format!(
+                                    "error: the server refused {} changes made here; they are kept in the cache \
                                  (parked), not on the server:\n  {}\n",
-                                refused.len(),
-                                refused.join("\n  ")
-                            )
+                                    refused.len(),
+                                    refused.join("\n  ")
+                                )
+                            }
                         }
+                        Err(e) => format!("error: {e}\n"),
                     }
-                    Err(e) => format!("error: {e}\n"),
-                },
+                }
                 "status" => status(&r, &info).await,
                 other => format!("error: unknown command {other:?}\n"),
             };
@@ -286,6 +320,17 @@ fn mount_of(path: &Path) -> Result<(PathBuf, u32)> {
 }
 
 #[derive(Args)]
+pub struct SyncArgs {
+    /// A path inside the mount (default: the current directory).
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// Give up after this many seconds, saying why (the server is away, or
+    /// still applying changes made here, or the cache is full).
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Args)]
 pub struct PathArg {
     /// A path inside the mount (default: the current directory).
     #[arg(default_value = ".")]
@@ -299,15 +344,17 @@ pub fn ask(path: &Path, cmd: &str) -> Result<()> {
     let sock = socket_path(pid);
     let mut s = std::os::unix::net::UnixStream::connect(&sock)
         .with_context(|| format!("connecting to the daemon of {} at {}", mp.display(), sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).context("socket timeout")?;
+    let name = cmd.split_whitespace().next().unwrap_or(cmd);
+    let wait = cmd.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10u64);
+    s.set_read_timeout(Some(Duration::from_secs(wait + 20))).context("socket timeout")?;
     s.write_all(format!("{cmd}\n").as_bytes()).context("sending the command")?;
     let mut answer = String::new();
     s.read_to_string(&mut answer).with_context(|| format!("reading the answer of {}", sock.display()))?;
     if answer.is_empty() {
-        bail!("{cmd} on {}: the daemon ({}) gave no answer", mp.display(), sock.display());
+        bail!("{name} on {}: the daemon ({}) gave no answer", mp.display(), sock.display());
     }
     if let Some(why) = answer.strip_prefix("error: ") {
-        bail!("{cmd} on {}: {}", mp.display(), why.trim_end());
+        bail!("{name} on {}: {}", mp.display(), why.trim_end());
     }
     print!("{answer}");
     Ok(())

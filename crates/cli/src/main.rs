@@ -33,7 +33,7 @@ enum Cmd {
     /// Mount a volume (replicate mode: a full local replica that follows the server).
     Mount(mount::MountArgs),
     /// Wait until the mount holding PATH has everything the server acked.
-    Sync(control::PathArg),
+    Sync(control::SyncArgs),
     /// Connection, stream position and lag, pending work and cache of a mount.
     Status(control::PathArg),
     /// Check a config file.
@@ -71,7 +71,7 @@ fn main() {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Log(a) => log::run(a),
         Cmd::Mount(a) => mount::run(a),
-        Cmd::Sync(a) => control::ask(&a.path, "sync"),
+        Cmd::Sync(a) => control::ask(&a.path, &format!("sync {}", a.timeout)),
         Cmd::Status(a) => control::ask(&a.path, "status"),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => config::check(file),
     };

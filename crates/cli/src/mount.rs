@@ -198,15 +198,18 @@ pub fn run(args: MountArgs) -> Result<()> {
     let started = rt.block_on(start(opts, |p| say(p, &addr, began)))?;
     eprintln!();
     let replica = started.replica.clone();
-    let flags = izo_fuse::MountFlags { dev: args.dev, suid: args.suid };
-    let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint, flags).with_context(|| {
-        format!("mounting on {} (FUSE needs /dev/fuse, and root or fusermount3)", args.mountpoint.display())
-    })?;
+    // the control socket answers before the mount appears: a script that
+    // waits for the mount can run `izo sync` at once
     let info =
         Arc::new(crate::control::Info::new(volume.clone(), addr.clone(), cache_dir.clone(), args.mountpoint.clone()));
-    let _tasks = rt.block_on(async { started.spawn(stream_stopped(info.clone())) });
     let (sock, listener) = crate::control::listen(&rt).context("the control socket (for izo sync and izo status)")?;
-    rt.spawn(crate::control::serve(listener, replica.clone(), info));
+    rt.spawn(crate::control::serve(listener, replica.clone(), info.clone()));
+    let flags = izo_fuse::MountFlags { dev: args.dev, suid: args.suid };
+    let mounted = izo_fuse::mount(replica.clone(), &args.mountpoint, flags).with_context(|| {
+        let _ = std::fs::remove_file(&sock);
+        format!("mounting on {} (FUSE needs /dev/fuse, and root or fusermount3)", args.mountpoint.display())
+    })?;
+    let _tasks = rt.block_on(async { started.spawn(stream_stopped(info.clone())) });
     let ro = if replica.client.writable() { "" } else { " read-only (the token is)" };
     println!("izo: mounted {volume} from {addr} at {}{ro} (cache {})", args.mountpoint.display(), cache_dir.display());
     let _ = std::io::stdout().flush();

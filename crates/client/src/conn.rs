@@ -137,6 +137,7 @@ pub(crate) struct Installed {
 pub(crate) fn install(inner: &Arc<Inner>, live: Live) -> Installed {
     let Live { rd, wr } = live;
     let writer = install_writer(inner, wr);
+    lock(&inner.link).set(true);
     Installed { rd, writer }
 }
 
@@ -313,6 +314,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, first: Option<Installed>) {
         if let Some(Installed { rd, writer }) = current.take() {
             backoff = Duration::from_millis(20);
             let end = read_loop(&inner, rd).await;
+            lock(&inner.link).set(false);
             {
                 let mut st = lock(&inner.state);
                 st.conn = None;

@@ -202,6 +202,45 @@ pub(crate) struct Inner {
     pub bytes_out: AtomicU64,
     pub reconnects: AtomicU64,
     pub closed: AtomicBool,
+    /// When the connection last came up or went down.
+    pub link: Mutex<LinkLog>,
+}
+
+/// The connection's ups and downs (see [`Client::link`]).
+#[derive(Debug)]
+pub(crate) struct LinkLog {
+    up: bool,
+    since: std::time::Instant,
+    since_wall: Timestamp,
+    /// Time spent without a connection before `since`.
+    offline_before: std::time::Duration,
+}
+
+impl LinkLog {
+    /// The connection came up (`true`) or went down.
+    pub(crate) fn set(&mut self, up: bool) {
+        if self.up == up {
+            return;
+        }
+        if !self.up {
+            self.offline_before += self.since.elapsed();
+        }
+        *self = LinkLog { up, since: std::time::Instant::now(), since_wall: Timestamp::now(), ..*self };
+    }
+}
+
+/// Whether the client is connected, since when, and how long it has been
+/// without a connection since it started.
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    /// Connected now.
+    pub up: bool,
+    /// Since when (wall clock) it is up, or down.
+    pub since: Timestamp,
+    /// How long it is so.
+    pub for_: std::time::Duration,
+    /// Time without a connection since the client started.
+    pub offline: std::time::Duration,
 }
 
 /// A connected client. Cheap to clone; all clones share one connection.
@@ -287,7 +326,22 @@ impl Client {
             bytes_out: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            link: Mutex::new(LinkLog {
+                up: false,
+                since: std::time::Instant::now(),
+                since_wall: Timestamp::now(),
+                offline_before: std::time::Duration::ZERO,
+            }),
         })
+    }
+
+    /// The connection now: up or down, since when, and the time spent
+    /// offline since the start.
+    pub fn link(&self) -> Link {
+        let l = lock(&self.inner.link);
+        let for_ = l.since.elapsed();
+        let offline = l.offline_before + if l.up { std::time::Duration::ZERO } else { for_ };
+        Link { up: l.up, since: l.since_wall, for_, offline }
     }
 
     /// Whether a connection to the server is up now.
@@ -319,6 +373,11 @@ impl Client {
             return None;
         }
         lock(&self.inner.problem).clone()
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.inner.cfg.addr
     }
 
     /// This replica's id.

@@ -612,6 +612,11 @@ impl Replica {
         self.engine().stats()
     }
 
+    /// When the oldest change not answered yet was made.
+    pub fn oldest_pending(&self) -> Option<Timestamp> {
+        self.engine().oldest_pending()
+    }
+
     /// The op as sent: bases from the engine, bytes of a write read from
     /// the data file now (the newest; `None` if nothing is left to send:
     /// the file is gone or shorter).

@@ -20,6 +20,58 @@ use std::time::Duration;
 pub use crate::engine::{visible_change, Inval};
 pub use crate::error::ReplicaError;
 
+/// Why [`Replica::sync_within`] could not finish, each with what it knows.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncWait {
+    /// No connection.
+    #[error(
+        "the server at {addr} is unreachable since {} ({} s ago): {ops} changes made here ({bytes} bytes) are kept \
+         in the cache and sent when it answers",
+        since.secs, ago.as_secs()
+    )]
+    Unreachable {
+        /// The server.
+        addr: String,
+        /// When the connection went down (wall clock, seconds since the epoch).
+        since: Timestamp,
+        /// How long ago.
+        ago: Duration,
+        /// Changes not answered.
+        ops: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// Connected, but changes made here are still on the way.
+    #[error(
+        "the server is reachable and still applying {ops} of the changes made here ({bytes} bytes) after {}s; \
+         wait longer with --timeout",
+        waited.as_secs()
+    )]
+    Applying {
+        /// Changes not answered.
+        ops: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Everything made here is answered, but the stream has not brought
+    /// what the server had applied.
+    #[error("the record stream is at seq {at}, behind the server{} after {}s; wait longer with --timeout",
+        head.map(|h| format!("'s {h}")).unwrap_or_default(), waited.as_secs())]
+    Behind {
+        /// The server's position, if it answered.
+        head: Option<Seq>,
+        /// This replica's.
+        at: Seq,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Something else failed.
+    #[error(transparent)]
+    Replica(ReplicaError),
+}
+
 impl From<ClientError> for ReplicaError {
     fn from(e: ClientError) -> Self {
         match e {
@@ -930,23 +982,45 @@ impl Replica {
     /// applied when called (the barrier of `izo sync`). Returns that seq.
     /// Changes made here are sent and answered first.
     pub async fn sync(&self) -> R<Seq> {
-        self.seal_all()?;
+        self.sync_within(DEADLINE).await.map_err(|e| match e {
+            SyncWait::Replica(e) => e,
+            e => ReplicaError::Unreachable(e.to_string()),
+        })
+    }
+
+    /// [`Replica::sync`] waiting at most `limit`; why it could not finish
+    /// says which of the three it is: the server is away, or it answers
+    /// but is still applying changes made here, or the stream lags.
+    pub async fn sync_within(&self, limit: Duration) -> Result<Seq, SyncWait> {
+        let began = std::time::Instant::now();
+        let left = || limit.saturating_sub(began.elapsed());
+        self.seal_all().map_err(SyncWait::Replica)?;
         let upto = self.engine().next_lsn();
-        if !self.answered_before(upto, DEADLINE).await {
-            let (ops, bytes) = self.engine().backlog();
-            return Err(ReplicaError::Unreachable(format!(
-                "{ops} changes made here ({bytes} bytes) are not answered by the server after {DEADLINE:?}"
-            )));
+        let away = |r: &Replica| {
+            let link = r.client.link();
+            let (ops, bytes) = r.engine().backlog();
+            SyncWait::Unreachable { addr: r.client.addr().to_string(), since: link.since, ago: link.for_, ops, bytes }
+        };
+        if !self.answered_before(upto, left()).await {
+            if !self.client.is_connected() {
+                return Err(away(self));
+            }
+            let (ops, bytes) = self.engine().backlog_before(upto);
+            return Err(SyncWait::Applying { ops, bytes, waited: limit });
         }
-        let stats = tokio::time::timeout(DEADLINE, self.client.server_stats())
-            .await
-            .map_err(|_| ReplicaError::Unreachable(format!("no answer within {DEADLINE:?}")))??;
+        let stats = match tokio::time::timeout(left().max(Duration::from_millis(100)), self.client.server_stats()).await
+        {
+            Ok(Ok(s)) => s,
+            _ if !self.client.is_connected() => return Err(away(self)),
+            Ok(Err(e)) => return Err(SyncWait::Replica(e.into())),
+            Err(_) => return Err(SyncWait::Behind { head: None, at: self.applied_seq(), waited: limit }),
+        };
         let head = stats.iter().find(|(k, _)| k == "applied_seq").map(|(_, v)| *v).unwrap_or(0);
         let mut rx = self.applied.subscribe();
-        tokio::time::timeout(DEADLINE, rx.wait_for(|s| *s >= head))
-            .await
-            .map_err(|_| ReplicaError::Unreachable(format!("the stream did not reach seq {head} within {DEADLINE:?}")))?
-            .map_err(|_| ReplicaError::Unreachable("the stream stopped".into()))?;
+        let reached = matches!(tokio::time::timeout(left(), rx.wait_for(|s| *s >= head)).await, Ok(Ok(_)));
+        if !reached {
+            return Err(SyncWait::Behind { head: Some(head), at: self.applied_seq(), waited: limit });
+        }
         Ok(head)
     }
 

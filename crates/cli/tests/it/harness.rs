@@ -429,7 +429,7 @@ pub async fn server_digest(c: &Client) -> Option<izo_testkit::Digest> {
     Some(d)
 }
 
-fn mount_command(addr: &str, token: &str, mnt: &Path, cache: &Path, flags: &[&str]) -> Command {
+pub fn mount_command(addr: &str, token: &str, mnt: &Path, cache: &Path, flags: &[&str]) -> Command {
     let mut c = Command::new(izo_bin());
     c.arg("mount").arg(format!("{addr}/vol")).arg(mnt).args(["--token", token, "--cache"]).arg(cache).args(flags);
     c

@@ -218,3 +218,72 @@ async fn an_o_excl_create_asks_the_server_while_connected_and_is_local_once_it_i
     .await
     .expect("o_excl test");
 }
+
+/// `izo sync` and `izo status` say what the wait is for: with the server
+/// away, since when and how much is kept here; and the control socket
+/// answers as soon as the mount appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_status_tell_an_unreachable_server_and_the_socket_answers_once_mounted() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let dirs = tokio::task::spawn_blocking(move || {
+        // a mount that is there answers izo sync at once
+        let dir = tempfile::Builder::new().prefix("izo-mnt-").tempdir().expect("dir");
+        let (mnt, cache) = (dir.path().join("mnt"), dir.path().join("cache"));
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        let mut child = mount_command(&addr, &tok, &mnt, &cache, &["--fingerprint", &fp])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("izo mount");
+        let t = Instant::now();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .expect("mountinfo")
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(mnt.to_str().expect("utf-8")))
+        };
+        while !mounted() {
+            assert!(t.elapsed() < Duration::from_secs(30), "never mounted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        izo_out(&["sync".as_ref(), mnt.as_os_str()]);
+
+        // the server goes away: what is kept here, and since when
+        std::fs::write(mnt.join("f"), b"x").expect("write");
+        izo_out(&["sync".as_ref(), mnt.as_os_str()]);
+        p.sigterm();
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..3 {
+            std::fs::write(mnt.join(format!("offline{i}")), b"kept").expect("write offline");
+        }
+        let out = Command::new(izo_bin()).args(["sync", "--timeout", "1"]).arg(&mnt).output().expect("izo sync");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a sync without the server fails: {err}");
+        assert!(err.contains("unreachable since") && err.contains("changes made here"), "{err}");
+        let status = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+        assert!(status.contains("not connected since"), "{status}");
+        assert!(status.contains("the oldest was made"), "{status}");
+        let pending = status.lines().find(|l| l.starts_with("pending:")).expect("pending line");
+        assert!(pending.starts_with("pending: 6 changes") || pending.starts_with("pending: 3 changes"), "{pending}");
+        // it returns: connected, and how long it was away
+        let p = Proc::start(&dirs, &addr, &[]);
+        let t = Instant::now();
+        while !Command::new(izo_bin()).arg("sync").arg(&mnt).output().expect("izo sync").status.success() {
+            assert!(t.elapsed() < Duration::from_secs(30), "never synced after the server returned");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let status = izo_out(&["status".as_ref(), mnt.as_os_str()]);
+        assert!(status.contains("connected since") && status.contains("s offline since the mount"), "{status}");
+        assert!(status.contains("pending: 0 changes"), "{status}");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        drop(p);
+        dirs
+    })
+    .await
+    .expect("sync test");
+    drop(dirs);
+}

@@ -376,6 +376,17 @@ impl Engine {
         self.c.backlog()
     }
 
+    /// Changes queued before `upto` not answered yet (ops, bytes).
+    pub fn backlog_before(&self, upto: u64) -> (u64, u64) {
+        self.c.q.range(..upto).fold((0, 0), |(n, b), (_, (e, _))| (n + 1, b + e.len))
+    }
+
+    /// When the oldest change not answered yet was made (as its stamp
+    /// says: every change but an attribute or xattr change carries one).
+    pub fn oldest_pending(&self) -> Option<Timestamp> {
+        self.c.q.values().filter_map(|(e, _)| e.time).min()
+    }
+
     /// Backlog, and ops answered / parked / retried since start.
     pub fn stats(&self) -> ((u64, u64), u64, u64, u64) {
         (self.c.backlog(), self.c.sent, self.c.parked, self.c.retried)
