@@ -545,11 +545,11 @@ fn an_append_is_queued_at_once_with_its_bytes_behind_the_files_unsealed_writes()
     let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
     let id = file(&mut m, &mut e, "log");
     let l = e.wrote(&m, id, 0, 5, now(1));
-    m.run(&mut e, l);
+    let _ = m.run(&mut e, l);
     // offline: nothing is sent, the append is made here all the same
     assert_eq!(e.next_to_send(false, now(2)), Next::Idle(Duration::from_millis(50)));
     let l = e.append(&m, id, 5, b"xy\n".to_vec(), now(2));
-    m.run(&mut e, l);
+    let _ = m.run(&mut e, l);
     assert_eq!(m.objs[&id].attr.size, 8, "at the local end of file at once");
     assert_eq!(ops(&e), ["create", "write", "append"], "the unsealed write goes first");
     let (_, entry, _) = e.entries().pop().expect("the append");
@@ -594,7 +594,7 @@ fn xattrs_are_set_here_at_once_and_refused_as_the_server_would() {
     let id = file(&mut m, &mut e, "f");
     let rules = VolumeRules { max_file_size: 1 << 20, xattr_room: 100, trusted: false, owners: 0 };
     let l = e.set_xattr(&m, id, b"user.k", Some(b"v"), Some(&rules), now(1));
-    m.run(&mut e, l);
+    let _ = m.run(&mut e, l);
     assert_eq!(m.objs[&id].xattrs, [(b"user.k".to_vec(), b"v".to_vec())], "in the cache at once");
     assert_eq!(ops(&e), ["create", "setxattr"]);
     let refused = |r: R<Local>| r.map(|_| ()).expect_err("refused");
@@ -609,9 +609,9 @@ fn xattrs_are_set_here_at_once_and_refused_as_the_server_would() {
     assert!(matches!(refused(e.set_xattr(&m, id, b"user.none", None, Some(&rules), now(2))), ReplicaError::NotFound));
     // before any rules came, a trusted name is the server's to decide
     let l = e.set_xattr(&m, id, b"trusted.x", Some(b"v"), None, now(3));
-    m.run(&mut e, l);
+    let _ = m.run(&mut e, l);
     let l = e.set_xattr(&m, id, b"user.k", None, Some(&rules), now(4));
-    m.run(&mut e, l);
+    let _ = m.run(&mut e, l);
     assert_eq!(m.objs[&id].xattrs, [(b"trusted.x".to_vec(), b"v".to_vec())]);
     assert_eq!(ops(&e), ["create", "setxattr", "setxattr", "removexattr"]);
     assert!(matches!(Engine::size_allowed(2 << 20, Some(&rules)), Err(ReplicaError::FileTooBig(_))));
@@ -635,7 +635,7 @@ fn a_create_the_server_made_first_lands_once() {
     };
     let l = e.made_remotely(&m, mk(), id, None, now(1)).expect("plan").expect("not there yet");
     assert!(l.queued.is_empty(), "the server has it: nothing to send");
-    m.run(&mut e, Ok(l));
+    let _ = m.run(&mut e, Ok(l));
     assert_eq!(m.dents.get(&(ObjectId::ROOT, b"index.lock".to_vec())), Some(&id));
     assert!(e.made_remotely(&m, mk(), id, None, now(2)).expect("plan").is_none(), "its record came first");
 }
