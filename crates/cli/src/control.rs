@@ -181,6 +181,7 @@ async fn status(r: &Replica, info: &Info) -> String {
     } else {
         format!("parked (refused by the server, kept in the cache):\n  {}\n", kept.join("\n  "))
     };
+    let problems: String = r.cache_problems().iter().map(|p| format!("cache problem: {p}\n")).collect();
     let db = std::fs::metadata(info.cache.join("cache.redb")).map(|m| m.len()).unwrap_or(0);
     let data = dir_size(&info.cache.join("data"));
     format!(
@@ -191,7 +192,7 @@ async fn status(r: &Replica, info: &Info) -> String {
          refused (parked) since start\n\
          {commits}fetched: {} bytes from the server since start\n\
          cache: {} ({:.1} MB of data, {:.1} MB of metadata)\n\
-         requests served: {}\n{kept}",
+         requests served: {}\n{problems}{kept}",
         info.volume,
         info.addr,
         info.mountpoint.display(),

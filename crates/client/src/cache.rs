@@ -132,6 +132,12 @@ pub enum CacheError {
         /// What failed.
         why: String,
     },
+    /// The database could not grow: the cache's disk is full.
+    #[error("cache database {path}: the cache's disk is full (free space on it; the mount resumes by itself)")]
+    DbFull {
+        /// Database file.
+        path: PathBuf,
+    },
     /// A data file failed.
     #[error("cache data file {path}: {err}")]
     Io {
@@ -144,7 +150,11 @@ pub enum CacheError {
 
 /// The cache of one volume.
 pub struct Cache {
-    db: Database,
+    /// (replaced by a fresh open after a failed commit: redb refuses every
+    /// later transaction of a database that met an I/O error)
+    db: RwLock<Option<Database>>,
+    /// A commit failed: the database is opened again before the next one.
+    poisoned: std::sync::atomic::AtomicBool,
     /// Where the log, the data files and the database live.
     store: Box<dyn Storage>,
     path: PathBuf,
@@ -253,7 +263,8 @@ impl Cache {
         let db = store.open_db(CACHE_BYTES)?;
         let dir = store.dir().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<memory>"));
         let c = Cache {
-            db,
+            db: RwLock::new(Some(db)),
+            poisoned: Default::default(),
             path: store.db_name(),
             data: dir.join("data"),
             dir,
@@ -262,7 +273,7 @@ impl Cache {
             fold_lock: Mutex::new(()),
         };
         // (a cache of an older format is upgraded before anything reads it)
-        crate::format::upgrade(&c.db, &c.path, c.store.as_ref())?;
+        crate::format::upgrade(c.database().as_ref().expect("opened just now"), &c.path, c.store.as_ref())?;
         // Orphans of the last run are no longer open anywhere: drop them
         // (unless a log says otherwise: a replay puts them back).
         let dropped = c.write(|tx| {
@@ -396,7 +407,8 @@ impl Cache {
     }
 
     fn append(&self, ov: &mut Overlay, rec: &LogRec) -> Result<(), CacheError> {
-        let body = postcard::to_allocvec(rec).map_err(|e| self.err(e))?;
+        let body =
+            postcard::to_allocvec(rec).map_err(|e| CacheError::Db { path: self.path.clone(), why: e.to_string() })?;
         let mut frame = crate::format::frame(&body);
         if !ov.log_open && self.store.log_len(ov.gen)? == 0 {
             // a new file starts with its format (in the same write(2))
@@ -624,19 +636,58 @@ impl Cache {
         self.read(|tx| Ok(tx.open_table(PARENTS)?.get(dir.to_bytes().as_slice())?.map(|v| id_of(v.value()))))
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> CacheError {
-        CacheError::Db { path: self.path.clone(), why: e.to_string() }
+    /// A database error, by its kind: a full disk says so.
+    fn err(&self, e: impl Into<redb::Error>) -> CacheError {
+        match e.into() {
+            redb::Error::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+                CacheError::DbFull { path: self.path.clone() }
+            }
+            e => CacheError::Db { path: self.path.clone(), why: e.to_string() },
+        }
+    }
+
+    fn database(&self) -> std::sync::RwLockReadGuard<'_, Option<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a failed commit: the database as its file holds it (redb
+    /// refuses every transaction of a handle that met an I/O error).
+    fn reopen(&self) -> Result<(), CacheError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // (the old handle goes first: it holds the file's lock)
+        drop(db.take());
+        *db = Some(self.store.open_db(CACHE_BYTES)?);
+        self.poisoned.store(false, std::sync::atomic::Ordering::Release);
+        tracing::info!("reopened the cache database {} after a failed commit", self.path.display());
+        Ok(())
     }
 
     fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>) -> Result<T, CacheError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let out = f(&tx).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        if self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let db = self.database();
+        let Some(db) = db.as_ref() else { return Err(self.closed()) };
+        let done = (|| {
+            let tx = db.begin_write().map_err(|e| self.err(e))?;
+            let out = f(&tx).map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))?;
+            Ok(out)
+        })();
+        if done.is_err() {
+            self.poisoned.store(true, std::sync::atomic::Ordering::Release);
+        }
+        done
+    }
+
+    fn closed(&self) -> CacheError {
+        CacheError::Db { path: self.path.clone(), why: "closed after a failed commit and not reopened".into() }
     }
 
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, CacheError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let db = self.database();
+        let Some(db) = db.as_ref() else { return Err(self.closed()) };
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         f(&tx).map_err(|e| self.err(e))
     }
 

@@ -689,9 +689,14 @@ impl Replica {
             if folded.elapsed() >= FOLD_EVERY {
                 folded = Instant::now();
                 if self.cache.unsynced() {
-                    if let Err(e) = self.fold() {
-                        tracing::warn!("folding the log of local changes: {e}");
-                    }
+                    let problem = match self.fold() {
+                        Ok(()) => None,
+                        Err(e) => {
+                            tracing::warn!("folding the log of local changes: {e}");
+                            Some(e.to_string())
+                        }
+                    };
+                    *lock(&self.fold_problem) = problem;
                 }
             }
             // (a mount that came up offline sends nothing before the

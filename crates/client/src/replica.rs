@@ -67,6 +67,12 @@ pub enum SyncWait {
         /// How long it waited.
         waited: Duration,
     },
+    /// The cache's disk is full: the stream cannot be applied.
+    #[error("{why}")]
+    CacheFull {
+        /// What it needs.
+        why: String,
+    },
     /// Something else failed.
     #[error(transparent)]
     Replica(ReplicaError),
@@ -191,6 +197,11 @@ pub struct Replica {
     /// The volume's rules as the server last sent them (kept in the cache
     /// for offline use; `None` before any server of protocol 6 answered).
     rules: Mutex<Option<VolumeRules>>,
+    /// Why the record stream cannot be applied now (shown by `izo status`).
+    /// (whether for want of space, and what is wrong)
+    pub(crate) stream_problem: Mutex<Option<(bool, String)>>,
+    /// Why the last fold of the log into the database failed, if it did.
+    pub(crate) fold_problem: Mutex<Option<String>>,
     /// The volume's incarnation was checked on a live connection (at the
     /// start, or at the first connection of a mount that came up offline):
     /// nothing is sent or followed before.
@@ -207,6 +218,32 @@ where
         tracing::warn!("{what} failed: {e}; retrying");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn lock_std<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Did this fail for want of space on the cache's disk? (by the error's
+/// kind: ENOSPC or EDQUOT from a data file or the log, or a database that
+/// could not grow)
+pub fn is_full(e: &ReplicaError) -> bool {
+    match e {
+        ReplicaError::Cache(CacheError::DbFull { .. }) => true,
+        ReplicaError::Cache(CacheError::Io { err, .. }) => {
+            matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        }
+        _ => false,
+    }
+}
+
+/// The bytes a record brings into the cache (its data, inline or fetched).
+fn record_bytes(r: &Record) -> u64 {
+    match &r.op {
+        Op::Write { data, .. } => data.len() as u64 + r.elided,
+        Op::SetXattr { value, .. } => value.len() as u64,
+        _ => 0,
     }
 }
 
@@ -244,6 +281,8 @@ impl Replica {
             fetched: Default::default(),
             open: Mutex::new(Default::default()),
             rules: Mutex::new(None),
+            stream_problem: Mutex::new(None),
+            fold_problem: Mutex::new(None),
             checked: Default::default(),
         });
         *r.rules.lock().unwrap_or_else(|p| p.into_inner()) = r.cache_rules()?;
@@ -256,6 +295,16 @@ impl Replica {
         // database held: waiters on it must see where the cache is now)
         r.set_applied(r.cache.seq()?);
         Ok(r)
+    }
+
+    /// What keeps the cache from taking changes now, if anything: the
+    /// stream that cannot be applied, a fold that failed (a full disk says
+    /// so and what it needs).
+    pub fn cache_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(lock_std(&self.stream_problem).clone().map(|(_, why)| why));
+        out.extend(lock_std(&self.fold_problem).clone().map(|f| format!("folding the log into the database: {f}")));
+        out
     }
 
     /// The volume's rules as last known (see [`Query::Rules`]).
@@ -603,8 +652,25 @@ impl Replica {
                 if !recs.is_empty() {
                     // Never past a record that did not apply (the stream
                     // waits; `izo status` shows the lag).
-                    let what = format!("applying records {}.. to the cache", recs[0].seq);
-                    retrying(&what, Duration::from_millis(50), || self.apply_batch(&recs)).await;
+                    let mut pause = Duration::from_millis(50);
+                    while let Err(e) = self.apply_batch(&recs).await {
+                        let why = if is_full(&e) {
+                            let need: u64 = recs.iter().map(record_bytes).sum();
+                            format!(
+                                "cache disk full: {:.1} MiB needed for records {}..; the stream waits and resumes \
+                                 by itself once space is freed",
+                                need as f64 / (1 << 20) as f64,
+                                recs[0].seq
+                            )
+                        } else {
+                            format!("applying records {}.. to the cache failed: {e}", recs[0].seq)
+                        };
+                        tracing::warn!("{why}; retrying");
+                        *lock_std(&self.stream_problem) = Some((is_full(&e), why));
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    *lock_std(&self.stream_problem) = None;
                 }
                 if let Some(oldest) = behind {
                     break oldest;
@@ -1018,6 +1084,9 @@ impl Replica {
         let head = stats.iter().find(|(k, _)| k == "applied_seq").map(|(_, v)| *v).unwrap_or(0);
         let mut rx = self.applied.subscribe();
         let reached = matches!(tokio::time::timeout(left(), rx.wait_for(|s| *s >= head)).await, Ok(Ok(_)));
+        if let (false, Some((true, why))) = (reached, lock_std(&self.stream_problem).clone()) {
+            return Err(SyncWait::CacheFull { why });
+        }
         if !reached {
             return Err(SyncWait::Behind { head: Some(head), at: self.applied_seq(), waited: limit });
         }

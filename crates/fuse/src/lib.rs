@@ -104,6 +104,7 @@ pub fn errno(e: &ReplicaError) -> Errno {
                 Errno::EIO
             }
         },
+        ReplicaError::Cache(izo_client::cache::CacheError::DbFull { .. }) => Errno::ENOSPC,
         ReplicaError::Cache(_) => {
             tracing::warn!("{e}");
             Errno::EIO
@@ -908,5 +909,7 @@ mod tests {
         assert_eq!(errno(&disk(libc::ENOSPC)), Errno::ENOSPC);
         assert_eq!(errno(&disk(libc::EFBIG)), Errno::EFBIG);
         assert_eq!(errno(&disk(libc::EIO)), Errno::EIO);
+        let full = ReplicaError::Cache(izo_client::cache::CacheError::DbFull { path: "/cache/cache.redb".into() });
+        assert_eq!(errno(&full), Errno::ENOSPC, "a database that cannot grow is a full disk too");
     }
 }

@@ -5,6 +5,7 @@ mod capture;
 mod confine;
 mod crash;
 mod devices;
+mod fullcache;
 mod harness;
 mod hostile;
 mod mount;
