@@ -828,6 +828,12 @@ impl Cache {
         self.store.data_create(id)
     }
 
+    /// Keep or give up the reserve on the cache's disk (see
+    /// [`crate::storage::Storage::reserve`]).
+    pub fn reserve(&self, keep: bool) -> Result<bool, CacheError> {
+        self.store.reserve(keep)
+    }
+
     /// Write bytes into a data file at `offset` (created if missing). Log
     /// the range with [`Cache::log_dirty`] after, not before: a kill in
     /// between then loses only bytes no record claims.

@@ -254,14 +254,41 @@ impl Replica {
     /// Remove a name (a directory with `dir`).
     pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> R<()> {
         self.check_writable()?;
-        let gone = {
+        let gone = self.freeing(|| {
             let _g = lock(&self.apply);
             let (pid, _) = self.get(parent)?;
             let mut e = self.engine();
             let l = e.remove(&self.cache, pid, name, dir, self.now())?;
-            self.log_local(&mut e, l)?
-        };
+            self.log_local(&mut e, l)
+        })?;
         self.gone(gone)
+    }
+
+    /// A change that frees space (a delete, a truncate): on a full cache
+    /// disk it may use the reserve held back for it (given up, then taken
+    /// again once there is room).
+    fn freeing<T>(&self, f: impl Fn() -> R<T>) -> R<T> {
+        match f() {
+            Err(e) if crate::replica::is_full(&e) => {
+                tracing::warn!("the cache's disk is full: giving up its reserve for a delete");
+                self.reserve_held.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.cache.reserve(false)?;
+                f()
+            }
+            r => r,
+        }
+    }
+
+    /// Hold the reserve on the cache's disk again if it was given up and
+    /// there is room.
+    pub(crate) fn keep_reserve(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.reserve_held.load(Relaxed) {
+            match self.cache.reserve(true) {
+                Ok(held) => self.reserve_held.store(held, Relaxed),
+                Err(e) => tracing::debug!("keeping a reserve on the cache's disk: {e}"),
+            }
+        }
     }
 
     /// Rename (`mode`: replace, no-replace or exchange).
@@ -452,13 +479,22 @@ impl Replica {
             Engine::size_allowed(size, self.rules().as_ref())?;
         }
         let mut e = self.engine();
-        let l = e.setattr(&self.cache, id, size, attrs, trusted, self.now())?;
+        let l = e.setattr(&self.cache, id, size, attrs.clone(), trusted, self.now())?;
         match size {
             // shorter: the size is logged first, then the data file cut (a
             // crash between leaves bytes past the size, never a size past
             // the bytes)
             Some(size) if size < obj.attr.size => {
-                self.log_local(&mut e, l)?;
+                if let Err(err) = self.log_local(&mut e, l) {
+                    // (a full disk: the reserve is for this)
+                    if !crate::replica::is_full(&err) {
+                        return Err(err);
+                    }
+                    self.reserve_held.store(false, std::sync::atomic::Ordering::Relaxed);
+                    self.cache.reserve(false)?;
+                    let l = e.setattr(&self.cache, id, Some(size), attrs, trusted, self.now())?;
+                    self.log_local(&mut e, l)?;
+                }
                 self.cache.data_set_len(id, size)?;
             }
             // longer (zeros) or the same: the data file first
@@ -688,6 +724,7 @@ impl Replica {
             }
             if folded.elapsed() >= FOLD_EVERY {
                 folded = Instant::now();
+                self.keep_reserve();
                 if self.cache.unsynced() {
                     let problem = match self.fold() {
                         Ok(()) => None,

@@ -200,6 +200,8 @@ pub struct Replica {
     /// Why the record stream cannot be applied now (shown by `izo status`).
     /// (whether for want of space, and what is wrong)
     pub(crate) stream_problem: Mutex<Option<(bool, String)>>,
+    /// The reserve on the cache's disk is held (see [`Cache::reserve`]).
+    pub(crate) reserve_held: std::sync::atomic::AtomicBool,
     /// Why the last fold of the log into the database failed, if it did.
     pub(crate) fold_problem: Mutex<Option<String>>,
     /// The volume's incarnation was checked on a live connection (at the
@@ -283,9 +285,11 @@ impl Replica {
             rules: Mutex::new(None),
             stream_problem: Mutex::new(None),
             fold_problem: Mutex::new(None),
+            reserve_held: Default::default(),
             checked: Default::default(),
         });
         *r.rules.lock().unwrap_or_else(|p| p.into_inner()) = r.cache_rules()?;
+        r.keep_reserve();
         r.recover_cml()?;
         // (every answer before the recovered log's first entry was folded)
         let mark = r.engine().durable_mark();

@@ -78,7 +78,18 @@ pub trait Storage: Send + Sync {
     /// Make every data file and log file durable (syncfs of the cache's
     /// file system).
     fn sync_all(&self) -> Result<(), CacheError>;
+
+    /// Keep (`true`) or give up (`false`) the reserve: room on the cache's
+    /// disk held back so that a delete or truncate (which needs log space
+    /// and free database pages) still works on a full disk. Returns whether
+    /// the reserve is held now. Storage without a disk has none.
+    fn reserve(&self, _keep: bool) -> Result<bool, CacheError> {
+        Ok(false)
+    }
 }
+
+/// Bytes held back on the cache's disk for deletes and truncates.
+pub const RESERVE: u64 = 8 << 20;
 
 /// The cache in real files under a directory (today's layout).
 pub struct Disk {
@@ -281,6 +292,35 @@ impl Storage for Disk {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(&path)(e)),
         }
+    }
+
+    fn reserve(&self, keep: bool) -> Result<bool, CacheError> {
+        use std::os::fd::AsRawFd;
+        let path = self.dir.join("reserve");
+        if !keep {
+            return match std::fs::remove_file(&path) {
+                Ok(()) => Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(io(&path)(e)),
+            };
+        }
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE) {
+            return Ok(true);
+        }
+        // (allocated for real, not a sparse file: the blocks are what counts)
+        let f = OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(io(&path))?;
+        // SAFETY: plain syscall on an open fd.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, RESERVE as libc::off_t) } != 0 {
+            let e = std::io::Error::last_os_error();
+            drop(f);
+            let _ = std::fs::remove_file(&path);
+            return match e.raw_os_error() {
+                // (no room for it now: taken again once there is)
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(io(&path)(e)),
+            };
+        }
+        Ok(true)
     }
 
     fn sync_all(&self) -> Result<(), CacheError> {

@@ -24,6 +24,8 @@ async fn a_full_cache_disk_is_enospc_rm_frees_it_and_the_stream_resumes() {
         let cache = small.mnt().join("cache");
         let mut a = MountProc::start_at(&addr, &fp, &tok, &mnt, &cache);
         let b = MountProc::start(&addr, &fp, &tok);
+        let reserve = cache.join("reserve");
+        assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(8 << 20), "a reserve is held back");
         std::fs::write(mnt.join("before"), b"acked before the disk filled").expect("write");
         izo_sync(&mnt);
         std::fs::write(mnt.join("small"), b"a small file").expect("write");
@@ -52,13 +54,9 @@ async fn a_full_cache_disk_is_enospc_rm_frees_it_and_the_stream_resumes() {
         // another replica changes the volume meanwhile
         std::fs::write(b.mnt.join("from-b"), vec![1u8; 64 << 10]).expect("write on B");
         izo_sync(&b.mnt);
-        // a delete through the mount works on the full disk
-        let t = Instant::now();
-        std::fs::remove_file(mnt.join("small")).expect("rm on a full cache");
-        std::fs::remove_file(mnt.join("big")).expect("rm on a full cache");
-        assert!(t.elapsed() < Duration::from_secs(2));
         // (the log is folded into the database every second: a fold meets
         // the full disk too)
+        // changes until even the log has no room: ENOSPC
         let mut refused = None;
         for i in 0..3000 {
             if let Err(e) = std::fs::write(mnt.join(format!("while-full-{i}")), b"") {
@@ -70,6 +68,7 @@ async fn a_full_cache_disk_is_enospc_rm_frees_it_and_the_stream_resumes() {
         if let Some((_, e)) = &refused {
             assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "a change the cache has no room for is ENOSPC: {e}");
         }
+        let made = refused.as_ref().map(|(i, _)| *i).expect("the disk never filled");
         std::thread::sleep(Duration::from_millis(2200));
         // what waits, and why, is said
         let status = izo_out(&["status".as_ref(), mnt.as_os_str()]);
@@ -81,6 +80,11 @@ async fn a_full_cache_disk_is_enospc_rm_frees_it_and_the_stream_resumes() {
             .expect("izo sync");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("cache disk full"), "izo sync on a full cache: {err}");
+        // a delete through the mount works on the full disk (the reserve is for it)
+        let t = Instant::now();
+        std::fs::remove_file(mnt.join("small")).expect("rm on a full cache");
+        std::fs::remove_file(mnt.join("big")).expect("rm on a full cache");
+        assert!(t.elapsed() < Duration::from_secs(2));
         // space is freed: everything resumes by itself
         std::fs::remove_file(&filler).expect("free the disk");
         // the stream resumes by itself, writes work again and are durable
@@ -93,12 +97,17 @@ async fn a_full_cache_disk_is_enospc_rm_frees_it_and_the_stream_resumes() {
         std::thread::sleep(Duration::from_millis(1500));
         let status = izo_out(&["status".as_ref(), mnt.as_os_str()]);
         assert!(!status.contains("cache problem"), "after space was freed: {status}");
+        eventually(|| assert!(reserve.exists(), "the reserve is taken again once there is room"));
         a.kill();
         let a = MountProc::start_at(&addr, &fp, &tok, &mnt, &cache);
         converge(&[&ex, &a.mnt, &b.mnt], "after the disk filled and was freed");
         assert_eq!(std::fs::read(ex.join("before")).expect("before"), b"acked before the disk filled");
         assert_eq!(std::fs::read(ex.join("after")).expect("after"), b"written after space was freed");
         assert!(!ex.join("big").exists());
+        for i in 0..made {
+            assert!(ex.join(format!("while-full-{i}")).exists(), "while-full-{i} was acked: never lost");
+        }
+        assert!(!ex.join(format!("while-full-{made}")).exists(), "the refused create never happened");
     })
     .await
     .expect("full cache test");
