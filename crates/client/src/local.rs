@@ -702,13 +702,22 @@ impl Replica {
         let mut sealed = Instant::now();
         let mut folded = Instant::now();
         let mut connections = self.client.wire_counters().2;
+        {
+            let tracked = self.client.welcome().is_some_and(|w| w.version >= izo_proto::APPEND_VERSION);
+            self.engine().set_releases_tracked(tracked);
+        }
         loop {
             // a new connection since the last look: what went unanswered
             // goes first, in order (before anything after it is sent there)
             let now_connections = self.client.wire_counters().2;
             if now_connections != connections {
                 connections = now_connections;
-                self.engine().reconnected();
+                let tracked = self.client.welcome().is_some_and(|w| w.version >= izo_proto::APPEND_VERSION);
+                {
+                    let mut e = self.engine();
+                    e.reconnected();
+                    e.set_releases_tracked(tracked);
+                }
                 if let Err(e) = self.learn_rules().await {
                     tracing::debug!("asking the server for the volume's rules: {e}");
                 }

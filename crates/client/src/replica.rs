@@ -400,6 +400,27 @@ impl Replica {
         Ok(())
     }
 
+    /// A mount that came up offline meets the server: changes of this
+    /// replica the server has and this cache lost are taken as someone
+    /// else's, and changes made offline under lsns the server already used
+    /// move above them (see [`Engine::first_contact`]).
+    pub(crate) fn first_contact(&self) -> R<()> {
+        let Some(w) = self.client.welcome() else { return Ok(()) };
+        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = self.engine();
+        let edits = e.first_contact(w.last_applied);
+        if !edits.is_empty() {
+            tracing::warn!(
+                "the server applied changes of this replica through {} that this cache does not hold (a power \
+                 loss, or a cache restored from a backup): they come back from the server; changes made offline \
+                 since are sent after them",
+                w.last_applied
+            );
+            self.cache.local(&edits)?;
+        }
+        Ok(())
+    }
+
     /// Fill an empty cache from a snapshot (nothing to do if it already
     /// follows the stream).
     pub async fn initial_sync(&self, mut progress: impl FnMut(&Progress)) -> R<()> {

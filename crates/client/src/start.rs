@@ -300,7 +300,7 @@ async fn first_connection(replica: &Replica) {
     let mut pause = Duration::from_millis(100);
     while !replica.checked.load(Ordering::Acquire) {
         if replica.client.is_connected() {
-            let checked = match replica.check_incarnation() {
+            let checked = match replica.check_incarnation().and_then(|()| replica.first_contact()) {
                 Ok(()) => replica.initial_sync(|_| {}).await,
                 Err(e) => Err(e),
             };

@@ -77,11 +77,20 @@ impl Batch<'_> {
         Ok(v)
     }
 
-    /// Cache the reply to (`replica`, `cseq`) and advance its progress.
+    /// Cache the reply to (`replica`, `cseq`) and advance its progress
+    /// (never back: a change recorded late, below the last, keeps it).
     pub fn put_reply(&mut self, replica: ReplicaId, cseq: u64, reply: &[u8]) -> Result<(), StoreError> {
         self.tx.open_table(REPLIES).map_err(db)?.insert(rkey(replica, cseq).as_slice(), reply).map_err(db)?;
-        self.tx.open_table(REPLICAS).map_err(db)?.insert(replica.0.to_be_bytes().as_slice(), cseq).map_err(db)?;
+        let last = self.replica_last(replica)?.max(cseq);
+        self.tx.open_table(REPLICAS).map_err(db)?.insert(replica.0.to_be_bytes().as_slice(), last).map_err(db)?;
         Ok(())
+    }
+
+    /// The client seq through which cached replies of `replica` were dropped.
+    pub fn replies_released(&self, replica: ReplicaId) -> Result<u64, StoreError> {
+        let t = self.tx.open_table(RELEASED).map_err(db)?;
+        let v = t.get(replica.0.to_be_bytes().as_slice()).map_err(db)?.map(|v| v.value());
+        Ok(v.unwrap_or(0))
     }
 
     /// Drop cached replies of `replica` through `cseq` (the client holds them durably).
@@ -90,6 +99,8 @@ impl Batch<'_> {
         let lo = rkey(replica, 0);
         let hi = rkey(replica, through.saturating_add(1));
         t.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false).map_err(db)?;
+        let mark = self.replies_released(replica)?.max(through);
+        self.tx.open_table(RELEASED).map_err(db)?.insert(replica.0.to_be_bytes().as_slice(), mark).map_err(db)?;
         Ok(())
     }
 

@@ -94,8 +94,6 @@ pub enum Intake {
 #[must_use = "an executed op's reply must be remembered"]
 pub struct Ticket {
     request: Request,
-    /// The replica's last recorded client seq when the op arrived.
-    last: u64,
 }
 
 /// The reply cache's part of one batch.
@@ -120,11 +118,17 @@ impl ReplyCache {
     pub fn intake(&mut self, b: &Batch<'_>, r: Request, fences: &mut Fences) -> Result<Intake, StoreError> {
         let last = b.replica_last(r.replica)?;
         if r.cseq <= last && self.enabled {
-            let frame = match b.cached_reply(r.replica, r.cseq)? {
-                Some(f) => f,
-                None => reply_frame(r.cseq, Err(OpError::ReplyExpired(r.cseq))),
-            };
-            return Ok(Intake::Answer(frame));
+            match b.cached_reply(r.replica, r.cseq)? {
+                Some(f) => return Ok(Intake::Answer(f)),
+                // recorded, and released by the client since
+                None if r.cseq <= b.replies_released(r.replica)? => {
+                    return Ok(Intake::Answer(reply_frame(r.cseq, Err(OpError::ReplyExpired(r.cseq)))));
+                }
+                // never recorded (its batch failed before the commit, or it
+                // never arrived, and a later change went first on another
+                // connection): executed now, once
+                None => {}
+            }
         }
         match fences.of(r.replica, r.conn) {
             Some(first) if r.cseq > first => return Ok(Intake::Answer(fenced(r.cseq, first))),
@@ -134,7 +138,7 @@ impl ReplyCache {
                 fences.lowest.remove(&r.replica);
             }
         }
-        Ok(Intake::Execute(Ticket { request: r, last }))
+        Ok(Intake::Execute(Ticket { request: r }))
     }
 
     /// Keep the reply `frame` of an executed op with its record (a client
@@ -144,9 +148,8 @@ impl ReplyCache {
     /// answered the same, and the client queues it again as a new change.)
     pub fn remember(&mut self, b: &mut Batch<'_>, t: Ticket, frame: &[u8]) -> Result<(), StoreError> {
         let r = t.request;
-        if r.cseq > t.last {
-            b.put_reply(r.replica, r.cseq, frame)?;
-        }
+        // (every executed change: one recorded late, below the last, too)
+        b.put_reply(r.replica, r.cseq, frame)?;
         if r.acked_through > 0 {
             // never the reply just recorded, whatever the client claims
             let upto = r.acked_through.min(r.cseq.saturating_sub(1));
@@ -251,5 +254,25 @@ mod tests {
         let again = batch(&s, false, r, &[(1, 0, mkdir("a"))]);
         assert!(matches!(again[0], Err(OpError::Conflict { .. })), "executed again: {again:?}");
         assert_eq!(s.replica_last(r).expect("last"), 1);
+    }
+
+    #[test]
+    fn a_change_never_recorded_below_the_last_is_executed_once_and_a_released_one_is_expired() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(&dir);
+        let r = ReplicaId(4);
+        // 2 never arrived (its connection broke); 3 went first on a new one
+        batch(&s, true, r, &[(1, 0, mkdir("a")), (3, 0, mkdir("c"))]);
+        let late = batch(&s, true, r, &[(2, 0, mkdir("b"))]);
+        assert!(late[0].is_ok(), "never recorded: executed, not called expired: {late:?}");
+        assert_eq!(s.replica_last(r).expect("last"), 3, "the last stays");
+        assert_eq!(batch(&s, true, r, &[(2, 0, mkdir("b"))]), late, "and recorded: a resend gets its reply");
+        // the client releases through 3: a resend then is expired, never run again
+        batch(&s, true, r, &[(4, 3, mkdir("d"))]);
+        for cseq in [1, 2, 3] {
+            let again = batch(&s, true, r, &[(cseq, 0, mkdir("x"))]);
+            assert_eq!(again, vec![Err(OpError::ReplyExpired(cseq))]);
+        }
+        assert_eq!(s.head(), 4, "nothing applied twice");
     }
 }

@@ -98,6 +98,17 @@ impl Store {
             tx.open_table(LINKS).map_err(db)?;
             crate::retention::upgrade_cost(&mut meta, &tx.open_table(RECORDS).map_err(db)?)?;
             tx.open_table(REPLICAS).map_err(db)?;
+            // (a store from before the released marks: every reply below a
+            // replica's last may have been dropped, as that build assumed)
+            if meta.get("released_tracked").map_err(db)?.is_none() {
+                let replicas = tx.open_table(REPLICAS).map_err(db)?;
+                let mut released = tx.open_table(RELEASED).map_err(db)?;
+                for row in replicas.iter().map_err(db)? {
+                    let (k, v) = row.map_err(db)?;
+                    released.insert(k.value(), v.value()).map_err(db)?;
+                }
+                meta.insert("released_tracked", [1u8].as_slice()).map_err(db)?;
+            }
             let inc =
                 meta.get("incarnation").map_err(db)?.and_then(|v| v.value().try_into().ok().map(u128::from_be_bytes));
             let inc = match inc {

@@ -34,6 +34,11 @@ pub const REPLICAS: TableDefinition<&[u8], u64> = TableDefinition::new("replicas
 pub const OWNERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_owners");
 /// Replica id ‖ client seq → encoded reply.
 pub const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
+/// Replica id (16 bytes BE) → the client seq through which its cached
+/// replies were dropped (the client holds them durably): a resend at or
+/// below it is answered "expired"; one above it, below the replica's last
+/// recorded seq and without a cached reply was never recorded.
+pub const RELEASED: TableDefinition<&[u8], u64> = TableDefinition::new("replies_released");
 
 /// Format byte of rows before object rows carried `rdev` (object rows of
 /// this format are upgraded on read; see [`Row`]).

@@ -26,7 +26,9 @@ pub const PROTOCOL_VERSION: u16 = 6;
 /// `Welcome` (device numbers), so version 5 is the oldest spoken. Version
 /// 6 only adds: `Op::Append`, `Query::Rules` and `QueryReply::Rules`, which
 /// a client sends only on a connection that settled on 6 or later (see
-/// [`APPEND_VERSION`]); everything else is encoded as in 5.
+/// [`APPEND_VERSION`]); everything else is encoded as in 5. A server of 6
+/// also answers `ReplyExpired` only for a change it recorded and the
+/// replica released (one it never recorded it executes when it comes).
 pub const MIN_PROTOCOL_VERSION: u16 = 5;
 
 /// First protocol version with `Op::Append` and `Query::Rules`.

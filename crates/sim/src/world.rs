@@ -189,6 +189,11 @@ pub struct Breaks {
     pub cancel_sent: bool,
     /// The replica lets the server forget replies it has not folded yet.
     pub ack_unfolded: bool,
+    /// The engines speak as to a server before protocol 6: a change above
+    /// what the replica released that the server calls expired is taken
+    /// as never recorded and queued again (today's server executes such a
+    /// change instead, so "expired" means recorded).
+    pub untracked_releases: bool,
 }
 
 /// Messages from the server to a replica.
@@ -487,6 +492,8 @@ impl World {
             let parked_next = cache.parked().map_err(err)?.last().map(|(l, _)| l + 1).unwrap_or(0);
             let seq = cache.seq().map_err(err)?;
             let mut e = Engine::new(seq, Options { break_never_cancel_sent: self.breaks.cancel_sent });
+            // (the simulated server is today's: "expired" means recorded)
+            e.set_releases_tracked(!self.breaks.untracked_releases);
             let floor = p.next_cseq.max(parked_next);
             let logged = cache.logged_lsn(floor).map_err(err)?;
             let edits = e.recover(&cache, entries, dirty, touched, floor, logged);

@@ -233,6 +233,15 @@ pub struct Engine {
     /// its replies: a change above it the server calls expired was never
     /// recorded there.
     reported: u64,
+    /// The server answers "expired" only for a change it recorded and this
+    /// replica released (protocol 6 on: one it never recorded it executes
+    /// then), so "expired" always means applied. Before, a change above
+    /// what this replica released that the server called expired was one
+    /// it never recorded (see [`Engine::answered`]).
+    releases_tracked: bool,
+    /// At the start: the highest lsn logged before it, and the first lsn
+    /// this run hands out (see [`Engine::first_contact`]).
+    start: (u64, u64),
     opts: Options,
 }
 
@@ -244,6 +253,8 @@ impl Engine {
             waiting: HashSet::new(),
             applied,
             logged: Logged::default(),
+            start: (0, 1),
+            releases_tracked: false,
             reported: 0,
             opts,
         }
@@ -266,9 +277,12 @@ impl Engine {
         floor: u64,
         logged: Logged,
     ) -> Vec<Edit> {
-        self.logged = logged;
+        // (never an lsn this cache logged before, answered or not: a start
+        // without the server does not know how far the server is)
         let last = entries.last().map(|(l, _)| l + 1).unwrap_or(0);
-        self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(1);
+        self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(logged.through + 1).max(1);
+        self.start = (logged.through, self.c.next_lsn);
+        self.logged = logged;
         for (lsn, e) in entries {
             self.c.hold(lsn, objs(&e.op));
             self.c.q.insert(lsn, (e, true));
@@ -284,6 +298,46 @@ impl Engine {
         if let Some(m) = lsns.iter().max() {
             edits.push(Edit::Meta(LOGGED.into(), *m));
         }
+        edits
+    }
+
+    /// The first answer of a server to a replica that started without it
+    /// (a mount from its cache, offline): the server applied changes of
+    /// this replica through `server_applied`. Beyond what this cache had
+    /// logged, those are changes it lost (a power loss, a cache restored
+    /// from a backup): their records land as someone else's (a gap), and
+    /// the entries made since the start, never sent, whose lsns the server
+    /// already used, move above them in order (sent under a used lsn, the
+    /// server's reply cache would answer another change's reply: silent
+    /// loss). Edits to log.
+    pub fn first_contact(&mut self, server_applied: u64) -> Vec<Edit> {
+        let (through, run_floor) = self.start;
+        let mut edits = Vec::new();
+        if server_applied <= through {
+            return edits;
+        }
+        self.logged.gaps.push((through + 1, server_applied));
+        edits.push(Edit::Meta(format!("{GAP}{:020}", through + 1), server_applied));
+        if server_applied < run_floor {
+            return edits;
+        }
+        let shift = server_applied + 1 - run_floor;
+        let moved = self.c.q.split_off(&run_floor);
+        for (lsn, (e, sent)) in moved.into_iter().rev() {
+            let new = lsn + shift;
+            if let Some(objs) = self.c.objs_of.remove(&lsn) {
+                self.c.objs_of.insert(new, objs);
+            }
+            if self.waiting.remove(&lsn) {
+                self.waiting.insert(new);
+            }
+            edits.push(Edit::CmlDone(lsn));
+            edits.push(Edit::Cml(new, e.clone()));
+            self.c.q.insert(new, (e, sent));
+        }
+        self.c.next_lsn += shift;
+        self.start.1 += shift;
+        edits.push(Edit::Meta(LOGGED.into(), self.c.next_lsn - 1));
         edits
     }
 
@@ -350,6 +404,12 @@ impl Engine {
     /// No entry below `upto` is queued.
     pub fn answered_before(&self, upto: u64) -> bool {
         self.c.q.range(..upto).next().is_none()
+    }
+
+    /// Whether the server the changes go to tracks what this replica
+    /// released (protocol 6 on; see the field).
+    pub fn set_releases_tracked(&mut self, tracked: bool) {
+        self.releases_tracked = tracked;
     }
 
     /// The server may forget replies through `mark` (reported after a fold).
@@ -689,7 +749,7 @@ impl Engine {
                 }
                 self.c.done.push(lsn);
             }
-            Err(OpError::ReplyExpired(_)) if lsn > self.reported => {
+            Err(OpError::ReplyExpired(_)) if lsn > self.reported && !self.releases_tracked => {
                 // This replica never let the server forget that reply: the
                 // server never recorded the change (a power loss here took
                 // its cancellation, and a later change went first). It is

@@ -641,6 +641,44 @@ fn a_create_the_server_made_first_lands_once() {
 }
 
 #[test]
+fn an_offline_start_never_reuses_an_lsn_and_moves_its_changes_above_those_the_server_used() {
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    // a start without the server: the cache logged through 10, all answered
+    let _ = e.recover(&m, vec![], Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
+    assert_eq!(e.next_lsn(), 11, "never an lsn this cache logged before");
+    let ids: Vec<ObjectId> = ["a", "b", "c"].iter().map(|n| file(&mut m, &mut e, n)).collect();
+    let lsns = |e: &Engine| e.entries().iter().map(|(l, _, _)| *l).collect::<Vec<_>>();
+    assert_eq!(lsns(&e), [11, 12, 13]);
+    // the server applied 11 and 12 of this replica already (a power loss
+    // or a restored backup took them from this cache)
+    let edits = e.first_contact(12);
+    assert_eq!(lsns(&e), [13, 14, 15], "moved above, in order");
+    let made: Vec<ObjectId> = e.entries().iter().filter_map(|(_, x, _)| x.op.new_object()).collect();
+    assert_eq!(made, ids);
+    assert!(edits.iter().any(|x| matches!(x, Edit::Meta(k, 15) if k == LOGGED)));
+    assert!(
+        edits.iter().any(|x| matches!(x, Edit::Cml(13, _))) && edits.iter().any(|x| matches!(x, Edit::CmlDone(11)))
+    );
+    let rec = |cseq| Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(5), cseq),
+        op: Op::SetAttr { id: ids[0], base: 0, attrs: SetAttrs::default() },
+        attr: None,
+        dirs: vec![],
+        elided: 0,
+    };
+    assert_eq!(e.own(&rec(11), ReplicaId(5)), None, "the server's 11 is not this cache's change");
+    assert_eq!(e.own(&rec(13), ReplicaId(5)), Some(13));
+    assert_eq!(e.own(&rec(9), ReplicaId(5)), Some(9), "logged before the start");
+    assert!(e.first_contact(12).iter().all(|x| !matches!(x, Edit::Cml(..))), "moved once");
+    // a server behind what this cache logged changes nothing
+    let mut e = Engine::new(0, Options::default());
+    let _ = e.recover(&m, vec![], Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
+    assert!(e.first_contact(7).is_empty());
+}
+
+#[test]
 fn the_engine_names_no_io_clock_or_lock() {
     let sources = [
         ("mod.rs", include_str!("mod.rs")),
