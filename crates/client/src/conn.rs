@@ -84,7 +84,7 @@ pub(crate) async fn establish(inner: &Arc<Inner>) -> Result<Live, ClientError> {
         version,
         volume: cfg.volume.clone(),
         token: cfg.token.clone(),
-        replica: cfg.replica,
+        replica: *lock(&inner.replica),
         last_acked: claim,
         users: cfg.users.clone(),
         groups: cfg.groups.clone(),
@@ -209,10 +209,13 @@ async fn read_loop(inner: &Arc<Inner>, mut rd: ReadHalf<Tls>) -> Result<(), Clie
         if inner.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let msg = match tokio::time::timeout(inner.cfg.silence, read_msg(&mut rd, inner)).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return Err(ClientError::Protocol(e)),
-            Err(_) => return Err(ClientError::Protocol("server silent".into())),
+        let msg = tokio::select! {
+            m = tokio::time::timeout(inner.cfg.silence, read_msg(&mut rd, inner)) => match m {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => return Err(ClientError::Protocol(e)),
+                Err(_) => return Err(ClientError::Protocol("server silent".into())),
+            },
+            _ = inner.kick.notified() => return Err(ClientError::Protocol("the replica id changed".into())),
         };
         match msg {
             ServerMsg::Reply { cseq, result } => {

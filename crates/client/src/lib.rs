@@ -204,6 +204,11 @@ pub(crate) struct Inner {
     pub closed: AtomicBool,
     /// When the connection last came up or went down.
     pub link: Mutex<LinkLog>,
+    /// The replica this client speaks as (changed only by
+    /// [`Client::become_replica`]).
+    pub replica: Mutex<ReplicaId>,
+    /// Drops the current connection (a new one follows).
+    pub kick: tokio::sync::Notify,
 }
 
 /// The connection's ups and downs (see [`Client::link`]).
@@ -304,6 +309,7 @@ impl Client {
     }
 
     fn inner(cfg: ClientConfig) -> Arc<Inner> {
+        let replica = cfg.replica;
         Arc::new(Inner {
             state: Mutex::new(State {
                 conn: None,
@@ -326,6 +332,8 @@ impl Client {
             bytes_out: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            replica: Mutex::new(replica),
+            kick: tokio::sync::Notify::new(),
             link: Mutex::new(LinkLog {
                 up: false,
                 since: std::time::Instant::now(),
@@ -382,7 +390,22 @@ impl Client {
 
     /// This replica's id.
     pub fn replica(&self) -> ReplicaId {
-        self.inner.cfg.replica
+        *lock(&self.inner.replica)
+    }
+
+    /// Speak as another replica from the next connection on (a cache
+    /// restored from an earlier copy continues under a fresh id): what was
+    /// answered under the old one counts for nothing there, and the current
+    /// connection is dropped. Changes still unanswered must be settled by
+    /// the caller first.
+    pub fn become_replica(&self, id: ReplicaId) {
+        *lock(&self.inner.replica) = id;
+        {
+            let mut st = lock(&self.inner.state);
+            st.recorded_through = 0;
+            st.answered_through = st.next_cseq.saturating_sub(1);
+        }
+        self.inner.kick.notify_one();
     }
 
     /// Bytes sent and received on the wire (frames), and reconnects made.

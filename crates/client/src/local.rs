@@ -86,6 +86,12 @@ impl Replica {
         // is never reused)
         let parked_next = self.cache.parked()?.last().map(|(l, _)| l + 1).unwrap_or(0);
         let floor = self.client.next_cseq().max(parked_next);
+        // (a cache from before lsns were tracked cannot tell: never a gap)
+        let before = match self.cache.meta(crate::engine::TRACKED)? {
+            1 => self.cache.meta(crate::engine::LOGGED)?,
+            _ => u64::MAX,
+        };
+        self.logged_before.store(before, std::sync::atomic::Ordering::Release);
         let logged = self.cache.logged_lsn(floor)?;
         let edits = e.recover(&self.cache, entries, dirty, touched, floor, logged);
         if self.cache.meta(crate::engine::RESYNC)? == 1 {
@@ -845,6 +851,42 @@ impl Replica {
             .collect();
         self.cache.local(&edits)?;
         Ok(n)
+    }
+
+    /// At the first connection, before anything is sent: has the server
+    /// applied changes of this replica that this cache never logged (a
+    /// power loss took them, or the cache was restored from an earlier
+    /// copy)? Then the changes the server applied leave the queue, and the
+    /// replica continues under a fresh id (see [`Engine::after_gap`]).
+    /// Returns whether it did.
+    pub(crate) fn check_gap(&self) -> R<bool> {
+        let Some(w) = self.client.welcome() else { return Ok(false) };
+        let held = self.logged_before.load(std::sync::atomic::Ordering::Acquire);
+        if w.last_applied <= held {
+            return Ok(false);
+        }
+        let fresh = ReplicaId::random();
+        {
+            let _g = lock(&self.apply);
+            let mut e = self.engine();
+            if let Some(l) = e.seal_all(&self.cache, self.now())? {
+                self.log_local(&mut e, l)?;
+            }
+            let edits = e.after_gap(held, w.last_applied);
+            drop(e);
+            self.cache.local(&edits)?;
+            self.cache.fold()?;
+        }
+        // (the new id first in the cache: a restart speaks as it)
+        self.cache.set_meta128("replica", fresh.0)?;
+        tracing::warn!(
+            "the server applied changes of this replica through {} that this cache holds only through {held} (a \
+             power loss, or a cache restored from an earlier copy): those come back from the server, and this \
+             replica continues as {fresh:?}, its queued changes checked against the server's state",
+            w.last_applied
+        );
+        self.client.become_replica(fresh);
+        Ok(true)
     }
 
     /// The server answered entry `lsn` (`Ok(None)`: nothing was left to send).

@@ -200,6 +200,9 @@ pub struct Replica {
     /// Why the record stream cannot be applied now (shown by `izo status`).
     /// (whether for want of space, and what is wrong)
     pub(crate) stream_problem: Mutex<Option<(bool, String)>>,
+    /// The highest lsn this cache had logged when it started (before what
+    /// the server told of it: see [`Replica::check_gap`]).
+    pub(crate) logged_before: std::sync::atomic::AtomicU64,
     /// The reserve on the cache's disk is held (see [`Cache::reserve`]).
     pub(crate) reserve_held: std::sync::atomic::AtomicBool,
     /// Why the last fold of the log into the database failed, if it did.
@@ -286,6 +289,7 @@ impl Replica {
             stream_problem: Mutex::new(None),
             fold_problem: Mutex::new(None),
             reserve_held: Default::default(),
+            logged_before: Default::default(),
             checked: Default::default(),
         });
         *r.rules.lock().unwrap_or_else(|p| p.into_inner()) = r.cache_rules()?;
@@ -397,27 +401,6 @@ impl Replica {
             None => self.cache.set_meta128("incarnation", w.incarnation)?,
         }
         self.cache.set_meta128("replica", self.client.replica().0)?;
-        Ok(())
-    }
-
-    /// A mount that came up offline meets the server: changes of this
-    /// replica the server has and this cache lost are taken as someone
-    /// else's, and changes made offline under lsns the server already used
-    /// move above them (see [`Engine::first_contact`]).
-    pub(crate) fn first_contact(&self) -> R<()> {
-        let Some(w) = self.client.welcome() else { return Ok(()) };
-        let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
-        let mut e = self.engine();
-        let edits = e.first_contact(w.last_applied);
-        if !edits.is_empty() {
-            tracing::warn!(
-                "the server applied changes of this replica through {} that this cache does not hold (a power \
-                 loss, or a cache restored from a backup): they come back from the server; changes made offline \
-                 since are sent after them",
-                w.last_applied
-            );
-            self.cache.local(&edits)?;
-        }
         Ok(())
     }
 

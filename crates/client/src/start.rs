@@ -279,6 +279,7 @@ pub async fn start(opts: StartOpts, mut progress: impl FnMut(&Progress)) -> Resu
         return Ok(Started { replica });
     }
     replica.check_incarnation().map_err(StartError::Incarnation)?;
+    replica.check_gap().map_err(StartError::Incarnation)?;
     replica.initial_sync(|p| progress(&Progress::Replicating(p))).await.map_err(StartError::InitialSync)?;
     replica.checked.store(true, std::sync::atomic::Ordering::Release);
     if let Err(e) = replica.learn_rules().await {
@@ -300,7 +301,8 @@ async fn first_connection(replica: &Replica) {
     let mut pause = Duration::from_millis(100);
     while !replica.checked.load(Ordering::Acquire) {
         if replica.client.is_connected() {
-            let checked = match replica.check_incarnation().and_then(|()| replica.first_contact()) {
+            let checked = replica.check_incarnation().and_then(|()| replica.check_gap().map(drop));
+            let checked = match checked {
                 Ok(()) => replica.initial_sync(|_| {}).await,
                 Err(e) => Err(e),
             };

@@ -287,3 +287,84 @@ async fn sync_and_status_tell_an_unreachable_server_and_the_socket_answers_once_
     .expect("sync test");
     drop(dirs);
 }
+
+/// A cache restored from a copy taken earlier (a backup, a VM snapshot):
+/// the server has applied changes of this replica the copy never saw.
+/// Found at the first connection, before anything is sent: nothing is
+/// applied twice (a change queued in the copy and applied since is not
+/// applied again), nothing made after the copy is lost or overwritten (an
+/// append made on the restored cache lands after the newer ones), and the
+/// replica continues under a fresh id and agrees with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_restored_from_a_copy_applies_nothing_twice_and_loses_nothing() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let mut p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let ex = dirs.export.clone();
+    let dirs = tokio::task::spawn_blocking(move || {
+        let mut a = MountProc::start(&addr, &fp, &tok);
+        let (ma, cache) = (a.mnt.clone(), a.cache.clone());
+        std::fs::write(ma.join("log"), b"L0\n").expect("log");
+        izo_sync(&ma);
+        // offline: an append waits in the queue when the copy is taken
+        p.sigterm();
+        std::thread::sleep(Duration::from_millis(300));
+        append(&ma.join("log"), "L1\n");
+        std::fs::write(ma.join("queued"), b"queued at the copy").expect("write");
+        a.stop();
+        let copy = cache.with_extension("copy");
+        let cp = |from: &Path, to: &Path| {
+            let _ = std::fs::remove_dir_all(to);
+            let ok = Command::new("cp").arg("-a").arg(from).arg(to).status().expect("cp").success();
+            assert!(ok, "cp -a {} {}", from.display(), to.display());
+        };
+        cp(&cache, &copy);
+        // the server returns: the queue goes, and more is done after the copy
+        let p = Proc::start(&dirs, &addr, &[]);
+        let a = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        izo_sync(&ma);
+        append(&ma.join("log"), "L2\n");
+        for i in 0..5 {
+            std::fs::write(ma.join(format!("after-copy-{i}")), format!("made after the copy {i}")).expect("write");
+        }
+        izo_sync(&ma);
+        drop(a);
+        // the copy comes back, and the server is away again: changes made
+        // on the restored cache offline
+        drop(p);
+        cp(&copy, &cache);
+        let a = MountProc::start_at(&addr, &fp, &tok, &ma, &cache);
+        append(&ma.join("log"), "L3\n");
+        std::fs::write(ma.join("on-the-restored-cache"), b"made offline after the restore").expect("write");
+        let p = Proc::start(&dirs, &addr, &[]);
+        let t = Instant::now();
+        while !Command::new(izo_bin()).arg("sync").arg(&ma).output().expect("izo sync").status.success() {
+            assert!(t.elapsed() < Duration::from_secs(30), "never synced");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        izo_sync(&ma);
+        converge(&[&ex, &ma], "after the restored cache met the server");
+        let log = std::fs::read_to_string(ex.join("log")).expect("log");
+        assert_eq!(log, "L0\nL1\nL2\nL3\n", "L1 once, L2 not overwritten, L3 after it");
+        assert_eq!(std::fs::read(ex.join("queued")).expect("queued"), b"queued at the copy");
+        for i in 0..5 {
+            assert_eq!(
+                std::fs::read_to_string(ex.join(format!("after-copy-{i}"))).expect("after the copy"),
+                format!("made after the copy {i}")
+            );
+        }
+        assert_eq!(
+            std::fs::read(ex.join("on-the-restored-cache")).expect("offline after the restore"),
+            b"made offline after the restore"
+        );
+        let status = izo_out(&["status".as_ref(), ma.as_os_str()]);
+        assert!(status.contains("0 refused"), "nothing refused: {status}");
+        drop((a, p));
+        dirs
+    })
+    .await
+    .expect("restore test");
+    drop(dirs);
+}

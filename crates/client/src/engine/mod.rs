@@ -239,9 +239,6 @@ pub struct Engine {
     /// what this replica released that the server called expired was one
     /// it never recorded (see [`Engine::answered`]).
     releases_tracked: bool,
-    /// At the start: the highest lsn logged before it, and the first lsn
-    /// this run hands out (see [`Engine::first_contact`]).
-    start: (u64, u64),
     opts: Options,
 }
 
@@ -253,7 +250,6 @@ impl Engine {
             waiting: HashSet::new(),
             applied,
             logged: Logged::default(),
-            start: (0, 1),
             releases_tracked: false,
             reported: 0,
             opts,
@@ -281,7 +277,6 @@ impl Engine {
         // without the server does not know how far the server is)
         let last = entries.last().map(|(l, _)| l + 1).unwrap_or(0);
         self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(logged.through + 1).max(1);
-        self.start = (logged.through, self.c.next_lsn);
         self.logged = logged;
         for (lsn, e) in entries {
             self.c.hold(lsn, objs(&e.op));
@@ -301,43 +296,32 @@ impl Engine {
         edits
     }
 
-    /// The first answer of a server to a replica that started without it
-    /// (a mount from its cache, offline): the server applied changes of
-    /// this replica through `server_applied`. Beyond what this cache had
-    /// logged, those are changes it lost (a power loss, a cache restored
-    /// from a backup): their records land as someone else's (a gap), and
-    /// the entries made since the start, never sent, whose lsns the server
-    /// already used, move above them in order (sent under a used lsn, the
-    /// server's reply cache would answer another change's reply: silent
-    /// loss). Edits to log.
-    pub fn first_contact(&mut self, server_applied: u64) -> Vec<Edit> {
-        let (through, run_floor) = self.start;
+    /// The server applied changes of this replica through `server_applied`,
+    /// past `held` (the highest lsn this cache had logged when it started):
+    /// changes a power loss took from this cache, or that an earlier copy
+    /// of it (a restored backup) never saw. The replica continues under a
+    /// fresh id (the shell's part): under the old one, the server would take
+    /// its next changes for the same run of writes as those it lost, and
+    /// apply them over the newer state without a conflict; under the new one
+    /// each is checked against its base. Queued entries the server applied
+    /// already (logged here before the start, through `server_applied`) go:
+    /// sent under the new id they would be applied twice. The others stay,
+    /// in order, to be sent under the new id; the records of the old id
+    /// land as someone else's. Edits to log.
+    pub fn after_gap(&mut self, held: u64, server_applied: u64) -> Vec<Edit> {
         let mut edits = Vec::new();
-        if server_applied <= through {
-            return edits;
-        }
-        self.logged.gaps.push((through + 1, server_applied));
-        edits.push(Edit::Meta(format!("{GAP}{:020}", through + 1), server_applied));
-        if server_applied < run_floor {
-            return edits;
-        }
-        let shift = server_applied + 1 - run_floor;
-        let moved = self.c.q.split_off(&run_floor);
-        for (lsn, (e, sent)) in moved.into_iter().rev() {
-            let new = lsn + shift;
-            if let Some(objs) = self.c.objs_of.remove(&lsn) {
-                self.c.objs_of.insert(new, objs);
-            }
-            if self.waiting.remove(&lsn) {
-                self.waiting.insert(new);
-            }
+        let applied: Vec<u64> = self.c.q.range(..=held.min(server_applied)).map(|(l, _)| *l).collect();
+        for lsn in applied {
+            self.c.q.remove(&lsn);
+            self.c.release(lsn);
+            self.waiting.remove(&lsn);
             edits.push(Edit::CmlDone(lsn));
-            edits.push(Edit::Cml(new, e.clone()));
-            self.c.q.insert(new, (e, sent));
         }
-        self.c.next_lsn += shift;
-        self.start.1 += shift;
-        edits.push(Edit::Meta(LOGGED.into(), self.c.next_lsn - 1));
+        // (what stays was never sent under the new id)
+        for (_, sent) in self.c.q.values_mut() {
+            *sent = false;
+        }
+        self.c.cursor = 0;
         edits
     }
 

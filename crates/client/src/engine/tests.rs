@@ -641,41 +641,47 @@ fn a_create_the_server_made_first_lands_once() {
 }
 
 #[test]
-fn an_offline_start_never_reuses_an_lsn_and_moves_its_changes_above_those_the_server_used() {
+fn an_offline_start_never_reuses_an_lsn_and_after_a_gap_drops_only_what_the_server_applied() {
     let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
-    // a start without the server: the cache logged through 10, all answered
-    let _ = e.recover(&m, vec![], Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
+    // a start without the server: the cache logged through 10; 9 and 10
+    // are still queued (sent before the start)
+    let entry = |n: &str| CmlEntry {
+        op: Op::Create {
+            parent: ObjectId::ROOT,
+            name: n.as_bytes().to_vec(),
+            id: ObjectId::new(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        },
+        len: 0,
+        time: None,
+    };
+    let queued = vec![(9, entry("nine")), (10, entry("ten"))];
+    let _ = e.recover(&m, queued, Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
     assert_eq!(e.next_lsn(), 11, "never an lsn this cache logged before");
-    let ids: Vec<ObjectId> = ["a", "b", "c"].iter().map(|n| file(&mut m, &mut e, n)).collect();
+    let ids: Vec<ObjectId> = ["a", "b"].iter().map(|n| file(&mut m, &mut e, n)).collect();
     let lsns = |e: &Engine| e.entries().iter().map(|(l, _, _)| *l).collect::<Vec<_>>();
-    assert_eq!(lsns(&e), [11, 12, 13]);
-    // the server applied 11 and 12 of this replica already (a power loss
-    // or a restored backup took them from this cache)
-    let edits = e.first_contact(12);
-    assert_eq!(lsns(&e), [13, 14, 15], "moved above, in order");
+    assert_eq!(lsns(&e), [9, 10, 11, 12]);
+    // the server applied through 12 (9 of them, and 11, 12 of an earlier
+    // copy of this cache): 9 and 10 were applied (sent before), the ones
+    // made since stay, as never sent
+    let edits = e.after_gap(10, 12);
+    assert_eq!(lsns(&e), [11, 12]);
+    assert!(
+        edits.iter().any(|x| matches!(x, Edit::CmlDone(9))) && edits.iter().any(|x| matches!(x, Edit::CmlDone(10)))
+    );
     let made: Vec<ObjectId> = e.entries().iter().filter_map(|(_, x, _)| x.op.new_object()).collect();
     assert_eq!(made, ids);
-    assert!(edits.iter().any(|x| matches!(x, Edit::Meta(k, 15) if k == LOGGED)));
-    assert!(
-        edits.iter().any(|x| matches!(x, Edit::Cml(13, _))) && edits.iter().any(|x| matches!(x, Edit::CmlDone(11)))
-    );
-    let rec = |cseq| Record {
-        seq: 1,
-        time: t(9),
-        origin: Origin::Replica(ReplicaId(5), cseq),
-        op: Op::SetAttr { id: ids[0], base: 0, attrs: SetAttrs::default() },
-        attr: None,
-        dirs: vec![],
-        elided: 0,
-    };
-    assert_eq!(e.own(&rec(11), ReplicaId(5)), None, "the server's 11 is not this cache's change");
-    assert_eq!(e.own(&rec(13), ReplicaId(5)), Some(13));
-    assert_eq!(e.own(&rec(9), ReplicaId(5)), Some(9), "logged before the start");
-    assert!(e.first_contact(12).iter().all(|x| !matches!(x, Edit::Cml(..))), "moved once");
-    // a server behind what this cache logged changes nothing
+    assert!(e.entries().iter().all(|(_, _, sent)| !sent));
+    let sent: Vec<u64> = send_all(&mut e).iter().map(|(l, _)| *l).collect();
+    assert_eq!(sent, [11, 12], "sent again from the first, in order");
+    // a gap below entries sent before: those the server did not reach stay
     let mut e = Engine::new(0, Options::default());
-    let _ = e.recover(&m, vec![], Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
-    assert!(e.first_contact(7).is_empty());
+    let queued = vec![(9, entry("nine")), (10, entry("ten"))];
+    let _ = e.recover(&m, queued, Default::default(), vec![], 1, Logged { through: 10, gaps: vec![] });
+    let _ = e.after_gap(10, 9);
+    assert_eq!(lsns(&e), [10]);
 }
 
 #[test]
