@@ -112,10 +112,29 @@ impl Server {
                 QueryReply::End { seq: *self.shared.applied.borrow() }
             }
             Query::Snapshot => {
+                // (a first start on a populated export journals it first:
+                // a snapshot before would hold a part of the tree)
+                self.wait_scanned()?;
                 let seq = store.snapshot(|e| stream(QueryReply::SnapshotEntry(e)))?;
                 QueryReply::End { seq }
             }
         }))
+    }
+
+    /// Wait until the scan at the start journaled the export.
+    fn wait_scanned(&self) -> Result<(), OpError> {
+        use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
+        while !self.shared.scanned.load(Ordering::Acquire) {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Err(OpError::Transient("the server is stopping".into()));
+            }
+            if started.elapsed() > std::time::Duration::from_secs(600) {
+                return Err(OpError::Transient("the server is still scanning its export; ask again".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Stream `offset..offset+len` of file `id` (with `announce`, first a

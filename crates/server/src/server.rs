@@ -144,6 +144,7 @@ impl Server {
             readonly: AtomicBool::new(readonly),
             root: root_fd,
             stop: AtomicBool::new(false),
+            scanned: AtomicBool::new(false),
         });
         let identity = tls::load_or_create(&state)?;
         let fingerprint = tls::fingerprint(&identity.cert);

@@ -104,6 +104,9 @@ pub struct Shared {
     pub root: std::os::fd::OwnedFd,
     /// Set to stop: the actor finishes its batch, checkpoints and exits.
     pub stop: AtomicBool,
+    /// The scan at the start journaled what the export holds (or there is
+    /// no capture): a snapshot before would hold a part of the tree.
+    pub scanned: AtomicBool,
 }
 
 pub(crate) struct Actor {
@@ -157,6 +160,7 @@ impl Actor {
             // replay left records to retry: scan once they are applied
             self.local.overflow = true;
         }
+        self.shared.scanned.store(true, Ordering::Release);
         while !self.shared.stop.load(Ordering::Acquire) {
             let wait = match self.local.next_due() {
                 Some(due) => due.saturating_duration_since(Instant::now()).min(tick),

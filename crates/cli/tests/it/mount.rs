@@ -1562,3 +1562,42 @@ async fn a_sigkilled_daemon_leaves_no_control_socket_behind_at_the_next_start() 
     .await
     .expect("socket sweep test");
 }
+
+/// A client mounted right after a server's first start on a populated
+/// export (W1, about 21k entries) has the whole tree when `izo mount` says
+/// it is mounted: the snapshot waits for the first scan to journal the
+/// export, instead of holding a part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_mount_of_a_populated_export_gets_the_whole_tree_at_once() {
+    sweep_mounts();
+    let dirs = Dirs::new();
+    let ok = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(w1())
+        .arg("-C")
+        .arg(&dirs.export)
+        .status()
+        .expect("tar")
+        .success();
+    assert!(ok, "untar W1 into the export");
+    let tok = dirs.token(izo_server::auth::Rights::Rw);
+    let p = Proc::start(&dirs, "127.0.0.1:0", &[]);
+    let (addr, fp) = (p.addr.clone(), p.fingerprint.clone());
+    let ex = dirs.export.clone();
+    tokio::task::spawn_blocking(move || {
+        let _p = p;
+        let a = MountProc::start(&addr, &fp, &tok);
+        // no waiting: what the export holds is in the mount now
+        let want = digest(&ex);
+        let got = digest(&a.mnt);
+        let diff = want.diff(&got);
+        assert!(
+            diff.is_empty(),
+            "the mount lacks part of the export at once: {} differences, e.g. {:?}",
+            diff.len(),
+            &diff[..diff.len().min(5)]
+        );
+    })
+    .await
+    .expect("first mount test");
+}
