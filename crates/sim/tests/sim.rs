@@ -191,6 +191,8 @@ fn schedules_that_found_bugs_stay_fixed() {
         "L0.2.3.9 F0 L0.9.51.35 L0.0.45.2 S0 D0.1 Z0.1",
         // a resync due when the daemon was killed
         "L1.2.4.43 S1 D1.2 L2.0.26.25 T2 S2 D2.4 R2.6 Z2.0",
+        // a sent write carrying bytes of a later write that a power loss took here
+        "L0.0.63.19 L0.3.32.38 L0.11.46.8 F0 L0.3.26.43 S0 D0.3 Z0.1",
     ];
     for line in found {
         let evs = parse_line(line).expect("a replay line");

@@ -279,6 +279,15 @@ impl Engine {
         self.c.next_lsn = floor.max(last).max(self.c.next_lsn).max(logged.through + 1).max(1);
         self.logged = logged;
         for (lsn, e) in entries {
+            // A write's bytes are read from the data file when it is sent:
+            // an earlier run may have sent bytes of later changes to the
+            // file (a write, a truncate) that a power loss then took from
+            // this cache, and the server answers the resend from its reply
+            // cache, the echo bringing nothing (an own record). Once the
+            // file is idle it is taken from the server whole.
+            if let (Op::Write { id, .. }, true) = (&e.op, e.len > 0) {
+                self.c.stale.insert(*id);
+            }
             self.c.hold(lsn, objs(&e.op));
             self.c.q.insert(lsn, (e, true));
         }

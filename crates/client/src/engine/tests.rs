@@ -640,6 +640,62 @@ fn a_create_the_server_made_first_lands_once() {
     assert!(e.made_remotely(&m, mk(), id, None, now(2)).expect("plan").is_none(), "its record came first");
 }
 
+/// Found by the simulation: a write's bytes are read from the data file
+/// when it is sent, so a run may send bytes of a later write that a power
+/// loss then takes from the cache; the resend is answered from the reply
+/// cache and the echo, an own record, brings nothing. A write reloaded at a
+/// start takes the file from the server whole once the file is idle.
+#[test]
+fn a_write_reloaded_at_start_takes_the_file_from_the_server_once_idle() {
+    let me = ReplicaId(5);
+    let echo = |seq, lsn, op| Record {
+        seq,
+        time: t(9),
+        origin: Origin::Replica(me, lsn),
+        op,
+        attr: None,
+        dirs: vec![],
+        elided: 0,
+    };
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    let id = file(&mut m, &mut e, "f");
+    let l = e.wrote(&m, id, 2, 39, now(1));
+    let _ = m.run(&mut e, l);
+    let l = e.seal(&m, id, now(1)).transpose().expect("unsealed writes");
+    let _ = m.run(&mut e, l);
+    // in the run that made them: sent, answered and echoed, nothing to ask
+    let sent = send_all(&mut e);
+    assert_eq!(sent.iter().map(|(_, x)| x.op.kind()).collect::<Vec<_>>(), ["create", "write"]);
+    let mut planned = Vec::new();
+    for (seq, (lsn, entry)) in (1..).zip(sent.clone()) {
+        e.answered(lsn, applied(seq), now(2)).expect("queued");
+        let r = echo(seq, lsn, entry.op);
+        planned.push(Engine::plan_record(&m, &r, e.own(&r, me)).expect("plan"));
+    }
+    e.apply_records(&m, planned, 2, now(3)).expect("apply");
+    assert!(!e.busy(id));
+    assert!(e.housekeep().1.is_empty(), "the bytes sent are the ones this cache holds");
+    // the same two entries reloaded at a start (a power loss after a fold)
+    let mut e = Engine::new(0, Options::default());
+    let _ = e.recover(&m, sent.clone(), Default::default(), vec![], 3, Logged { through: 2, gaps: vec![] });
+    let again = send_all(&mut e);
+    assert_eq!(again.len(), 2, "both sent again");
+    let (create, write) = (&again[0], &again[1]);
+    e.answered(create.0, applied(1), now(2)).expect("queued");
+    e.answered(write.0, applied(2), now(2)).expect("queued");
+    let r = echo(1, create.0, create.1.op.clone());
+    let p = Engine::plan_record(&m, &r, e.own(&r, me)).expect("plan");
+    assert!(p.data.is_empty(), "an own record lands no bytes");
+    e.apply_records(&m, vec![p], 1, now(3)).expect("apply");
+    assert!(e.busy(id), "its write is not echoed yet");
+    assert!(e.housekeep().1.is_empty(), "nothing asked while the file is busy");
+    let r = echo(2, write.0, write.1.op.clone());
+    let p = Engine::plan_record(&m, &r, e.own(&r, me)).expect("plan");
+    e.apply_records(&m, vec![p], 2, now(4)).expect("apply");
+    assert!(!e.busy(id));
+    assert_eq!(e.housekeep().1, [(id, true)], "idle: the file whole from the server");
+}
+
 #[test]
 fn an_offline_start_never_reuses_an_lsn_and_after_a_gap_drops_only_what_the_server_applied() {
     let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
