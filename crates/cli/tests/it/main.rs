@@ -13,6 +13,7 @@ mod mtime;
 mod offline;
 mod ops;
 mod owners;
+mod partition;
 mod passthrough;
 mod posix;
 mod replay;
