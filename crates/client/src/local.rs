@@ -904,10 +904,10 @@ impl Replica {
         if let Some((plsn, op, error, len)) = out.park {
             let op = self.with_bytes(op, len);
             tracing::error!(
-                "the server refused a change made here ({error}): {} on {:?}; it is kept in the cache's parked \
-                 list (izo status) and this replica resyncs from the server",
+                "the server refused a change made here ({error}): {} of {}; it is kept in the cache's parked \
+                 list with its bytes (izo status) and this replica resyncs from the server, undoing it here",
                 op.kind(),
-                op.changed_object().or_else(|| objs(&op).get(1).copied()),
+                self.path_of(&op),
             );
             now.insert(0, Edit::Park(plsn, Parked { op, error, kept: None }));
         }

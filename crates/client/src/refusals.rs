@@ -71,6 +71,19 @@ impl Replica {
         }
     }
 
+    /// Where `op` acts, for a log line: the path of the entry it names, or
+    /// of the object it changes (`?` when no longer in the namespace).
+    pub fn path_of(&self, op: &Op) -> String {
+        let mut wanted = HashSet::new();
+        wanted.extend(entry_of(op).map(|(parent, _)| parent).or(op.changed_object()));
+        let at = locate(self, &wanted).unwrap_or_default();
+        let path = match entry_of(op) {
+            Some((parent, name)) => at.get(&parent).map(|d| format!("{d}/{}", String::from_utf8_lossy(name))),
+            None => op.changed_object().and_then(|id| at.get(&id).cloned()),
+        };
+        path.unwrap_or_else(|| "?".into())
+    }
+
     /// The changes the server refused for good, each with the path it
     /// changed (relative to the mount point, starting with `/`).
     pub fn refused(&self) -> Result<Vec<Refused>, CacheError> {
@@ -103,7 +116,10 @@ impl Replica {
                     (op, None) => op.changed_object().and_then(|id| at.get(&id).cloned()),
                 };
                 let object = p.op.changed_object().or(p.op.new_object());
-                let bytes = if let Op::Write { data, .. } = &p.op { data.len() } else { 0 };
+                let bytes = match &p.op {
+                    Op::Write { data, .. } | Op::Append { data, .. } => data.len(),
+                    _ => 0,
+                };
                 Refused { lsn, kind: p.op.kind(), path, object, bytes, error: p.error }
             })
             .collect())
