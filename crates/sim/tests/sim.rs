@@ -193,6 +193,11 @@ fn schedules_that_found_bugs_stay_fixed() {
         "L1.2.4.43 S1 D1.2 L2.0.26.25 T2 S2 D2.4 R2.6 Z2.0",
         // a sent write carrying bytes of a later write that a power loss took here
         "L0.0.63.19 L0.3.32.38 L0.11.46.8 F0 L0.3.26.43 S0 D0.3 Z0.1",
+        // a change whose batch failed, then a power loss: called expired
+        // when sent again, queued again as never recorded, for ever
+        "L1.0.59.54 L1.1.16.30 F1 L1.9.24.54 S1 D1.3 Z1.1 B",
+        "L0.2.23.27 F0 L0.9.48.55 L0.1.2.35 S0 D0.4 Z0.1 B",
+        "L1.0.59.29 F1 L1.9.45.12 L1.2.59.31 S1 D1.3 Z1.1 B",
     ];
     for line in found {
         let evs = parse_line(line).expect("a replay line");
@@ -203,7 +208,8 @@ fn schedules_that_found_bugs_stay_fixed() {
     // seeds the long run found (their shrunk lines are long): a change whose
     // batch failed, lost here to a power loss, held the replica's later
     // changes back for good until fences held only on their connection
-    for seed in [1_000_995, 1_025_369, 1_054_206] {
+    // (and later runs: the changes above, and the write a power loss took)
+    for seed in [1_000_995, 1_025_369, 1_054_206, 2_004_468, 2_055_344, 2_086_649, 2_040_794, 3_005_154, 3_027_158] {
         if let Err(f) = run(&schedule(seed, REPLICAS, OPS), Breaks::default()) {
             panic!("seed {seed}: fails again at {:?}: {}", f.at, f.why);
         }
