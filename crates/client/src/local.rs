@@ -19,10 +19,10 @@ type R<T> = Result<T, ReplicaError>;
 
 /// How long a call waits for the server without any answer arriving.
 const NO_PROGRESS: Duration = Duration::from_secs(1);
-/// Longest a call waits for a connected server that answers heartbeats but
-/// not yet this op (a backlog of queued changes ahead of it, a loaded
-/// machine); a server that is away is noticed within 1 s instead.
-const BUSY_SERVER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a call waits for the server's answer (an O_EXCL create behind a
+/// backlog of queued changes, a loaded machine): then it goes on without
+/// it, as with a server that is away.
+const PATIENCE: Duration = Duration::from_secs(1);
 /// How long `fsync` waits for the server's ack while connected.
 const FSYNC_WAIT: Duration = Duration::from_secs(1);
 /// The log of local changes is folded into a durable commit this often.
@@ -217,18 +217,26 @@ impl Replica {
             return self.make(parent, name, FileKind::File, mode, uid, gid, None, 0);
         }
         let id = ObjectId::new();
+        let now = self.now();
         let op = {
             let _g = lock(&self.apply);
-            let (pid, _) = self.get(parent)?;
+            let (pid, pobj) = self.get(parent)?;
+            // a directory made here that the server has not confirmed yet
+            // holds no name of another replica (tar creates every file with
+            // O_EXCL, mostly in directories it just made: those stay local)
+            if pobj.attr.versions == Versions::default() && pid != ObjectId::ROOT {
+                drop(_g);
+                return self.make(parent, name, FileKind::File, mode, uid, gid, None, 0);
+            }
             let m =
                 Make { parent: pid, name, kind: FileKind::File, mode, uid, gid, target: None, rdev: 0, trusted: None };
-            Engine::plan_make(&self.cache, m, id, self.now())?.1
+            Engine::plan_make(&self.cache, m, id, now)?.1
         };
         let pid = match &op {
             Op::Create { parent, .. } => *parent,
             _ => return Err(ReplicaError::Invalid("an O_EXCL create plans a create".into())),
         };
-        let applied = match self.queue_and_wait(op) {
+        let applied = match self.queue_and_wait(op, now) {
             Ok(a) => a,
             // (not sent: made here, sent when the server answers again)
             Err(ReplicaError::NotConnected | ReplicaError::Unreachable(_)) => {
@@ -239,7 +247,9 @@ impl Replica {
         let _g = lock(&self.apply);
         let mut e = self.engine();
         let m = Make { parent: pid, name, kind: FileKind::File, mode, uid, gid, target: None, rdev: 0, trusted: None };
-        if let Some(l) = e.made_remotely(&self.cache, m, id, applied.as_ref(), self.now())? {
+        // (the same time the op was stamped with: the server keeps it for
+        // the file and its directory, and so does this replica)
+        if let Some(l) = e.made_remotely(&self.cache, m, id, applied.as_ref(), now)? {
             self.cache.data_create(id)?;
             self.log_local(&mut e, l)?;
         }
@@ -384,7 +394,7 @@ impl Replica {
     /// is withdrawn (an error: it never happens later), and one already
     /// sent is `Ok(None)` (it will be applied: the caller applies its local
     /// effect; a refusal then is parked like any other).
-    fn queue_and_wait(&self, op: Op) -> R<Option<Applied>> {
+    fn queue_and_wait(&self, op: Op, now: Now) -> R<Option<Applied>> {
         if !self.client.is_connected() {
             return Err(ReplicaError::NotConnected);
         }
@@ -392,7 +402,7 @@ impl Replica {
         let lsn = {
             let _g = lock(&self.apply);
             let mut e = self.engine();
-            let l = e.queue_wait(&self.cache, op, self.now())?;
+            let l = e.queue_wait(&self.cache, op, now)?;
             let Some(&lsn) = l.queued.first() else {
                 return Err(ReplicaError::Invalid("nothing to send".into()));
             };
@@ -427,11 +437,9 @@ impl Replica {
             });
             match step {
                 Step::Answer(r) => return r.map(Some).map_err(ReplicaError::from),
-                Step::Progress if self.client.is_connected() => continue, // answers are arriving
-                // a connected server answers heartbeats (the connection drops
-                // after 750 ms of silence): it is busy with a backlog, not
-                // away, so the call waits, up to a bound
-                Step::Stuck if self.client.is_connected() && waited.elapsed() < BUSY_SERVER_WAIT => continue,
+                // answers are arriving: the call waits, up to a bound (a
+                // backlog of changes before it, a loaded machine)
+                Step::Progress if self.client.is_connected() && waited.elapsed() < PATIENCE => continue,
                 _ => {}
             }
             // no progress (or no connection): withdraw it if still unsent

@@ -614,6 +614,44 @@ impl Replica {
         }
     }
 
+    /// The pieces of file `id` (at the server's `a`) that differ from the
+    /// cached content, by the server's block hashes: after a restart most
+    /// files a refresh asks for are the same here (`None`: gone meanwhile).
+    /// Without hashes of that version, the whole file.
+    async fn fetch_differing(&self, id: ObjectId, a: &Attr) -> R<Option<Vec<Segment>>> {
+        let blocks = match self.client.block_hashes(id).await {
+            Ok((version, blocks))
+                if version == a.versions.data && blocks.len() as u64 == a.size.div_ceil(BLOCK_SIZE) =>
+            {
+                blocks
+            }
+            Ok(_) => return self.fetch_mem(id, 0, a.size).await,
+            Err(ClientError::Op(OpError::NotFound(_))) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut segs = Vec::new();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (i, want) in blocks.iter().enumerate() {
+            let start = i as u64 * BLOCK_SIZE;
+            let len = (a.size - start).min(BLOCK_SIZE) as usize;
+            let mut got = 0;
+            while got < len {
+                match self.cache.data_read_at(id, start + got as u64, &mut buf[got..len])? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            buf[got..len].fill(0);
+            if blake3::hash(&buf[..len]).as_bytes() != want {
+                match self.fetch_mem(id, start, len as u64).await? {
+                    Some(s) => segs.extend(s),
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(segs))
+    }
+
     /// Write fetched pieces into a data file.
     fn put_segments(&self, id: ObjectId, segs: &[Segment]) -> R<()> {
         for seg in segs {
@@ -743,7 +781,7 @@ impl Replica {
                 Err(e) => return Err(e.into()),
             },
         };
-        let segs = if all && a.kind == FileKind::File { self.fetch_mem(id, 0, a.size).await? } else { None };
+        let segs = if all && a.kind == FileKind::File { self.fetch_differing(id, &a).await? } else { None };
         let _g = self.apply.lock().unwrap_or_else(|p| p.into_inner());
         if self.engine().refresh_answer(&self.cache, id, all, &a)? == Refresh::Skip {
             return Ok(()); // busy again (later), or the stream already brought newer

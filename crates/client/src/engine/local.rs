@@ -104,10 +104,14 @@ impl Engine {
         if view.get(id)?.is_some() {
             return Ok(None);
         }
+        let parent = m.parent;
         let (mut edits, _) = Self::plan_make(view, m, id, now)?;
         if let (Some(Edit::Put { attr, .. }), Some(a)) = (edits.first_mut(), applied.and_then(|a| a.attr.as_ref())) {
             *attr = a.clone();
         }
+        // (the directory's mtime as the server set it: asked for once idle,
+        // as its answer carries only the new file's attributes)
+        self.refresh_again(parent, false);
         self.commit(view, edits, None, None, now, Local::default()).map(Some)
     }
 
@@ -594,9 +598,12 @@ impl Engine {
     /// xattr change: their local effect comes with the answer), behind
     /// everything queued. A data op is stamped now.
     pub fn queue_wait(&mut self, view: &dyn View, op: Op, now: Now) -> R<Local> {
-        let stamp = match op.data_target() {
-            Some(id) => Some(Self::stamp_after(cached(view, id)?.attr.mtime, now.wall)),
-            None => None,
+        let stamp = match (op.data_target(), op.new_object()) {
+            (Some(id), _) => Some(Self::stamp_after(cached(view, id)?.attr.mtime, now.wall)),
+            // a create waited for (O_EXCL): made here afterwards at `now`
+            // (`Engine::made_remotely`), the time its directory takes too
+            (None, Some(_)) => Some(now.wall),
+            (None, None) => None,
         };
         let l = self.commit(view, Vec::new(), Some(op), stamp, now, Local::default())?;
         self.waiting.extend(l.queued.iter().copied());
