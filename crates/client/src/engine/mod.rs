@@ -415,10 +415,13 @@ impl Engine {
         self.c.resync = true;
     }
 
-    /// The highest lsn through which every entry is answered (the answers
-    /// are recorded once the edits taken with them are folded).
+    /// The highest lsn through which every entry is answered and echoed
+    /// (the answers are recorded once the edits taken with them are
+    /// folded; an answered entry stays in the log until its echo lands, and
+    /// a start after a crash sends it again: its reply must still be there).
     pub fn durable_mark(&self) -> u64 {
-        match self.c.q.keys().next() {
+        let echo = self.c.acked_at.iter().map(|(_, l)| *l).min();
+        match self.c.q.keys().next().copied().into_iter().chain(echo).min() {
             Some(first) => first.saturating_sub(1),
             None => self.c.next_lsn.saturating_sub(1),
         }
@@ -737,10 +740,17 @@ impl Engine {
                 self.c.streak = 0;
                 if a.seq <= self.applied {
                     self.c.release(lsn);
+                    self.c.done.push(lsn);
                 } else {
+                    // Its entry stays in the log until the echo lands (see
+                    // `apply_records`): a start after a crash reloads it and
+                    // holds its objects again. Dropped now, the restarted
+                    // engine would not know the echo is still coming, and
+                    // someone else's records the server ordered before it
+                    // would overwrite its local effect (the echo, an own
+                    // record, then brings nothing back).
                     self.c.acked_at.push((a.seq, lsn));
                 }
-                self.c.done.push(lsn);
             }
             Err(OpError::ReplyExpired(_)) if lsn > self.reported && !self.releases_tracked => {
                 // This replica never let the server forget that reply: the

@@ -401,11 +401,13 @@ impl Engine {
             }
             b.inval.extend(p.inval);
         }
-        // answered ops whose records this batch covers
+        // answered ops whose records this batch covers: their log entries
+        // go with it
         let done: Vec<u64> = self.c.acked_at.iter().filter(|(s, _)| *s <= last).map(|(_, l)| *l).collect();
         self.c.acked_at.retain(|(s, _)| *s > last);
         for l in done {
             self.c.release(l);
+            self.c.done.push(l);
         }
         let (ready, inval) = self.take_ready(view)?;
         b.edits.extend(ready);
@@ -463,11 +465,12 @@ impl Engine {
     }
 
     /// The cache was replaced by a snapshot at `seq` (taken while settled):
-    /// every echo it covers is in it.
+    /// every echo it covers is in it (the entries of answered ops waiting
+    /// for theirs go with the next commit).
     pub fn resynced(&mut self, seq: Seq) {
         let c = &mut self.c;
         c.resync = false;
-        c.acked_at.clear();
+        c.done.extend(c.acked_at.drain(..).map(|(_, l)| l));
         c.pending.clear();
         c.objs_of.clear();
         c.stash.clear();

@@ -360,11 +360,81 @@ fn an_echo_before_or_after_its_answer_releases_the_object_once() {
     assert!(e.busy(id), "its record is not seen yet");
     let b = e.apply_records(&m, vec![], 3, now(2)).expect("apply");
     assert!(e.busy(id));
-    assert!(b.edits.iter().any(|x| matches!(x, Edit::CmlDone(l) if *l == lsn)), "the answer is recorded");
+    assert!(!b.edits.iter().any(|x| matches!(x, Edit::CmlDone(l) if *l == lsn)), "its entry stays until the echo");
     let echo = Record { seq: 4, time: t(9), origin: Origin::Local, op: entry.op, attr: None, dirs: vec![], elided: 0 };
     let p = Engine::plan_record(&m, &echo, None).expect("plan");
-    e.apply_records(&m, vec![p], 4, now(3)).expect("apply");
+    let b = e.apply_records(&m, vec![p], 4, now(3)).expect("apply");
     assert!(!e.busy(id), "covered by the batch up to seq 4");
+    assert!(b.edits.iter().any(|x| matches!(x, Edit::CmlDone(l) if *l == lsn)), "its entry goes with the echo");
+}
+
+/// Found by the simulation: an op answered, its log entry dropped with the
+/// next commit or fold, then the daemon killed before its echo came. The
+/// restarted engine no longer held the object, so someone else's record
+/// the server had ordered before the echo (a directory made and removed
+/// under the same name) took the name from it, and the echo, an own
+/// record, brought nothing back: the replica lost its symlink. The entry
+/// now stays in the log until the echo lands, so a start holds the object
+/// again.
+#[test]
+fn an_answered_op_holds_its_objects_across_a_restart_until_its_echo() {
+    let me = ReplicaId(5);
+    let (mut m, mut e) = (Mem::new(), Engine::new(0, Options::default()));
+    // the log as the cache keeps it: entries logged, minus those done
+    let mut log: BTreeMap<u64, CmlEntry> = BTreeMap::new();
+    let mut keep = |edits: &[Edit]| {
+        for x in edits {
+            match x {
+                Edit::Cml(l, en) => {
+                    log.insert(*l, en.clone());
+                }
+                Edit::CmlDone(l) => {
+                    log.remove(l);
+                }
+                _ => {}
+            }
+        }
+    };
+    let id = ObjectId::new();
+    let mk = Make {
+        parent: ObjectId::ROOT,
+        name: b"n2",
+        kind: FileKind::Symlink,
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        target: Some(b"t"),
+        rdev: 0,
+        trusted: Some(true),
+    };
+    let l = e.make(&m, mk, id, now(0));
+    keep(&m.run(&mut e, l).edits);
+    let (lsn, _) = send_all(&mut e).remove(0);
+    // answered at seq 3: someone else's mkdir and rmdir of "n2" came first
+    let out = e.answered(lsn, applied(3), now(1)).expect("queued");
+    keep(&out.now);
+    keep(&e.fold_edits(&m).expect("fold"));
+    assert!(e.durable_mark() < lsn, "its reply must stay on the server until the echo");
+    // the daemon is killed; a start reloads what the log holds
+    let mut e = Engine::new(0, Options::default());
+    let entries: Vec<(u64, CmlEntry)> = log.clone().into_iter().collect();
+    let _ = e.recover(&m, entries, Default::default(), vec![], lsn + 1, Logged { through: lsn, gaps: vec![] });
+    assert!(e.busy(id), "its echo is still to come");
+    let theirs = ObjectId::new();
+    let dir_attr = Attr { id: theirs, kind: FileKind::Dir, nlink: 2, ..m.objs[&ObjectId::ROOT].attr.clone() };
+    let mkdir = Record {
+        seq: 1,
+        time: t(9),
+        origin: Origin::Replica(ReplicaId(77), 1),
+        op: Op::Mkdir { parent: ObjectId::ROOT, name: b"n2".to_vec(), id: theirs, mode: 0o755, uid: 0, gid: 0 },
+        attr: Some(dir_attr),
+        dirs: vec![],
+        elided: 0,
+    };
+    let p = Engine::plan_record(&m, &mkdir, e.own(&mkdir, me)).expect("plan");
+    let b = e.apply_records(&m, vec![p], 1, now(2)).expect("apply");
+    m.apply(&b.edits);
+    assert_eq!(m.lookup(ObjectId::ROOT, b"n2").expect("lookup"), Some(id), "the local symlink keeps its name");
 }
 
 #[test]
