@@ -719,6 +719,8 @@ async fn appends_from_two_replicas_interleave_and_a_stopped_server_queues_change
             use std::io::Write;
             let mut fa = std::fs::OpenOptions::new().create(true).append(true).open(ma.join("log")).expect("open A");
             fa.write_all(b"A1\n").expect("A1");
+            // (made on A first: on the server once A synced, then on B)
+            izo_sync(&ma);
             izo_sync(&mb);
             let mut fb = std::fs::OpenOptions::new().append(true).open(mb.join("log")).expect("open B");
             fb.write_all(b"B1\n").expect("B1");
