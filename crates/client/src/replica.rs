@@ -630,10 +630,24 @@ impl Replica {
             Err(e) => return Err(e.into()),
         };
         let mut segs = Vec::new();
+        for (start, len) in self.differing_blocks(id, a.size, &blocks)? {
+            match self.fetch_mem(id, start, len).await? {
+                Some(s) => segs.extend(s),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(segs))
+    }
+
+    /// The (offset, length) of each 1 MiB block of file `id` (of `size`
+    /// bytes) whose hash differs from the cached content (missing bytes
+    /// read as zeros).
+    fn differing_blocks(&self, id: ObjectId, size: u64, blocks: &[[u8; 32]]) -> R<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         for (i, want) in blocks.iter().enumerate() {
             let start = i as u64 * BLOCK_SIZE;
-            let len = (a.size - start).min(BLOCK_SIZE) as usize;
+            let len = (size - start).min(BLOCK_SIZE) as usize;
             let mut got = 0;
             while got < len {
                 match self.cache.data_read_at(id, start + got as u64, &mut buf[got..len])? {
@@ -643,13 +657,10 @@ impl Replica {
             }
             buf[got..len].fill(0);
             if blake3::hash(&buf[..len]).as_bytes() != want {
-                match self.fetch_mem(id, start, len as u64).await? {
-                    Some(s) => segs.extend(s),
-                    None => return Ok(None),
-                }
+                out.push((start, len as u64));
             }
         }
-        Ok(Some(segs))
+        Ok(out)
     }
 
     /// Write fetched pieces into a data file.
@@ -870,21 +881,8 @@ impl Replica {
         }
         self.ensure_data(id)?;
         self.cache.data_set_len(id, size)?;
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for (i, want) in blocks.iter().enumerate() {
-            let start = i as u64 * BLOCK_SIZE;
-            let len = (size - start).min(BLOCK_SIZE) as usize;
-            let mut got = 0;
-            while got < len {
-                match self.cache.data_read_at(id, start + got as u64, &mut buf[got..len])? {
-                    0 => break,
-                    n => got += n,
-                }
-            }
-            buf[got..len].fill(0);
-            if blake3::hash(&buf[..len]).as_bytes() != want {
-                self.fetch(id, start, len as u64, None).await?;
-            }
+        for (start, len) in self.differing_blocks(id, size, blocks)? {
+            self.fetch(id, start, len, None).await?;
         }
         Ok(())
     }
