@@ -630,6 +630,20 @@ impl Drop for MountProc {
     }
 }
 
+/// `izo sync` on a mount, again until it succeeds (a server that just
+/// came back), for at most `limit`; its last failure is the test's.
+pub fn izo_sync_within(mnt: &Path, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let out = Command::new(izo_bin()).args(["sync", "--timeout", "5"]).arg(mnt).output().expect("izo sync");
+        if out.status.success() {
+            return;
+        }
+        assert!(t.elapsed() < limit, "{} never synced: {}", mnt.display(), String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `izo sync` on a mount; it must succeed.
 pub fn izo_sync(mnt: &Path) {
     izo_out(&["sync".as_ref(), mnt.as_os_str()]);

@@ -126,15 +126,7 @@ async fn a_laptop_works_offline_with_git_appends_and_xattrs_and_everything_conve
             izo_sync(&mb);
             izo_sync(&ma);
         };
-        let t = Instant::now();
-        loop {
-            let out = Command::new(izo_bin()).arg("sync").arg(&ma).output().expect("izo sync");
-            if out.status.success() {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "A never synced: {}", String::from_utf8_lossy(&out.stderr));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        izo_sync_within(&ma, Duration::from_secs(30));
         settle();
         converge(&[&ex, &ma, &mb], "after the server returned");
         let log = String::from_utf8(std::fs::read(ex.join("app.log")).expect("log")).expect("utf-8");
@@ -270,11 +262,7 @@ async fn sync_and_status_tell_an_unreachable_server_and_the_socket_answers_once_
         assert!(pending.starts_with("pending: 6 changes") || pending.starts_with("pending: 3 changes"), "{pending}");
         // it returns: connected, and how long it was away
         let p = Proc::start(&dirs, &addr, &[]);
-        let t = Instant::now();
-        while !Command::new(izo_bin()).arg("sync").arg(&mnt).output().expect("izo sync").status.success() {
-            assert!(t.elapsed() < Duration::from_secs(30), "never synced after the server returned");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        izo_sync_within(&mnt, Duration::from_secs(30));
         let status = izo_out(&["status".as_ref(), mnt.as_os_str()]);
         assert!(status.contains("connected since") && status.contains("s offline since the mount"), "{status}");
         assert!(status.contains("pending: 0 changes"), "{status}");
@@ -339,11 +327,7 @@ async fn a_cache_restored_from_a_copy_applies_nothing_twice_and_loses_nothing() 
         append(&ma.join("log"), "L3\n");
         std::fs::write(ma.join("on-the-restored-cache"), b"made offline after the restore").expect("write");
         let p = Proc::start(&dirs, &addr, &[]);
-        let t = Instant::now();
-        while !Command::new(izo_bin()).arg("sync").arg(&ma).output().expect("izo sync").status.success() {
-            assert!(t.elapsed() < Duration::from_secs(30), "never synced");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        izo_sync_within(&ma, Duration::from_secs(30));
         izo_sync(&ma);
         converge(&[&ex, &ma], "after the restored cache met the server");
         let log = std::fs::read_to_string(ex.join("log")).expect("log");

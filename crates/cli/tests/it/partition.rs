@@ -173,11 +173,7 @@ async fn a_cut_link_or_a_dropped_port_never_blocks_or_fails_a_call_and_all_conve
             assert!(*d <= limit, "{what} took {d:?} during the cut");
         }
         // healed: everything reaches the server
-        let t0 = Instant::now();
-        while !Command::new(izo_bin()).args(["sync", "--timeout", "5"]).arg(&m).output().expect("sync").status.success()
-        {
-            assert!(t0.elapsed() < Duration::from_secs(60), "never synced after the heal");
-        }
+        izo_sync_within(&m, Duration::from_secs(60));
         converge(&[&ex, &m], "after the heal");
         let log = std::fs::read_to_string(ex.join("log")).expect("log");
         assert!(log.contains("link-down 0\n") && log.contains("port-dropped 0\n"), "{log}");
